@@ -1,0 +1,300 @@
+"""``domainfm`` command line.
+
+Every command answers ``--help`` without importing torch, lightning or mlflow: heavy imports live
+inside the functions that run the work. Expected mistakes are :class:`DomainFMError` and print as
+one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from domainfm import __version__
+from domainfm.errors import DomainFMError
+
+
+def _peek_plugin(args: list[str]) -> str | None:
+    for i, a in enumerate(args):
+        if a == "--plugin" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--plugin="):
+            return a.split("=", 1)[1]
+    return None
+
+
+class PluginCommand(click.Command):
+    """A core command (pretrain/finetune/evaluate) that grows the chosen plugin's own flags.
+
+    The plugin named by ``--plugin`` is looked up before parsing, so its options are parsed,
+    validated and shown by ``--help`` like the core ones. A ``plugin:`` key in ``--config`` is not
+    enough for plugin flags on the command line; give ``--plugin`` there too.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        name = _peek_plugin(args)
+        ctx.meta["plugin_name"] = name
+        if name:
+            from domainfm import plugins
+
+            try:
+                plugin = plugins.load(name)
+            except DomainFMError as e:
+                _fail(e)
+            ctx.meta["plugin"] = plugin
+            existing = {p.name for p in self.params}
+            self.params = list(self.params) + [o for o in plugin.options(self.name) if o.name not in existing]
+        return super().parse_args(ctx, args)
+
+
+def _fail(e: BaseException) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(2)
+
+
+def _resolve_config(ctx: click.Context, command: str, params: dict[str, Any]):
+    from domainfm import config as config_mod
+    from domainfm import plugins
+
+    plugin = ctx.meta.get("plugin")
+    explicit = {k for k in params if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    if plugin is None:
+        # the plugin may come from the YAML file
+        cfg_file = params.get("config")
+        name = config_mod.read_yaml(cfg_file).get("plugin") if cfg_file else None
+        if not name:
+            raise DomainFMError(f"{command} needs --plugin NAME",
+                                fix="see `domainfm plugins` for the installed ones")
+        plugin = plugins.load(name)
+        params = {**params, "plugin": name}
+    known = set(params) | {o.name for o in plugin.options(command)}
+    cfg = config_mod.resolve(command, params, explicit, plugin_defaults=plugin.defaults(command), known=known)
+    # plugin options that only the YAML could set still need their declared defaults
+    for o in plugin.options(command):
+        cfg.options.setdefault(o.name, o.default)
+    return cfg, plugin
+
+
+def _write_json(path: str | None, metrics: dict[str, Any]) -> None:
+    if not path:
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
+    tmp.replace(p)
+
+
+def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            v = f"{v:.4f}"
+        elif isinstance(v, list):
+            v = ", ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in v[:5])
+        table.add_row(k, str(v))
+    Console(stderr=True).print(table)
+
+
+def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
+    try:
+        cfg, plugin = _resolve_config(ctx, command, params)
+        if command == "pretrain":
+            from domainfm.tasks.pretrain import run_pretraining
+
+            metrics = run_pretraining(cfg, plugin)
+        else:
+            from domainfm.tracking import plugin_run
+
+            metrics = plugin_run(cfg, plugin, getattr(plugin, command))
+        if metrics is None:  # a non-zero rank of a multi-process run reports nothing
+            return
+        _write_json(cfg.json, metrics)
+        _print_metrics(f"{command} --plugin {cfg.plugin}", metrics)
+    except DomainFMError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+class DomainFMGroup(click.Group):
+    """Top-level group: core commands, plus one sub-group per plugin with extra commands and the
+    pipelines of the ``domainfm.pipelines`` entry-point group under ``domainfm pipeline``."""
+
+    def list_commands(self, ctx):
+        from domainfm import plugins
+
+        names = list(super().list_commands(ctx))
+        for name in plugins.names():
+            try:
+                if plugins.load(name).commands():
+                    names.append(name)
+            except DomainFMError:
+                pass
+        return names
+
+    def get_command(self, ctx, cmd_name):
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            return cmd
+        from domainfm import plugins
+
+        if cmd_name in plugins.names():
+            try:
+                plugin = plugins.load(cmd_name)
+            except DomainFMError as e:
+                _fail(e)
+            extra = plugin.commands()
+            if extra:
+                group = click.Group(cmd_name, help=f"{plugin.description}")
+                for c in extra:
+                    group.add_command(c)
+                return group
+        return None
+
+
+@click.group(cls=DomainFMGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="domainfm")
+def main() -> None:
+    """Domain foundation models: continue the pretraining of DINOv2/CLIP backbones on your domain's
+    data, fine-tune and evaluate them, with every run tracked in MLflow.
+
+    \b
+    Start here:
+      domainfm plugins                        the installed domains
+      domainfm pretrain --plugin eo-sar       continual pretraining on the embedded Sentinel-2 sample
+      domainfm pretrain --plugin eo-sar --help    every flag, the plugin's own included
+
+    Runs go to $MLFLOW_TRACKING_URI, else to sqlite:///mlruns/mlflow.db in the current folder
+    (open it with `mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`).
+    """
+
+
+def _core_command(command: str, help_text: str):
+    from domainfm.config import click_options
+
+    def callback(**params):
+        _run(click.get_current_context(), command, params)
+
+    cmd = PluginCommand(command, callback=callback, params=click_options(command), help=help_text,
+                        context_settings={"max_content_width": 110})
+    main.add_command(cmd)
+    return cmd
+
+
+_core_command("pretrain", """Continue the pretraining of a backbone on a plugin's data (SoftCon: soft
+multi-label contrastive learning with Siamese masking and an EMA teacher). Logs to MLflow, saves
+checkpoints, exports the backbone as safetensors and optionally registers it.
+
+Add --plugin NAME --help to see that plugin's own flags.""")
+_core_command("finetune", """Fine-tune a backbone on a plugin's downstream task.
+
+Add --plugin NAME --help to see that plugin's own flags.""")
+_core_command("evaluate", """Evaluate a backbone (a weights file or models:/NAME@ALIAS) with a plugin's evaluator.
+
+Add --plugin NAME --help to see that plugin's own flags.""")
+
+
+@main.command("plugins")
+def plugins_cmd() -> None:
+    """List the installed plugins: name, description, commands and the package providing each."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from domainfm import plugins
+
+    table = Table(title="domainfm plugins (entry-point group domainfm.plugins)")
+    for col in ("name", "description", "commands", "package"):
+        table.add_column(col)
+    for info in plugins.available():
+        desc = info.description if info.error is None else f"[red]{info.error}[/red]"
+        table.add_row(info.name, desc, ", ".join(info.commands), info.package)
+    Console(width=max(120, Console().width)).print(table)
+
+
+class PipelineGroup(click.Group):
+    def list_commands(self, ctx):
+        from domainfm import plugins
+
+        return sorted(plugins.pipelines())
+
+    def get_command(self, ctx, cmd_name):
+        from domainfm import plugins
+
+        ep = plugins.pipelines().get(cmd_name)
+        if ep is None:
+            return None
+        try:
+            return ep.load()
+        except Exception as e:
+            _fail(DomainFMError(f"pipeline {cmd_name!r} failed to import: {e}"))
+
+
+@main.group("pipeline", cls=PipelineGroup)
+def pipeline_group() -> None:
+    """End-to-end jobs built from plugin steps (entry-point group domainfm.pipelines)."""
+
+
+@main.group("registry")
+def registry_group() -> None:
+    """The MLflow model registry: list models, promote a version to an alias."""
+
+
+@registry_group.command("list")
+@click.option("--name", default=None, help="Only this registered model.")
+def registry_list(name: str | None) -> None:
+    """Registered models with their versions, aliases and source runs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from domainfm import tracking
+
+    try:
+        rows = tracking.list_registered(name)
+    except DomainFMError as e:
+        _fail(e)
+    table = Table(title=f"MLflow registry at {tracking.tracking_uri()}")
+    for col in ("name", "version", "aliases", "run_id", "created"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], str(r["version"]), ", ".join(r["aliases"]), r["run_id"] or "", r["created"])
+    Console(width=max(120, Console().width)).print(table)
+
+
+@registry_group.command("promote")
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("--alias", required=True, help="Alias to point at VERSION (e.g. champion).")
+def registry_promote(name: str, version: int, alias: str) -> None:
+    """Point ALIAS of registered model NAME at VERSION (models:/NAME@ALIAS then loads it)."""
+    from domainfm import tracking
+
+    try:
+        tracking.set_alias(name, version, alias)
+    except DomainFMError as e:
+        _fail(e)
+    click.echo(f"models:/{name}@{alias} -> version {version}")
+
+
+def run_cli_command(fn, *args, **kwargs):
+    """Run ``fn`` and turn a DomainFMError into the one-line error and exit 2 (for plugin commands)."""
+    try:
+        return fn(*args, **kwargs)
+    except DomainFMError as e:
+        _fail(e)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,201 @@
+"""One config path for every command: dataclass defaults, then the plugin's defaults, then a
+YAML file (``--config``), then the flags given on the command line.
+
+The resolved :class:`RunConfig` is what MLflow logs (as params and as ``config.yaml``), so a run
+can always be repeated from its record. Plugin-specific flags (``--modality``, ``--optimizer``...)
+live in ``RunConfig.options`` and read as attributes: ``cfg.modality``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from domainfm.errors import DomainFMError
+
+PRETRAIN, FINETUNE, EVALUATE = "pretrain", "finetune", "evaluate"
+_TRAIN = (PRETRAIN, FINETUNE)
+_ALL = (PRETRAIN, FINETUNE, EVALUATE)
+
+
+def _opt(default, help: str, commands=_ALL, **click_kwargs):
+    """A config field that is also a CLI flag of ``commands``."""
+    return field(default=default, metadata={"help": help, "commands": commands, "click": click_kwargs})
+
+
+@dataclass
+class RunConfig:
+    # what to run
+    plugin: str | None = _opt(None, "Plugin that brings the data (see `domainfm plugins`).")
+    data: str | None = _opt(None, "Data root folder; the plugin's embedded sample when omitted.")
+    # backbone
+    backbone: str = _opt("vit_small_patch14_dinov2", "timm architecture name (DINOv2, CLIP, ResNet...).", _TRAIN)
+    init: str = _opt("dinov2", "Starting weights: dinov2 or pretrained (timm's weights for the name, "
+                     "from the Hugging Face cache), or random.", _TRAIN)
+    weights: str | None = _opt(None, "Local weights (.safetensors/.pth/.pt) or models:/NAME@ALIAS; overrides --init.", _TRAIN)
+    patch_embed_init: str = _opt("repeat", "How RGB patch-embedding weights become N bands: repeat, mean or random.", _TRAIN,
+                                 type_choice=("repeat", "mean", "random"))
+    in_chans: int | None = _opt(None, "Input bands; the plugin's default when omitted.", _TRAIN)
+    img_size: int = _opt(224, "Model input size in pixels.", _TRAIN)
+    # optimisation
+    batch_size: int = _opt(32, "Images per device per step.")
+    max_steps: int = _opt(-1, "Stop after this many optimiser steps (-1: no limit).", _TRAIN)
+    max_epochs: int | None = _opt(None, "Stop after this many epochs.", _TRAIN)
+    lr: float = _opt(5e-4, "Peak learning rate (scaled by nothing: what you give is what is used).", _TRAIN)
+    weight_decay: float = _opt(0.05, "Weight decay.", _TRAIN)
+    warmup_steps: int = _opt(10, "Linear warm-up steps.", _TRAIN)
+    layer_decay: float | None = _opt(None, "Layer-wise LR decay (e.g. 0.75); off when omitted.", _TRAIN)
+    # continual pretraining
+    mask_ratio: float = _opt(0.5, "Fraction of the student's patch tokens removed (Siamese masking).", (PRETRAIN,))
+    mask_mode: str = _opt("drop", "drop (tokens removed: compute falls) or token (replaced by the mask token).",
+                          (PRETRAIN,), type_choice=("drop", "token"))
+    temperature: float = _opt(0.1, "Contrastive temperature.", (PRETRAIN,))
+    label_similarity: str = _opt("cosine", "Label similarity for the soft target.", (PRETRAIN,),
+                                 type_choice=("cosine", "jaccard"))
+    soft_target: str = _opt("ce", "Soft loss: ce (normalised targets) or bce.", (PRETRAIN,), type_choice=("ce", "bce"))
+    hard_weight: float = _opt(1.0, "Weight of the hard (identity) term.", (PRETRAIN,))
+    soft_weight: float = _opt(1.0, "Weight of the soft (multi-label) term.", (PRETRAIN,))
+    symmetric: bool = _opt(False, "Average the loss over both directions.", (PRETRAIN,), is_flag=True)
+    chunk_size: int | None = _opt(None, "Compute the loss in blocks of this many rows (memory-bounded).", (PRETRAIN,))
+    ema_momentum: float = _opt(0.996, "Start momentum of the EMA teacher (cosine schedule to 1.0).", (PRETRAIN,))
+    proj_dim: int = _opt(256, "Projector output size.", (PRETRAIN,))
+    # hardware
+    precision: str = _opt("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed.")
+    accelerator: str = _opt("auto", "cpu, gpu or auto.")
+    devices: int = _opt(1, "Devices (processes) per node.", _TRAIN)
+    strategy: str = _opt("auto", "auto, ddp or fsdp.", _TRAIN)
+    num_nodes: int = _opt(1, "Nodes.", _TRAIN)
+    num_workers: int = _opt(0, "DataLoader worker processes.")
+    seed: int = _opt(0, "Random seed.")
+    # outputs
+    output_dir: str = _opt("outputs", "Checkpoints and exported weights go under OUTPUT_DIR/<experiment>/.", _TRAIN)
+    checkpoint_every: int = _opt(50, "Save a checkpoint every N steps.", _TRAIN)
+    resume: bool = _opt(False, "Continue from the last checkpoint, in the same MLflow run.", _TRAIN, is_flag=True)
+    register: str | None = _opt(None, "Register the resulting model under this name in the MLflow registry.", _TRAIN)
+    alias: str = _opt("candidate", "Registry alias given to the registered version.", _TRAIN)
+    model: str | None = _opt(None, "Model to evaluate: a weights file or models:/NAME@ALIAS.", (EVALUATE,))
+    experiment: str | None = _opt(None, "MLflow experiment (default: domainfm-<plugin>).")
+    run_name: str | None = _opt(None, "MLflow run name.")
+    json: str | None = _opt(None, "Write the final metrics (and mlflow_run_id) to this JSON file.")
+    # plugin-specific options, read as attributes (cfg.modality)
+    options: dict[str, Any] = field(default_factory=dict)
+    command: str = PRETRAIN
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails: plugin options read like core fields
+        options = self.__dict__.get("options", {})
+        if name in options:
+            return options[name]
+        raise AttributeError(f"RunConfig has no field or plugin option {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        d.update(self.options)
+        return d
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        core = {k: v for k, v in changes.items() if k in CORE_FIELDS}
+        opts = {**self.options, **{k: v for k, v in changes.items() if k not in CORE_FIELDS}}
+        return dataclasses.replace(self, options=opts, **core)
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"domainfm-{self.plugin or 'core'}"
+
+
+CORE_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise DomainFMError("config file not found", path=p, fix="give the path of an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise DomainFMError(f"not valid YAML{where}", path=p, fix="correct the syntax") from None
+    if not isinstance(data, dict):
+        raise DomainFMError("a config must be a mapping of option: value", path=p)
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve(command: str, values: dict[str, Any], explicit: set[str], *,
+            plugin_defaults: dict[str, Any] | None = None, known: set[str] | None = None) -> RunConfig:
+    """Merge defaults < plugin defaults < YAML < explicit flags into a RunConfig.
+
+    ``values`` holds every flag's value (explicit or click default); ``explicit`` names those the
+    user typed. ``known`` are all option names valid for this command (core + plugin).
+    """
+    merged = dict(values)
+    for k, v in (plugin_defaults or {}).items():
+        if k not in explicit:
+            merged[k] = v
+    cfg_path = values.get("config")
+    if cfg_path:
+        from_yaml = read_yaml(cfg_path)
+        unknown = sorted(set(from_yaml) - (known or set(values)) - {"command"})
+        if unknown:
+            raise DomainFMError(f"unknown option(s) {', '.join(unknown)}", path=cfg_path,
+                                fix=f"use names from `domainfm {command} --help`")
+        for k, v in from_yaml.items():
+            if k not in explicit:
+                merged[k] = v
+    merged.pop("config", None)
+    core = {k: v for k, v in merged.items() if k in CORE_FIELDS}
+    options = {k: v for k, v in merged.items() if k not in CORE_FIELDS}
+    cfg = RunConfig(**core, options=options)
+    cfg.command = command
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: RunConfig) -> None:
+    if not 0.0 <= cfg.mask_ratio < 1.0:
+        raise DomainFMError(f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
+    if cfg.batch_size < 1:
+        raise DomainFMError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.strategy not in ("auto", "ddp", "fsdp", "ddp_spawn", "ddp_find_unused_parameters_true"):
+        raise DomainFMError(f"unknown --strategy {cfg.strategy!r}", fix="use auto, ddp or fsdp")
+
+
+def save_yaml(cfg: RunConfig, path: str | Path) -> Path:
+    import yaml
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
+    return p
+
+
+def click_options(command: str) -> list:
+    """The core flags of ``command`` as click options, generated from RunConfig's fields."""
+    import click
+
+    opts = []
+    for f in dataclasses.fields(RunConfig):
+        meta = f.metadata
+        if not meta or command not in meta["commands"]:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        extra = dict(meta["click"])
+        choice = extra.pop("type_choice", None)
+        kwargs: dict[str, Any] = {"default": f.default, "help": meta["help"], "show_default": f.default is not None}
+        if extra.pop("is_flag", False):
+            opts.append(click.Option([flag], is_flag=True, default=f.default, help=meta["help"]))
+            continue
+        if choice:
+            kwargs["type"] = click.Choice(choice)
+        elif f.type in ("int", "int | None"):
+            kwargs["type"] = int
+        elif f.type in ("float", "float | None"):
+            kwargs["type"] = float
+        opts.append(click.Option([flag], **kwargs))
+    opts.append(click.Option(["--config"], type=click.Path(dir_okay=False), default=None,
+                             help="YAML file of options; flags given on the command line override it."))
+    return opts

@@ -1,0 +1,128 @@
+"""Plugin discovery through the ``domainfm.plugins`` entry-point group.
+
+A plugin is an object (usually an instance of :class:`Plugin`) exported by any installed package:
+
+    [project.entry-points."domainfm.plugins"]
+    my-domain = "my_package.plugin:plugin"
+
+The core never names a plugin. A plugin's module must import quickly (no torch at import time)
+because ``domainfm plugins`` and ``domainfm --help`` load every plugin to read its description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+from domainfm.errors import DomainFMError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import click
+    from domainfm.config import RunConfig
+
+GROUP = "domainfm.plugins"
+PIPELINE_GROUP = "domainfm.pipelines"
+
+
+class Plugin:
+    """Base class for a domain plugin. Override what the domain supports.
+
+    - ``pretrain_datamodule(cfg)``: a LightningDataModule whose batches are dicts with
+      ``view_teacher`` and ``view_student`` (float tensors [B, C, H, W]) and ``labels``
+      (float multi-hot [B, K], all zeros where a sample has no label).
+    - ``finetune(cfg)`` / ``evaluate(cfg)``: run inside an active MLflow run opened by the core,
+      log what they like to it, and return a dict of final metrics.
+    - ``options(command)``: extra click options for ``pretrain``/``finetune``/``evaluate``; their
+      values reach the plugin as ``cfg.<name>``.
+    - ``defaults(command)``: overrides of core defaults (e.g. a smaller learning rate).
+    - ``commands()``: extra click commands, shown as ``domainfm <plugin-name> <command>``.
+    """
+
+    name: str = ""
+    description: str = ""
+    label_names: tuple[str, ...] = ()
+
+    def in_chans(self, cfg: "RunConfig") -> int:
+        return 3
+
+    def options(self, command: str) -> list["click.Option"]:
+        return []
+
+    def defaults(self, command: str) -> dict[str, Any]:
+        return {}
+
+    def pretrain_datamodule(self, cfg: "RunConfig"):
+        raise DomainFMError(f"plugin {self.name!r} does not support pretrain")
+
+    def finetune(self, cfg: "RunConfig") -> dict[str, Any]:
+        raise DomainFMError(f"plugin {self.name!r} does not support finetune")
+
+    def evaluate(self, cfg: "RunConfig") -> dict[str, Any]:
+        raise DomainFMError(f"plugin {self.name!r} does not support evaluate")
+
+    def commands(self) -> list["click.Command"]:
+        return []
+
+    @property
+    def supported(self) -> list[str]:
+        base = Plugin
+        out = []
+        for meth, cmd in (("pretrain_datamodule", "pretrain"), ("finetune", "finetune"), ("evaluate", "evaluate")):
+            if getattr(type(self), meth) is not getattr(base, meth):
+                out.append(cmd)
+        return out
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    description: str
+    package: str
+    commands: tuple[str, ...]
+    error: str | None = None
+
+
+def _entry_points(group: str):
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
+def names() -> list[str]:
+    return sorted(_entry_points(GROUP))
+
+
+def load(name: str) -> Plugin:
+    """The plugin registered as ``name``; a clear error lists the installed ones otherwise."""
+    eps = _entry_points(GROUP)
+    if name not in eps:
+        installed = ", ".join(sorted(eps)) or "none"
+        raise DomainFMError(f"unknown plugin {name!r}; installed plugins: {installed}",
+                            fix="pick one of those, or pip install the package that provides it")
+    try:
+        obj = eps[name].load()
+    except Exception as e:  # a broken third-party plugin must not hide the others
+        raise DomainFMError(f"plugin {name!r} ({eps[name].value}) failed to import: {e}") from None
+    if isinstance(obj, type):
+        obj = obj()
+    if not getattr(obj, "name", None):
+        obj.name = name
+    return obj
+
+
+def available() -> list[PluginInfo]:
+    """Every installed plugin, with the package that provides it."""
+    infos = []
+    for name, ep in sorted(_entry_points(GROUP).items()):
+        package = ep.dist.name if ep.dist is not None else ep.value.split(":")[0].split(".")[0]
+        try:
+            p = load(name)
+            infos.append(PluginInfo(name, p.description, package, tuple(p.supported) +
+                                    tuple(c.name for c in p.commands())))
+        except DomainFMError as e:
+            infos.append(PluginInfo(name, "", package, (), error=str(e)))
+    return infos
+
+
+def pipelines() -> dict[str, Any]:
+    """Entry points of the ``domainfm.pipelines`` group (click commands), not yet loaded."""
+    return _entry_points(PIPELINE_GROUP)
