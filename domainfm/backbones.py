@@ -1,0 +1,503 @@
+"""One backbone factory: timm architectures, DINOv2 (or any timm) weights, any number of bands.
+
+``create_backbone(name, in_chans=13, img_size=224, init="dinov2")`` builds the timm model at the
+target band count and size, then loads a state dict that is adapted by small pure functions:
+:func:`adapt_input_conv` turns the RGB patch embedding (or first conv) into ``in_chans`` bands,
+and timm's own checkpoint filter resizes the position embedding and maps official DINOv2 keys.
+Every weight other than those two loads unchanged (``load_state_dict(strict=True)``).
+
+Where weights come from (``init``):
+  - ``"dinov2"`` / ``"pretrained"``: timm's pretrained weights for the name, from the local Hugging
+    Face cache, else the hub. Offline with nothing cached, this fails in seconds (no retry loop)
+    with a message naming ``--weights``.
+  - a local ``.safetensors`` / ``.pth`` / ``.pt`` file (timm keys, official DINOv2 keys, a
+    Lightning checkpoint of domainfm, or a domainfm export); ``.pth``/``.pt`` load with
+    ``weights_only=True``.
+  - ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: a backbone logged by domainfm to MLflow.
+  - ``"random"``: timm's initialisation (tests, ablations).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from domainfm.errors import DomainFMError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from domainfm.config import RunConfig
+
+DINOV2_NAMES = ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_large_patch14_dinov2",
+                "vit_giant_patch14_dinov2")
+PATCH_EMBED_INITS = ("repeat", "mean", "random")
+PRETRAINED_INITS = ("dinov2", "pretrained")
+HUB_HOST = ("huggingface.co", 443)
+# where a backbone's timm keys sit in checkpoints we know how to read; the EMA teacher comes first
+# because in DINO-style training it is the better encoder
+_NESTED_PREFIXES = ("teacher.backbone.model.", "student.backbone.model.", "backbone.model.")
+_WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
+
+
+# ---------------------------------------------------------------- pure weight adaptation
+
+def adapt_input_conv(weight: "torch.Tensor", in_chans: int, mode: str = "repeat",
+                     generator: "torch.Generator | None" = None) -> "torch.Tensor":
+    """Turn a first-layer kernel ``[out, c, kh, kw]`` into ``[out, in_chans, kh, kw]``.
+
+    - ``repeat``: tile the pretrained channels and scale by ``c / in_chans``, so an input whose
+      bands are all equal (a grey image) gives the same response as the original model (exactly:
+      an uneven tiling's remainder is spread over the bands).
+    - ``mean``: every new channel is the mean of the pretrained ones, scaled by ``c / in_chans``
+      (the same grey-input invariance, no band gets a colour's identity).
+    - ``random``: a fresh Kaiming-uniform kernel (SoftCon's reported choice for new sensors).
+    """
+    import torch
+
+    out, c, kh, kw = weight.shape
+    if mode not in PATCH_EMBED_INITS:
+        raise DomainFMError(f"unknown patch_embed_init {mode!r}", fix=f"use one of {', '.join(PATCH_EMBED_INITS)}")
+    if in_chans == c and mode != "random":
+        return weight.clone()
+    w = weight.float()
+    if mode == "repeat":
+        reps = math.ceil(in_chans / c)
+        new = w.repeat(1, reps, 1, 1)[:, :in_chans] * (c / in_chans)
+        # when in_chans is not a multiple of c the repeat is uneven (13 bands: R five times, G and
+        # B four); spreading the missed part of the channel sum evenly keeps grey inputs exact
+        new += (w.sum(dim=1, keepdim=True) - new.sum(dim=1, keepdim=True)) / in_chans
+    elif mode == "mean":
+        new = w.mean(dim=1, keepdim=True).repeat(1, in_chans, 1, 1) * (c / in_chans)
+    else:
+        new = torch.empty(out, in_chans, kh, kw)
+        fan_in = in_chans * kh * kw
+        bound = 1.0 / math.sqrt(fan_in)
+        new.uniform_(-bound, bound, generator=generator)
+    return new.to(weight.dtype)
+
+
+def strip_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Find the backbone's timm keys inside a checkpoint that nests them under a known prefix."""
+    for prefix in _NESTED_PREFIXES:  # a domainfm Lightning checkpoint: teacher first
+        sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if sub:
+            return sub
+    sd = state_dict
+    for prefix in _WRAPPER_PREFIXES:  # DDP / generic wrappers put every key under one prefix
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+# ---------------------------------------------------------------- reading weights
+
+def _is_tensor_dict(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, "torch.Tensor"], dict[str, str]]:
+    """A state dict and its metadata from a local file, never unpickling arbitrary objects."""
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise DomainFMError("weights file not found", path=p, fix="give an existing .safetensors/.pth/.pt file to --weights")
+    meta: dict[str, str] = {}
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise DomainFMError(f"not a readable safetensors file ({e})", path=p,
+                                fix="re-export the weights with safetensors.torch.save_file") from None
+    elif p.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        try:
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DomainFMError(f"cannot be loaded as a weights-only checkpoint ({first[:200]})", path=p,
+                                fix="save a plain state dict with torch.save(model.state_dict(), path)") from None
+        for key in ("state_dict", "model", "teacher", "model_state_dict"):
+            if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+                if key == "state_dict" and isinstance(obj.get("hyper_parameters"), dict):
+                    meta = {k: str(v) for k, v in obj["hyper_parameters"].get("backbone_meta", {}).items()}
+                obj = obj[key]
+                break
+        if not _is_tensor_dict(obj):
+            raise DomainFMError("is not a state dict (expected a mapping of parameter names to tensors)", path=p,
+                                fix="save it with torch.save(model.state_dict(), path)")
+        sd = obj
+    else:
+        raise DomainFMError(f"unknown weights format {p.suffix!r}", path=p, fix="use .safetensors, .pth or .pt")
+    return strip_prefix(sd), meta
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def pretrained_weights_file(name: str) -> Path:
+    """The local path of timm's pretrained weights for ``name`` (cache first, hub if reachable)."""
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        cfg = None
+    if cfg is None:
+        arch, _, _ = name.partition(".")
+        cfg = timm.models.get_pretrained_cfg(arch) if timm.is_model(arch) else None
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        raise DomainFMError(f"timm has no downloadable pretrained weights for {name!r}",
+                            fix="pass --weights PATH to a local weights file, or --init random")
+    filename = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
+    from huggingface_hub import try_to_load_from_cache
+
+    for fn in (filename, "open_clip_model.safetensors", "pytorch_model.bin"):
+        cached = try_to_load_from_cache(hub_id, fn)
+        if isinstance(cached, str):
+            return Path(cached)
+    if not _hub_reachable():
+        raise DomainFMError(f"pretrained weights for {name!r} ({hub_id}) are not in the local Hugging Face cache "
+                            "and the hub cannot be reached (offline)",
+                            fix="pass --weights PATH to a local .safetensors/.pth file (or --init random)")
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(hub_id, filename))
+
+
+def _download_registered(uri: str) -> Path:
+    """Download a domainfm backbone logged to MLflow and return its safetensors file."""
+    import mlflow
+
+    from domainfm import tracking
+
+    tracking.configure()
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as e:
+        raise DomainFMError(f"cannot fetch {uri} from the MLflow registry at {tracking.tracking_uri()} ({e})",
+                            fix="check the name and alias with `domainfm registry list`") from None
+    found = sorted(local.rglob("backbone.safetensors"))
+    if not found:
+        raise DomainFMError(f"{uri} holds no backbone.safetensors (not a domainfm backbone)",
+                            fix="register a model made by `domainfm pretrain --register NAME`")
+    return found[0]
+
+
+# ---------------------------------------------------------------- the module
+
+def _backbone_class():
+    import torch
+    from torch import nn
+
+    class Backbone(nn.Module):
+        """A timm model that returns its pooled feature, with optional token drop for ViTs.
+
+        ``forward(x, keep_idx=None)``: ``keep_idx`` [B, n_keep] lists the patch tokens each sample
+        keeps (Siamese masking). With ``mask_mode="drop"`` the others are removed before the
+        transformer, so compute falls with the ratio; with ``"token"`` they are replaced by a
+        learned mask token. The CLS (and register) tokens are always kept. For a CNN the dropped
+        patches of the image are zeroed.
+        """
+
+        def __init__(self, model: nn.Module, *, name: str, in_chans: int, img_size: int):
+            super().__init__()
+            self.model = model
+            self.name = name
+            self.in_chans = in_chans
+            self.img_size = img_size
+            self.embed_dim = int(getattr(model, "num_features", None) or getattr(model, "embed_dim"))
+            self.is_vit = hasattr(model, "patch_embed") and hasattr(model, "blocks")
+            if self.is_vit:
+                ps = model.patch_embed.patch_size
+                self.patch_size = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+                self.grid_size = tuple(model.patch_embed.grid_size)
+                # not part of the timm model: kept out of exported weights
+                self.mask_token = nn.Parameter(torch.zeros(1, 1, model.embed_dim))
+            else:
+                self.patch_size = None
+                self.grid_size = None
+                self.mask_token = None
+            from timm.data import resolve_data_config
+
+            self.data_config = resolve_data_config({}, model=model)
+
+        @property
+        def num_patches(self) -> int:
+            if self.is_vit:
+                return int(self.grid_size[0] * self.grid_size[1])
+            # CNNs are masked on a 16-px grid of the image
+            return (self.img_size // 16) ** 2
+
+        @property
+        def mask_patch_size(self) -> int:
+            return self.patch_size or 16
+
+        def forward(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None,
+                    mask_mode: str = "drop") -> torch.Tensor:
+            if keep_idx is None:
+                return self.model(x)
+            if not self.is_vit:
+                from domainfm.masking import mask_image_patches
+
+                return self.model(mask_image_patches(x, keep_idx, self.mask_patch_size))
+            m = self.model
+            tokens = m.patch_embed(x)  # [B, N, D] (flattened grid)
+            if tokens.ndim == 4:
+                tokens = tokens.flatten(1, 2)
+            B, N, D = tokens.shape
+            if mask_mode == "token":
+                keep = torch.zeros(B, N, dtype=torch.bool, device=tokens.device)
+                keep.scatter_(1, keep_idx, True)
+                tokens = torch.where(keep.unsqueeze(-1), tokens, self.mask_token.to(tokens.dtype).expand(B, N, D))
+                tokens = m._pos_embed(tokens)
+            else:
+                tokens = m._pos_embed(tokens)  # adds pos-embed and prepends prefix tokens
+                P = m.num_prefix_tokens
+                idx = keep_idx.unsqueeze(-1).expand(-1, -1, D)
+                tokens = torch.cat([tokens[:, :P], torch.gather(tokens[:, P:], 1, idx)], dim=1)
+            tokens = m.norm_pre(m.patch_drop(tokens))
+            tokens = m.blocks(tokens)
+            tokens = m.norm(tokens)
+            return m.forward_head(tokens, pre_logits=True)
+
+        def embedding_parameters(self, *, with_pos_embed: bool = False) -> list[str]:
+            """Names (in ``self.model``) of the embedding layer's parameters, found from structure:
+            the top-level modules that come before the first feature stage (ViT ``patch_embed``,
+            ResNet ``conv1``/``bn1``, ConvNeXt ``stem``). ``with_pos_embed`` adds the position
+            embedding and the CLS/register tokens, which are parameters of the model itself."""
+            return embedding_parameter_names(self.model, with_pos_embed=with_pos_embed)
+
+        def timm_state_dict(self) -> dict[str, torch.Tensor]:
+            return {k: v for k, v in self.model.state_dict().items()}
+
+    return Backbone
+
+
+_BACKBONE_CLS = None
+
+
+def Backbone(*args, **kwargs):  # noqa: N802 - a class factory that keeps torch out of import time
+    global _BACKBONE_CLS
+    if _BACKBONE_CLS is None:
+        _BACKBONE_CLS = _backbone_class()
+    return _BACKBONE_CLS(*args, **kwargs)
+
+
+def backbone_type():
+    """The Backbone class itself (for isinstance checks)."""
+    global _BACKBONE_CLS
+    if _BACKBONE_CLS is None:
+        _BACKBONE_CLS = _backbone_class()
+    return _BACKBONE_CLS
+
+
+def embedding_parameter_names(model, *, with_pos_embed: bool = False) -> list[str]:
+    """Parameters of the modules registered before the model's first feature stage."""
+    feature_info = getattr(model, "feature_info", None) or []
+    stage_roots = []
+    for info in feature_info:
+        module = info.get("module", "") if isinstance(info, dict) else ""
+        if info.get("reduction", 0) >= 4 or "blocks" in module or "stages" in module:
+            stage_roots.append(module.split(".")[0])
+    first_stage = stage_roots[0] if stage_roots else None
+    names: list[str] = []
+    for child_name, child in model.named_children():
+        if child_name == first_stage:
+            break
+        names += [f"{child_name}.{n}" for n, _ in child.named_parameters()]
+    if first_stage is None or not names:
+        # fall back to the first conv named by the pretrained config (data, not a per-model list)
+        first_conv = (getattr(model, "pretrained_cfg", {}) or {}).get("first_conv")
+        if isinstance(first_conv, (list, tuple)):
+            first_conv = first_conv[0]
+        if first_conv:
+            names = [n for n, _ in model.named_parameters() if n.startswith(first_conv + ".")]
+    if with_pos_embed:
+        names += [n for n, _ in model.named_parameters(recurse=False)
+                  if n in ("pos_embed", "cls_token", "reg_token")]
+    return names
+
+
+# ---------------------------------------------------------------- factory
+
+def _first_conv_key(model) -> str:
+    first_conv = (getattr(model, "pretrained_cfg", {}) or {}).get("first_conv") or "patch_embed.proj"
+    if isinstance(first_conv, (list, tuple)):
+        first_conv = first_conv[0]
+    return first_conv + ".weight"
+
+
+def load_adapted(model, state_dict: dict[str, "torch.Tensor"], *, patch_embed_init: str = "repeat",
+                 source: str = "weights") -> None:
+    """Load ``state_dict`` into ``model``, adapting bands and position embedding; all else strict."""
+    import torch
+
+    sd = dict(state_dict)
+    is_vit = hasattr(model, "patch_embed") and hasattr(model, "blocks")
+    if is_vit:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        # timm maps official DINOv2 keys (register_tokens, mask_token...) and resizes pos_embed
+        sd.pop("mask_token", None)
+        conv_key = "patch_embed.proj.weight"
+        w = sd.get(conv_key)
+        if w is not None and w.shape[1] != model.patch_embed.proj.weight.shape[1] or patch_embed_init == "random":
+            if w is not None:
+                sd[conv_key] = adapt_input_conv(w, model.patch_embed.proj.weight.shape[1], patch_embed_init)
+        try:
+            sd = checkpoint_filter_fn(sd, model)
+        except Exception as e:
+            raise DomainFMError(f"{source} do not fit {type(model).__name__} ({e})",
+                                fix="pick the --backbone these weights were trained with") from None
+    else:
+        conv_key = _first_conv_key(model)
+        target = model.state_dict().get(conv_key)
+        w = sd.get(conv_key)
+        if w is not None and target is not None and (w.shape[1] != target.shape[1] or patch_embed_init == "random"):
+            sd[conv_key] = adapt_input_conv(w, target.shape[1], patch_embed_init)
+    model_sd = model.state_dict()
+    # a classifier head that the backbone (num_classes=0) does not have is not a mismatch
+    head = (getattr(model, "pretrained_cfg", {}) or {}).get("classifier") or "head"
+    heads = head if isinstance(head, (list, tuple)) else [head]
+    sd = {k: v for k, v in sd.items() if k in model_sd or not any(k.startswith(h + ".") for h in heads)}
+    missing = sorted(set(model_sd) - set(sd))
+    unexpected = sorted(set(sd) - set(model_sd))
+    wrong = sorted(k for k in set(sd) & set(model_sd) if tuple(sd[k].shape) != tuple(model_sd[k].shape))
+    if missing or unexpected or wrong:
+        detail = "; ".join(x for x in (
+            f"missing {len(missing)} (e.g. {missing[0]})" if missing else "",
+            f"unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "",
+            f"shape mismatch {len(wrong)} (e.g. {wrong[0]}: {tuple(sd[wrong[0]].shape)} vs "
+            f"{tuple(model_sd[wrong[0]].shape)})" if wrong else "") if x)
+        raise DomainFMError(f"{source} do not fit {type(model).__name__}: {detail}",
+                            fix="pick the --backbone these weights were trained with")
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(model_sd[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+def create_backbone(name: str, *, in_chans: int = 3, img_size: int = 224, init: str = "dinov2",
+                    patch_embed_init: str = "repeat", **model_kwargs: Any):
+    """Build ``name`` (any timm architecture) with ``in_chans`` bands at ``img_size`` and load
+    ``init`` weights into it (see the module docstring). Extra ``model_kwargs`` go to timm
+    (e.g. ``depth=2`` for a small test model of the same architecture)."""
+    import timm
+
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise DomainFMError(f"unknown backbone {name!r}{hint}", fix="use a timm model name, e.g. vit_small_patch14_dinov2")
+    if patch_embed_init not in PATCH_EMBED_INITS:
+        raise DomainFMError(f"unknown patch_embed_init {patch_embed_init!r}", fix=f"use one of {', '.join(PATCH_EMBED_INITS)}")
+    kwargs = dict(num_classes=0, in_chans=in_chans, **model_kwargs)
+    if _accepts_img_size(arch):
+        kwargs["img_size"] = img_size
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if init == "random":
+        pass
+    elif init in PRETRAINED_INITS:
+        path = pretrained_weights_file(name if "." in name else _default_tag(name, init))
+        sd, _ = read_state_dict(path)
+        load_adapted(model, sd, patch_embed_init=patch_embed_init, source=f"pretrained weights {path}")
+    else:
+        path = _download_registered(init) if init.startswith("models:/") else Path(init)
+        sd, _ = read_state_dict(path)
+        load_adapted(model, sd, patch_embed_init=patch_embed_init, source=f"weights {init}")
+    return Backbone(model, name=name, in_chans=in_chans, img_size=img_size)
+
+
+def _default_tag(name: str, init: str) -> str:
+    # "dinov2" on a DINOv2 architecture means its LVD-142M weights; otherwise timm's default tag
+    if init == "dinov2" and name in DINOV2_NAMES:
+        return f"{name}.lvd142m"
+    return name
+
+
+def _accepts_img_size(arch: str) -> bool:
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(arch)
+    except Exception:
+        cfg = None
+    # transformers take img_size; CNNs are size-agnostic and reject it
+    return any(k in arch for k in ("vit", "deit", "beit", "eva", "swin", "cait", "xcit", "pvt", "mvit")) or bool(
+        cfg and getattr(cfg, "fixed_input_size", False))
+
+
+def backbone_from_config(cfg: "RunConfig", in_chans: int | None = None, **model_kwargs: Any):
+    """The backbone a run asks for. ``--weights`` beats ``--init``; a domainfm export or a
+    ``models:/`` URI names its own architecture, so ``--backbone`` need not repeat it."""
+    chans = in_chans if in_chans is not None else (cfg.in_chans or 3)
+    name, init = cfg.backbone, cfg.init
+    if cfg.weights:
+        path = _download_registered(cfg.weights) if cfg.weights.startswith("models:/") else Path(cfg.weights)
+        name = _safetensors_meta(path).get("domainfm_name") or name
+        init = str(path)
+    return create_backbone(name, in_chans=chans, img_size=cfg.img_size, init=init,
+                           patch_embed_init=cfg.patch_embed_init, **model_kwargs)
+
+
+def _safetensors_meta(path: str | Path) -> dict[str, str]:
+    p = Path(path)
+    if p.suffix != ".safetensors" or not p.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:
+        return {}
+
+
+def load_backbone(path_or_uri: str | Path, *, cfg: "RunConfig | None" = None, in_chans: int | None = None,
+                  img_size: int | None = None):
+    """A backbone from a domainfm export or ``models:/`` URI, whose metadata names its architecture;
+    a plain state dict falls back to ``cfg.backbone``."""
+    spec = str(path_or_uri)
+    path = _download_registered(spec) if spec.startswith("models:/") else Path(spec)
+    meta = _safetensors_meta(path)
+    name = meta.get("domainfm_name") or (cfg.backbone if cfg is not None else None)
+    if not name:
+        raise DomainFMError("weights carry no architecture name", path=path, fix="pass --backbone NAME")
+    chans = int(meta.get("in_chans", in_chans or (cfg.in_chans if cfg else None) or 3))
+    if in_chans is not None and chans != in_chans:
+        raise DomainFMError(f"the model takes {chans} bands but the data has {in_chans}", path=spec,
+                            fix="evaluate on data of the modality the model was trained on")
+    size = img_size or int(meta.get("img_size", cfg.img_size if cfg else 224))
+    return create_backbone(name, in_chans=chans, img_size=size, init=str(path),
+                           patch_embed_init=cfg.patch_embed_init if cfg else "repeat")
+
+
+def save_backbone(backbone, path: str | Path, *, extra_meta: dict[str, str] | None = None) -> Path:
+    """Save the timm model's weights (timm keys) with the architecture in the metadata, atomically."""
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
+    meta = {"format": "pt", "domainfm_name": backbone.name, "in_chans": str(backbone.in_chans),
+            "img_size": str(backbone.img_size), "embed_dim": str(backbone.embed_dim)}
+    meta.update(extra_meta or {})
+    tmp = p.with_name(p.name + ".tmp")
+    save_file(sd, str(tmp), metadata=meta)
+    os.replace(tmp, p)
+    return p

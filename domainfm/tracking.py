@@ -1,0 +1,268 @@
+"""The one place that talks to MLflow.
+
+Without ``MLFLOW_TRACKING_URI`` runs go to ``sqlite:///mlruns/mlflow.db`` with artifacts under
+``mlruns/artifacts`` in the current folder (MLflow 3 refuses the old ``./mlruns`` file store).
+Everything else in domainfm calls these helpers, so the store, the experiment naming and the
+model format are decided here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from domainfm.errors import DomainFMError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from domainfm.config import RunConfig
+
+LOCAL_DIR = "mlruns"
+_PARAM_MAX = 6000  # MLflow's limit on a param value
+
+
+def _local_root() -> Path:
+    return Path.cwd() / LOCAL_DIR
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{_local_root() / 'mlflow.db'}"
+
+
+def _is_default_store() -> bool:
+    return not os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def configure() -> str:
+    """Point mlflow at our store (tracking and registry) and return its URI."""
+    import logging
+
+    import mlflow
+
+    uri = tracking_uri()
+    if _is_default_store():
+        _local_root().mkdir(parents=True, exist_ok=True)
+    if uri.startswith("file:") or (("://" not in uri) and not uri.startswith("databricks")):
+        raise DomainFMError(f"MLFLOW_TRACKING_URI={uri} is a file store, which MLflow 3 refuses",
+                            fix="use sqlite:///path/mlflow.db or an http:// server")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    # alembic's migration chatter on a fresh sqlite store is noise for the user
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return uri
+
+
+def experiment_id(name: str) -> str:
+    import mlflow
+
+    configure()
+    try:
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        artifact_location = (_local_root() / "artifacts").as_uri() if _is_default_store() else None
+        return mlflow.create_experiment(name, artifact_location=artifact_location)
+    except DomainFMError:
+        raise
+    except Exception as e:
+        raise DomainFMError(f"cannot reach the MLflow store at {tracking_uri()} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''})",
+                            fix="start the server or fix MLFLOW_TRACKING_URI") from None
+
+
+@contextlib.contextmanager
+def start_run(cfg: "RunConfig | None" = None, *, run_id: str | None = None, nested: bool = False,
+              run_name: str | None = None, experiment: str | None = None) -> Iterator[Any]:
+    """An MLflow run in the run's experiment; ``run_id`` reopens an existing run (``--resume``)."""
+    import mlflow
+
+    name = experiment or (cfg.experiment_name if cfg is not None else "domainfm")
+    exp_id = experiment_id(name)
+    kwargs: dict[str, Any] = {"nested": nested}
+    if run_id:
+        kwargs["run_id"] = run_id
+    else:
+        kwargs["experiment_id"] = exp_id
+        kwargs["run_name"] = run_name or (cfg.run_name if cfg is not None else None)
+    with mlflow.start_run(**kwargs) as run:
+        yield run
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:_PARAM_MAX]
+    return out
+
+
+def log_config(cfg: "RunConfig") -> None:
+    """The resolved config, as params (searchable) and as config.yaml (re-runnable)."""
+    import mlflow
+    import yaml
+
+    params = _flatten(cfg.to_dict())
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    # a resumed run already holds its params; MLflow refuses to change a logged param
+    new = {k: v for k, v in params.items() if k not in existing}
+    for i in range(0, len(new), 100):
+        chunk = dict(list(new.items())[i:i + 100])
+        mlflow.log_params(chunk)
+    mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True), "config.yaml")
+
+
+def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
+    import mlflow
+
+    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if scalars:
+        mlflow.log_metrics(scalars, step=step)
+
+
+def log_figure(fig, artifact_file: str) -> None:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    mlflow.log_figure(fig, artifact_file)
+    plt.close(fig)
+
+
+def log_table_artifact(rows: list[dict[str, Any]], artifact_file: str) -> None:
+    import mlflow
+
+    if not rows:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    mlflow.log_text(buf.getvalue(), artifact_file)
+
+
+def pip_requirements() -> list[str]:
+    """Pinned to what is installed, so the logged model reloads with the same numbers."""
+    from importlib.metadata import version
+
+    reqs = []
+    for pkg in ("torch", "timm", "safetensors"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg)}")
+        except Exception:  # pragma: no cover - the package is a dependency
+            reqs.append(pkg)
+    return reqs
+
+
+def log_backbone(backbone, *, artifact_path: str = "backbone", register: str | None = None,
+                 alias: str | None = None, input_size: int | None = None) -> str:
+    """Log the backbone as an MLflow PyTorch model (the timm module) with its safetensors export
+    beside it; domainfm itself always reloads from the safetensors file (no unpickling)."""
+    import mlflow
+    import torch
+
+    from domainfm.backbones import save_backbone
+
+    size = input_size or backbone.img_size
+    with tempfile.TemporaryDirectory() as tmp:
+        st = save_backbone(backbone, Path(tmp) / "backbone.safetensors")
+        example = torch.zeros(1, backbone.in_chans, size, size).numpy()
+        model = backbone.model
+        was_training = model.training
+        model.eval()
+        info = mlflow.pytorch.log_model(model, name=artifact_path, input_example=example,
+                                        pip_requirements=pip_requirements(), extra_files=[str(st)])
+        model.train(was_training)
+    uri = info.model_uri
+    if register:
+        register_model(uri, register, alias)
+    return uri
+
+
+def log_pyfunc_model(python_model_file: str | Path, artifacts: dict[str, str], *, artifact_path: str,
+                     input_example: Any, register: str | None = None, alias: str | None = None,
+                     extra_pip: list[str] | None = None) -> str:
+    """Log a models-from-code pyfunc (no pickle): ``python_model_file`` calls set_model()."""
+    import mlflow
+
+    info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(python_model_file), artifacts=artifacts,
+                                   input_example=input_example,
+                                   pip_requirements=pip_requirements() + list(extra_pip or []))
+    if register:
+        register_model(info.model_uri, register, alias)
+    return info.model_uri
+
+
+def register_model(model_uri: str, name: str, alias: str | None = None) -> int:
+    import mlflow
+
+    configure()
+    mv = mlflow.register_model(model_uri, name)
+    if alias:
+        set_alias(name, int(mv.version), alias)
+    run = mlflow.active_run()
+    if run is not None:
+        mlflow.set_tag("registered_model", f"models:/{name}/{mv.version}" + (f" (@{alias})" if alias else ""))
+    return int(mv.version)
+
+
+def set_alias(name: str, version: int, alias: str) -> None:
+    from mlflow import MlflowClient
+
+    configure()
+    client = MlflowClient()
+    try:
+        client.get_model_version(name, str(version))
+    except Exception:
+        raise DomainFMError(f"registered model {name!r} has no version {version}",
+                            fix="see `domainfm registry list`") from None
+    client.set_registered_model_alias(name, alias, str(version))
+
+
+def list_registered(name: str | None = None) -> list[dict[str, Any]]:
+    import datetime
+
+    from mlflow import MlflowClient
+
+    configure()
+    client = MlflowClient()
+    rows = []
+    flt = f"name='{name}'" if name else None
+    for mv in client.search_model_versions(flt):
+        aliases = list(getattr(mv, "aliases", []) or [])
+        created = datetime.datetime.fromtimestamp(mv.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M")
+        rows.append({"name": mv.name, "version": int(mv.version), "aliases": aliases, "run_id": mv.run_id,
+                     "created": created})
+    if name and not rows:
+        raise DomainFMError(f"no registered model named {name!r} at {tracking_uri()}",
+                            fix="see `domainfm registry list` for the registered names")
+    return sorted(rows, key=lambda r: (r["name"], r["version"]))
+
+
+def plugin_run(cfg: "RunConfig", plugin, fn: Callable[["RunConfig"], dict[str, Any]]) -> dict[str, Any]:
+    """Run a plugin's finetune/evaluate inside one MLflow run that records its config and metrics."""
+    import mlflow
+
+    with start_run(cfg) as run:
+        mlflow.set_tags({"domainfm.command": cfg.command, "domainfm.plugin": cfg.plugin})
+        log_config(cfg)
+        metrics = dict(fn(cfg) or {})
+        log_metrics(metrics)
+        metrics["mlflow_run_id"] = run.info.run_id
+    return metrics
+
+
+def lightning_logger(run_id: str, experiment: str):
+    """Lightning's MLFlowLogger bound to an existing run (it needs the tracking URI spelled out)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(experiment_name=experiment, tracking_uri=configure(), run_id=run_id, log_model=False)

@@ -1,0 +1,153 @@
+"""Shared training plumbing: the Lightning Trainer a run asks for, LR schedules, parameter groups.
+
+Every task (continual pretraining, each plugin's fine-tuning) builds its Trainer here, so devices,
+strategies, precision, checkpoints and the MLflow logger behave the same everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from domainfm.errors import DomainFMError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from domainfm.config import RunConfig
+
+DEFAULT_MAX_EPOCHS = 10  # when neither --max-steps nor --max-epochs is given
+
+
+# ---------------------------------------------------------------- schedules (pure)
+
+def warmup_cosine(step: int, warmup: int, total: int, *, final: float = 0.0) -> float:
+    """LR multiplier: linear warm-up from 0 to 1 over ``warmup`` steps, then cosine to ``final``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_poly(step: int, warmup: int, total: int, *, power: float = 1.0, final: float = 0.0) -> float:
+    """LR multiplier: linear warm-up, then polynomial decay ``(1 - progress) ** power`` to ``final``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + (1.0 - final) * (1.0 - progress) ** power
+
+
+def ema_momentum(step: int, total: int, base: float) -> float:
+    """Teacher momentum: cosine from ``base`` to 1.0 over training (DINO's schedule)."""
+    if total <= 0:
+        return base
+    progress = min(1.0, step / total)
+    return 1.0 - (1.0 - base) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------- parameter groups
+
+def _no_decay(name: str, param) -> bool:
+    return param.ndim <= 1 or name.endswith(".bias") or any(
+        t in name for t in ("pos_embed", "cls_token", "reg_token", "mask_token", "logit_scale"))
+
+
+def param_groups(module, weight_decay: float, *, lr: float, layer_decay: float | None = None,
+                 vit=None) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on norms, biases and tokens; optional layer-wise LR decay for a ViT
+    (``vit`` is the timm VisionTransformer inside ``module``; block i gets
+    ``lr * layer_decay ** (depth + 1 - (i + 1))``, embeddings the deepest decay, the rest 1)."""
+    depth = len(vit.blocks) if (layer_decay is not None and vit is not None and hasattr(vit, "blocks")) else None
+    vit_names = {id(p): n for n, p in vit.named_parameters()} if depth is not None else {}
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = 1.0
+        if depth is not None and id(p) in vit_names:
+            vname = vit_names[id(p)]
+            if vname.startswith("blocks."):
+                layer = int(vname.split(".")[1]) + 1
+            elif vname.startswith(("patch_embed", "pos_embed", "cls_token", "reg_token")):
+                layer = 0
+            else:
+                layer = depth + 1
+            scale = layer_decay ** (depth + 1 - layer)
+        wd = 0.0 if _no_decay(name, p) else weight_decay
+        g = groups.setdefault((wd, scale), {"params": [], "weight_decay": wd, "lr": lr * scale, "lr_scale": scale})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+# ---------------------------------------------------------------- trainer
+
+def is_global_zero() -> bool:
+    """True in the launching process (before Lightning spawns its workers) and on global rank 0."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def last_checkpoint(directory: str | Path) -> Path | None:
+    d = Path(directory)
+    if (d / "last.ckpt").is_file():
+        return d / "last.ckpt"
+    ckpts = sorted(d.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return ckpts[-1] if ckpts else None
+
+
+def build_trainer(cfg: "RunConfig", *, callbacks: Iterable[Any] = (), ckpt_dir: str | Path | None = None,
+                  logger: Any = True, run_id: str | None = None, **overrides: Any):
+    """A Lightning Trainer for ``cfg``; ``logger=True`` binds Lightning's MLFlowLogger to ``run_id``
+    (or to the active MLflow run)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from domainfm import tracking
+
+    cbs = list(callbacks)
+    if ckpt_dir is not None and cfg.checkpoint_every > 0:
+        cbs.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}", auto_insert_metric_name=False,
+                                   every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=-1))
+    if logger is True:
+        if run_id is None:
+            import mlflow
+
+            active = mlflow.active_run()
+            run_id = active.info.run_id if active else None
+        logger = tracking.lightning_logger(run_id, cfg.experiment_name) if run_id else False
+    max_steps = cfg.max_steps if cfg.max_steps is not None else -1
+    max_epochs = cfg.max_epochs
+    if max_epochs is None and max_steps <= 0:
+        max_epochs = DEFAULT_MAX_EPOCHS
+    strategy = cfg.strategy
+    if cfg.devices > 1 and strategy == "auto":
+        strategy = "ddp"
+    accelerator = cfg.accelerator
+    if cfg.devices > 1 and strategy.startswith("ddp") and accelerator in ("auto", "cpu"):
+        import torch
+
+        if accelerator == "cpu" or not torch.cuda.is_available():
+            from lightning.pytorch.strategies import DDPStrategy
+
+            accelerator = "cpu"
+            # gloo is the CPU backend; Lightning picks it, but say it explicitly for clarity
+            strategy = DDPStrategy(process_group_backend="gloo", find_unused_parameters=False)
+    kwargs: dict[str, Any] = dict(
+        accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
+        precision=cfg.precision, max_steps=max_steps, max_epochs=max_epochs, callbacks=cbs, logger=logger,
+        log_every_n_steps=1, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=str(ckpt_dir) if ckpt_dir else None,
+        enable_checkpointing=ckpt_dir is not None and cfg.checkpoint_every > 0,
+    )
+    kwargs.update(overrides)
+    try:
+        return L.Trainer(**kwargs)
+    except (ValueError, RuntimeError) as e:
+        raise DomainFMError(f"cannot set up training ({str(e).splitlines()[0]})",
+                            fix="check --devices, --strategy, --precision and --accelerator") from None
