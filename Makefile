@@ -1,0 +1,37 @@
+# Two entry points for a new machine: `make demo` and `make test`.
+# Both create .venv if missing, install torch/torchvision first (pinned; pip takes them from the
+# local disk here), then the project with its dev extras.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test install clean-demo benchmarks
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+$(VENV)/.torch-installed: $(BIN)/python
+	$(BIN)/pip install $(TORCH_PINS)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch-installed pyproject.toml
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Continual pretraining on the embedded Sentinel-2 sample (random init: no weights are downloaded
+# here; on a machine with the Hugging Face hub, drop --init random to start from DINOv2).
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/domainfm pretrain --plugin eo-sar --init random --img-size 56 \
+		--batch-size 16 --max-steps 40 --register eo-sar-demo --json outputs/demo.json
+	HF_HUB_OFFLINE=1 $(BIN)/domainfm evaluate --plugin eo-sar --model models:/eo-sar-demo@candidate \
+		--json outputs/demo_eval.json
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+benchmarks: install
+	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

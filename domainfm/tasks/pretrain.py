@@ -1,0 +1,208 @@
+"""Continual pretraining (SoftCon recipe): a student sees a masked view, an EMA teacher sees the
+other view unmasked, and the soft multi-label contrastive loss pulls together scenes whose labels
+agree. :func:`run_pretraining` is the whole ``domainfm pretrain`` job: data from the plugin,
+training with checkpoints and resume, export as safetensors, MLflow logging and registration.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from domainfm import tracking
+from domainfm.backbones import backbone_from_config, save_backbone
+from domainfm.errors import DomainFMError
+from domainfm.losses import soft_contrastive_loss
+from domainfm.masking import random_keep_indices
+from domainfm.training import build_trainer, ema_momentum, is_global_zero, last_checkpoint, param_groups, warmup_cosine
+
+if TYPE_CHECKING:  # pragma: no cover
+    from domainfm.config import RunConfig
+
+
+class Projector(nn.Module):
+    """DINO-style MLP head: the loss lives in its output space, the backbone stays general."""
+
+    def __init__(self, in_dim: int, out_dim: int = 256, hidden_dim: int = 2048):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, backbone: nn.Module, projector: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+
+    def forward(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None, mask_mode: str = "drop") -> torch.Tensor:
+        return self.projector(self.backbone(x, keep_idx, mask_mode))
+
+
+class ContinualPretrainingTask(L.LightningModule):
+    """Student (backbone + projector) trained by AdamW; teacher = EMA of the student."""
+
+    def __init__(self, cfg: dict[str, Any], in_chans: int, backbone: nn.Module | None = None):
+        super().__init__()
+        # the checkpoint stores the config so that a resumed run continues with the same settings
+        self.save_hyperparameters({"cfg": cfg, "in_chans": in_chans})
+        self.cfg = cfg
+        self.in_chans = in_chans
+        self._backbone = backbone
+        self.configure_models()
+        self._t_last: float | None = None
+
+    # torchgeo's habit: models, losses and metrics are configured in named hooks
+    def configure_models(self) -> None:
+        from domainfm.config import CORE_FIELDS, RunConfig
+
+        backbone = self._backbone
+        if backbone is None:
+            backbone = backbone_from_config(RunConfig(**{k: v for k, v in self.cfg.items() if k in CORE_FIELDS and k != 'options'}),
+                                            in_chans=self.in_chans)
+        hidden = min(2048, 4 * backbone.embed_dim)
+        self.student = Encoder(backbone, Projector(backbone.embed_dim, self.cfg["proj_dim"], hidden))
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        del self._backbone
+
+    def loss(self, z_teacher: torch.Tensor, z_student: torch.Tensor, labels: torch.Tensor):
+        c = self.cfg
+        return soft_contrastive_loss(z_teacher.float(), z_student.float(), labels.float(),
+                                     temperature=c["temperature"], label_similarity=c["label_similarity"],
+                                     soft_target=c["soft_target"], hard_weight=c["hard_weight"],
+                                     soft_weight=c["soft_weight"], symmetric=c["symmetric"],
+                                     chunk_size=c["chunk_size"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        view_t, view_s, labels = batch["view_teacher"], batch["view_student"], batch["labels"]
+        bb = self.student.backbone
+        keep = None
+        if self.cfg["mask_ratio"] > 0:
+            keep = random_keep_indices(view_s.shape[0], bb.num_patches, self.cfg["mask_ratio"], device=view_s.device)
+        z_s = self.student(view_s, keep, self.cfg["mask_mode"])
+        with torch.no_grad():
+            self.teacher.eval()
+            z_t = self.teacher(view_t)
+        out = self.loss(z_t, z_s, labels)
+        now = time.perf_counter()
+        world = self.trainer.world_size if self.trainer is not None else 1
+        log = {"loss/hard": out.hard.detach(), "loss/soft": out.soft.detach(), "loss/total": out.total.detach(),
+               "lr": self.optimizers().param_groups[0]["lr"] / self.optimizers().param_groups[0].get("lr_scale", 1.0)}
+        if self._t_last is not None:
+            log["images_per_s"] = view_s.shape[0] * world / max(now - self._t_last, 1e-9)
+        self._t_last = now
+        self.log_dict(log, prog_bar=True, on_step=True, on_epoch=False, batch_size=view_s.shape[0])
+        return out.total
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        m = ema_momentum(self.global_step, self.trainer.estimated_stepping_batches, self.cfg["ema_momentum"])
+        with torch.no_grad():
+            for pt, ps in zip(self.teacher.parameters(), self.student.parameters()):
+                pt.mul_(m).add_(ps.detach(), alpha=1.0 - m)
+
+    def configure_optimizers(self):
+        c = self.cfg
+        vit = self.student.backbone.model if self.student.backbone.is_vit else None
+        groups = param_groups(self.student, c["weight_decay"], lr=c["lr"], layer_decay=c["layer_decay"], vit=vit)
+        opt = torch.optim.AdamW(groups, lr=c["lr"], betas=(0.9, 0.999))
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = min(c["warmup_steps"], max(0, total // 2))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, final=0.01))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# ---------------------------------------------------------------- the job
+
+RUN_POINTER = "run.json"
+
+
+def run_dir(cfg: "RunConfig") -> Path:
+    return Path(cfg.output_dir) / cfg.experiment_name
+
+
+def _resume_target(cfg: "RunConfig") -> tuple[str | None, Path | None]:
+    """The MLflow run and checkpoint that ``--resume`` continues."""
+    pointer = run_dir(cfg) / RUN_POINTER
+    if not pointer.is_file():
+        raise DomainFMError("nothing to resume: no earlier run of this experiment", path=pointer,
+                            fix="drop --resume, or use the same --output-dir and --experiment as the run to continue")
+    info = json.loads(pointer.read_text())
+    ckpt = last_checkpoint(info["checkpoint_dir"])
+    if ckpt is None:
+        raise DomainFMError("the earlier run saved no checkpoint yet", path=info["checkpoint_dir"],
+                            fix="drop --resume (or lower --checkpoint-every)")
+    return info["mlflow_run_id"], ckpt
+
+
+def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
+    """``domainfm pretrain``: returns the final metrics on global rank 0, None on other ranks."""
+    import os
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    in_chans = cfg.in_chans or plugin.in_chans(cfg)
+    if cfg.in_chans and cfg.in_chans != plugin.in_chans(cfg):
+        raise DomainFMError(f"--in-chans {cfg.in_chans} does not match the data ({plugin.in_chans(cfg)} bands)",
+                            fix=f"drop --in-chans or set it to {plugin.in_chans(cfg)}")
+    datamodule = plugin.pretrain_datamodule(cfg)
+    backbone = backbone_from_config(cfg, in_chans=in_chans)
+    if cfg.mask_ratio > 0 and backbone.is_vit and backbone.num_patches < 2:
+        raise DomainFMError(f"--img-size {cfg.img_size} gives a single patch: nothing to mask",
+                            fix="use a larger --img-size or --mask-ratio 0")
+    task = ContinualPretrainingTask(cfg.to_dict(), in_chans, backbone=backbone)
+
+    zero = is_global_zero()
+    ckpt_path = None
+    # Lightning's DDP launcher re-runs this command in each worker; they find rank 0's run here
+    run_id = os.environ.get("DOMAINFM_RUN_ID")
+    if cfg.resume:
+        run_id, ckpt_path = _resume_target(cfg)
+    if not zero:
+        ckpt_dir = Path(os.environ.get("DOMAINFM_CKPT_DIR", run_dir(cfg) / "checkpoints"))
+        trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, logger=False)
+        trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        return None
+
+    with tracking.start_run(cfg, run_id=run_id) as run:
+        import mlflow
+
+        run_id = run.info.run_id
+        mlflow.set_tags({"domainfm.command": "pretrain", "domainfm.plugin": cfg.plugin,
+                         "domainfm.backbone": backbone.name})
+        tracking.log_config(cfg)
+        ckpt_dir = run_dir(cfg) / run_id / "checkpoints"
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir(cfg) / RUN_POINTER).write_text(json.dumps({"mlflow_run_id": run_id,
+                                                            "checkpoint_dir": str(ckpt_dir)}))
+        os.environ["DOMAINFM_RUN_ID"] = run_id
+        os.environ["DOMAINFM_CKPT_DIR"] = str(ckpt_dir)
+        trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, run_id=run_id)
+        t0 = time.perf_counter()
+        trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        elapsed = time.perf_counter() - t0
+        if not trainer.is_global_zero:  # pragma: no cover - guarded above
+            return None
+        # the EMA teacher is the encoder we ship (DINO/SoftCon practice)
+        final = task.teacher.backbone
+        export = save_backbone(final, run_dir(cfg) / run_id / "backbone.safetensors",
+                               extra_meta={"mlflow_run_id": run_id, "plugin": str(cfg.plugin)})
+        mlflow.log_artifact(str(export), "export")
+        model_uri = tracking.log_backbone(final, register=cfg.register, alias=cfg.alias if cfg.register else None)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss/")}
+        metrics.update({"global_step": int(trainer.global_step), "train_seconds": elapsed,
+                        "backbone_path": str(export), "model_uri": model_uri, "mlflow_run_id": run_id})
+        if cfg.register:
+            metrics["registered_model"] = f"models:/{cfg.register}@{cfg.alias}"
+        tracking.log_metrics({"train_seconds": elapsed})
+    return metrics

@@ -1,0 +1,57 @@
+"""Shared fixtures: an isolated MLflow store per test, the CLI run as a user runs it, and the toy
+third-party plugin installed with pip the way an outside package would be."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# never let a test reach for the Hugging Face hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DOMAINFM = Path(sys.executable).with_name("domainfm")
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh sqlite MLflow store under tmp_path, and tmp_path as the working folder."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
+def run_cli(args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``domainfm ARGS`` in a subprocess, exactly as a user's shell would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([str(DOMAINFM), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def toy_plugin_site(tmp_path_factory) -> Path:
+    """The toy plugin package pip-installed into its own site folder (put it on PYTHONPATH)."""
+    target = tmp_path_factory.mktemp("toy_site")
+    # build from a copy: setuptools writes build/ and *.egg-info beside the sources
+    src = tmp_path_factory.mktemp("toy_src") / "toy_plugin"
+    shutil.copytree(REPO / "tests" / "data" / "toy_plugin", src)
+    build = src.parent
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(src)],
+                   check=True, capture_output=True, text=True, cwd=build)
+    return target
+
+
+@pytest.fixture
+def toy_env(toy_plugin_site, tmp_path):
+    """Environment for a subprocess that sees the toy plugin and an isolated MLflow store."""
+    path = os.pathsep.join([str(toy_plugin_site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {"PYTHONPATH": path, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}

@@ -1,0 +1,151 @@
+"""create_backbone: DINOv2 weights into any band count and size; every other weight unchanged."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from domainfm.backbones import (adapt_input_conv, create_backbone, load_backbone, read_state_dict,
+                                save_backbone)
+from domainfm.errors import DomainFMError
+
+NAME = "vit_small_patch14_dinov2"
+
+
+@pytest.fixture(scope="module")
+def dinov2_518():
+    """A random 3-band, 518-px model of the DINOv2 architecture, saved as timm would ship it."""
+    torch.manual_seed(0)
+    return timm.create_model(NAME, num_classes=0, depth=2)
+
+
+def _save(model, path):
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_loads_518_rgb_into_13_band_224(tmp_path, dinov2_518):
+    path = _save(dinov2_518, tmp_path / "w.safetensors")
+    b = create_backbone(NAME, in_chans=13, img_size=224, init=str(path), depth=2)
+    src, dst = dinov2_518.state_dict(), b.model.state_dict()
+    assert dst["patch_embed.proj.weight"].shape == (384, 13, 14, 14)
+    assert dst["pos_embed"].shape == (1, 1 + 16 * 16, 384)
+    # the CLS entry of the position embedding is kept, the grid is resized
+    assert torch.equal(dst["pos_embed"][:, 0], src["pos_embed"][:, 0])
+    for k in src:
+        if k not in ("patch_embed.proj.weight", "pos_embed"):
+            assert torch.equal(src[k], dst[k]), k
+    assert b.embed_dim == 384 and b(torch.rand(2, 13, 224, 224)).shape == (2, 384)
+
+
+@pytest.mark.parametrize("in_chans", [2, 12, 13])
+@pytest.mark.parametrize("mode", ["repeat", "mean"])
+def test_grey_input_gives_the_rgb_response(in_chans, mode):
+    w = torch.randn(8, 3, 14, 14)
+    new = adapt_input_conv(w, in_chans, mode)
+    assert new.shape == (8, in_chans, 14, 14)
+    grey = torch.rand(1, 1, 28, 28)
+    rgb = F.conv2d(grey.expand(1, 3, 28, 28), w, stride=14)
+    multi = F.conv2d(grey.expand(1, in_chans, 28, 28), new, stride=14)
+    torch.testing.assert_close(multi, rgb, atol=1e-4, rtol=1e-4)
+
+
+def test_repeat_is_plain_tiling_for_multiples_of_three():
+    w = torch.randn(4, 3, 2, 2)
+    new = adapt_input_conv(w, 6, "repeat")
+    torch.testing.assert_close(new, torch.cat([w, w], 1) * 0.5)
+
+
+def test_random_patch_embed_is_fresh(tmp_path, dinov2_518):
+    path = _save(dinov2_518, tmp_path / "w.safetensors")
+    b = create_backbone(NAME, in_chans=2, img_size=56, init=str(path), patch_embed_init="random", depth=2)
+    w = b.model.patch_embed.proj.weight
+    assert w.shape[1] == 2 and not torch.allclose(w, adapt_input_conv(dinov2_518.patch_embed.proj.weight, 2))
+    assert torch.equal(b.model.blocks[1].mlp.fc2.weight, dinov2_518.blocks[1].mlp.fc2.weight)
+
+
+def test_official_dinov2_keys_and_pth(tmp_path, dinov2_518):
+    # the official checkpoint has a mask_token; .pth files load with weights_only=True
+    sd = dict(dinov2_518.state_dict())
+    sd["mask_token"] = torch.zeros(1, 384)
+    torch.save(sd, tmp_path / "dinov2_vits14_pretrain.pth")
+    b = create_backbone(NAME, in_chans=3, img_size=98, init=str(tmp_path / "dinov2_vits14_pretrain.pth"), depth=2)
+    assert torch.equal(b.model.blocks[0].attn.qkv.weight, dinov2_518.blocks[0].attn.qkv.weight)
+
+
+def test_resnet_first_conv_adapted(tmp_path):
+    r = timm.create_model("resnet18", num_classes=0)
+    torch.save(r.state_dict(), tmp_path / "r.pt")
+    b = create_backbone("resnet18", in_chans=13, init=str(tmp_path / "r.pt"))
+    assert b.model.conv1.weight.shape[1] == 13 and b.embed_dim == 512
+    assert torch.equal(b.model.layer4[1].conv2.weight, r.layer4[1].conv2.weight)
+    assert b(torch.rand(1, 13, 64, 64)).shape == (1, 512)
+
+
+def test_export_roundtrip_carries_architecture(tmp_path):
+    b = create_backbone(NAME, in_chans=2, img_size=56, init="random")
+    path = save_backbone(b, tmp_path / "export.safetensors")
+    again = load_backbone(path)
+    assert (again.name, again.in_chans, again.img_size) == (NAME, 2, 56)
+    x = torch.rand(1, 2, 56, 56)
+    b.eval(), again.eval()
+    torch.testing.assert_close(again(x), b(x))
+    with pytest.raises(DomainFMError, match="bands"):
+        load_backbone(path, in_chans=13)
+
+
+def test_token_drop_keeps_cls_and_cuts_tokens():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    b = create_backbone(NAME, in_chans=3, img_size=56, init="random", depth=2).eval()
+    x = torch.rand(2, 3, 56, 56)
+    keep_all = torch.arange(16).expand(2, 16)
+    # keeping every token in order is the plain forward
+    torch.testing.assert_close(b(x, keep_all), b(x), atol=1e-5, rtol=1e-5)
+    flops = {}
+    for ratio in (0.0, 0.5, 0.75):
+        n_keep = 16 - int(round(16 * ratio))
+        keep = torch.stack([torch.randperm(16)[:n_keep].sort().values for _ in range(2)])
+        with FlopCounterMode(display=False) as fc:
+            out = b(x, keep)
+            out.sum().backward()
+        flops[ratio] = fc.get_total_flops()
+        assert out.shape == (2, 384)
+    assert flops[0.0] > flops[0.5] > flops[0.75]
+    assert flops[0.5] < 0.65 * flops[0.0]
+
+
+def test_embedding_parameters_found_from_structure():
+    vit = create_backbone(NAME, init="random", img_size=56, depth=1)
+    assert vit.embedding_parameters() == ["patch_embed.proj.weight", "patch_embed.proj.bias"]
+    assert set(vit.embedding_parameters(with_pos_embed=True)) >= {"pos_embed", "cls_token"}
+    res = create_backbone("resnet18", init="random")
+    assert res.embedding_parameters() == ["conv1.weight", "bn1.weight", "bn1.bias"]
+    cnx = create_backbone("convnext_atto", init="random")
+    assert cnx.embedding_parameters() and all(n.startswith("stem.") for n in cnx.embedding_parameters())
+
+
+def test_offline_dinov2_fails_fast_naming_weights():
+    t0 = time.perf_counter()
+    with pytest.raises(DomainFMError, match="--weights"):
+        create_backbone(NAME, init="dinov2")
+    assert time.perf_counter() - t0 < 10
+
+
+def test_bad_weights_files(tmp_path):
+    torch.save({"epoch": 3, "note": "hi"}, tmp_path / "notsd.pt")
+    with pytest.raises(DomainFMError, match="not a state dict"):
+        read_state_dict(tmp_path / "notsd.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(DomainFMError, match="safetensors"):
+        read_state_dict(tmp_path / "junk.safetensors")
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), tmp_path / "r.pt")
+    with pytest.raises(DomainFMError, match="do not fit"):
+        create_backbone(NAME, init=str(tmp_path / "r.pt"), img_size=56)
+    with pytest.raises(DomainFMError, match="unknown backbone"):
+        create_backbone("vit_nonexistent_patch99", init="random")
