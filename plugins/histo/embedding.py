@@ -1,0 +1,313 @@
+"""Tile features for whole slides (``histo embed``): tile, read in DataLoader workers, encode, save.
+
+One HDF5 file per slide, ``features/<slide_id>.h5``, the layout CLAM and TRIDENT read: datasets
+``features`` [N, D] float32 and ``coords`` [N, 2] int64 (level 0), attrs ``mpp``, ``tile_size``,
+``tile_size_level0``, ``encoder``, ``domainfm_version`` (plus ``slide_path``, ``slide_mpp``).
+Each file is written under a temporary name and renamed, so a rerun skips exactly the slides that
+finished. A slide that fails is listed in ``failures.csv`` and the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from domainfm.errors import DomainFMError
+from plugins.histo import slides as slides_mod
+from plugins.histo import tiling
+
+FAILURES_FILE = "failures.csv"
+
+
+@dataclass
+class EmbedSettings:
+    """What ``histo embed`` needs besides the slides; plain values so it crosses process spawns."""
+
+    out_dir: str
+    backbone: str = "vit_small_patch14_dinov2"
+    init: str = "dinov2"
+    weights: str | None = None
+    mpp: float = tiling.DEFAULT_MPP
+    tile_size: int = tiling.DEFAULT_TILE_SIZE
+    min_tissue: float = tiling.DEFAULT_MIN_TISSUE
+    max_tiles: int | None = None
+    seed: int = 0
+    slide_mpp: float | dict[str, float] | None = None
+    coords_dir: str | None = None
+    batch_size: int = 64
+    num_workers: int = 0
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: int = 1
+    progress: bool = True
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (tests: depth=2)
+
+
+@dataclass
+class EmbedReport:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    tiles: int = 0
+
+
+def features_path(out_dir: str | Path, sid: str) -> Path:
+    return Path(out_dir) / "features" / f"{sid}.h5"
+
+
+def encoder_name(s: EmbedSettings) -> str:
+    if s.weights:
+        return str(s.weights)
+    return f"{s.backbone} (init={s.init})"
+
+
+def build_encoder(s: EmbedSettings):
+    """The frozen backbone, sized for the tiles, in eval mode."""
+    from domainfm.backbones import create_backbone, load_backbone
+
+    if s.weights:
+        backbone = load_backbone(s.weights, img_size=s.tile_size)
+    else:
+        backbone = create_backbone(s.backbone, img_size=s.tile_size, init=s.init, **s.model_kwargs)
+    return backbone.eval().requires_grad_(False)
+
+
+def resolve_device(accelerator: str):
+    import torch
+
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise DomainFMError("--accelerator gpu but no CUDA device is visible", fix="use --accelerator cpu")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device) -> Any:
+    import torch
+
+    p = str(precision)
+    if p.startswith("bf16"):
+        return torch.bfloat16
+    if p.startswith("16"):
+        if device.type != "cuda":
+            raise DomainFMError("--precision 16-mixed needs a GPU", fix="use bf16-mixed or 32-true on CPU")
+        return torch.float16
+    if p.startswith("32") or p.startswith("64"):
+        return None
+    raise DomainFMError(f"unknown --precision {precision!r}", fix="use 32-true, bf16-mixed or 16-mixed")
+
+
+class TileEncoder:
+    """uint8 tiles in, float32 features out: normalisation on the device, optional autocast."""
+
+    def __init__(self, backbone, device, precision: str):
+        import torch
+
+        self.backbone = backbone.to(device)
+        self.device = device
+        self.dtype = autocast_dtype(precision, device)
+        cfg = backbone.data_config
+        self.mean = torch.tensor(cfg["mean"], device=device).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(cfg["std"], device=device).view(1, -1, 1, 1) * 255.0
+        self.img_size = backbone.img_size if backbone.is_vit else None
+
+    def __call__(self, images) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        with torch.inference_mode():
+            x = images.to(self.device, non_blocking=True).float()
+            x = (x - self.mean) / self.std
+            if self.img_size and x.shape[-1] != self.img_size:
+                x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True)
+            if self.dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.dtype):
+                    out = self.backbone(x)
+            else:
+                out = self.backbone(x)
+            return out.float().cpu().numpy()
+
+
+def slide_tiles(path: Path, s: EmbedSettings, slide) -> tuple[np.ndarray, slides_mod.TileGeometry]:
+    """Coordinates and geometry of a slide: from ``--coords`` when given, else tiled now."""
+    sid = slides_mod.slide_id(path)
+    if s.coords_dir:
+        cpath = Path(s.coords_dir) / "coords" / f"{sid}.h5"
+        if not cpath.is_file():
+            cpath = Path(s.coords_dir) / f"{sid}.h5"
+        if not cpath.is_file():
+            raise DomainFMError(f"no coordinates for slide {sid!r} in --coords {s.coords_dir}", path=path,
+                                fix="run `domainfm histo tile` on this slide first, or drop --coords")
+        coords, attrs = tiling.read_coords(cpath)
+        smpp = float(attrs["slide_mpp"]) if "slide_mpp" in attrs else slides_mod.resolve_slide_mpp(slide, path, s.slide_mpp)
+        mpp = float(attrs.get("mpp", s.mpp))
+        tile_size = int(attrs.get("tile_size", s.tile_size))
+        if (mpp, tile_size) != (s.mpp, s.tile_size):
+            raise DomainFMError(f"the coords were made at {mpp} µm/px, {tile_size} px but embed asks for "
+                                f"{s.mpp} µm/px, {s.tile_size} px", path=cpath,
+                                fix=f"pass --mpp {mpp} --tile-size {tile_size}, or re-tile")
+        return coords, slides_mod.tile_geometry(slide.level_downsamples, smpp, mpp, tile_size)
+    ts = tiling.tile_slide(path, mpp=s.mpp, tile_size=s.tile_size, min_tissue=s.min_tissue,
+                           max_tiles=s.max_tiles, seed=s.seed, slide_mpp=s.slide_mpp, slide=slide)
+    return ts.coords, ts.geometry
+
+
+def write_features(target: Path, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any]) -> Path:
+    import h5py
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tiling.temporary_path(target)
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=features.astype(np.float32))
+        f.create_dataset("coords", data=coords.astype(np.int64))
+        f.attrs.update(attrs)
+    os.replace(tmp, target)
+    return target
+
+
+def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``features`` [N, D] float32, ``coords`` [N, 2] int64 and attrs of one slide's HDF5."""
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            feats = np.asarray(f["features"][:], np.float32)
+            coords = np.asarray(f["coords"][:], np.int64) if "coords" in f else np.zeros((len(feats), 2), np.int64)
+            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    except (OSError, KeyError) as e:
+        raise DomainFMError(f"not a features HDF5 file with a `features` dataset ({e})", path=path,
+                            fix="make it with `domainfm histo embed`") from None
+    if feats.ndim != 2:
+        raise DomainFMError(f"`features` must be [N, D], got shape {feats.shape}", path=path)
+    return feats, coords, attrs
+
+
+def embed_slide(path: Path, s: EmbedSettings, encoder: "TileEncoder", progress=None) -> int:
+    """Encode every tile of one slide and write its features file; returns the tile count."""
+    from torch.utils.data import DataLoader
+
+    from domainfm import __version__
+    from plugins.histo.datasets import SlideTileDataset
+
+    sid = slides_mod.slide_id(path)
+    slide = slides_mod.open_slide(path)
+    try:
+        coords, geom = slide_tiles(path, s, slide)
+    finally:
+        slide.close()
+    dataset = SlideTileDataset(path, coords, geom)
+    loader = DataLoader(dataset, batch_size=s.batch_size, num_workers=s.num_workers, shuffle=False,
+                        pin_memory=encoder.device.type == "cuda",
+                        prefetch_factor=4 if s.num_workers > 0 else None,
+                        persistent_workers=False)
+    feats, seen = [], []
+    task = progress.add_task(sid, total=len(dataset)) if progress is not None else None
+    for batch in loader:
+        feats.append(encoder(batch["image"]))
+        seen.append(batch["coords"].numpy())
+        if task is not None:
+            progress.advance(task, len(batch["image"]))
+    if task is not None:
+        progress.remove_task(task)
+    dim = int(encoder.backbone.embed_dim)
+    features = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
+    out_coords = np.concatenate(seen) if seen else np.zeros((0, 2), np.int64)
+    attrs = {"mpp": geom.mpp, "tile_size": geom.tile_size, "tile_size_level0": geom.tile_size_level0,
+             "slide_mpp": geom.slide_mpp, "encoder": encoder_name(s), "domainfm_version": __version__,
+             "slide_path": str(Path(path).resolve()), "patch_level": 0, "patch_size": geom.tile_size_level0}
+    write_features(features_path(s.out_dir, sid), features, out_coords, attrs)
+    return len(features)
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=False)
+
+
+def embed_shard(paths: list[Path], s: EmbedSettings, *, device=None, label: str = "slides") -> EmbedReport:
+    """Embed ``paths`` in this process (one shard of the slides)."""
+    report = EmbedReport()
+    todo = []
+    for p in paths:
+        sid = slides_mod.slide_id(p)
+        if features_path(s.out_dir, sid).is_file():
+            report.skipped.append(sid)
+        else:
+            todo.append(p)
+    if not todo:
+        return report
+    device = device or resolve_device(s.accelerator)
+    encoder = TileEncoder(build_encoder(s), device, s.precision)
+    with _progress(s.progress) as progress:
+        overall = progress.add_task(label, total=len(todo))
+        for p in todo:
+            sid = slides_mod.slide_id(p)
+            try:
+                report.tiles += embed_slide(p, s, encoder, progress)
+                report.done.append(sid)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # one bad slide must not stop a batch of hundreds
+                report.failed.append({"slide_id": sid, "path": str(p), "error": one_line_error(e)})
+            progress.advance(overall)
+    return report
+
+
+def one_line_error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    msg = text[0] if text else ""
+    return msg if isinstance(e, DomainFMError) else f"{type(e).__name__}: {msg}"
+
+
+def write_failures(out_dir: str | Path, failures: list[dict[str, str]]) -> Path | None:
+    """``failures.csv`` of this run (slide_id, path, error); removed when every slide succeeded."""
+    target = Path(out_dir) / FAILURES_FILE
+    if not failures:
+        target.unlink(missing_ok=True)
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tiling.temporary_path(target)
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["slide_id", "path", "error"])
+        w.writeheader()
+        w.writerows(sorted(failures, key=lambda r: r["slide_id"]))
+    os.replace(tmp, target)
+    return target
+
+
+def _shard_worker(fabric, paths: list[Path], s: EmbedSettings) -> dict[str, Any]:
+    mine = paths[fabric.global_rank::fabric.world_size]
+    report = embed_shard(mine, s, device=fabric.device, label=f"slides (rank {fabric.global_rank})")
+    reports = [None] * fabric.world_size
+    import torch.distributed as dist
+
+    dist.all_gather_object(reports, report.__dict__)
+    return {k: sum((r[k] for r in reports), [] if k != "tiles" else 0) for k in report.__dict__}
+
+
+def embed_slides(paths: list[Path], s: EmbedSettings) -> EmbedReport:
+    """Embed every slide (sharded over ``s.devices`` processes), then write ``failures.csv``."""
+    if s.devices > 1:
+        import lightning as L
+
+        accelerator = s.accelerator
+        if accelerator == "auto":
+            import torch
+
+            accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+        fabric = L.Fabric(accelerator=accelerator, devices=s.devices, strategy="ddp_spawn")
+        merged = fabric.launch(_shard_worker, list(paths), s)
+        report = EmbedReport(**merged)
+    else:
+        report = embed_shard(list(paths), s)
+    write_failures(s.out_dir, report.failed)
+    return report

@@ -1,0 +1,216 @@
+"""Whole-slide access: open a slide, know its µm/px, read a tile at a target µm/px.
+
+OpenSlide reads the scanner formats (SVS, NDPI, MRXS, SCN, generic tiled TIFF...); a plain image
+(PNG, JPEG, a non-pyramidal TIFF) falls back to a one-level slide. Coordinates are always level-0
+pixels; a tile of ``tile_size`` pixels at ``mpp`` µm/px covers ``tile_size_level0`` level-0 pixels,
+so slides scanned at 40x and 20x give tiles of the same physical size.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from domainfm.errors import DomainFMError
+
+# extensions OpenSlide opens, and plain images read through Pillow
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
+                    ".dcm")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_CM_PER_UNIT = {"centimeter": 1.0, "inch": 2.54}
+SLIDE_MPP_FIX = ("pass --slide-mpp 0.25 (the slide's µm per pixel) or --slide-mpp CSV with columns "
+                 "slide_id,mpp")
+
+
+def slide_id(path: str | Path) -> str:
+    """The slide's name without its last extension (TCGA ids contain dots, so only one is cut)."""
+    return Path(path).stem
+
+
+def find_slides(inputs: list[str] | tuple[str, ...]) -> list[Path]:
+    """Slide files from a mix of files and folders (folders are searched one level deep, sorted)."""
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found += sorted(q for q in p.iterdir()
+                            if q.is_file() and q.suffix.lower() in SLIDE_EXTENSIONS + IMAGE_EXTENSIONS)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise DomainFMError("no such slide file or folder", path=p, fix="check the path")
+    if not found:
+        raise DomainFMError(f"no slides found in {', '.join(map(str, inputs))}",
+                            fix=f"give slide files or folders holding {', '.join(SLIDE_EXTENSIONS + IMAGE_EXTENSIONS)}")
+    ids: dict[str, Path] = {}
+    for p in found:
+        if slide_id(p) in ids:
+            raise DomainFMError(f"two slides share the id {slide_id(p)!r} ({ids[slide_id(p)]} and {p})",
+                                path=p, fix="rename one of them: outputs are named by slide id")
+        ids[slide_id(p)] = p
+    return found
+
+
+def open_slide(path: str | Path):
+    """An ``openslide.OpenSlide``, or an ``openslide.ImageSlide`` for a plain image."""
+    import openslide
+
+    path = Path(path)
+    if not path.is_file():
+        raise DomainFMError("slide file not found", path=path, fix="check the path")
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        pass
+    except openslide.OpenSlideError as e:
+        raise DomainFMError(f"OpenSlide cannot read this slide ({e})", path=path,
+                            fix="re-export or re-download the slide; the file is damaged") from None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not in the middle of tiling
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DomainFMError(f"not a slide OpenSlide reads nor an image Pillow decodes ({e})", path=path,
+                            fix="check that the file is complete (truncated downloads fail like this)") from None
+    return openslide.ImageSlide(str(path))
+
+
+def read_mpp_csv(path: str | Path) -> dict[str, float]:
+    path = Path(path)
+    out: dict[str, float] = {}
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"slide_id", "mpp"} <= set(reader.fieldnames):
+            raise DomainFMError("a --slide-mpp CSV needs the columns slide_id,mpp", path=path,
+                                fix="add a header line `slide_id,mpp`")
+        for row in reader:
+            try:
+                out[row["slide_id"]] = float(row["mpp"])
+            except ValueError:
+                raise DomainFMError(f"mpp {row['mpp']!r} of slide {row['slide_id']!r} is not a number",
+                                    path=path, fix="write µm per pixel as a decimal number") from None
+    return out
+
+
+def parse_slide_mpp(value: str | None) -> float | dict[str, float] | None:
+    """``--slide-mpp``: a number for every slide, or a CSV of slide_id,mpp."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    if not Path(value).is_file():
+        raise DomainFMError(f"--slide-mpp {value!r} is neither a number nor an existing CSV file",
+                            fix=SLIDE_MPP_FIX)
+    return read_mpp_csv(value)
+
+
+def mpp_from_properties(props) -> float | None:
+    """µm/px from OpenSlide's ``openslide.mpp-x``, else the TIFF resolution tags."""
+    mpp = props.get("openslide.mpp-x")
+    if mpp:
+        try:
+            value = float(mpp)
+            if value > 0:
+                return value
+        except ValueError:
+            pass
+    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
+    res = props.get("tiff.XResolution")
+    if unit in _CM_PER_UNIT and res:
+        try:
+            px_per_unit = float(res)
+        except ValueError:
+            return None
+        if px_per_unit > 1.0:  # 1 pixel per unit is the writers' "unknown"
+            return _CM_PER_UNIT[unit] * 1e4 / px_per_unit
+    return None
+
+
+def resolve_slide_mpp(slide, path: str | Path, override: float | dict[str, float] | None) -> float:
+    mpp = mpp_from_properties(slide.properties)
+    if mpp is not None:
+        return mpp
+    if isinstance(override, dict):
+        if slide_id(path) in override:
+            return override[slide_id(path)]
+    elif override is not None:
+        return float(override)
+    raise DomainFMError("the slide has no µm/px (no openslide.mpp-x, no TIFF resolution tags)",
+                        path=path, fix=SLIDE_MPP_FIX)
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """How a tile at ``mpp`` µm/px is read from a slide scanned at ``slide_mpp``."""
+
+    slide_mpp: float
+    mpp: float
+    tile_size: int           # output pixels
+    tile_size_level0: int    # level-0 pixels covered by one tile
+    level: int               # pyramid level read from
+    level_downsample: float
+    read_size: int           # pixels read at ``level`` (then resized to tile_size)
+
+
+def choose_level(level_downsamples, slide_mpp: float, target_mpp: float) -> int:
+    """The coarsest level still at least as fine as the target (never upsample a coarser level)."""
+    best = 0
+    for i, ds in enumerate(level_downsamples):
+        if slide_mpp * ds <= target_mpp * (1 + 1e-6):
+            if ds > level_downsamples[best]:
+                best = i
+    return best
+
+
+def tile_geometry(level_downsamples, slide_mpp: float, mpp: float, tile_size: int) -> TileGeometry:
+    if mpp <= 0 or tile_size <= 0:
+        raise DomainFMError(f"--mpp ({mpp}) and --tile-size ({tile_size}) must be positive")
+    size0 = int(round(tile_size * mpp / slide_mpp))
+    if size0 < 1:
+        raise DomainFMError(f"a {tile_size}-pixel tile at {mpp} µm/px is under one pixel of this slide "
+                            f"({slide_mpp} µm/px)", fix="raise --mpp or --tile-size")
+    level = choose_level(level_downsamples, slide_mpp, mpp)
+    ds = float(level_downsamples[level])
+    return TileGeometry(slide_mpp, mpp, tile_size, size0, level, ds, max(1, int(round(size0 / ds))))
+
+
+def read_tile(slide, x: int, y: int, geom: TileGeometry) -> np.ndarray:
+    """RGB uint8 [tile_size, tile_size, 3] of the tile whose top-left level-0 corner is (x, y).
+
+    Transparent pixels (outside the scanned area) become white, as on glass.
+    """
+    from PIL import Image
+
+    region = slide.read_region((int(x), int(y)), geom.level, (geom.read_size, geom.read_size))
+    if region.mode == "RGBA":
+        white = Image.new("RGBA", region.size, (255, 255, 255, 255))
+        region = Image.alpha_composite(white, region)
+    region = region.convert("RGB")
+    if geom.read_size != geom.tile_size:
+        region = region.resize((geom.tile_size, geom.tile_size), Image.Resampling.BILINEAR)
+    return np.asarray(region)
+
+
+def thumbnail(slide, max_size: int = 1024) -> tuple[np.ndarray, float]:
+    """RGB thumbnail [h, w, 3] and its downsample from level 0 (same in x and y up to rounding)."""
+    w0, h0 = slide.dimensions
+    scale = max(w0, h0) / max_size if max(w0, h0) > max_size else 1.0
+    size = (max(1, int(round(w0 / scale))), max(1, int(round(h0 / scale))))
+    level = slide.get_best_level_for_downsample(scale)
+    region = slide.read_region((0, 0), level, slide.level_dimensions[level])
+    from PIL import Image
+
+    if region.mode == "RGBA":
+        region = Image.alpha_composite(Image.new("RGBA", region.size, (255, 255, 255, 255)), region)
+    img = region.convert("RGB")
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(img), w0 / size[0]
+
+

@@ -1,0 +1,145 @@
+"""Cut a slide into tissue tiles at a fixed µm/px and save the coordinates (``histo tile``).
+
+Output per slide, in the layout CLAM and TRIDENT read:
+- ``coords/<slide_id>.h5``: dataset ``coords`` [N, 2] int64 (level-0 x, y of each tile's top-left corner)
+  with attrs ``mpp``, ``tile_size``, ``tile_size_level0``, ``slide_mpp``, ``level``, ``patch_level`` (0),
+  ``patch_size`` (= tile_size_level0), ``slide_path``, ``domainfm_version``;
+- ``thumbnails/<slide_id>.png``: the thumbnail with the tissue mask tinted and the kept tiles outlined.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from plugins.histo import slides as slides_mod
+from plugins.histo.tissue import tile_tissue_fractions, tissue_mask
+
+DEFAULT_MPP = 0.5
+DEFAULT_TILE_SIZE = 224
+DEFAULT_MIN_TISSUE = 0.6
+
+
+@dataclass
+class TileSet:
+    slide_id: str
+    slide_path: Path
+    coords: np.ndarray            # [N, 2] int64 level-0 (x, y)
+    geometry: slides_mod.TileGeometry
+    thumbnail: np.ndarray         # [h, w, 3] uint8
+    mask: np.ndarray              # [h, w] bool, tissue
+    thumb_downsample: float       # level-0 pixels per thumbnail pixel
+    tissue_fraction: np.ndarray   # [N] of the kept tiles
+
+    def attrs(self) -> dict:
+        from domainfm import __version__
+
+        g = self.geometry
+        return {"mpp": g.mpp, "tile_size": g.tile_size, "tile_size_level0": g.tile_size_level0,
+                "slide_mpp": g.slide_mpp, "level": g.level, "patch_level": 0, "patch_size": g.tile_size_level0,
+                "slide_path": str(Path(self.slide_path).resolve()), "domainfm_version": __version__}
+
+
+def grid_coords(width: int, height: int, size0: int) -> np.ndarray:
+    """Top-left level-0 corners of the non-overlapping tiles that fit inside the slide, row-major."""
+    xs = np.arange(0, width - size0 + 1, size0, dtype=np.int64)
+    ys = np.arange(0, height - size0 + 1, size0, dtype=np.int64)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([gx.ravel(), gy.ravel()], axis=1)
+
+
+def sample_tiles(n: int, max_tiles: int | None, seed: int) -> np.ndarray:
+    """Indices of at most ``max_tiles`` of ``n`` tiles, drawn without replacement, in original order."""
+    if max_tiles is None or max_tiles <= 0 or n <= max_tiles:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=max_tiles, replace=False))
+
+
+def tile_slide(path: str | Path, *, mpp: float = DEFAULT_MPP, tile_size: int = DEFAULT_TILE_SIZE,
+               min_tissue: float = DEFAULT_MIN_TISSUE, max_tiles: int | None = None, seed: int = 0,
+               slide_mpp: float | dict[str, float] | None = None, slide=None) -> TileSet:
+    """Find the tissue tiles of one slide (reads only a thumbnail)."""
+    path = Path(path)
+    own = slide is None
+    slide = slides_mod.open_slide(path) if own else slide
+    try:
+        smpp = slides_mod.resolve_slide_mpp(slide, path, slide_mpp)
+        geom = slides_mod.tile_geometry(slide.level_downsamples, smpp, mpp, tile_size)
+        thumb, ds = slides_mod.thumbnail(slide)
+        mask = tissue_mask(thumb)
+        coords = grid_coords(*slide.dimensions, geom.tile_size_level0)
+        frac = tile_tissue_fractions(mask, coords[:, 0], coords[:, 1], geom.tile_size_level0, ds)
+        keep = np.flatnonzero(frac >= min_tissue)
+        keep = keep[sample_tiles(len(keep), max_tiles, seed)]
+        return TileSet(slides_mod.slide_id(path), path, coords[keep], geom, thumb, mask, ds, frac[keep])
+    finally:
+        if own:
+            slide.close()
+
+
+def temporary_path(path: Path) -> Path:
+    """A sibling name for writing ``path`` first: a crash leaves no half file under the real name."""
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+def write_coords(tiles: TileSet, out_dir: str | Path) -> Path:
+    import h5py
+
+    target = Path(out_dir) / "coords" / f"{tiles.slide_id}.h5"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(target)
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("coords", data=tiles.coords.astype(np.int64))
+        f.create_dataset("tissue_fraction", data=tiles.tissue_fraction.astype(np.float32))
+        f.attrs.update(tiles.attrs())
+    os.replace(tmp, target)
+    return target
+
+
+def read_coords(path: str | Path) -> tuple[np.ndarray, dict]:
+    """Coordinates and attrs of a ``coords/<id>.h5`` (ours, or CLAM's with patch_size/patch_level)."""
+    import h5py
+
+    from domainfm.errors import DomainFMError
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            coords = np.asarray(f["coords"][:], np.int64)
+            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            if not attrs and "coords" in f:
+                attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f["coords"].attrs.items()}
+    except (OSError, KeyError) as e:
+        raise DomainFMError(f"not a coords HDF5 file with a `coords` dataset ({e})", path=path,
+                            fix="make it with `domainfm histo tile`") from None
+    if isinstance(attrs.get("slide_path"), bytes):
+        attrs["slide_path"] = attrs["slide_path"].decode()
+    return coords, attrs
+
+
+def render_thumbnail(tiles: TileSet, *, tint=(0, 160, 0), outline=(20, 20, 200)) -> "Image.Image":  # noqa: F821
+    """The thumbnail with the tissue mask tinted green and each kept tile outlined."""
+    from PIL import Image, ImageDraw
+
+    img = tiles.thumbnail.astype(np.float32)
+    img[tiles.mask] = 0.7 * img[tiles.mask] + 0.3 * np.asarray(tint, np.float32)
+    im = Image.fromarray(img.astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    side = tiles.geometry.tile_size_level0 / tiles.thumb_downsample
+    for x, y in tiles.coords:
+        x0, y0 = x / tiles.thumb_downsample, y / tiles.thumb_downsample
+        draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], outline=outline)
+    return im
+
+
+def write_thumbnail(tiles: TileSet, out_dir: str | Path) -> Path:
+    target = Path(out_dir) / "thumbnails" / f"{tiles.slide_id}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(target)
+    render_thumbnail(tiles).save(tmp, format="PNG")
+    os.replace(tmp, target)
+    return target
