@@ -1,0 +1,102 @@
+"""eo-sar: Sentinel-2 multispectral and Sentinel-1 SAR GeoTIFF patches for domainfm.
+
+Pretraining batches pair two augmented views of a patch with its Dynamic World land-cover
+multi-labels (from ``landcover/`` rasters or ``labels.csv``); ``evaluate`` runs a frozen-feature
+linear probe and kNN with multi-label mAP. Without ``--data`` an embedded synthetic sample is used.
+
+This module imports nothing heavy (``domainfm plugins`` loads it just to read the description);
+the datasets, datamodule and evaluator live in submodules imported when needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from domainfm.errors import DomainFMError
+from domainfm.plugins import Plugin
+from plugins.eo_sar.bands import BANDS, CLASS_NAMES, MODALITIES, MODALITY_NAMES
+
+
+class EOSARPlugin(Plugin):
+    name = "eo-sar"
+    description = ("Sentinel-2 (13 bands) / Sentinel-1 (VV, VH) GeoTIFF patches with Dynamic World "
+                   "land-cover multi-labels; linear-probe and kNN mAP evaluation")
+    label_names = CLASS_NAMES
+
+    # -- flags ------------------------------------------------------------------------------------
+
+    def options(self, command: str) -> list:
+        import click
+
+        if command not in ("pretrain", "evaluate"):
+            return []
+        opts = [
+            click.Option(["--modality"], type=click.Choice(MODALITIES), default="s2", show_default=True,
+                         help="s2: ROOT/s2/*.tif, 13 bands B1..B12 (reflectance x 10000); "
+                              "s1: ROOT/s1/*.tif, VV and VH backscatter in dB."),
+            click.Option(["--label-threshold"], type=click.FloatRange(0.0, 1.0, min_open=True), default=0.01,
+                         show_default=True,
+                         help="A land-cover class is a label of a patch when it covers at least this "
+                              "fraction of the patch's valid land-cover pixels."),
+        ]
+        if command == "evaluate":
+            opts += [
+                click.Option(["--test-fraction"], type=click.FloatRange(0.05, 0.95), default=0.3, show_default=True,
+                             help="Share of the labelled patches held out for testing (seeded split)."),
+                click.Option(["--knn-k"], type=click.IntRange(min=1), default=10, show_default=True,
+                             help="Neighbours (cosine similarity) voting in the kNN multi-label score."),
+            ]
+        return opts
+
+    def in_chans(self, cfg) -> int:
+        modality = getattr(cfg, "modality", "s2")
+        expected = len(BANDS[modality])
+        given = getattr(cfg, "in_chans", None)
+        if given is not None and given != expected:
+            raise DomainFMError(f"--in-chans {given} disagrees with --modality {modality}, whose patches have "
+                                f"{expected} bands ({', '.join(BANDS[modality])})",
+                                fix=f"drop --in-chans (eo-sar sets it) or pass --in-chans {expected}")
+        return expected
+
+    # -- data -------------------------------------------------------------------------------------
+
+    def data_root(self, cfg) -> Path:
+        """``--data``, or the embedded sample (generated on first use) with a line saying so."""
+        if cfg.data:
+            return Path(cfg.data)
+        import click
+
+        from plugins.eo_sar.sample import SAMPLE_PATCHES, ensure_sample
+
+        root = ensure_sample()
+        click.echo(f"eo-sar: no --data given, using the embedded synthetic sample ({SAMPLE_PATCHES} "
+                   f"{MODALITY_NAMES[getattr(cfg, 'modality', 's2')]} patches, two UTM zones) at {root}", err=True)
+        return root
+
+    def pretrain_datamodule(self, cfg):
+        from plugins.eo_sar.datamodule import EOSARDataModule
+
+        in_chans = self.in_chans(cfg)  # refuses a disagreeing --in-chans before any file is read
+        dm = EOSARDataModule(self.data_root(cfg), cfg.modality, label_threshold=cfg.label_threshold,
+                             img_size=cfg.img_size, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+        dm.setup("fit")  # every file check now, before a model is built
+        assert len(dm.dataset.bands) == in_chans
+        return dm
+
+    # -- evaluation and extra commands ------------------------------------------------------------
+
+    def evaluate(self, cfg) -> dict[str, Any]:
+        from plugins.eo_sar.evaluation import run_evaluation
+
+        return run_evaluation(cfg, self)
+
+    def commands(self) -> list:
+        from plugins.eo_sar.commands import check_command, plot_command, sample_command
+
+        return [check_command, plot_command, sample_command]
+
+
+plugin = EOSARPlugin()
+
+__all__ = ["EOSARPlugin", "plugin"]

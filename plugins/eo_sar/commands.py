@@ -1,0 +1,117 @@
+"""``domainfm eo-sar check|plot|sample``: look at a data folder before spending GPU hours on it.
+
+Only click at import time (``domainfm plugins`` imports this module to list the commands).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from domainfm.cli import run_cli_command
+from domainfm.errors import DomainFMError
+from plugins.eo_sar.bands import CLASS_NAMES, MODALITIES
+
+_data = click.option("--data", type=click.Path(file_okay=False), default=None,
+                     help="Data root (s2/, s1/, landcover/, labels.csv); the embedded sample when omitted.")
+_modality = click.option("--modality", type=click.Choice(MODALITIES), default="s2", show_default=True,
+                         help="Which images to read: s2 (13 bands) or s1 (VV, VH in dB).")
+_threshold = click.option("--label-threshold", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.01,
+                          show_default=True, help="Minimum land-cover fraction for a class to be a label.")
+
+
+def _dataset(data: str | None, modality: str, label_threshold: float):
+    from domainfm.config import RunConfig
+    from plugins.eo_sar import plugin
+    from plugins.eo_sar.datasets import EOSARPatches
+
+    cfg = RunConfig(plugin="eo-sar", data=data, options={"modality": modality})
+    return EOSARPatches(plugin.data_root(cfg), modality, label_threshold=label_threshold)
+
+
+@click.command("check")
+@_data
+@_modality
+@_threshold
+def check_command(data: str | None, modality: str, label_threshold: float) -> None:
+    """Validate a data folder the way training will (every header, band counts, truncated files,
+    labels.csv) and summarise it: patch sizes, CRSs, label counts per class, band statistics."""
+
+    def run():
+        from collections import Counter
+
+        from rich.console import Console
+        from rich.table import Table
+
+        ds = _dataset(data, modality, label_threshold)
+        console = Console(stderr=False)
+        sizes = Counter(f"{f.height}x{f.width}" for f in ds.files)
+        crss = Counter(f.crs or "none" for f in ds.files)
+        labelled = [ds.labels_of(i) for i in range(len(ds))]
+        known = [lab for lab in labelled if lab is not None]
+        console.print(f"{ds.root}: {len(ds)} {modality} patches, sizes {dict(sizes)}, CRS {dict(crss)}, "
+                      f"{len(known)} with labels")
+        table = Table(title="patches per class")
+        table.add_column("class")
+        table.add_column("patches", justify="right")
+        for k, name in enumerate(CLASS_NAMES):
+            table.add_row(name, str(sum(int(lab[k]) for lab in known)))
+        console.print(table)
+        bands = Table(title="band statistics", caption=f"cached in {ds.root / f'.domainfm_stats_{modality}.json'}")
+        for col in ("band", "mean", "std"):
+            bands.add_column(col, justify="right")
+        for name, m, s in zip(ds.bands, ds.stats.mean, ds.stats.std):
+            bands.add_row(name, f"{m:.2f}", f"{s:.2f}")
+        console.print(bands)
+
+    run_cli_command(run)
+
+
+@click.command("plot")
+@_data
+@_modality
+@_threshold
+@click.option("--patch-id", default=None, help="Patch to draw (file name without .tif); the first one when omitted.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG file to write.")
+def plot_command(data: str | None, modality: str, label_threshold: float, patch_id: str | None, out: str) -> None:
+    """Draw one patch: true colour (B4, B3, B2) for S2, VV / VH / VV-VH false colour for S1, titled
+    with its land-cover labels."""
+
+    def run():
+        ds = _dataset(data, modality, label_threshold)
+        index = 0
+        if patch_id is not None:
+            if patch_id not in ds.patch_ids:
+                raise DomainFMError(f"no patch {patch_id!r} in {ds.root / modality}",
+                                    fix=f"use one of {', '.join(ds.patch_ids[:5])}...")
+            index = ds.patch_ids.index(patch_id)
+        fig = ds.plot(ds[index], suptitle=ds.patch_ids[index])
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.png")
+        fig.savefig(tmp, dpi=120)
+        tmp.replace(path)
+        click.echo(str(path))
+
+    run_cli_command(run)
+
+
+@click.command("sample")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--patches", type=click.IntRange(min=1), default=48, show_default=True, help="Number of patches.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed (same seed, same files).")
+def sample_command(out: str, patches: int, seed: int) -> None:
+    """Write a synthetic Sentinel-2 / Sentinel-1 / Dynamic World data folder to OUT (the generator
+    of the embedded sample): a template of the expected layout."""
+
+    def run():
+        from plugins.eo_sar.synthetic import write_sample
+
+        root = Path(out)
+        if root.exists() and any(root.iterdir()):
+            raise DomainFMError("folder is not empty", path=root, fix="give a new or empty folder")
+        write_sample(root, n_patches=patches, seed=seed)
+        click.echo(f"wrote {patches} patches to {root}/s2, s1, landcover")
+
+    run_cli_command(run)

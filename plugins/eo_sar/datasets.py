@@ -1,0 +1,449 @@
+"""Sentinel-2 / Sentinel-1 GeoTIFF patches with Dynamic World multi-labels, torchgeo style.
+
+Layout of a data root::
+
+    ROOT/s2/<patch_id>.tif         13 bands B1..B12 (B8A after B8), uint16 reflectance x 10000
+    ROOT/s1/<patch_id>.tif         2 bands VV, VH, float32 backscatter in dB
+    ROOT/landcover/<patch_id>.tif  1 band, Dynamic World class ids 0..8, nodata 255
+    ROOT/labels.csv                optional: patch_id + one 0/1 column per class; wins over landcover/
+
+Everything that can be wrong with the files is checked when the dataset is built (each header is
+opened, and the last block of each image is read to catch truncated files), so a long training
+run never dies on patch 90 000. Per-band normalisation statistics are computed once over the
+valid pixels and cached beside the data.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from domainfm.errors import DomainFMError
+from plugins.eo_sar.bands import BANDS, CLASS_NAMES, LABELS_FILE, LANDCOVER_NODATA, MODALITY_NAMES, S2_RGB, STATS_FILE
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+STATS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PatchFile:
+    """One validated GeoTIFF: what its header says."""
+
+    patch_id: str
+    path: Path
+    height: int
+    width: int
+    count: int
+    dtype: str
+    crs: str | None
+    nodata: float | None
+
+
+@dataclass(frozen=True)
+class BandStats:
+    """Per-band mean and standard deviation over the valid pixels of a data root."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    valid_pixels: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# scanning and validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _tiffs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES)
+
+
+def check_data_root(root: str | Path, modality: str) -> Path:
+    """The modality folder of ``root`` (``ROOT/s2``), or a DomainFMError saying what is missing."""
+    if modality not in BANDS:
+        raise DomainFMError(f"unknown modality {modality!r}", fix=f"use --modality {' or '.join(BANDS)}")
+    root = Path(root)
+    if not root.is_dir():
+        raise DomainFMError("data folder does not exist", path=root,
+                            fix=f"give --data a folder holding {modality}/<patch_id>.tif, or omit --data to use the embedded sample")
+    folder = root / modality
+    if not folder.is_dir():
+        others = [m for m in BANDS if (root / m).is_dir()]
+        hint = f" (it has {', '.join(o + '/' for o in others)}: try --modality {others[0]})" if others else ""
+        raise DomainFMError(f"no {modality}/ folder in the data folder{hint}", path=root,
+                            fix=f"put the {MODALITY_NAMES[modality]} GeoTIFFs in {folder}")
+    if not _tiffs(folder):
+        raise DomainFMError("folder has no GeoTIFFs (*.tif)", path=folder,
+                            fix=f"put the {MODALITY_NAMES[modality]} patches there as <patch_id>.tif")
+    return folder
+
+
+def read_header(path: Path, *, expected_count: int | None, what: str, fix_count: str = "") -> PatchFile:
+    """Open ``path``'s header, check its band count and read its last block (truncation check)."""
+    import rasterio
+    from rasterio.errors import RasterioError
+    from rasterio.windows import Window
+
+    try:
+        with rasterio.open(path) as src:
+            if expected_count is not None and src.count != expected_count:
+                raise DomainFMError(f"has {src.count} band(s), {what} needs {expected_count}", path=path,
+                                    fix=fix_count or "remove or replace the file")
+            # GDAL writes the header first and the pixel blocks after it: a file cut short still
+            # opens, but its last block cannot be read. Reading one block is cheap.
+            block_h, block_w = src.block_shapes[0]
+            row = (src.height - 1) // block_h * block_h
+            col = (src.width - 1) // block_w * block_w
+            src.read(src.count, window=Window(col, row, min(block_w, src.width - col), min(block_h, src.height - row)))
+            return PatchFile(path.stem, path, src.height, src.width, src.count, src.dtypes[0],
+                             src.crs.to_string() if src.crs else None, src.nodata)
+    except RasterioError as e:
+        kind = "truncated or corrupt" if "not recognized" not in str(e) else "not a readable"
+        raise DomainFMError(f"{kind} GeoTIFF ({_first_line(e)})", path=path,
+                            fix="re-export or re-download the file, or remove it") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.replace(str(Path.cwd()) + os.sep, "")[:160]
+
+
+def scan_patches(root: str | Path, modality: str) -> list[PatchFile]:
+    """Every GeoTIFF of ``ROOT/<modality>``, each header validated (sorted by patch id)."""
+    folder = check_data_root(root, modality)
+    n = len(BANDS[modality])
+    other = [m for m in BANDS if m != modality and len(BANDS[m]) != n]
+    what = f"--modality {modality} ({', '.join(BANDS[modality])})"
+    fix = f"remove the file, or use --modality {other[0]} if these are {MODALITY_NAMES[other[0]]} patches" if other else ""
+    files = [read_header(p, expected_count=n, what=what, fix_count=fix) for p in _progress(_tiffs(folder), "checking GeoTIFF headers")]
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f.patch_id in seen:
+            raise DomainFMError(f"patch id {f.patch_id!r} appears twice (also {seen[f.patch_id].name})", path=f.path,
+                                fix="keep one file per patch id")
+        seen[f.patch_id] = f.path
+    return files
+
+
+def _progress(items: Sequence, description: str):
+    """A rich progress bar on stderr for long scans; silent for a handful of files."""
+    if len(items) < 500:
+        return items
+    from rich.progress import track
+
+    return track(items, description=description, transient=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# labels
+# ----------------------------------------------------------------------------------------------
+
+
+def landcover_fractions(landcover: np.ndarray) -> np.ndarray:
+    """Fraction of the valid pixels covered by each Dynamic World class (zeros if none is valid).
+
+    Pixels equal to 255 (nodata) or outside 0..8 are not valid.
+    """
+    values = landcover[(landcover != LANDCOVER_NODATA) & (landcover < len(CLASS_NAMES))].astype(np.int64)
+    if values.size == 0:
+        return np.zeros(len(CLASS_NAMES))
+    return np.bincount(values, minlength=len(CLASS_NAMES)) / values.size
+
+
+def labels_from_fractions(fractions: np.ndarray, threshold: float) -> np.ndarray:
+    """Multi-hot labels: a class is present when it covers at least ``threshold`` of the valid pixels."""
+    return (np.asarray(fractions) >= threshold).astype(np.float32)
+
+
+def read_landcover(path: Path) -> np.ndarray:
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    try:
+        with rasterio.open(path) as src:
+            if src.count != 1:
+                raise DomainFMError(f"land-cover raster has {src.count} bands, needs 1 (Dynamic World class ids)",
+                                    path=path, fix="keep only the label band")
+            band = src.read(1)
+            if src.nodata is not None and src.nodata != LANDCOVER_NODATA:
+                band = np.where(band == src.nodata, LANDCOVER_NODATA, band)
+            return band
+    except RasterioError as e:
+        raise DomainFMError(f"truncated or corrupt GeoTIFF ({_first_line(e)})", path=path,
+                            fix="re-export the land-cover file, or remove it") from None
+
+
+def read_labels_csv(path: Path, patch_ids: Sequence[str], modality_folder: Path) -> dict[str, np.ndarray]:
+    """Labels from ``labels.csv``: patch_id plus one 0/1 column per Dynamic World class name."""
+    known = set(patch_ids)
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        if not header or header[0] != "patch_id":
+            raise DomainFMError("the first column must be patch_id", path=path,
+                                fix=f"write a header line: patch_id,{','.join(CLASS_NAMES)}")
+        columns = header[1:]
+        unknown = [c for c in columns if c not in CLASS_NAMES]
+        if unknown:
+            raise DomainFMError(f"unknown class column {unknown[0]!r}", path=path,
+                                fix=f"use Dynamic World class names: {', '.join(CLASS_NAMES)}")
+        missing = [c for c in CLASS_NAMES if c not in columns]
+        if missing:
+            raise DomainFMError(f"missing class column(s) {', '.join(missing)}", path=path,
+                                fix="give one 0/1 column per class (0 where absent)")
+        order = [columns.index(c) + 1 for c in CLASS_NAMES]
+        labels: dict[str, np.ndarray] = {}
+        for line_no, row in enumerate(reader, start=2):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) != len(header):
+                raise DomainFMError(f"line {line_no} has {len(row)} fields, the header has {len(header)}", path=path)
+            pid = row[0].strip()
+            if pid not in known:
+                raise DomainFMError(f"patch id {pid!r} (line {line_no}) has no image {modality_folder / (pid + '.tif')}",
+                                    path=path, fix="remove the row or add the image")
+            try:
+                values = [int(row[i].strip()) for i in order]
+            except ValueError:
+                values = [-1]
+            if any(v not in (0, 1) for v in values):
+                raise DomainFMError(f"line {line_no} has a value other than 0 or 1", path=path, fix="use 0/1 per class")
+            labels[pid] = np.asarray(values, dtype=np.float32)
+    return labels
+
+
+# ----------------------------------------------------------------------------------------------
+# normalisation statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def file_list_fingerprint(files: Sequence[PatchFile]) -> str:
+    """Changes when a file is added, removed, renamed or rewritten with a different size."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.path.name):
+        h.update(f"{f.path.name}:{f.path.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def read_image(path: Path, nodata: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [C, H, W] pixels and a bool [H, W] mask of valid pixels.
+
+    A pixel is invalid when any band equals the file's nodata value or is not finite (nan
+    nodata, or -inf from log of zero backscatter).
+    """
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    try:
+        with rasterio.open(path) as src:
+            image = src.read().astype(np.float32, copy=False)
+            nodata = src.nodata if nodata is None else nodata
+    except RasterioError as e:
+        raise DomainFMError(f"truncated or corrupt GeoTIFF ({_first_line(e)})", path=path,
+                            fix="re-export or re-download the file, or remove it") from None
+    invalid = ~np.isfinite(image)
+    if nodata is not None and np.isfinite(nodata):
+        invalid |= image == np.float32(nodata)
+    return image, ~invalid.any(axis=0)
+
+
+def compute_band_stats(files: Sequence[PatchFile]) -> BandStats:
+    """Mean and std per band over all valid pixels (float64 sums: exact enough for 1e9 pixels)."""
+    total = np.zeros(files[0].count)
+    total_sq = np.zeros(files[0].count)
+    count = 0
+    for f in _progress(files, "computing band statistics"):
+        image, valid = read_image(f.path, f.nodata)
+        pixels = image[:, valid].astype(np.float64)
+        total += pixels.sum(axis=1)
+        total_sq += (pixels**2).sum(axis=1)
+        count += pixels.shape[1]
+    if count == 0:
+        raise DomainFMError("every pixel of every image is nodata", path=files[0].path.parent,
+                            fix="check the nodata value of the GeoTIFFs")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    std = np.where(std > 0, std, 1.0)  # a constant band: leave it centred, do not divide by zero
+    return BandStats(tuple(float(x) for x in mean), tuple(float(x) for x in std), int(count))
+
+
+def load_or_compute_stats(root: str | Path, modality: str, files: Sequence[PatchFile]) -> BandStats:
+    """The cached statistics of ``ROOT/.domainfm_stats_<modality>.json``, recomputed when the file
+    list changed. Written atomically; a read-only data folder only loses the cache."""
+    path = Path(root) / STATS_FILE.format(modality=modality)
+    fingerprint = file_list_fingerprint(files)
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("version") == STATS_VERSION and cached.get("fingerprint") == fingerprint:
+                return BandStats(tuple(cached["mean"]), tuple(cached["std"]), int(cached.get("valid_pixels", 0)))
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged cache is recomputed and overwritten
+    stats = compute_band_stats(files)
+    record = {"version": STATS_VERSION, "modality": modality, "bands": list(BANDS[modality]), "n_files": len(files),
+              "fingerprint": fingerprint, "mean": list(stats.mean), "std": list(stats.std),
+              "valid_pixels": stats.valid_pixels}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# the dataset
+# ----------------------------------------------------------------------------------------------
+
+
+class EOSARPatches(Dataset):
+    """Sentinel-2 (``modality="s2"``) or Sentinel-1 (``"s1"``) patches of a data root.
+
+    ``dataset[i]`` is a dict:
+
+    - ``image``: float32 tensor [C, H, W], normalised per band with the root's statistics, nodata
+      pixels set to 0 (the band mean), so no nan ever reaches a model;
+    - ``valid``: bool tensor [H, W], False where any band was nodata;
+    - ``labels``: float32 multi-hot [9] over :data:`CLASS_NAMES` (all zeros when unknown);
+    - ``has_labels``: bool; ``patch_id``: str.
+
+    ``transforms`` (a callable on that dict) runs last, as in torchgeo.
+    """
+
+    def __init__(self, root: str | Path, modality: str = "s2", *, label_threshold: float = 0.01,
+                 transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 stats: BandStats | None = None, patch_ids: Sequence[str] | None = None) -> None:
+        if not 0.0 < label_threshold <= 1.0:
+            raise DomainFMError(f"--label-threshold must be in (0, 1], got {label_threshold}")
+        self.root = Path(root)
+        self.modality = modality
+        self.bands = BANDS[modality]
+        self.label_threshold = label_threshold
+        self.transforms = transforms
+        files = scan_patches(self.root, modality)
+        self.stats = stats if stats is not None else load_or_compute_stats(self.root, modality, files)
+        self.fractions, labels_csv = self._load_labels(files)
+        if patch_ids is not None:
+            wanted = set(patch_ids)
+            files = [f for f in files if f.patch_id in wanted]
+        self.files = files
+        self._labels = {}
+        for f in files:
+            if f.patch_id in labels_csv:
+                self._labels[f.patch_id] = labels_csv[f.patch_id]
+            elif f.patch_id in self.fractions:
+                self._labels[f.patch_id] = labels_from_fractions(self.fractions[f.patch_id], label_threshold)
+        self._mean = torch.tensor(self.stats.mean, dtype=torch.float32)[:, None, None]
+        self._std = torch.tensor(self.stats.std, dtype=torch.float32)[:, None, None]
+
+    def _load_labels(self, files: Sequence[PatchFile]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        ids = [f.patch_id for f in files]
+        csv_path = self.root / LABELS_FILE
+        from_csv = read_labels_csv(csv_path, ids, self.root / self.modality) if csv_path.is_file() else {}
+        fractions: dict[str, np.ndarray] = {}
+        lc_folder = self.root / "landcover"
+        if lc_folder.is_dir():
+            for pid in ids:
+                if pid in from_csv:
+                    continue  # labels.csv wins: no need to read that raster
+                for suffix in TIFF_SUFFIXES:
+                    lc_path = lc_folder / f"{pid}{suffix}"
+                    if lc_path.is_file():
+                        fractions[pid] = landcover_fractions(read_landcover(lc_path))
+                        break
+        return fractions, from_csv
+
+    # -- torch Dataset ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def patch_ids(self) -> list[str]:
+        return [f.patch_id for f in self.files]
+
+    def labels_of(self, index: int) -> np.ndarray | None:
+        """The multi-hot labels of patch ``index``, None when it has none."""
+        return self._labels.get(self.files[index].patch_id)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        f = self.files[index]
+        raw, valid = read_image(f.path, f.nodata)
+        image = (torch.from_numpy(raw) - self._mean) / self._std
+        valid_t = torch.from_numpy(valid)
+        image = torch.where(valid_t[None], image, torch.zeros(()))
+        labels = self._labels.get(f.patch_id)
+        sample = {
+            "image": image,
+            "valid": valid_t,
+            "labels": torch.from_numpy(labels) if labels is not None else torch.zeros(len(CLASS_NAMES)),
+            "has_labels": labels is not None,
+            "patch_id": f.patch_id,
+        }
+        if self.transforms is not None:
+            sample = self.transforms(sample)
+        return sample
+
+    def denormalise(self, image: torch.Tensor) -> torch.Tensor:
+        """Back to reflectance x 10000 (S2) or dB (S1)."""
+        return image * self._std + self._mean
+
+    # -- plotting --------------------------------------------------------------------------------
+
+    def plot(self, sample: dict[str, Any], *, show_titles: bool = True, suptitle: str | None = None,
+             prediction: Sequence[float] | None = None):
+        """A matplotlib Figure of ``sample``: true colour (B4, B3, B2, 2-98 % stretch) for S2, a
+        VV / VH / VV-VH (ratio in dB) false colour for S1, with the present classes as title.
+        ``prediction`` (scores per class) adds the classes scored above 0.5."""
+        from matplotlib.figure import Figure
+
+        image = self.denormalise(sample["image"].detach().float().cpu()).numpy()
+        valid = sample.get("valid")
+        valid = valid.numpy() if isinstance(valid, torch.Tensor) and valid.shape == image.shape[1:] else np.ones(image.shape[1:], bool)
+        if self.modality == "s2":
+            rgb = image[list(S2_RGB)]
+        else:
+            vv, vh = image[0], image[1]
+            rgb = np.stack([vv, vh, vv - vh])
+        rgb = percentile_stretch(rgb, valid)
+        fig = Figure(figsize=(4, 4.4))
+        ax = fig.subplots()
+        ax.imshow(rgb.transpose(1, 2, 0))
+        ax.set_axis_off()
+        if show_titles:
+            labels = sample.get("labels")
+            names = [n for n, v in zip(CLASS_NAMES, labels.tolist()) if v > 0.5] if labels is not None else []
+            title = ", ".join(names) if names else "no labels"
+            if prediction is not None:
+                pred = [n for n, s in zip(CLASS_NAMES, list(prediction)) if s > 0.5]
+                title += "\npredicted: " + (", ".join(pred) or "none")
+            ax.set_title(title, fontsize=8)
+        if suptitle:
+            fig.suptitle(suptitle)
+        fig.tight_layout()
+        return fig
+
+
+def percentile_stretch(image: np.ndarray, valid: np.ndarray | None = None, low: float = 2.0, high: float = 98.0) -> np.ndarray:
+    """Scale each band so its ``low``..``high`` percentiles (over valid pixels) map to 0..1;
+    invalid pixels are black."""
+    out = np.zeros_like(image, dtype=np.float32)
+    mask = np.ones(image.shape[1:], bool) if valid is None else valid
+    for b in range(image.shape[0]):
+        values = image[b][mask]
+        if values.size == 0:
+            continue
+        lo, hi = np.percentile(values, [low, high])
+        out[b] = np.clip((image[b] - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    out[:, ~mask] = 0.0
+    return out
