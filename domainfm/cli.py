@@ -141,7 +141,7 @@ class DomainFMGroup(click.Group):
             try:
                 if plugins.load(name).commands():
                     names.append(name)
-            except DomainFMError:
+            except Exception:  # a broken plugin must not break --help; `domainfm plugins` shows why
                 pass
         return names
 

@@ -118,7 +118,7 @@ def available() -> list[PluginInfo]:
             p = load(name)
             infos.append(PluginInfo(name, p.description, package, tuple(p.supported) +
                                     tuple(c.name for c in p.commands())))
-        except DomainFMError as e:
+        except Exception as e:  # one broken plugin must not hide the others
             infos.append(PluginInfo(name, "", package, (), error=str(e)))
     return infos
 

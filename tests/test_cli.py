@@ -1,0 +1,77 @@
+"""The command line as a user meets it: fast help, plugin listing, one-line errors, config files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from domainfm.config import resolve
+from domainfm.errors import DomainFMError
+
+HEAVY = ("torch", "lightning", "mlflow", "timm")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["plugins"], ["pretrain", "--plugin", "eo-sar", "--help"]])
+def test_help_and_plugins_import_no_heavy_library(argv):
+    code = ("import sys\nfrom domainfm.cli import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_plugins_lists_first_party_and_third_party(toy_env):
+    r = run_cli(["plugins"], env=toy_env)
+    assert r.returncode == 0, r.stderr
+    for name in ("eo-sar", "histo", "sports-reid", "sgd-ft", "toy"):
+        assert name in r.stdout
+    assert "domainfm-toy" in r.stdout  # the providing package is shown
+
+
+def test_unknown_plugin_lists_installed(toy_env):
+    r = run_cli(["pretrain", "--plugin", "nope"], env=toy_env)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown plugin 'nope'" in lines[0] and "toy" in lines[0] and "eo-sar" in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_plugin_options_show_in_help(toy_env):
+    r = run_cli(["pretrain", "--plugin", "toy", "--help"], env=toy_env)
+    assert r.returncode == 0 and "--bands" in r.stdout and "--mask-ratio" in r.stdout
+
+
+def test_plugin_extra_command_runs(toy_env):
+    r = run_cli(["toy", "hello", "--who", "tester"], env=toy_env)
+    assert r.returncode == 0 and "hello tester from toy" in r.stdout
+
+
+def test_config_yaml_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"lr": 0.01, "batch_size": 4, "bands": 7}))
+    values = {"config": str(path), "lr": 5e-4, "batch_size": 32, "plugin": "toy", "bands": 4}
+    cfg = resolve("pretrain", values, {"batch_size"}, plugin_defaults={"max_steps": 3}, known=set(values))
+    assert cfg.lr == 0.01  # from YAML
+    assert cfg.batch_size == 32  # the flag typed on the command line wins
+    assert cfg.bands == 7 and cfg.options == {"bands": 7}  # a plugin option from YAML
+    assert cfg.max_steps == 3  # plugin default
+
+
+def test_config_unknown_key_names_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 0.1\nlearning_rat: 3\n")
+    with pytest.raises(DomainFMError, match="learning_rat") as e:
+        resolve("pretrain", {"config": str(path), "lr": 1.0}, set(), known={"lr", "config"})
+    assert str(path) in str(e.value)
+
+
+def test_bad_config_file_is_one_line(tmp_path, toy_env):
+    path = tmp_path / "bad.yaml"
+    path.write_text("lr: [unclosed\n")
+    r = run_cli(["pretrain", "--plugin", "toy", "--config", str(path)], env=toy_env)
+    assert r.returncode == 2 and "not valid YAML" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,140 @@
+"""`domainfm pretrain` end to end through the real CLI, Lightning, MLflow and safetensors, on the
+toy third-party plugin (so the core is tested without any first-party domain)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from conftest import run_cli
+
+TINY = ["--backbone", "vit_small_patch14_dinov2", "--init", "random", "--img-size", "28", "--batch-size", "8",
+        "--num-samples", "16", "--proj-dim", "32"]
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_pretrain_logs_checkpoints_registers_and_resumes(tmp_path, toy_env):
+    out = tmp_path / "out.json"
+    r = run_cli(["pretrain", "--plugin", "toy", *TINY, "--max-steps", "4", "--checkpoint-every", "2",
+                 "--register", "toy-bb", "--json", str(out)], cwd=tmp_path, env=toy_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = json.loads(out.read_text())
+    assert first["global_step"] == 4
+    run_id = first["mlflow_run_id"]
+    client = _client(toy_env["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
+    for key in ("loss/hard", "loss/soft", "loss/total", "lr", "images_per_s"):
+        assert key in run.data.metrics, key
+    assert run.data.params["bands"] == "4" and run.data.params["mask_ratio"] == "0.5"
+    arts = {a.path for a in client.list_artifacts(run_id)}
+    assert "config.yaml" in arts and "export" in arts
+    # the exported backbone reads back with its architecture, timm keys only
+    with safe_open(first["backbone_path"], framework="pt") as f:
+        assert f.metadata()["domainfm_name"] == "vit_small_patch14_dinov2"
+        assert "patch_embed.proj.weight" in f.keys() and not any(k.startswith("model.") for k in f.keys())
+    mv = client.get_model_version_by_alias("toy-bb", "candidate")
+    assert mv.run_id == run_id
+    ckpts = Path(first["backbone_path"]).parent / "checkpoints"
+    assert {"step000002.ckpt", "step000004.ckpt", "last.ckpt"} <= {p.name for p in ckpts.iterdir()}
+
+    # --resume continues the same MLflow run from the last checkpoint
+    r = run_cli(["pretrain", "--plugin", "toy", *TINY, "--max-steps", "6", "--checkpoint-every", "2", "--resume",
+                 "--json", str(out)], cwd=tmp_path, env=toy_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = json.loads(out.read_text())
+    assert second["mlflow_run_id"] == run_id and second["global_step"] == 6
+    steps = [m.step for m in client.get_metric_history(run_id, "loss/total")]
+    assert max(steps) == 5 and len(set(steps)) == 6
+
+    # the registered backbone is what `evaluate` loads, and `registry` manages its aliases
+    r = run_cli(["evaluate", "--plugin", "toy", "--model", "models:/toy-bb@candidate", "--json", str(out)],
+                cwd=tmp_path, env=toy_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(out.read_text())["feature_norm"] > 0
+    r = run_cli(["registry", "promote", "toy-bb", "1", "--alias", "champion"], cwd=tmp_path, env=toy_env)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(["registry", "list"], cwd=tmp_path, env=toy_env)
+    assert "champion" in r.stdout and "candidate" in r.stdout
+    r = run_cli(["registry", "promote", "toy-bb", "9", "--alias", "x"], cwd=tmp_path, env=toy_env)
+    assert r.returncode == 2 and "no version 9" in r.stderr
+
+
+def test_resume_without_earlier_run_is_one_line(tmp_path, toy_env):
+    r = run_cli(["pretrain", "--plugin", "toy", *TINY, "--max-steps", "2", "--resume"], cwd=tmp_path, env=toy_env)
+    assert r.returncode == 2 and "nothing to resume" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_default_store_is_sqlite_under_mlruns(tmp_path, toy_env):
+    env = {k: v for k, v in toy_env.items() if k != "MLFLOW_TRACKING_URI"}
+    r = run_cli(["pretrain", "--plugin", "toy", *TINY, "--max-steps", "1", "--precision", "bf16-mixed",
+                 "--mask-ratio", "0.75", "--json", "o.json"], cwd=tmp_path, env={**env, "MLFLOW_TRACKING_URI": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+    run_id = json.loads((tmp_path / "o.json").read_text())["mlflow_run_id"]
+    client = _client(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    assert client.get_run(run_id).data.params["precision"] == "bf16-mixed"
+    assert any((tmp_path / "mlruns" / "artifacts").rglob("config.yaml"))
+
+
+def test_ddp_two_cpu_processes(tmp_path, toy_env):
+    out = tmp_path / "ddp.json"
+    r = run_cli(["pretrain", "--plugin", "toy", *TINY, "--max-steps", "2", "--devices", "2", "--strategy", "ddp",
+                 "--accelerator", "cpu", "--json", str(out)], cwd=tmp_path, env=toy_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["global_step"] == 2
+    client = _client(toy_env["MLFLOW_TRACKING_URI"])
+    # one MLflow run for the job, not one per process
+    runs = client.search_runs([client.get_run(result["mlflow_run_id"]).info.experiment_id])
+    assert len(runs) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_pretrain_against_a_real_mlflow_server(tmp_path, toy_env):
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "server_artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        out = tmp_path / "remote.json"
+        r = run_cli(["pretrain", "--plugin", "toy", *TINY, "--max-steps", "2", "--register", "remote-bb",
+                     "--json", str(out)], cwd=tmp_path, env={**toy_env, "MLFLOW_TRACKING_URI": uri})
+        assert r.returncode == 0, r.stderr[-3000:]
+        run_id = json.loads(out.read_text())["mlflow_run_id"]
+        client = _client(uri)
+        assert "loss/total" in client.get_run(run_id).data.metrics
+        assert client.get_model_version_by_alias("remote-bb", "candidate").run_id == run_id
+        # the artifacts went through the server to its destination folder
+        assert any((tmp_path / "server_artifacts").rglob("backbone.safetensors"))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
