@@ -51,11 +51,14 @@ def test_hand_computed_first_match_at_rank_three():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_matches_sklearn_loop_random(dtype):
+@pytest.mark.parametrize("signal", [0.0, 0.3, 0.7])
+def test_matches_sklearn_loop_random(dtype, signal):
+    # signal 0: chance-level ranking (full-row sorts); 0.7: matches near the top (only the few
+    # entries closer than the hardest match are sorted); 0.3: a mix of both within one block
     rng = np.random.default_rng(3)
     q_ids, g_ids = rng.integers(0, 25, 60), rng.integers(0, 25, 700)
     dist = rng.random((60, 700)).astype(dtype)
-    dist -= 0.3 * (q_ids[:, None] == g_ids[None, :])  # a weak signal, so AP is not just chance
+    dist -= dtype(signal) * (q_ids[:, None] == g_ids[None, :])
     ref = reference_metrics(dist, q_ids, g_ids)
     out = retrieval_metrics(dist, q_ids, g_ids)
     assert out["mAP"] == pytest.approx(ref["mAP"], abs=1e-6)
