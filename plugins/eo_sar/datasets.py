@@ -87,19 +87,18 @@ def check_data_root(root: str | Path, modality: str) -> Path:
     return folder
 
 
-def read_header(path: Path, *, expected_count: int | None, what: str, fix_count: str = "") -> PatchFile:
-    """Open ``path``'s header, check its band count and read its last block (truncation check)."""
+def read_header(path: Path, *, modality: str | None) -> PatchFile:
+    """Open ``path``'s header, check its band count against ``modality`` (None: 1-band land
+    cover) and read its last block (truncation check)."""
     import rasterio
     from rasterio.errors import RasterioError
     from rasterio.windows import Window
 
     try:
         with rasterio.open(path) as src:
-            if expected_count is not None and src.count != expected_count:
-                raise DomainFMError(f"has {src.count} band(s), {what} needs {expected_count}", path=path,
-                                    fix=fix_count or "remove or replace the file")
-            # GDAL writes the header first and the pixel blocks after it: a file cut short still
-            # opens, but its last block cannot be read. Reading one block is cheap.
+            _check_band_count(path, src.count, modality)
+            # GDAL writes the header first and the pixel blocks after it: a file cut short may
+            # still open, but its last block cannot be read. Reading one block is cheap.
             block_h, block_w = src.block_shapes[0]
             row = (src.height - 1) // block_h * block_h
             col = (src.width - 1) // block_w * block_w
@@ -107,24 +106,43 @@ def read_header(path: Path, *, expected_count: int | None, what: str, fix_count:
             return PatchFile(path.stem, path, src.height, src.width, src.count, src.dtypes[0],
                              src.crs.to_string() if src.crs else None, src.nodata)
     except RasterioError as e:
-        kind = "truncated or corrupt" if "not recognized" not in str(e) else "not a readable"
-        raise DomainFMError(f"{kind} GeoTIFF ({_first_line(e)})", path=path,
-                            fix="re-export or re-download the file, or remove it") from None
+        raise _unreadable(path, e) from None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text.replace(str(Path.cwd()) + os.sep, "")[:160]
+def _check_band_count(path: Path, count: int, modality: str | None) -> None:
+    if modality is None:
+        if count != 1:
+            raise DomainFMError(f"land-cover raster has {count} bands, needs 1 (Dynamic World class ids)",
+                                path=path, fix="keep only the label band")
+        return
+    expected = len(BANDS[modality])
+    if count == expected:
+        return
+    other = [m for m in BANDS if m != modality and len(BANDS[m]) == count]
+    if other:
+        fix = f"move it to {path.parent.parent / other[0]}/, or use --modality {other[0]} if the whole folder is {MODALITY_NAMES[other[0]]}"
+    else:
+        fix = f"remove it or replace it with a {expected}-band export ({', '.join(BANDS[modality])})"
+    raise DomainFMError(f"has {count} band(s) but --modality {modality} needs {expected}", path=path, fix=fix)
+
+
+def _unreadable(path: Path, error: BaseException) -> DomainFMError:
+    """A one-line error for a file GDAL cannot open or read, with GDAL's reason shortened."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "not recognized" in text or "not recognised" in text:
+        what, why = "not a GeoTIFF", "GDAL does not recognise the format"
+    elif "Read failed" in text:  # rasterio's wrapper of GDAL's block read error
+        what, why = "truncated or corrupt GeoTIFF", "its pixel data ends early or cannot be decoded"
+    else:
+        what = "truncated or corrupt GeoTIFF"
+        why = text.replace(str(path), "").replace(path.name + ":", "").strip(" :'")[:120]
+    return DomainFMError(f"{what} ({why})", path=path, fix="re-export or re-download the file, or remove it")
 
 
 def scan_patches(root: str | Path, modality: str) -> list[PatchFile]:
     """Every GeoTIFF of ``ROOT/<modality>``, each header validated (sorted by patch id)."""
     folder = check_data_root(root, modality)
-    n = len(BANDS[modality])
-    other = [m for m in BANDS if m != modality and len(BANDS[m]) != n]
-    what = f"--modality {modality} ({', '.join(BANDS[modality])})"
-    fix = f"remove the file, or use --modality {other[0]} if these are {MODALITY_NAMES[other[0]]} patches" if other else ""
-    files = [read_header(p, expected_count=n, what=what, fix_count=fix) for p in _progress(_tiffs(folder), "checking GeoTIFF headers")]
+    files = [read_header(p, modality=modality) for p in _progress(_tiffs(folder), "checking GeoTIFF headers")]
     seen: dict[str, Path] = {}
     for f in files:
         if f.patch_id in seen:
@@ -170,16 +188,13 @@ def read_landcover(path: Path) -> np.ndarray:
 
     try:
         with rasterio.open(path) as src:
-            if src.count != 1:
-                raise DomainFMError(f"land-cover raster has {src.count} bands, needs 1 (Dynamic World class ids)",
-                                    path=path, fix="keep only the label band")
+            _check_band_count(path, src.count, None)
             band = src.read(1)
             if src.nodata is not None and src.nodata != LANDCOVER_NODATA:
                 band = np.where(band == src.nodata, LANDCOVER_NODATA, band)
             return band
     except RasterioError as e:
-        raise DomainFMError(f"truncated or corrupt GeoTIFF ({_first_line(e)})", path=path,
-                            fix="re-export the land-cover file, or remove it") from None
+        raise _unreadable(path, e) from None
 
 
 def read_labels_csv(path: Path, patch_ids: Sequence[str], modality_folder: Path) -> dict[str, np.ndarray]:
@@ -248,8 +263,7 @@ def read_image(path: Path, nodata: float | None = None) -> tuple[np.ndarray, np.
             image = src.read().astype(np.float32, copy=False)
             nodata = src.nodata if nodata is None else nodata
     except RasterioError as e:
-        raise DomainFMError(f"truncated or corrupt GeoTIFF ({_first_line(e)})", path=path,
-                            fix="re-export or re-download the file, or remove it") from None
+        raise _unreadable(path, e) from None
     invalid = ~np.isfinite(image)
     if nodata is not None and np.isfinite(nodata):
         invalid |= image == np.float32(nodata)

@@ -137,6 +137,13 @@ def swath_edge_mask(rng: np.random.Generator, size: int) -> np.ndarray:
     return (xx + yy) < rng.integers(size // 4, size // 2)
 
 
+def utm_transform(west: float, north: float, pixel: float = 10.0):
+    """North-up affine transform with square ``pixel`` metres (Sentinel-2's 10 m grid)."""
+    from affine import Affine
+
+    return Affine(pixel, 0.0, west, 0.0, -pixel, north)
+
+
 def _profile(crs: str, transform, count: int, height: int, width: int, dtype: str, nodata) -> dict:
     return {
         "driver": "GTiff",
@@ -173,9 +180,7 @@ def write_patch(root: Path, patch_id: str, rng: np.random.Generator, *, crs: str
                 abundance, s2_edge: bool = False, s1_nodata: float = S1_NODATA, s1_edge: bool = False,
                 modalities=("s2", "s1")) -> np.ndarray:
     """Render and write one co-registered patch (s2/, s1/, landcover/); returns the land cover."""
-    from rasterio.transform import from_origin
-
-    transform = from_origin(origin[0], origin[1], 10.0, 10.0)  # 10 m pixels, north up
+    transform = utm_transform(*origin)
     lc = landcover_map(rng, size, abundance)
     s2 = s2_from_landcover(rng, lc)
     s1 = s1_from_landcover(rng, lc)
