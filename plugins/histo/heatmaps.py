@@ -1,0 +1,108 @@
+"""Attention heatmaps: where a slide-level model looked, painted over the slide thumbnail."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from domainfm.errors import DomainFMError
+
+
+def scale_attention(attention: np.ndarray) -> np.ndarray:
+    """Min-max scaling to [0, 1] within the slide (attention sums to 1, so raw values shrink with N)."""
+    a = np.asarray(attention, np.float64)
+    span = a.max() - a.min() if len(a) else 0.0
+    return (a - a.min()) / span if span > 0 else np.zeros_like(a)
+
+
+def draw_heatmap(background: np.ndarray, downsample: float, coords: np.ndarray, tile_size_level0: int,
+                 attention: np.ndarray, *, alpha: float = 0.55, cmap: str = "inferno"):
+    """RGB PIL image: ``background`` [h, w, 3] with each tile coloured by its scaled attention."""
+    import matplotlib
+
+    from PIL import Image
+
+    colours = (matplotlib.colormaps[cmap](scale_attention(attention))[:, :3] * 255).astype(np.float32)
+    img = background.astype(np.float32).copy()
+    h, w = img.shape[:2]
+    side = tile_size_level0 / downsample
+    for (x, y), c in zip(np.asarray(coords), colours):
+        x0, y0 = int(round(x / downsample)), int(round(y / downsample))
+        x1, y1 = min(w, int(round(x0 + side))), min(h, int(round(y0 + side)))
+        if x1 > x0 and y1 > y0:
+            img[y0:y1, x0:x1] = (1 - alpha) * img[y0:y1, x0:x1] + alpha * c
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def slide_background(slide_path: str | Path | None, coords: np.ndarray, tile_size_level0: int,
+                     max_size: int = 1024) -> tuple[np.ndarray, float]:
+    """The slide's thumbnail, or (slide not at hand) a white canvas covering the tiles."""
+    if slide_path and Path(slide_path).is_file():
+        from plugins.histo import slides as slides_mod
+
+        slide = slides_mod.open_slide(slide_path)
+        try:
+            return slides_mod.thumbnail(slide, max_size)
+        finally:
+            slide.close()
+    extent = (np.asarray(coords).max(axis=0) + tile_size_level0) if len(coords) else np.array([tile_size_level0] * 2)
+    ds = max(1.0, float(extent.max()) / max_size)
+    return np.full((int(np.ceil(extent[1] / ds)), int(np.ceil(extent[0] / ds)), 3), 255, np.uint8), ds
+
+
+def save_png(image, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def render_slide_heatmap(coords: np.ndarray, attrs: dict, attention: np.ndarray, *, title: str,
+                         slide_path: str | Path | None = None):
+    size0 = int(attrs.get("tile_size_level0") or attrs.get("patch_size") or 256)
+    bg, ds = slide_background(slide_path or attrs.get("slide_path"), coords, size0)
+    img = draw_heatmap(bg, ds, coords, size0, attention)
+    from PIL import ImageDraw
+
+    ImageDraw.Draw(img).text((4, 4), title, fill=(0, 0, 0))
+    return img
+
+
+def load_predictor(model_uri: str):
+    """A callable bag -> dict(probability, probabilities, attention) from a logged or local model."""
+    p = Path(model_uri)
+    if p.is_dir() and (p / "MLmodel").is_file() or "://" in model_uri or model_uri.startswith("models:/"):
+        from domainfm import tracking
+
+        tracking.configure()
+        import mlflow
+
+        try:
+            model = mlflow.pyfunc.load_model(str(model_uri))
+        except Exception as e:  # noqa: BLE001 - MLflow raises several types for a bad URI
+            raise DomainFMError(f"cannot load the model ({str(e).splitlines()[0]})", path=model_uri,
+                                fix="give models:/NAME@ALIAS, runs:/RUN_ID/ensemble or a model folder") from None
+        return model.predict
+    raise DomainFMError("not an MLflow model URI or model folder", path=model_uri,
+                        fix="give models:/NAME@ALIAS as registered by `domainfm pipeline slide-biomarker`")
+
+
+def heatmap_for_slide(slide: str | Path, features_file: str | Path, model_uri: str, out_file: str | Path,
+                      *, class_index: int | None = None) -> float:
+    from plugins.histo.embedding import read_features
+
+    feats, coords, attrs = read_features(features_file)
+    if len(feats) == 0:
+        raise DomainFMError("the slide has no tiles", path=features_file, fix="re-embed with a lower --min-tissue")
+    out = load_predictor(model_uri)(feats)
+    probs = out["probabilities"]
+    prob = float(probs[class_index if class_index is not None else len(probs) - 1])
+    name = Path(slide).stem
+    img = render_slide_heatmap(coords, attrs, np.asarray(out["attention"]), title=f"{name}  p={prob:.3f}",
+                               slide_path=slide)
+    save_png(img, out_file)
+    return prob
