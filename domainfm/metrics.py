@@ -40,18 +40,18 @@ def _binary_search_le(sorted_rows, rows, values):
 
 
 def _sorted_candidates(d, hardest, rows_per_sort: int = 16):
-    """Each row of ``d`` sorted, keeping only entries <= the row's hardest positive distance.
+    """Each row of ``d`` sorted, keeping at least the entries <= the row's hardest positive distance.
 
     Nothing farther than a query's hardest match changes its AP, CMC or INP, and with any useful
-    model that is a small part of the gallery: sorting only those entries is what makes the metric
-    several times cheaper than a full sort. Rows are sorted in small groups of similar candidate
-    counts (padded with +inf, which no positive distance reaches) so one hard query does not make
-    every row of the block pay for a full-width sort.
+    model that is a small part of the gallery: a partition (linear time) that brings those entries
+    to the front, then a sort of the front only, is what makes the metric several times cheaper
+    than a full sort. Rows go in small groups of similar candidate counts so one hard query does
+    not make every row of the block pay for a full-width sort. Entries past a row's own count are
+    either +inf padding or farther than its hardest match: no positive distance reaches them.
     """
     import numpy as np
 
-    candidate = d <= hardest[:, None]
-    counts = candidate.sum(axis=1)
+    counts = (d <= hardest[:, None]).sum(axis=1)
     out = np.full((d.shape[0], max(int(counts.max()), 1)), np.inf, dtype=d.dtype)
     by_count = np.argsort(counts, kind="stable")
     for g in range(0, len(by_count), rows_per_sort):
@@ -59,14 +59,12 @@ def _sorted_candidates(d, hardest, rows_per_sort: int = 16):
         width = int(counts[group].max())
         if width == 0:
             continue
-        if width * 2 > d.shape[1]:  # compressing would not pay
+        if width * 2 > d.shape[1]:  # partitioning first would not pay
             out[group] = np.sort(d[group], axis=1)[:, :out.shape[1]]
             continue
-        rows, cols = np.nonzero(candidate[group])
-        row_start = np.concatenate([[0], np.cumsum(counts[group])[:-1]])
-        packed = np.full((len(group), width), np.inf, dtype=d.dtype)
-        packed[rows, np.arange(rows.size) - row_start[rows]] = d[group[rows], cols]
-        out[group, :width] = np.sort(packed, axis=1)
+        front = np.partition(d[group], width - 1, axis=1)[:, :width]
+        front.sort(axis=1)
+        out[group, :width] = front
     return out
 
 
@@ -127,6 +125,12 @@ def retrieval_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_
         _, cam_codes = np.unique(np.concatenate([qc_raw.astype(str), gc_raw.astype(str)]), return_inverse=True)
         q_cams, g_cams = cam_codes[:n_query], cam_codes[n_query:]
 
+    # gallery positions grouped by id: each query's matches are listed without scanning its row
+    n_codes = int(codes.max()) + 1
+    g_by_id = np.argsort(g_ids, kind="stable")
+    id_count = np.bincount(g_ids, minlength=n_codes)
+    id_start = np.cumsum(id_count) - id_count
+
     ap = np.zeros(n_query)
     inp = np.zeros(n_query)
     first_rank = np.zeros(n_query, dtype=np.int64)
@@ -136,21 +140,29 @@ def retrieval_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_
     for start in range(0, n_query, block):
         stop = min(start + block, n_query)
         d = dist[start:stop]
-        match = q_ids[start:stop, None] == g_ids[None, :]
+        per_row = id_count[q_ids[start:stop]]
+        rows = np.repeat(np.arange(stop - start), per_row)
+        offsets = np.arange(rows.size) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+        cols = g_by_id[id_start[q_ids[start:stop]][rows] + offsets]
         if use_cams:
-            junk = match & (q_cams[start:stop, None] == g_cams[None, :])
+            junk = g_cams[cols] == q_cams[start + rows]
             if junk.any():
                 # +inf sorts last and is never <= a finite positive distance: removed from the ranking
-                d = np.where(junk, np.inf, d)
-                match &= ~junk
-        rows, cols = np.nonzero(match)
+                d = d.copy()
+                d[rows[junk], cols[junk]] = np.inf
+                rows, cols = rows[~junk], cols[~junk]
         if rows.size == 0:
             continue
         values = d[rows, cols]
-        sorted_d = _sorted_candidates(d, np.where(match, d, -np.inf).max(axis=1))
-        # positives ordered by row, then by distance
+        # positives ordered by row, then by distance: the last of each row is its hardest match
         order = np.lexsort((values, rows))
         rows, values = rows[order], values[order]
+        counts = np.bincount(rows, minlength=stop - start)
+        row_start = np.cumsum(counts) - counts
+        has_pos = counts > 0
+        hardest = np.full(stop - start, -np.inf, dtype=d.dtype)
+        hardest[has_pos] = values[row_start[has_pos] + counts[has_pos] - 1]
+        sorted_d = _sorted_candidates(d, hardest)
         # rank of each positive = items at distance <= its own (ties counted against it)
         n_le = _binary_search_le(sorted_d, rows, values)
         # positives at distance <= each positive: index of the end of its tie group within the row
@@ -158,11 +170,8 @@ def retrieval_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_
         is_end = np.ones(rows.size, dtype=bool)
         is_end[:-1] = (rows[1:] != rows[:-1]) | (values[1:] != values[:-1])
         group_end = np.minimum.accumulate(np.where(is_end, idx, rows.size)[::-1])[::-1]
-        counts = np.bincount(rows, minlength=stop - start)
-        row_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
         pos_le = group_end - row_start[rows] + 1
         precision = pos_le / n_le
-        has_pos = counts > 0
         block_ap = np.bincount(rows, weights=precision, minlength=stop - start)
         ap[start:stop][has_pos] = block_ap[has_pos] / counts[has_pos]
         firsts = row_start[has_pos]
