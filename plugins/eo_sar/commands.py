@@ -45,25 +45,26 @@ def check_command(data: str | None, modality: str, label_threshold: float) -> No
         from rich.table import Table
 
         ds = _dataset(data, modality, label_threshold)
-        console = Console(stderr=False)
+        console = Console(width=max(110, Console().width))
         sizes = Counter(f"{f.height}x{f.width}" for f in ds.files)
         crss = Counter(f.crs or "none" for f in ds.files)
         labelled = [ds.labels_of(i) for i in range(len(ds))]
         known = [lab for lab in labelled if lab is not None]
-        console.print(f"{ds.root}: {len(ds)} {modality} patches, sizes {dict(sizes)}, CRS {dict(crss)}, "
-                      f"{len(known)} with labels")
+        click.echo(f"{ds.root}: {len(ds)} {modality} patches, sizes {dict(sizes)}, CRS {dict(crss)}, "
+                   f"{len(known)} with labels")
         table = Table(title="patches per class")
         table.add_column("class")
         table.add_column("patches", justify="right")
         for k, name in enumerate(CLASS_NAMES):
             table.add_row(name, str(sum(int(lab[k]) for lab in known)))
         console.print(table)
-        bands = Table(title="band statistics", caption=f"cached in {ds.root / f'.domainfm_stats_{modality}.json'}")
+        bands = Table(title="band statistics")
         for col in ("band", "mean", "std"):
             bands.add_column(col, justify="right")
         for name, m, s in zip(ds.bands, ds.stats.mean, ds.stats.std):
             bands.add_row(name, f"{m:.2f}", f"{s:.2f}")
         console.print(bands)
+        click.echo(f"band statistics cached in {ds.root / f'.domainfm_stats_{modality}.json'}")
 
     run_cli_command(run)
 
