@@ -1,0 +1,206 @@
+"""Fine-tuning data in the ImageFolder layout: ordinary images or multi-band GeoTIFFs.
+
+``ROOT/train/<class>/*``, ``ROOT/val/<class>/*`` and optionally ``ROOT/test/<class>/*``. PNG/JPEG
+(and the other formats Pillow reads) become 3-band RGB; ``.tif``/``.tiff`` files are read with
+rasterio, every band kept. Every file's header is read up front, so a bad file, an empty class
+folder or a band count that disagrees with ``--in-chans`` stops the run before any training, with
+the file named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from domainfm.errors import DomainFMError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm")
+TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = PIL_SUFFIXES + TIFF_SUFFIXES
+SPLITS = ("train", "val", "test")
+STATS_MAX_FILES = 256  # per-band statistics of GeoTIFF data come from at most this many train files
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: Path
+    label: int
+    channels: int
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def is_image(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def read_channels(path: Path) -> int:
+    """Band count from the file's header; a file that cannot be opened is named in the error."""
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import rasterio
+
+            with rasterio.open(path) as src:
+                return int(src.count)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.size  # noqa: B018 - the header is parsed here
+        return 3  # every Pillow image is read as RGB
+    except Exception as e:
+        raise DomainFMError(f"cannot be read as an image ({_first_line(e)})", path=path,
+                            fix="replace or delete the file") from None
+
+
+def read_image(path: Path) -> np.ndarray:
+    """float32 [C, H, W]: RGB in 0..1 for Pillow formats, raw band values for GeoTIFFs."""
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import rasterio
+
+            with rasterio.open(path) as src:
+                return src.read().astype(np.float32)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        return rgb.transpose(2, 0, 1).copy()
+    except Exception as e:
+        raise DomainFMError(f"cannot be read as an image ({_first_line(e)})", path=path,
+                            fix="replace or delete the file") from None
+
+
+def class_folders(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_split(root: Path, split: str, classes: Sequence[str] | None = None) -> tuple[list[str], list[ImageFile]]:
+    """Class names and files of one split. ``classes`` (from train) fixes the label indices of
+    val/test, whose classes must all exist in train."""
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DomainFMError(f"no {split}/ folder (the ImageFolder layout needs {split}/<class>/<image>)",
+                            path=root, fix=f"create {split_dir}/<class>/ folders of images")
+    folders = class_folders(split_dir)
+    if not folders:
+        raise DomainFMError("holds no class folders", path=split_dir, fix="put the images in <class>/ sub-folders")
+    names = [f.name for f in folders]
+    if classes is None:
+        classes = names
+    else:
+        unknown = [n for n in names if n not in classes]
+        if unknown:
+            raise DomainFMError(f"classes {', '.join(unknown)} are not in train/", path=split_dir,
+                                fix="add those classes to train/ or remove them from " + split + "/")
+    index = {c: i for i, c in enumerate(classes)}
+    files: list[ImageFile] = []
+    for folder in folders:
+        images = sorted(p for p in folder.iterdir() if is_image(p))
+        if not images:
+            raise DomainFMError(f"class folder holds no images ({', '.join(IMAGE_SUFFIXES)})", path=folder,
+                                fix="add images to it or remove the folder")
+        files += [ImageFile(p, index[folder.name], read_channels(p)) for p in images]
+    return list(classes), files
+
+
+def check_channels(files: Sequence[ImageFile], in_chans: int | None) -> int:
+    """The one band count of all ``files``; ``in_chans`` (``--in-chans``) must agree with it."""
+    first = files[0]
+    for f in files:
+        if f.channels != first.channels:
+            raise DomainFMError(f"has {f.channels} bands but {first.path} has {first.channels}", path=f.path,
+                                fix="give every image of the dataset the same bands")
+    if in_chans is not None and in_chans != first.channels:
+        raise DomainFMError(f"--in-chans {in_chans} does not match the data: the images have {first.channels} bands",
+                            path=first.path, fix=f"pass --in-chans {first.channels} or drop --in-chans")
+    return first.channels
+
+
+def band_statistics(files: Sequence[ImageFile]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean and std over every pixel of (at most STATS_MAX_FILES, evenly spaced) files."""
+    step = max(1, len(files) // STATS_MAX_FILES)
+    chosen = list(files)[::step][:STATS_MAX_FILES]
+    total = sq = None
+    count = 0
+    for f in chosen:
+        x = read_image(f.path).astype(np.float64).reshape(f.channels, -1)
+        total = x.sum(1) if total is None else total + x.sum(1)
+        sq = (x ** 2).sum(1) if sq is None else sq + (x ** 2).sum(1)
+        count += x.shape[1]
+    mean = total / count
+    std = np.sqrt(np.maximum(sq / count - mean ** 2, 0.0))
+    return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
+
+
+class ImageFolderClassification:
+    """One split of an ImageFolder dataset. ``dataset[i]`` is ``{"image": float32 [C, S, S],
+    "label": int}``: resized to ``img_size`` (bilinear, antialiased), normalised by ``mean``/``std``
+    per band, flipped left-right at random when ``augment``."""
+
+    def __init__(self, files: Sequence[ImageFile], classes: Sequence[str], *, img_size: int,
+                 mean: Sequence[float], std: Sequence[float], augment: bool = False) -> None:
+        import torch
+
+        self.files = list(files)
+        self.classes = list(classes)
+        self.img_size = img_size
+        self.augment = augment
+        self._mean = torch.as_tensor(np.asarray(mean, np.float32))[:, None, None]
+        self._std = torch.as_tensor(np.asarray(std, np.float32))[:, None, None]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+        import torch.nn.functional as F
+
+        f = self.files[index]
+        image = torch.from_numpy(read_image(f.path))
+        if image.shape[0] != self._mean.shape[0]:
+            raise DomainFMError(f"has {image.shape[0]} bands, expected {self._mean.shape[0]}", path=f.path,
+                                fix="give every image of the dataset the same bands")
+        if tuple(image.shape[1:]) != (self.img_size, self.img_size):
+            image = F.interpolate(image[None], size=(self.img_size, self.img_size), mode="bilinear",
+                                  align_corners=False, antialias=True)[0]
+        image = (image - self._mean) / self._std
+        if self.augment and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return {"image": image.contiguous(), "label": f.label}
+
+    def denormalise(self, image: "torch.Tensor") -> "torch.Tensor":
+        return image * self._std + self._mean
+
+    def plot(self, sample: dict[str, Any], *, show_titles: bool = True, suptitle: str | None = None,
+             prediction: int | None = None):
+        """A matplotlib Figure of ``sample``: its first three bands (one band as grey), each
+        stretched to its 2-98 % range, titled with the class (and ``prediction`` if given)."""
+        from matplotlib.figure import Figure
+
+        image = self.denormalise(sample["image"].detach().float().cpu()).numpy()
+        bands = image[:3] if image.shape[0] >= 3 else image[:1].repeat(3, 0)
+        lo = np.percentile(bands, 2, axis=(1, 2), keepdims=True)
+        hi = np.percentile(bands, 98, axis=(1, 2), keepdims=True)
+        rgb = np.clip((bands - lo) / np.maximum(hi - lo, 1e-12), 0, 1).transpose(1, 2, 0)
+        fig = Figure(figsize=(3, 3.3))
+        ax = fig.subplots()
+        ax.imshow(rgb)
+        ax.set_axis_off()
+        if show_titles:
+            title = self.classes[int(sample["label"])]
+            if prediction is not None:
+                title += f"\npredicted: {self.classes[int(prediction)]}"
+            ax.set_title(title, fontsize=9)
+        if suptitle:
+            fig.suptitle(suptitle)
+        fig.tight_layout()
+        return fig
