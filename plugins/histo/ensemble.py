@@ -82,8 +82,9 @@ def _predict(model, bags):
     model.eval()
     probs, attns = [], []
     for bag in bags:
-        logits, a = model(torch.from_numpy(np.ascontiguousarray(bag, np.float32)))
-        probs.append(torch.softmax(logits, -1).numpy())
+        out, a = model(torch.from_numpy(np.ascontiguousarray(bag, np.float32)))
+        # an ensemble already averages probabilities; a single model gives logits
+        probs.append((out if isinstance(model, MILEnsemble) else torch.softmax(out, -1)).numpy())
         attns.append(a.numpy())
     return np.stack(probs), attns
 

@@ -1,0 +1,222 @@
+"""slide-biomarker: cohort checks, MIL models, folds, and the whole pipeline with a real MLflow store.
+
+The synthetic cohort (tests/data/histo/make_data.py) plants a signal in a few tiles of positive
+slides: the ensemble must find it (external AUC >= 0.9) and look at it (top-attention tiles).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from domainfm.errors import DomainFMError
+from pipelines.slide_biomarker import command
+from plugins.histo import cohort as C
+from plugins.histo.evaluation import auc_ci
+from plugins.histo.mil import Chowder, GatedAttentionMIL, MeanPoolMIL
+
+HERE = Path(__file__).parent
+
+
+def load_make_data():
+    spec = importlib.util.spec_from_file_location("histo_make_data", HERE / "data" / "histo" / "make_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def cohort_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("histo_cohort")
+    load_make_data().make_feature_cohort(root, n_slides=36, n_external=20, dim=16, tiles=(30, 50))
+    return root
+
+
+def write_labels(path: Path, rows: list[tuple]) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "patient_id", "label"])
+        w.writerows(rows)
+    return path
+
+
+# ---------------------------------------------------------------- models
+
+def test_gated_attention_matches_the_formula_and_ignores_tile_order():
+    torch.manual_seed(0)
+    m = GatedAttentionMIL(8, 2, hidden=6, attn_dim=4).eval()
+    bag = torch.randn(11, 8)
+    logits, a = m(bag)
+    h = torch.relu(bag @ m.embed[0].weight.T + m.embed[0].bias)
+    s = (torch.tanh(h @ m.attn_v.weight.T + m.attn_v.bias) * torch.sigmoid(h @ m.attn_u.weight.T + m.attn_u.bias)) \
+        @ m.attn_w.weight.T + m.attn_w.bias
+    expected_a = torch.softmax(s.squeeze(-1), 0)
+    torch.testing.assert_close(a, expected_a)
+    torch.testing.assert_close(logits, m.classifier(expected_a @ h))
+    perm = torch.randperm(11)
+    logits_p, a_p = m(bag[perm])
+    torch.testing.assert_close(logits_p, logits)
+    torch.testing.assert_close(a_p, a[perm])
+
+
+def test_chowder_uses_top_and_bottom_scores_and_meanpool_the_mean():
+    torch.manual_seed(0)
+    ch = Chowder(4, 2, n_extreme=2).eval()
+    bag = torch.randn(9, 4)
+    logits, a = ch(bag)
+    scores = ch.tile_score(bag)
+    srt = scores.sort(0, descending=True).values
+    ext = torch.cat([srt[:2], srt.flip(0)[:2]], 0).T
+    torch.testing.assert_close(logits, ch.mlp(ext).squeeze(-1))
+    assert a.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert ch(torch.randn(1, 4))[0].shape == (2,)  # a one-tile bag still works
+    mp = MeanPoolMIL(4, 3).eval()
+    logits, a = mp(bag)
+    torch.testing.assert_close(logits, mp.classifier(mp.embed(bag).mean(0)))
+    torch.testing.assert_close(a, torch.full((9,), 1 / 9))
+
+
+def test_patient_folds_keep_patients_together_and_stratify():
+    labels = np.array([0, 0, 1, 1] * 10)
+    patients = [f"p{i // 2}" for i in range(40)]  # two slides per patient
+    folds = C.patient_folds(labels, patients, 4, seed=1)
+    assert len(folds) == 4
+    seen = np.concatenate([va for _, va in folds])
+    assert sorted(seen) == list(range(40))
+    for tr, va in folds:
+        assert not {patients[i] for i in tr} & {patients[i] for i in va}
+        assert set(labels[va]) == {0, 1}
+
+
+def test_multiclass_auc_ci_against_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 60)
+    p = rng.dirichlet([1, 1, 1], 60)
+    p[np.arange(60), y] += 0.5
+    p /= p.sum(1, keepdims=True)
+    auc, lo, hi = auc_ci(y, p, n_boot=100, seed=0)
+    assert auc == pytest.approx(roc_auc_score(y, p, multi_class="ovr"))
+    assert lo < auc < hi
+
+
+# ---------------------------------------------------------------- label errors
+
+def test_label_errors_are_clear(cohort_dir, tmp_path):
+    feats = cohort_dir / "train"
+    dup = write_labels(tmp_path / "dup.csv", [("train_000", "a", 0), ("train_000", "a", 0), ("train_001", "b", 1)])
+    with pytest.raises(DomainFMError, match="duplicate slide ids: train_000"):
+        C.load_cohort(feats, dup)
+    missing = write_labels(tmp_path / "missing.csv", [("train_000", "a", 0), ("ghost_1", "b", 1), ("ghost_2", "c", 1)])
+    with pytest.raises(DomainFMError, match="2 labelled slide.*ghost_1, ghost_2"):
+        C.load_cohort(feats, missing)
+    words = write_labels(tmp_path / "words.csv", [("train_000", "a", "MSI"), ("train_001", "b", "MSS")])
+    with pytest.raises(DomainFMError, match="non-numeric.*0 and the positive class as 1"):
+        C.load_cohort(feats, words)
+    one = write_labels(tmp_path / "one.csv", [("train_000", "a", 1), ("train_001", "b", 1)])
+    with pytest.raises(DomainFMError, match="single class"):
+        C.load_cohort(feats, one)
+    rare = write_labels(tmp_path / "rare.csv", [(f"train_{i:03d}", f"p{i}", int(i == 0)) for i in range(12)])
+    co = C.load_cohort(feats, rare)
+    with pytest.raises(DomainFMError, match="fold .* only class"):
+        C.patient_folds(co.labels, co.patient_ids, 3, 0, rare)
+    # three string classes are a multi-class target, in sorted order
+    multi = write_labels(tmp_path / "multi.csv", [("train_000", "a", "b"), ("train_001", "b", "a"), ("train_002", "c", "c")])
+    co = C.load_cohort(feats, multi)
+    assert co.class_names == ["a", "b", "c"] and list(co.labels) == [1, 0, 2]
+
+
+def test_pipeline_error_exits_2_naming_the_slides(cohort_dir, tmp_path, mlflow_store):
+    missing = write_labels(tmp_path / "missing.csv", [("train_000", "a", 0), ("ghost_1", "b", 1)])
+    res = CliRunner().invoke(command, ["--features", str(cohort_dir / "train"), "--labels", str(missing),
+                                       "--target", "msi"])
+    assert res.exit_code == 2
+    assert res.output.startswith("error: ") and "ghost_1" in res.output and "Fix:" in res.output
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_pipeline_ensemble_finds_and_looks_at_the_planted_tiles(cohort_dir, tmp_path, mlflow_store):
+    import mlflow
+    from mlflow import MlflowClient
+
+    out_json = tmp_path / "metrics.json"
+    args = ["--features", str(cohort_dir / "train"), "--labels", str(cohort_dir / "train" / "labels.csv"),
+            "--target", "msi", "--external-features", str(cohort_dir / "external"),
+            "--external-labels", str(cohort_dir / "external" / "labels.csv"),
+            "--folds", "3", "--seeds", "2", "--epochs", "6", "--patience", "3", "--lr", "1e-3",
+            "--n-boot", "200", "--max-heatmaps", "2", "--max-tiles-per-slide", "40",
+            "--out", str(tmp_path / "out"), "--json", str(out_json)]
+    res = CliRunner().invoke(command, args)
+    assert res.exit_code == 0, res.output
+    m = json.loads(out_json.read_text())
+    for key in ("cv_auc_mean", "external_auc_ensemble", "external_auc_ensemble_ci", "external_auc_oneshot",
+                "mlflow_run_id"):
+        assert key in m
+    assert m["external_auc_ensemble"] >= 0.9
+    lo, hi = m["external_auc_ensemble_ci"]
+    assert lo <= m["external_auc_ensemble"] <= hi
+    assert m["n_members"] == 6
+
+    # the ensemble's numbers are the external predictions' numbers (independent recomputation)
+    from sklearn.metrics import roc_auc_score
+
+    table = mlflow.artifacts.download_artifacts(run_id=m["mlflow_run_id"], tracking_uri=mlflow_store,
+                                                artifact_path="tables/external_predictions.csv")
+    preds = list(csv.DictReader(open(table)))
+    y = [int(r["label"]) for r in preds]
+    assert roc_auc_score(y, [float(r["prob_ensemble_1"]) for r in preds]) == pytest.approx(m["external_auc_ensemble"])
+    assert roc_auc_score(y, [float(r["prob_oneshot_1"]) for r in preds]) == pytest.approx(m["external_auc_oneshot"])
+
+    # MLflow: a parent run with one child per member plus the one-shot model, and a registered model
+    client = MlflowClient(tracking_uri=mlflow_store)
+    parent = client.get_run(m["mlflow_run_id"])
+    assert parent.data.metrics["external_auc_ensemble"] == pytest.approx(m["external_auc_ensemble"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    names = sorted(r.info.run_name for r in children)
+    assert names == sorted([f"fold{k}-seed{s}" for k in range(3) for s in range(2)] + ["oneshot"])
+    assert all("val_auc" in r.data.metrics for r in children if r.info.run_name != "oneshot")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/roc_cv.png", "plots/roc_external.png"} <= artifacts
+    assert len(client.list_artifacts(parent.info.run_id, "heatmaps")) == 2
+
+    # the registered pyfunc model: one bag in, probability and attention out; attention on planted tiles
+    mlflow.set_tracking_uri(mlflow_store)
+    model = mlflow.pyfunc.load_model("models:/histo-msi@candidate")
+    hits, total = 0, 0
+    for r in preds:
+        if r["label"] != "1":
+            continue
+        with h5py.File(cohort_dir / "external" / "features" / f"{r['slide_id']}.h5") as f:
+            feats, planted = f["features"][:], f["planted"][:]
+        out = model.predict(feats)
+        assert out["probability"] == pytest.approx(float(r["prob_ensemble_1"]), abs=1e-5)
+        att = np.asarray(out["attention"])
+        assert att.shape == (len(feats),) and att.sum() == pytest.approx(1.0, abs=1e-4)
+        k = int(planted.sum())
+        top = np.argsort(-att)[:k]
+        hits += int(planted[top].sum())
+        total += k
+    assert hits / total >= 0.7, f"only {hits}/{total} top-attention tiles are planted ones"
+
+    # one slide's heatmap through the plugin command, from the registered model
+    from plugins.histo.cli import heatmap_command
+
+    sid = next(r["slide_id"] for r in preds if r["label"] == "1")
+    png = tmp_path / "one.png"
+    res = CliRunner().invoke(heatmap_command, [sid, "--features", str(cohort_dir / "external" / "features" / f"{sid}.h5"),
+                                               "--model", "models:/histo-msi@candidate", "--out", str(png)])
+    assert res.exit_code == 0, res.output
+    from PIL import Image
+
+    assert Image.open(png).size[0] > 10
