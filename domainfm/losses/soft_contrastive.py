@@ -131,14 +131,15 @@ def _chunked_forward(t, s, labels, temperature, kind, soft_target, symmetric, ch
     import torch.nn.functional as F
 
     n = t.shape[0]
+    t_scaled = t / temperature  # folds 1/temperature into O(N*D) work instead of every block
     lse_row = t.new_empty(n)
     lse_col = t.new_full((n,), float("-inf")) if symmetric else None
-    sim_rowsum = t.new_empty(n)
+    sim_rowsum = t.new_ones(n)
     sim_logit_row = t.new_empty(n)  # Σ_j S_ij A_ij
     sim_logit_col = t.new_zeros(n)  # Σ_i S_ij A_ij
     bce_sum = t.new_zeros(())
     for r0, r1 in _blocks(n, chunk):
-        logits = (t[r0:r1] @ s.T) / temperature
+        logits = t_scaled[r0:r1] @ s.T
         lse_row[r0:r1] = logits.logsumexp(dim=1)
         if symmetric:
             # online log-sum-exp down each column, block by block
@@ -146,14 +147,14 @@ def _chunked_forward(t, s, labels, temperature, kind, soft_target, symmetric, ch
         sim = label_similarity_block(labels[r0:r1], labels, kind, row_offset=r0)
         if soft_target == "ce":
             sim_rowsum[r0:r1] = sim.sum(dim=1)
-            weighted = sim * logits
+            weighted = sim.mul_(logits)  # sim is not needed after this
             sim_logit_row[r0:r1] = weighted.sum(dim=1)
             if symmetric:
                 sim_logit_col += weighted.sum(dim=0)
         else:
             # BCE with logits, summed: softplus(a) - s * a
-            bce_sum += (F.softplus(logits) - sim * logits).sum()
-    diag = (t * s).sum(dim=1) / temperature  # A_ii
+            bce_sum += F.softplus(logits).sum() - sim.mul_(logits).sum()
+    diag = (t_scaled * s).sum(dim=1)  # A_ii
 
     hard = (lse_row - diag).mean()
     if symmetric:
@@ -175,6 +176,7 @@ def _chunked_backward(t, s, labels, temperature, kind, soft_target, symmetric, c
     import torch
 
     n = t.shape[0]
+    t_scaled = t / temperature
     grad_t = torch.zeros_like(t) if need_t else None
     grad_s = torch.zeros_like(s) if need_s else None
     half = 0.5 if symmetric else 1.0
@@ -182,26 +184,26 @@ def _chunked_backward(t, s, labels, temperature, kind, soft_target, symmetric, c
     # d/dA_kl of hard_row and of ce_row are (P_kl - δ_kl)/n and (P_kl - T_kl)/n, P = softmax_rows(A);
     # of hard_col and ce_col (Q_kl - δ_kl)/n and (Q_kl - T_lk)/n, Q = softmax_columns(A), T_lk = S_kl/rowsum_l
     softmax_coef = half * (grad_hard + grad_ce) / n
-    target_coef = half * grad_ce / n
+    target_coef = -half * grad_ce / n / sim_rowsum  # per row k (row direction) or column l (column direction)
     for r0, r1 in _blocks(n, chunk):
-        logits = (t[r0:r1] @ s.T) / temperature
-        grad = torch.exp(logits - lse_row[r0:r1, None]).mul_(softmax_coef)
+        logits = t_scaled[r0:r1] @ s.T
+        grad = (logits - lse_row[r0:r1, None]).exp_().mul_(softmax_coef)
         if symmetric:
-            grad += torch.exp(logits - lse_col[None, :]).mul_(softmax_coef)
+            grad += (logits - lse_col[None, :]).exp_().mul_(softmax_coef)
         sim = label_similarity_block(labels[r0:r1], labels, kind, row_offset=r0)
         if soft_target == "ce":
-            grad -= (sim / sim_rowsum[r0:r1, None]).mul_(target_coef)
+            grad.addcmul_(sim, target_coef[r0:r1, None])
             if symmetric:
-                grad -= (sim / sim_rowsum[None, :]).mul_(target_coef)
+                grad.addcmul_(sim, target_coef[None, :])
         else:
-            grad += (torch.sigmoid(logits) - sim).mul_(grad_soft / (n * n))
+            grad += logits.sigmoid_().sub_(sim).mul_(grad_soft / (n * n))
         # the hard target: half from each direction when symmetric, so grad_hard/n in total
         grad.diagonal(offset=r0).sub_(grad_hard / n)
-        grad /= temperature
+        # A = t s^T / temperature
         if need_t:
-            grad_t[r0:r1] = grad @ s
+            grad_t[r0:r1] = (grad @ s).div_(temperature)
         if need_s:
-            grad_s += grad.T @ t[r0:r1]
+            grad_s.addmm_(grad.T, t_scaled[r0:r1])
     return grad_t, grad_s
 
 
