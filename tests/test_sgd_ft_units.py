@@ -1,0 +1,160 @@
+"""sgd-ft building blocks without Lightning: which parameters freeze, exact optimizer-state bytes,
+and the ImageFolder reader on real PNG and GeoTIFF files (good and bad)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from domainfm.backbones import create_backbone
+from domainfm.errors import DomainFMError
+from plugins.sgd_ft.data import ImageFolderClassification, band_statistics, check_channels, scan_split
+from plugins.sgd_ft.model import Classifier, apply_freezing
+from plugins.sgd_ft.optim import build_optimizer, optimizer_state_bytes, per_parameter_state_bytes
+
+_spec = importlib.util.spec_from_file_location("sgd_ft_make_data",
+                                               Path(__file__).parent / "data" / "sgd_ft" / "make_data.py")
+make_data = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_data)
+
+
+def _classifier(name: str, img_size: int = 32, **kw) -> Classifier:
+    torch.manual_seed(0)
+    if name.startswith("vit"):
+        kw.setdefault("depth", 2)  # the same structure as the full model, at a fraction of the cost
+    return Classifier(create_backbone(name, in_chans=3, img_size=img_size, init="random", **kw), num_outputs=3)
+
+
+# ---------------------------------------------------------------- freezing
+
+@pytest.mark.parametrize("name, pos, expected", [
+    ("resnet18", False, {"conv1.weight", "bn1.weight", "bn1.bias"}),
+    ("convnext_atto", False, {"stem.0.weight", "stem.0.bias", "stem.1.weight", "stem.1.bias"}),
+    ("vit_tiny_patch16_224", False, {"patch_embed.proj.weight", "patch_embed.proj.bias"}),
+    ("vit_tiny_patch16_224", True, {"patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token"}),
+])
+def test_embedding_layer_is_found_and_only_it_is_frozen(name, pos, expected):
+    model = _classifier(name)
+    report = apply_freezing(model, freeze_embed=True, freeze_pos_embed=pos)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"backbone.model.{n}" for n in expected}
+    timm_params = dict(model.backbone.model.named_parameters())
+    assert report.frozen_params == sum(timm_params[n].numel() for n in expected)
+    assert report.trainable_params == sum(p.numel() for p in model.parameters()) - report.frozen_params
+
+
+def test_pos_embed_alone_and_nothing_frozen():
+    model = _classifier("vit_tiny_patch16_224")
+    report = apply_freezing(model, freeze_embed=False, freeze_pos_embed=True)
+    assert set(report.names) == {"backbone.model.pos_embed", "backbone.model.cls_token"}
+    plain = _classifier("vit_tiny_patch16_224")
+    assert apply_freezing(plain, freeze_embed=False, freeze_pos_embed=False).frozen_params == 0
+    assert all(p.requires_grad for p in plain.parameters())
+
+
+def test_frozen_stem_batchnorm_keeps_its_running_statistics():
+    model = _classifier("resnet18")
+    apply_freezing(model, freeze_embed=True, freeze_pos_embed=False)
+    model.train()
+    stem_bn, block_bn = model.backbone.model.bn1, model.backbone.model.layer1[0].bn1
+    assert not stem_bn.training and block_bn.training
+    before = stem_bn.running_mean.clone(), block_bn.running_mean.clone()
+    model(torch.randn(4, 3, 32, 32))
+    assert torch.equal(stem_bn.running_mean, before[0])
+    assert not torch.equal(block_bn.running_mean, before[1])
+
+
+# ---------------------------------------------------------------- optimizer state
+
+def _step(model: Classifier, opt) -> None:
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 2]))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("optimizer, momentum", [("sgd", 0.9), ("sgd", 0.0), ("adamw", 0.9)])
+def test_optimizer_state_is_exactly_4_0_or_8_bytes_per_trainable_parameter(optimizer, momentum):
+    model = _classifier("vit_tiny_patch16_224")
+    apply_freezing(model, freeze_embed=True, freeze_pos_embed=False)
+    trainable = [p for n, p in model.named_parameters() if not n.startswith("backbone.model.patch_embed.")]
+    n_scalars = sum(p.numel() for p in trainable)
+    opt = build_optimizer(model.parameters(), optimizer, lr=1e-3, momentum=momentum)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in trainable}
+    _step(model, opt)
+    expected_per_param = {("sgd", 0.9): 4, ("sgd", 0.0): 0, ("adamw", 0.9): 8}[(optimizer, momentum)]
+    # AdamW also keeps one fp32 step counter per parameter tensor
+    counters = 4 * len(trainable) if optimizer == "adamw" else 0
+    assert optimizer_state_bytes(opt) == expected_per_param * n_scalars + counters
+    assert per_parameter_state_bytes(opt) == expected_per_param
+
+
+def test_every_parameter_frozen_is_a_clear_error():
+    model = _classifier("resnet18")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(DomainFMError, match="nothing to fine-tune"):
+        build_optimizer(model.parameters(), "sgd", lr=0.1)
+
+
+# ---------------------------------------------------------------- data
+
+def test_imagefolder_png_reads_back_what_was_written(tmp_path):
+    root = make_data.write_imagefolder(tmp_path / "d", train=2, val=1, size=20)
+    classes, files = scan_split(root, "train")
+    assert classes == list(make_data.CLASSES)
+    assert [f.label for f in files] == [0, 0, 1, 1, 2, 2]
+    assert check_channels(files, None) == 3
+    ds = ImageFolderClassification(files, classes, img_size=20, mean=[0.5] * 3, std=[0.25] * 3)
+    from PIL import Image
+
+    raw = np.asarray(Image.open(files[3].path).convert("RGB"), np.float32).transpose(2, 0, 1) / 255
+    item = ds[3]
+    assert item["label"] == 1
+    np.testing.assert_allclose(item["image"].numpy(), (raw - 0.5) / 0.25, atol=1e-6)
+    assert ImageFolderClassification(files, classes, img_size=28, mean=[0] * 3, std=[1] * 3)[0]["image"].shape == (3, 28, 28)
+    fig = ds.plot(item, prediction=2)
+    assert "forest" in fig.axes[0].get_title() and "water" in fig.axes[0].get_title()
+
+
+def test_geotiff_bands_are_standardised_with_train_statistics(tmp_path):
+    import rasterio
+
+    root = make_data.write_imagefolder(tmp_path / "g", fmt="tif", bands=5, train=3, val=1, size=16)
+    classes, files = scan_split(root, "train")
+    assert check_channels(files, 5) == 5
+    mean, std = band_statistics(files)
+    stack = []
+    for f in files:
+        with rasterio.open(f.path) as src:
+            stack.append(src.read().astype(np.float64))
+    stack = np.stack(stack)  # [N, C, H, W]
+    np.testing.assert_allclose(mean, stack.mean(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(std, stack.std(axis=(0, 2, 3)), rtol=1e-4)
+    ds = ImageFolderClassification(files, classes, img_size=16, mean=mean, std=std)
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    assert images.shape == (9, 5, 16, 16)
+    np.testing.assert_allclose(images.mean(dim=(0, 2, 3)).numpy(), 0, atol=1e-4)
+    np.testing.assert_allclose(images.std(dim=(0, 2, 3), unbiased=False).numpy(), 1, atol=1e-3)
+
+
+def test_bad_folders_are_named(tmp_path):
+    root = make_data.write_imagefolder(tmp_path / "d", train=1, val=1, size=8)
+    (root / "train" / "empty").mkdir()
+    (root / "train" / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(DomainFMError, match=r"train/empty: class folder holds no images"):
+        scan_split(root, "train")
+    (root / "train" / "empty" / "notes.txt").unlink()
+    (root / "train" / "empty").rmdir()
+    (root / "val" / "desert").mkdir()
+    make_data.write_png(root / "val" / "desert" / "0.png", np.zeros((3, 8, 8), np.float32))
+    with pytest.raises(DomainFMError, match=r"val: classes desert are not in train/"):
+        scan_split(root, "val", scan_split(root, "train")[0])
+    bad = root / "train" / "forest" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(DomainFMError, match=r"broken\.png: cannot be read as an image"):
+        scan_split(root, "train")
