@@ -37,17 +37,15 @@ def tissue_image(width: int, height: int, seed: int = 0) -> np.ndarray:
     """RGB uint8 [H, W, 3]: white background with textured blobs; the layout scales with the size."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    u, v = xx / width, yy / height
     img = np.full((height, width, 3), 242, np.float32)
-    img += rng.normal(0, 2.0, size=(height, width, 1))  # faint background noise, still white
+    img += rng.normal(0, 2.0, size=(height, width, 1)).astype(np.float32)  # faint noise, still white
+    # texture shared by all blobs: low-frequency stain variation, dark nucleus-like speckles, grain
+    texture = np.sin(u * 37.0) * np.cos(v * 29.0) * 12.0 - (rng.random((height, width)) < 0.03) * 70.0
+    grain = rng.normal(0, 6.0, size=(height, width, 3)).astype(np.float32)
     for (cx, cy), (rx, ry), colour in BLOBS:
-        d = ((xx / width - cx) / rx) ** 2 + ((yy / height - cy) / ry) ** 2
-        inside = d <= 1.0
-        # texture: low-frequency stain variation plus dark nucleus-like speckles
-        stain = np.sin(xx / width * 37.0) * np.cos(yy / height * 29.0) * 12.0
-        speckle = (rng.random((height, width)) < 0.03) * 70.0
-        for c in range(3):
-            channel = colour[c] + stain - speckle - rng.normal(0, 6.0, size=(height, width))
-            img[..., c] = np.where(inside, channel, img[..., c])
+        inside = ((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2 <= 1.0
+        img[inside] = np.asarray(colour, np.float32) + texture[inside, None] - grain[inside]
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

@@ -1,0 +1,146 @@
+"""histo embed: features equal a direct forward pass on tiles read by OpenSlide; workers, --coords,
+reruns, failures and bf16 behave; the CLAM/TRIDENT HDF5 layout is what h5py reads back."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from plugins.histo.cli import embed_command, tile_command
+
+HERE = Path(__file__).parent
+COMMON = ["--mpp", "2", "--tile-size", "32", "--batch-size", "8"]
+
+
+def load_make_data():
+    spec = importlib.util.spec_from_file_location("histo_make_data", HERE / "data" / "histo" / "make_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    return load_make_data().make_slides(tmp_path_factory.mktemp("histo_embed_slides"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions on a shared 2-core machine: one thread is many times faster than two."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A tiny random ResNet (timm's test_resnet) saved as a domainfm export: every test sees the
+    same encoder."""
+    from domainfm.backbones import create_backbone, save_backbone
+
+    torch.manual_seed(0)
+    return save_backbone(create_backbone("test_resnet", img_size=32, init="random"),
+                         tmp_path_factory.mktemp("histo_weights") / "encoder.safetensors")
+
+
+def embed(args, **kw):
+    return CliRunner().invoke(embed_command, [str(a) for a in args], **kw)
+
+
+def read_h5(path):
+    with h5py.File(path) as f:
+        return f["features"][:], f["coords"][:], dict(f.attrs)
+
+
+def expected_features(slide_path, coords, level, read_size, tile_size, weights):
+    """Independent of the plugin: OpenSlide read, Pillow resize, timm normalisation, forward."""
+    import openslide
+    from PIL import Image
+
+    from domainfm.backbones import load_backbone
+
+    model = load_backbone(weights, img_size=tile_size).eval()
+    mean = torch.tensor(model.data_config["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(model.data_config["std"]).view(1, 3, 1, 1)
+    slide = openslide.OpenSlide(str(slide_path))
+    tiles = []
+    for x, y in coords:
+        rgba = slide.read_region((int(x), int(y)), level, (read_size, read_size))
+        rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+        tiles.append(np.asarray(rgb.resize((tile_size, tile_size), Image.Resampling.BILINEAR)))
+    x = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        return model((x - mean) / std).numpy()
+
+
+def test_features_equal_a_direct_forward_pass(slides, weights, tmp_path):
+    res = embed([slides["svs"], slides["tiff"], "--out", tmp_path, "--weights", weights, "--num-workers", "0", *COMMON])
+    assert res.exit_code == 0, res.output
+    # 2 µm/px: the SVS (0.25) reads level 1 (1 µm/px, 64 px), the TIFF (0.5) level 1 (2 µm/px, 32 px)
+    for key, level, read_size, size0 in (("svs", 1, 64, 256), ("tiff", 1, 32, 128)):
+        feats, coords, attrs = read_h5(tmp_path / "features" / f"{Path(slides[key]).stem}.h5")
+        assert feats.dtype == np.float32 and feats.shape == (len(coords), 96) and len(coords) > 3
+        assert coords.dtype == np.int64 and coords.shape[1] == 2
+        assert attrs["mpp"] == 2.0 and attrs["tile_size"] == 32 and attrs["tile_size_level0"] == size0
+        assert attrs["encoder"] == str(weights) and attrs["domainfm_version"]
+        ref = expected_features(slides[key], coords, level, read_size, 32, weights)
+        np.testing.assert_allclose(feats, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_workers_and_reused_coords_give_the_same_features(slides, weights, tmp_path):
+    base = tmp_path / "base"
+    assert embed([slides["tiff"], "--out", base, "--weights", weights, "--num-workers", "0", *COMMON]).exit_code == 0
+    tiles = tmp_path / "tiles"
+    assert CliRunner().invoke(tile_command, [str(slides["tiff"]), "--out", str(tiles), "--mpp", "2",
+                                             "--tile-size", "32"]).exit_code == 0
+    other = tmp_path / "other"
+    res = embed([slides["tiff"], "--out", other, "--weights", weights, "--num-workers", "2", "--coords", tiles, *COMMON])
+    assert res.exit_code == 0, res.output
+    f0, c0, _ = read_h5(base / "features" / "generic_20x.h5")
+    f1, c1, _ = read_h5(other / "features" / "generic_20x.h5")
+    np.testing.assert_array_equal(c0, c1)
+    np.testing.assert_allclose(f0, f1, rtol=1e-5, atol=1e-5)
+    # coords made at another µm/px are refused, naming the fix
+    res = embed([slides["tiff"], "--out", tmp_path / "x", "--weights", weights, "--coords", tiles,
+                 "--mpp", "1", "--tile-size", "32"])
+    assert res.exit_code == 1 and "--mpp 2.0 --tile-size 32" in res.output
+
+
+def test_failures_are_listed_and_a_rerun_skips_finished_slides(slides, weights, tmp_path):
+    args = [slides["svs"], slides["truncated"], slides["no_mpp"], "--out", tmp_path, "--weights", weights,
+            "--num-workers", "0", *COMMON]
+    res = embed(args)
+    assert res.exit_code == 1
+    assert "2 of 3 slides failed" in res.output
+    rows = {r["slide_id"]: r["error"] for r in csv.DictReader(open(tmp_path / "failures.csv"))}
+    assert set(rows) == {"truncated", "no_mpp"} and "--slide-mpp" in rows["no_mpp"]
+    done = tmp_path / "features" / "aperio_40x.h5"
+    stamp = done.stat().st_mtime_ns
+    assert not list(tmp_path.rglob("*.partial"))
+    # second run: the finished slide is skipped, the no-mpp slide now has a value, the truncated one still fails
+    res = embed([*args, "--slide-mpp", "0.5"])
+    assert res.exit_code == 1 and "1 already done" in res.output
+    assert done.stat().st_mtime_ns == stamp
+    assert (tmp_path / "features" / "no_mpp.h5").is_file()
+    rows = {r["slide_id"] for r in csv.DictReader(open(tmp_path / "failures.csv"))}
+    assert rows == {"truncated"}
+
+
+def test_bf16_features_are_close_to_fp32(slides, weights, tmp_path):
+    assert embed([slides["tiff"], "--out", tmp_path / "a", "--weights", weights, "--num-workers", "0", *COMMON]).exit_code == 0
+    res = embed([slides["tiff"], "--out", tmp_path / "b", "--weights", weights, "--num-workers", "0",
+                 "--precision", "bf16-mixed", *COMMON])
+    assert res.exit_code == 0, res.output
+    fa, _, _ = read_h5(tmp_path / "a" / "features" / "generic_20x.h5")
+    fb, _, _ = read_h5(tmp_path / "b" / "features" / "generic_20x.h5")
+    cos = (fa * fb).sum(1) / np.linalg.norm(fa, axis=1) / np.linalg.norm(fb, axis=1)
+    assert cos.min() > 0.98
+    assert not np.array_equal(fa, fb)  # bf16 really ran
