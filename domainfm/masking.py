@@ -56,20 +56,26 @@ def keep_mask(keep_idx: "torch.Tensor", num_patches: int) -> "torch.Tensor":
 def mask_image_patches(images: "torch.Tensor", keep_idx: "torch.Tensor", patch_size) -> "torch.Tensor":
     """``images`` ``[B, C, H, W]`` with the pixels of every dropped patch set to 0 (a new tensor).
 
-    ``patch_size`` is an int or ``(height, width)``; H and W must be multiples of it. Gradients
-    flow to the kept pixels.
+    ``patch_size`` is an int or ``(height, width)``. The grid has ``H // ph`` x ``W // pw`` patches
+    (what ``keep_idx`` indexes). When H or W is not a multiple of the patch size, the grid is
+    stretched over the whole image (pixel row ``r`` belongs to grid row ``r * grid_h // H``), so
+    no border strip escapes the mask. Gradients flow to the kept pixels.
     """
+    import torch
+
     ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
     b, _, h, w = images.shape
-    if h % ph or w % pw:
+    if h < ph or w < pw:
         raise DomainFMError(
-            f"image size {h}x{w} is not a multiple of the mask patch size {ph}x{pw}",
-            fix="use an --img-size divisible by the patch size",
+            f"image size {h}x{w} is smaller than the mask patch size {ph}x{pw}",
+            fix="use an --img-size of at least one patch",
         )
     if keep_idx.shape[0] != b:
         raise DomainFMError(f"keep indices are for {keep_idx.shape[0]} images, the batch has {b}",
                             fix="draw one row of keep indices per image")
     grid_h, grid_w = h // ph, w // pw
     mask = keep_mask(keep_idx.to(images.device), grid_h * grid_w).view(b, 1, grid_h, grid_w)
-    pixel_mask = mask.repeat_interleave(ph, dim=2).repeat_interleave(pw, dim=3)
+    rows = torch.arange(h, device=images.device) * grid_h // h
+    cols = torch.arange(w, device=images.device) * grid_w // w
+    pixel_mask = mask[:, :, rows][:, :, :, cols]
     return images * pixel_mask.to(images.dtype)

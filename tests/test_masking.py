@@ -70,6 +70,14 @@ def _zeroed_by_loops(images, keep, ph, pw):
     return out
 
 
+def test_cnn_masking_stretches_the_grid_when_the_size_is_not_a_multiple():
+    # 10x7 pixels, patch 4 → a 2x1 grid; rows 0-4 are patch 0, rows 5-9 patch 1 (r * 2 // 10)
+    images = torch.ones(2, 1, 10, 7)
+    masked = mask_image_patches(images, torch.tensor([[0], [1]]), 4)
+    assert masked[0, 0, :5].eq(1).all() and masked[0, 0, 5:].eq(0).all()
+    assert masked[1, 0, :5].eq(0).all() and masked[1, 0, 5:].eq(1).all()
+
+
 @pytest.mark.parametrize("size,patch", [((8, 8), 2), ((12, 8), (3, 4)), ((28, 28), 14)])
 def test_cnn_masking_zeroes_exactly_the_dropped_patches(size, patch):
     ph, pw = (patch, patch) if isinstance(patch, int) else patch
@@ -93,7 +101,9 @@ def test_cnn_masking_passes_gradients_to_kept_pixels_only():
 
 
 def test_bad_masking_input_is_an_error():
-    with pytest.raises(DomainFMError, match="not a multiple of the mask patch size 3x3"):
-        mask_image_patches(torch.zeros(1, 1, 8, 8), torch.tensor([[0]]), 3)
+    with pytest.raises(DomainFMError, match="smaller than the mask patch size 16x16"):
+        mask_image_patches(torch.zeros(1, 1, 8, 8), torch.tensor([[0]]), 16)
+    with pytest.raises(DomainFMError, match="keep indices are for 2 images, the batch has 1"):
+        mask_image_patches(torch.zeros(1, 1, 8, 8), torch.tensor([[0], [1]]), 4)
     with pytest.raises(DomainFMError, match="--mask-ratio"):
         random_keep_indices(1, 16, 1.5)
