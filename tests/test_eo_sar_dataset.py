@@ -114,6 +114,21 @@ def test_labels_from_landcover_equal_a_hand_count(tmp_path):
     assert present(0.5) == {"water"}  # 60/98
 
 
+def test_landcover_counts_are_cached_and_follow_edits(tmp_path):
+    root = make_data.write_dataset(tmp_path / "root", n_patches=2, modalities=("s2",))
+    EOSARPatches(root, "s2")
+    cache = root / ".domainfm_landcover.json"
+    record = json.loads(cache.read_text())
+    assert record["classes"] == list(CLASS_NAMES) and sorted(record["counts"]) == ["p00", "p01"]
+    with rasterio.open(root / "landcover" / "p01.tif") as src:
+        lc = src.read(1)
+    assert record["counts"]["p01"] == np.bincount(lc[lc != 255], minlength=9).tolist()
+    # a rewritten raster is counted again
+    snow = np.full_like(lc, CLASS_NAMES.index("snow_and_ice"))
+    make_data.write_raster(root / "landcover" / "p01.tif", snow[None], nodata=255, crs="EPSG:32633")
+    assert EOSARPatches(root, "s2").labels_of(1).tolist() == [0] * 8 + [1]
+
+
 def test_labels_csv_overrides_landcover(tmp_path):
     root = make_data.write_dataset(tmp_path / "root", n_patches=3, modalities=("s2",))
     before = EOSARPatches(root, "s2")

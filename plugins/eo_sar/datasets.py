@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import Dataset
 
 from domainfm.errors import DomainFMError
-from plugins.eo_sar.bands import BANDS, CLASS_NAMES, LABELS_FILE, LANDCOVER_NODATA, MODALITY_NAMES, S2_RGB, STATS_FILE
+from plugins.eo_sar.bands import (BANDS, CLASS_NAMES, LABELS_FILE, LANDCOVER_CACHE_FILE, LANDCOVER_NODATA, MODALITY_NAMES,
+                                  S2_RGB, STATS_FILE)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 STATS_VERSION = 1
@@ -166,15 +167,22 @@ def _progress(items: Sequence, description: str):
 # ----------------------------------------------------------------------------------------------
 
 
-def landcover_fractions(landcover: np.ndarray) -> np.ndarray:
-    """Fraction of the valid pixels covered by each Dynamic World class (zeros if none is valid).
-
-    Pixels equal to 255 (nodata) or outside 0..8 are not valid.
-    """
+def landcover_counts(landcover: np.ndarray) -> np.ndarray:
+    """Valid pixels per Dynamic World class; 255 (nodata) and ids outside 0..8 are not valid."""
     values = landcover[(landcover != LANDCOVER_NODATA) & (landcover < len(CLASS_NAMES))].astype(np.int64)
-    if values.size == 0:
-        return np.zeros(len(CLASS_NAMES))
-    return np.bincount(values, minlength=len(CLASS_NAMES)) / values.size
+    return np.bincount(values.ravel(), minlength=len(CLASS_NAMES))
+
+
+def fractions_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Fraction of the valid pixels covered by each class (zeros if no pixel is valid)."""
+    counts = np.asarray(counts)
+    total = counts.sum()
+    return counts / total if total else np.zeros(len(CLASS_NAMES))
+
+
+def landcover_fractions(landcover: np.ndarray) -> np.ndarray:
+    """Fraction of the valid pixels of a land-cover map covered by each Dynamic World class."""
+    return fractions_from_counts(landcover_counts(landcover))
 
 
 def labels_from_fractions(fractions: np.ndarray, threshold: float) -> np.ndarray:
@@ -241,12 +249,37 @@ def read_labels_csv(path: Path, patch_ids: Sequence[str], modality_folder: Path)
 # ----------------------------------------------------------------------------------------------
 
 
-def file_list_fingerprint(files: Sequence[PatchFile]) -> str:
-    """Changes when a file is added, removed, renamed or rewritten with a different size."""
+def file_list_fingerprint(paths: Sequence[Path], *, with_mtime: bool = False) -> str:
+    """Changes when a file is added, removed, renamed or rewritten with a different size (and,
+    ``with_mtime``, when it is rewritten at all)."""
     h = hashlib.sha256()
-    for f in sorted(files, key=lambda f: f.path.name):
-        h.update(f"{f.path.name}:{f.path.stat().st_size}\n".encode())
+    for p in sorted(paths, key=lambda p: p.name):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns if with_mtime else 0}\n".encode())
     return h.hexdigest()
+
+
+def _read_cache(path: Path, fingerprint: str) -> dict | None:
+    """The JSON cache at ``path`` if it was written for ``fingerprint`` (a damaged one is ignored)."""
+    if not path.is_file():
+        return None
+    try:
+        cached = json.loads(path.read_text())
+    except ValueError:
+        return None
+    if isinstance(cached, dict) and cached.get("version") == STATS_VERSION and cached.get("fingerprint") == fingerprint:
+        return cached
+    return None
+
+
+def _write_cache(path: Path, record: dict) -> None:
+    """Write atomically (tmp name, then rename); a read-only data folder only loses the cache."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def read_image(path: Path, nodata: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -294,25 +327,38 @@ def load_or_compute_stats(root: str | Path, modality: str, files: Sequence[Patch
     """The cached statistics of ``ROOT/.domainfm_stats_<modality>.json``, recomputed when the file
     list changed. Written atomically; a read-only data folder only loses the cache."""
     path = Path(root) / STATS_FILE.format(modality=modality)
-    fingerprint = file_list_fingerprint(files)
-    if path.is_file():
-        try:
-            cached = json.loads(path.read_text())
-            if cached.get("version") == STATS_VERSION and cached.get("fingerprint") == fingerprint:
-                return BandStats(tuple(cached["mean"]), tuple(cached["std"]), int(cached.get("valid_pixels", 0)))
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged cache is recomputed and overwritten
-    stats = compute_band_stats(files)
-    record = {"version": STATS_VERSION, "modality": modality, "bands": list(BANDS[modality]), "n_files": len(files),
-              "fingerprint": fingerprint, "mean": list(stats.mean), "std": list(stats.std),
-              "valid_pixels": stats.valid_pixels}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fingerprint = file_list_fingerprint([f.path for f in files])
+    cached = _read_cache(path, fingerprint)
     try:
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+        if cached is not None and len(cached["mean"]) == len(cached["std"]) == files[0].count:
+            return BandStats(tuple(cached["mean"]), tuple(cached["std"]), int(cached.get("valid_pixels", 0)))
+    except (KeyError, TypeError):
+        pass  # a damaged cache is recomputed and overwritten
+    stats = compute_band_stats(files)
+    _write_cache(path, {"version": STATS_VERSION, "modality": modality, "bands": list(BANDS[modality]),
+                        "n_files": len(files), "fingerprint": fingerprint, "mean": list(stats.mean),
+                        "std": list(stats.std), "valid_pixels": stats.valid_pixels})
     return stats
+
+
+def load_or_compute_landcover_counts(root: str | Path) -> dict[str, np.ndarray]:
+    """Valid pixels per class for every ``ROOT/landcover/*.tif``, cached in
+    ``ROOT/.domainfm_landcover.json`` (a million small rasters take minutes to read; the counts
+    keep any --label-threshold possible without reading them again)."""
+    folder = Path(root) / "landcover"
+    if not folder.is_dir():
+        return {}
+    paths = _tiffs(folder)
+    path = Path(root) / LANDCOVER_CACHE_FILE
+    # band statistics barely move when one file is edited; a patch's labels do: mtimes count here
+    fingerprint = file_list_fingerprint(paths, with_mtime=True)
+    cached = _read_cache(path, fingerprint)
+    if cached is not None and isinstance(cached.get("counts"), dict):
+        return {pid: np.asarray(c, dtype=np.int64) for pid, c in cached["counts"].items()}
+    counts = {p.stem: landcover_counts(read_landcover(p)) for p in _progress(paths, "counting land-cover classes")}
+    _write_cache(path, {"version": STATS_VERSION, "classes": list(CLASS_NAMES), "n_files": len(paths),
+                        "fingerprint": fingerprint, "counts": {k: v.tolist() for k, v in counts.items()}})
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,17 +410,8 @@ class EOSARPatches(Dataset):
         ids = [f.patch_id for f in files]
         csv_path = self.root / LABELS_FILE
         from_csv = read_labels_csv(csv_path, ids, self.root / self.modality) if csv_path.is_file() else {}
-        fractions: dict[str, np.ndarray] = {}
-        lc_folder = self.root / "landcover"
-        if lc_folder.is_dir():
-            for pid in ids:
-                if pid in from_csv:
-                    continue  # labels.csv wins: no need to read that raster
-                for suffix in TIFF_SUFFIXES:
-                    lc_path = lc_folder / f"{pid}{suffix}"
-                    if lc_path.is_file():
-                        fractions[pid] = landcover_fractions(read_landcover(lc_path))
-                        break
+        counts = load_or_compute_landcover_counts(self.root)
+        fractions = {pid: fractions_from_counts(counts[pid]) for pid in ids if pid in counts}
         return fractions, from_csv
 
     # -- torch Dataset ---------------------------------------------------------------------------
