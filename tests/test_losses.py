@@ -242,6 +242,26 @@ def test_half_precision_embeddings_give_a_float32_loss():
     assert out.hard.item() == pytest.approx(0.305073, abs=0.05)  # bf16 inputs: ~3 significant digits
 
 
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_autocast_does_not_lower_the_loss_precision(chunk_size):
+    g = torch.Generator().manual_seed(5)
+    zt, zs = torch.randn(10, 8, generator=g), torch.randn(10, 8, generator=g)
+    labels = (torch.rand(10, 4, generator=g) < 0.5).float()
+
+    def run(autocast):
+        a, b = zt.clone().requires_grad_(), zs.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = soft_contrastive_loss(a, b, labels, symmetric=True, chunk_size=chunk_size)
+            nce = info_nce_loss(a, b, logit_scale=20.0)
+        (out.total + nce).backward()  # outside autocast, as AMP (and Lightning) run it
+        return out.total, nce, a.grad, b.grad
+
+    reference, mixed = run(False), run(True)
+    for got, want in zip(mixed, reference):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

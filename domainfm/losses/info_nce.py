@@ -45,11 +45,12 @@ def info_nce_loss(
         a = all_gather_with_grad(a)
         b = all_gather_with_grad(b)
     dtype = torch.promote_types(a.dtype, torch.float32)
-    a = F.normalize(a.to(dtype), dim=1)
-    b = F.normalize(b.to(dtype), dim=1)
-    logits = logit_scale * (a @ b.T)
-    targets = torch.arange(a.shape[0], device=a.device)
-    loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-    if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(logits.T, targets, label_smoothing=label_smoothing))
+    with torch.autocast(a.device.type, enabled=False):  # full precision even under mixed precision
+        a = F.normalize(a.to(dtype), dim=1)
+        b = F.normalize(b.to(dtype), dim=1)
+        logits = logit_scale * (a @ b.T)
+        targets = torch.arange(a.shape[0], device=a.device)
+        loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        if symmetric:
+            loss = 0.5 * (loss + F.cross_entropy(logits.T, targets, label_smoothing=label_smoothing))
     return loss

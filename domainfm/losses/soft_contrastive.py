@@ -231,11 +231,13 @@ def _chunked_function():
         def backward(ctx, grad_hard, grad_soft):
             t, s, labels, lse_row, lse_col, sim_rowsum = ctx.saved_tensors
             temperature, kind, soft_target, symmetric, chunk = ctx.options
-            grad_t, grad_s = _chunked_backward(
-                t, s, labels, temperature, kind, soft_target, symmetric, chunk,
-                lse_row, lse_col, sim_rowsum, grad_hard, grad_soft,
-                ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-            )
+            # the backward recomputes the logits: in full precision too (autocast is thread-local)
+            with torch.autocast(t.device.type, enabled=False):
+                grad_t, grad_s = _chunked_backward(
+                    t, s, labels, temperature, kind, soft_target, symmetric, chunk,
+                    lse_row, lse_col, sim_rowsum, grad_hard, grad_soft,
+                    ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                )
             return grad_t, grad_s, None, None, None, None, None, None
 
     _ChunkedLoss = ChunkedSoftContrastive
@@ -303,19 +305,21 @@ def soft_contrastive_loss(
         z_student = all_gather_with_grad(z_student)
         labels = all_gather_with_grad(labels.detach())
 
+    if chunk_size is not None and isinstance(temperature, torch.Tensor) and temperature.requires_grad:
+        raise DomainFMError("a learnable temperature is not supported by the chunked loss",
+                            fix="pass a number as temperature, or chunk_size=None")
     dtype = torch.promote_types(z_teacher.dtype, torch.float32)
-    t = F.normalize(z_teacher.to(dtype), dim=1)
-    s = F.normalize(z_student.to(dtype), dim=1)
-    y = labels.detach().to(device=t.device, dtype=dtype)
-
-    if chunk_size is None:
-        hard, soft = _dense_terms(t, s, y, temperature, label_similarity, soft_target, symmetric)
-    else:
-        if isinstance(temperature, torch.Tensor) and temperature.requires_grad:
-            raise DomainFMError("a learnable temperature is not supported by the chunked loss",
-                                fix="pass a number as temperature, or chunk_size=None")
-        hard, soft = _chunked_function().apply(
-            t, s, y, float(temperature), label_similarity, soft_target, bool(symmetric), int(chunk_size)
-        )
+    # Under mixed precision (autocast) the matmuls would drop to bf16/fp16: logits / 0.1 in bf16
+    # lose the digits the softmax needs, so the loss always runs in full precision.
+    with torch.autocast(z_teacher.device.type, enabled=False):
+        t = F.normalize(z_teacher.to(dtype), dim=1)
+        s = F.normalize(z_student.to(dtype), dim=1)
+        y = labels.detach().to(device=t.device, dtype=dtype)
+        if chunk_size is None:
+            hard, soft = _dense_terms(t, s, y, temperature, label_similarity, soft_target, symmetric)
+        else:
+            hard, soft = _chunked_function().apply(
+                t, s, y, float(temperature), label_similarity, soft_target, bool(symmetric), int(chunk_size)
+            )
     total = hard_weight * hard + soft_weight * soft
     return SoftContrastiveOutput(hard=hard, soft=soft, total=total)
