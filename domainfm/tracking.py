@@ -29,15 +29,17 @@ def _local_root() -> Path:
     return Path.cwd() / LOCAL_DIR
 
 
-def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
+def _default_uri() -> str:
     return f"sqlite:///{_local_root() / 'mlflow.db'}"
 
 
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or _default_uri()
+
+
 def _is_default_store() -> bool:
-    return not os.environ.get("MLFLOW_TRACKING_URI")
+    # compared by value: mlflow.set_tracking_uri exports the URI to the environment itself
+    return tracking_uri() == _default_uri()
 
 
 def configure() -> str:
@@ -237,7 +239,9 @@ def list_registered(name: str | None = None) -> list[dict[str, Any]]:
     client = MlflowClient()
     rows = []
     flt = f"name='{name}'" if name else None
-    for mv in client.search_model_versions(flt):
+    for found in client.search_model_versions(flt):
+        # search results leave aliases out; the version itself carries them
+        mv = client.get_model_version(found.name, found.version)
         aliases = list(getattr(mv, "aliases", []) or [])
         created = datetime.datetime.fromtimestamp(mv.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M")
         rows.append({"name": mv.name, "version": int(mv.version), "aliases": aliases, "run_id": mv.run_id,

@@ -55,7 +55,8 @@ class ContinualPretrainingTask(L.LightningModule):
     def __init__(self, cfg: dict[str, Any], in_chans: int, backbone: nn.Module | None = None):
         super().__init__()
         # the checkpoint stores the config so that a resumed run continues with the same settings
-        self.save_hyperparameters({"cfg": cfg, "in_chans": in_chans})
+        # (not sent to the logger: tracking.log_config already logged the resolved config)
+        self.save_hyperparameters({"cfg": cfg, "in_chans": in_chans}, logger=False)
         self.cfg = cfg
         self.in_chans = in_chans
         self._backbone = backbone
@@ -72,6 +73,9 @@ class ContinualPretrainingTask(L.LightningModule):
                                             in_chans=self.in_chans)
         hidden = min(2048, 4 * backbone.embed_dim)
         self.student = Encoder(backbone, Projector(backbone.embed_dim, self.cfg["proj_dim"], hidden))
+        if backbone.mask_token is not None:
+            # only trained when masked tokens are replaced; DDP rejects parameters without gradients
+            backbone.mask_token.requires_grad_(self.cfg["mask_mode"] == "token")
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -155,6 +159,7 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
     if cfg.in_chans and cfg.in_chans != plugin.in_chans(cfg):
         raise DomainFMError(f"--in-chans {cfg.in_chans} does not match the data ({plugin.in_chans(cfg)} bands)",
                             fix=f"drop --in-chans or set it to {plugin.in_chans(cfg)}")
+    cfg = cfg.replace(in_chans=in_chans)  # the record shows the bands actually used
     datamodule = plugin.pretrain_datamodule(cfg)
     backbone = backbone_from_config(cfg, in_chans=in_chans)
     if cfg.mask_ratio > 0 and backbone.is_vit and backbone.num_patches < 2:
@@ -184,7 +189,7 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
         ckpt_dir = run_dir(cfg) / run_id / "checkpoints"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (run_dir(cfg) / RUN_POINTER).write_text(json.dumps({"mlflow_run_id": run_id,
-                                                            "checkpoint_dir": str(ckpt_dir)}))
+                                                            "checkpoint_dir": str(ckpt_dir.resolve())}))
         os.environ["DOMAINFM_RUN_ID"] = run_id
         os.environ["DOMAINFM_CKPT_DIR"] = str(ckpt_dir)
         trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, run_id=run_id)
@@ -201,7 +206,7 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
         model_uri = tracking.log_backbone(final, register=cfg.register, alias=cfg.alias if cfg.register else None)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss/")}
         metrics.update({"global_step": int(trainer.global_step), "train_seconds": elapsed,
-                        "backbone_path": str(export), "model_uri": model_uri, "mlflow_run_id": run_id})
+                        "backbone_path": str(export.resolve()), "model_uri": model_uri, "mlflow_run_id": run_id})
         if cfg.register:
             metrics["registered_model"] = f"models:/{cfg.register}@{cfg.alias}"
         tracking.log_metrics({"train_seconds": elapsed})
