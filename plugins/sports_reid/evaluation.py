@@ -1,0 +1,188 @@
+"""Re-identification evaluation: features (optionally with flip test-time augmentation), cosine or
+Euclidean distances, optional k-reciprocal re-ranking, mAP/CMC/mINP through the core's
+``retrieval_metrics``, the challenge submission CSV and the retrieval grid."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from domainfm.errors import DomainFMError
+from domainfm.metrics import retrieval_metrics
+from plugins.sports_reid.datasets import ReIDDataset, ReIDRecord, load_crop, read_eval_split
+
+DISTANCES = ("cosine", "euclidean")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    distance: str = "cosine"
+    flip_tta: bool = True
+    rerank: bool = False
+    batch_size: int = 64
+    num_workers: int = 0
+    precision: str = "32-true"
+    device: str = "cpu"
+    max_rank: int = 10
+
+
+def pick_device(accelerator: str) -> str:
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise DomainFMError("--accelerator gpu was asked for but no CUDA device is visible",
+                                fix="use --accelerator cpu")
+        return "cuda"
+    return "cpu"
+
+
+def _autocast(device: str, precision: str):
+    if precision.startswith("bf16"):
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    if precision.startswith("16") and device == "cuda":
+        return torch.autocast(device_type=device, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def extract_features(backbone: torch.nn.Module, dataset: ReIDDataset, settings: EvalSettings,
+                     *, description: str = "features") -> torch.Tensor:
+    """[N, D] float32 features of ``dataset`` on the CPU; with flip TTA, the sum of the features
+    of each crop and of its mirror image (a player seen from the other side is the same player)."""
+    from rich.progress import Progress
+
+    was_training = backbone.training
+    backbone.eval().to(settings.device)
+    loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.num_workers, shuffle=False)
+    out = []
+    with Progress(transient=True, disable=not os.isatty(2)) as progress:
+        task = progress.add_task(description, total=len(loader))
+        for batch in loader:
+            x = batch["image"].to(settings.device, non_blocking=True)
+            with _autocast(settings.device, settings.precision):
+                f = backbone(x).float()
+                if settings.flip_tta:
+                    f = f + backbone(torch.flip(x, dims=[-1])).float()
+            out.append(f.cpu())
+            progress.advance(task)
+    backbone.train(was_training)
+    return torch.cat(out)
+
+
+def distance_matrix(query: torch.Tensor, gallery: torch.Tensor, distance: str = "cosine") -> np.ndarray:
+    """[Q, G] float32: 1 - cosine similarity, or the Euclidean distance of the raw features."""
+    if distance == "cosine":
+        return (1.0 - F.normalize(query, dim=1) @ F.normalize(gallery, dim=1).T).numpy()
+    if distance == "euclidean":
+        return torch.cdist(query, gallery).numpy()
+    raise DomainFMError(f"unknown distance {distance!r}", fix=f"use one of {', '.join(DISTANCES)}")
+
+
+def reranked_distances(query: torch.Tensor, gallery: torch.Tensor, distance: str) -> np.ndarray:
+    from plugins.sports_reid.rerank import re_ranking
+
+    if distance == "cosine":  # squared Euclidean of unit vectors = 2 - 2 cos: cosine neighbours
+        query, gallery = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
+    return re_ranking(query, gallery, k1=20, k2=6, lambda_value=0.3)
+
+
+@dataclass
+class RetrievalResult:
+    distmat: np.ndarray
+    query: ReIDDataset
+    gallery: ReIDDataset
+    metrics: dict[str, Any] | None  # None for the challenge split (no ids)
+
+
+def run_retrieval(backbone: torch.nn.Module, root: str | Path, split: str, settings: EvalSettings,
+                  *, img_size: int, mean, std, label: str = "") -> RetrievalResult:
+    """Embed ``split``'s query and gallery crops with ``backbone`` and rank the gallery."""
+    q_records, g_records = read_eval_split(root, split)
+    if split == "challenge":  # anonymous integer names: numeric order reads best in the CSV
+        q_records = sorted(q_records, key=lambda r: int(r.item_id))
+        g_records = sorted(g_records, key=lambda r: int(r.item_id))
+    query = ReIDDataset(q_records, img_size=img_size, mean=mean, std=std)
+    gallery = ReIDDataset(g_records, img_size=img_size, mean=mean, std=std)
+    q_feats = extract_features(backbone, query, settings, description=f"{label}query features")
+    g_feats = extract_features(backbone, gallery, settings, description=f"{label}gallery features")
+    if not torch.isfinite(q_feats).all() or not torch.isfinite(g_feats).all():
+        raise DomainFMError("the model produced NaN/inf features", fix="check the weights (a diverged run?)")
+    if settings.rerank:
+        dist = reranked_distances(q_feats, g_feats, settings.distance)
+    else:
+        dist = distance_matrix(q_feats, g_feats, settings.distance)
+    metrics = None
+    if split == "test":
+        metrics = retrieval_metrics(dist, query.pids, gallery.pids, query.cameras,
+                                    gallery.cameras if query.cameras is not None else None,
+                                    max_rank=settings.max_rank)
+    return RetrievalResult(dist, query, gallery, metrics)
+
+
+def summary(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The flat keys reported in --json: mAP, rank1, rank5, rank10, mINP (fractions in [0, 1])."""
+    cmc = metrics["cmc"]
+    out = {f"{prefix}mAP": metrics["mAP"], f"{prefix}mINP": metrics["mINP"]}
+    for k in (1, 5, 10):
+        out[f"{prefix}rank{k}"] = cmc[min(k, len(cmc)) - 1]
+    return out
+
+
+def write_submission(path: str | Path, distmat: np.ndarray, query: Sequence[ReIDRecord],
+                     gallery: Sequence[ReIDRecord]) -> Path:
+    """The challenge CSV: gallery ids across the first row, query ids down the first column, the
+    distances between. Written to a temporary name and renamed, so a crash leaves no half file."""
+    p = Path(path)
+    if p.is_dir():
+        raise DomainFMError("--submission names a folder", path=p, fix="give a file name, e.g. submission.csv")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("," + ",".join(r.item_id for r in gallery) + "\n")
+        ids = np.array([r.item_id for r in query], dtype=object)[:, None]
+        body = np.concatenate([ids, np.char.mod("%.6f", distmat).astype(object)], axis=1)
+        np.savetxt(f, body, fmt="%s", delimiter=",")
+    os.replace(tmp, p)
+    return p
+
+
+def plot_retrieval_grid(result: RetrievalResult, *, n_queries: int = 8, top_k: int = 10, seed: int = 0):
+    """Each row: a query, then its top-k gallery crops; a green border marks the same player, red
+    another one (grey when ids are unknown, as in the challenge split)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_q, n_g = result.distmat.shape
+    rows = np.sort(np.random.default_rng(seed).choice(n_q, size=min(n_queries, n_q), replace=False))
+    k = min(top_k, n_g)
+    fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.1 * (k + 1), 1.5 * len(rows)), squeeze=False)
+    size = result.query.img_size
+    for r, qi in enumerate(rows):
+        q_rec = result.query.records[qi]
+        axes[r, 0].imshow(load_crop(q_rec.path, size))
+        axes[r, 0].set_title(f"query {q_rec.pid or q_rec.item_id}", fontsize=7)
+        ranked = np.argsort(result.distmat[qi], kind="stable")[:k]
+        for c, gi in enumerate(ranked, start=1):
+            g_rec = result.gallery.records[gi]
+            ax = axes[r, c]
+            ax.imshow(load_crop(g_rec.path, size))
+            colour = "grey" if not q_rec.pid else ("limegreen" if g_rec.pid == q_rec.pid else "red")
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(3)
+            ax.set_title(f"{c}", fontsize=6)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_ylabel("query", fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,215 @@
+"""The two jobs of the plugin, run inside the MLflow run the core opened (``tracking.plugin_run``):
+
+- ``finetune``: zero-shot score of the starting backbone on ``reid_test``, contrastive
+  fine-tuning, export + MLflow model (+ registration), then the fine-tuned score on ``reid_test``.
+- ``evaluate``: the score of ``--model`` (and of its starting weights, the zero-shot baseline) on
+  the test split, or the submission CSV of the challenge split.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import mlflow
+import torch
+
+from domainfm import tracking
+from domainfm.backbones import backbone_from_config, create_backbone, load_backbone, save_backbone
+from domainfm.errors import DomainFMError
+from domainfm.training import build_trainer, is_global_zero, last_checkpoint
+from plugins.sports_reid.datamodule import ReIDPairDataModule
+from plugins.sports_reid.datasets import detect_layout, part_folder, read_part
+from plugins.sports_reid.evaluation import (EvalSettings, RetrievalResult, pick_device, plot_retrieval_grid,
+                                            run_retrieval, summary, write_submission)
+from plugins.sports_reid.task import LOGIT_SCALE_META, ReIDContrastiveTask, initial_logit_scale
+
+if TYPE_CHECKING:  # pragma: no cover
+    from domainfm.config import RunConfig
+
+START_META = "reid_start_weights"  # what fine-tuning started from: the zero-shot baseline of evaluate
+RUN_POINTER = "finetune_run.json"
+
+
+def data_root(cfg: "RunConfig") -> Path:
+    if not cfg.data:
+        raise DomainFMError("sports-reid needs --data ROOT (it has no embedded sample)",
+                            fix="give the MMSports 2022 folder (reid_training/, reid_test/) or a train/ query/ "
+                                "gallery/ folder; tests/data/sports_reid/make_data.py OUT draws a synthetic one")
+    root = Path(cfg.data)
+    detect_layout(root)  # a clear error now rather than after building the model
+    return root
+
+
+def eval_settings(cfg: "RunConfig") -> EvalSettings:
+    return EvalSettings(distance=cfg.distance, flip_tta=cfg.flip_tta, rerank=cfg.rerank,
+                        batch_size=max(1, 2 * cfg.batch_size), num_workers=cfg.num_workers,
+                        precision=cfg.precision, device=pick_device(cfg.accelerator))
+
+
+def _has_test_split(root: Path) -> bool:
+    layout = detect_layout(root)
+    return part_folder(root, layout, "test_query").is_dir() and part_folder(root, layout, "test_gallery").is_dir()
+
+
+def _log_result(result: RetrievalResult, tag: str) -> None:
+    tracking.log_figure(plot_retrieval_grid(result), f"plots/retrieval_grid_{tag}.png")
+    rows = [{"query": result.query.records[i].item_id, "player": result.query.records[i].pid,
+             "top1": result.gallery.records[int(result.distmat[i].argmin())].item_id}
+            for i in range(len(result.query))]
+    tracking.log_table_artifact(rows, f"tables/top1_{tag}.csv")
+
+
+def _score(backbone, root: Path, cfg: "RunConfig", settings: EvalSettings, *, prefix: str, tag: str,
+           img_size: int) -> dict[str, float]:
+    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    result = run_retrieval(backbone, root, "test", settings, img_size=img_size, mean=mean, std=std,
+                           label=f"{tag} ")
+    _log_result(result, tag)
+    out = summary(result.metrics, prefix)
+    out[f"{prefix}skipped_queries"] = result.metrics["num_skipped"]
+    return out
+
+
+# ---------------------------------------------------------------- finetune
+
+def _resume_checkpoint(cfg: "RunConfig", run_dir: Path) -> Path | None:
+    if not cfg.resume:
+        return None
+    pointer = run_dir / RUN_POINTER
+    if not pointer.is_file():
+        raise DomainFMError("nothing to resume: no earlier sports-reid fine-tuning here", path=pointer,
+                            fix="drop --resume, or use the --output-dir and --experiment of the run to continue")
+    ckpt = last_checkpoint(json.loads(pointer.read_text())["checkpoint_dir"])
+    if ckpt is None:
+        raise DomainFMError("the earlier run saved no checkpoint yet", path=pointer,
+                            fix="drop --resume (or lower --checkpoint-every)")
+    return ckpt
+
+
+def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
+    root = data_root(cfg)
+    read_part(root, "train")  # file-name errors before any model is built
+    has_test = _has_test_split(root)
+    settings = eval_settings(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    backbone = backbone_from_config(cfg, in_chans=3)
+    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    run_dir = Path(cfg.output_dir) / cfg.experiment_name
+    ckpt_path = _resume_checkpoint(cfg, run_dir)
+    zero = is_global_zero()
+
+    metrics: dict[str, Any] = {}
+    if has_test and zero and ckpt_path is None:
+        metrics.update(_score(backbone, root, cfg, settings, prefix="zero_shot_", tag="zero_shot",
+                              img_size=cfg.img_size))
+        tracking.log_metrics({k: v for k, v in metrics.items()})
+
+    task = ReIDContrastiveTask(backbone, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                               layer_decay=cfg.layer_decay, logit_scale=initial_logit_scale(cfg.weights),
+                               label_smoothing=cfg.label_smoothing)
+    datamodule = ReIDPairDataModule(root, img_size=cfg.img_size, batch_size=cfg.batch_size, mean=mean, std=std,
+                                    num_workers=cfg.num_workers, seed=cfg.seed)
+    active = mlflow.active_run()
+    run_id = active.info.run_id if active else "local"
+    ckpt_dir = run_dir / run_id / "checkpoints"
+    if zero:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_POINTER).write_text(json.dumps({"mlflow_run_id": run_id,
+                                                       "checkpoint_dir": str(ckpt_dir.resolve())}))
+    # the pair sampler shards batches across processes itself
+    trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, logger=True if zero else False, use_distributed_sampler=False)
+    t0 = time.perf_counter()
+    trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    elapsed = time.perf_counter() - t0
+    if not trainer.is_global_zero:
+        return None
+
+    start = cfg.weights or cfg.init
+    extra = {START_META: start, "plugin": "sports-reid", **task.state_for_export()}
+    if run_id != "local":
+        extra["mlflow_run_id"] = run_id
+    export = save_backbone(backbone, run_dir / run_id / "backbone.safetensors", extra_meta=extra)
+    mlflow.log_artifact(str(export), "export")
+    model_uri = tracking.log_backbone(backbone, register=cfg.register, alias=cfg.alias if cfg.register else None)
+    train_log = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    metrics.update({"train_loss": train_log.get("train/loss"), "train_pair_acc": train_log.get("train/pair_acc"),
+                    "logit_scale": float(task.logit_scale), "global_step": int(trainer.global_step),
+                    "train_seconds": elapsed, "backbone_path": str(export.resolve()), "model_uri": model_uri})
+    if cfg.register:
+        metrics["registered_model"] = f"models:/{cfg.register}@{cfg.alias}"
+    if has_test:
+        metrics.update(_score(backbone, root, cfg, settings, prefix="", tag="finetuned", img_size=cfg.img_size))
+    metrics.setdefault("zero_shot_mAP", None)  # resumed runs do not re-score the starting weights
+    return metrics
+
+
+# ---------------------------------------------------------------- evaluate
+
+def _zero_shot_backbone(cfg: "RunConfig", model_meta: dict[str, str], name: str, img_size: int):
+    """The baseline of --zero-shot: the model's starting weights (auto), timm's pretrained
+    weights for its architecture, a random init (seeded: the one fine-tuning with this --seed
+    started from), a weights file, or nothing."""
+    choice = cfg.zero_shot
+    if choice == "none":
+        return None
+    if choice == "auto":
+        choice = model_meta.get(START_META, "pretrained")
+        if choice == "dinov2":
+            choice = "pretrained" if "dinov2" not in name else "dinov2"
+    if choice == "random":
+        torch.manual_seed(cfg.seed)
+    try:
+        return create_backbone(name, in_chans=3, img_size=img_size, init=choice)
+    except DomainFMError as e:
+        raise DomainFMError(f"cannot build the zero-shot baseline ({e})",
+                            fix="pass --zero-shot random, --zero-shot none or --zero-shot PATH") from None
+
+
+def _model_meta(spec: str) -> dict[str, str]:
+    """The safetensors metadata of a local export (empty for models:/ URIs and other files)."""
+    p = Path(spec)
+    if p.suffix != ".safetensors" or not p.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(p), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def run_evaluate(cfg: "RunConfig") -> dict[str, Any]:
+    if not cfg.model:
+        raise DomainFMError("evaluate needs --model (a weights file or models:/NAME@ALIAS)",
+                            fix="pass the backbone.safetensors written by `domainfm finetune --plugin sports-reid`")
+    root = data_root(cfg)
+    split = cfg.split
+    if split == "challenge" and not cfg.submission:
+        raise DomainFMError("--split challenge writes a submission: --submission PATH is missing",
+                            fix="add --submission submission.csv")
+    if split == "test" and cfg.submission:
+        raise DomainFMError("--submission is written for --split challenge only",
+                            fix="add --split challenge, or drop --submission")
+    settings = eval_settings(cfg)
+    torch.manual_seed(cfg.seed)
+    backbone = load_backbone(cfg.model, cfg=cfg, in_chans=3)
+    img_size = backbone.img_size
+    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    mlflow.set_tags({"domainfm.model": cfg.model, "domainfm.split": split})
+    if split == "challenge":
+        result = run_retrieval(backbone, root, "challenge", settings, img_size=img_size, mean=mean, std=std)
+        path = write_submission(cfg.submission, result.distmat, result.query.records, result.gallery.records)
+        mlflow.log_artifact(str(path), "submission")
+        tracking.log_figure(plot_retrieval_grid(result), "plots/retrieval_grid_challenge.png")
+        return {"submission": str(path.resolve()), "num_queries": len(result.query),
+                "num_gallery": len(result.gallery)}
+
+    metrics = _score(backbone, root, cfg, settings, prefix="", tag="model", img_size=img_size)
+    zero_shot = _zero_shot_backbone(cfg, _model_meta(cfg.model), backbone.name, img_size)
+    if zero_shot is not None:
+        metrics.update(_score(zero_shot, root, cfg, settings, prefix="zero_shot_", tag="zero_shot", img_size=img_size))
+    else:
+        metrics["zero_shot_mAP"] = None
+    return metrics
