@@ -144,3 +144,24 @@ def test_bf16_features_are_close_to_fp32(slides, weights, tmp_path):
     cos = (fa * fb).sum(1) / np.linalg.norm(fa, axis=1) / np.linalg.norm(fb, axis=1)
     assert cos.min() > 0.98
     assert not np.array_equal(fa, fb)  # bf16 really ran
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_files_as_one(slides, weights, tmp_path):
+    """--devices 2 shards the slides over two CPU processes (Lightning Fabric, gloo)."""
+    from conftest import run_cli
+
+    files = [str(slides["svs"]), str(slides["tiff"]), str(slides["truncated"])]
+    one = embed([*files, "--out", tmp_path / "one", "--weights", weights, "--num-workers", "0", *COMMON])
+    assert one.exit_code == 1
+    r = run_cli(["histo", "embed", *files, "--out", str(tmp_path / "two"), "--weights", str(weights),
+                 "--num-workers", "0", "--devices", "2", "--accelerator", "cpu", *COMMON], cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "1 of 3 slides failed" in r.stderr
+    for sid in ("aperio_40x", "generic_20x"):
+        f1, c1, a1 = read_h5(tmp_path / "one" / "features" / f"{sid}.h5")
+        f2, c2, a2 = read_h5(tmp_path / "two" / "features" / f"{sid}.h5")
+        np.testing.assert_array_equal(c1, c2)
+        np.testing.assert_allclose(f1, f2, rtol=1e-5, atol=1e-5)
+        assert a1 == a2
+    assert (tmp_path / "one" / "failures.csv").read_text() == (tmp_path / "two" / "failures.csv").read_text()

@@ -68,8 +68,12 @@ def encoder_name(s: EmbedSettings) -> str:
 
 def build_encoder(s: EmbedSettings):
     """The frozen backbone, sized for the tiles, in eval mode."""
+    import torch
+
     from domainfm.backbones import create_backbone, load_backbone
 
+    # --init random must give the same encoder in every process of a --devices N run
+    torch.manual_seed(s.seed)
     if s.weights:
         backbone = load_backbone(s.weights, img_size=s.tile_size)
     else:
