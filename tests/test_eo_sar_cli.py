@@ -51,6 +51,9 @@ def _assert_one_line_error(stderr: str, names: Path) -> str:
     ("unreadable", "not a GeoTIFF"),
     ("labels_unknown_patch", "patch id 'p77' (line 3) has no image"),
     ("labels_unknown_column", "unknown class column 'forest'"),
+    ("labels_missing_column", "missing class column(s) snow_and_ice"),
+    ("labels_bad_value", "line 2 has a value other than 0 or 1"),
+    ("landcover_band_count", "land-cover raster has 3 bands"),
 ])
 def test_bad_input_is_one_line_naming_the_file(bad_roots, case, phrase):
     root, named = bad_roots[case]

@@ -30,7 +30,7 @@ def _dataset(data: str | None, modality: str, label_threshold: float):
     return EOSARPatches(plugin.data_root(cfg), modality, label_threshold=label_threshold)
 
 
-@click.command("check")
+@click.command("check", short_help="Validate a data folder as training will, and summarise it.")
 @_data
 @_modality
 @_threshold
@@ -69,7 +69,7 @@ def check_command(data: str | None, modality: str, label_threshold: float) -> No
     run_cli_command(run)
 
 
-@click.command("plot")
+@click.command("plot", short_help="Draw one patch (S2 true colour, S1 false colour) to a PNG.")
 @_data
 @_modality
 @_threshold
@@ -98,7 +98,7 @@ def plot_command(data: str | None, modality: str, label_threshold: float, patch_
     run_cli_command(run)
 
 
-@click.command("sample")
+@click.command("sample", short_help="Write a synthetic S2 / S1 / land-cover data folder.")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--patches", type=click.IntRange(min=1), default=48, show_default=True, help="Number of patches.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (same seed, same files).")

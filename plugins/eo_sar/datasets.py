@@ -208,7 +208,7 @@ def read_landcover(path: Path) -> np.ndarray:
 def read_labels_csv(path: Path, patch_ids: Sequence[str], modality_folder: Path) -> dict[str, np.ndarray]:
     """Labels from ``labels.csv``: patch_id plus one 0/1 column per Dynamic World class name."""
     known = set(patch_ids)
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheet exports start with a BOM
         reader = csv.reader(fh)
         header = [h.strip() for h in next(reader, [])]
         if not header or header[0] != "patch_id":

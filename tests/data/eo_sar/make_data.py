@@ -119,6 +119,16 @@ def write_bad_roots(out: str | Path) -> dict[str, tuple[Path, Path]]:
     root = write_dataset(out / "bad_csv_column", n_patches=2, modalities=("s2",))
     columns = [c if c != "trees" else "forest" for c in CLASS_NAMES]
     cases["labels_unknown_column"] = (root, write_labels_csv(root, {"p00": [1] + [0] * 8}, columns=columns))
+
+    root = write_dataset(out / "bad_csv_missing_column", n_patches=2, modalities=("s2",))
+    cases["labels_missing_column"] = (root, write_labels_csv(root, {"p00": [1] * 8}, columns=CLASS_NAMES[:-1]))
+
+    root = write_dataset(out / "bad_csv_value", n_patches=2, modalities=("s2",))
+    cases["labels_bad_value"] = (root, write_labels_csv(root, {"p00": [1, 0, 0, 0.5, 0, 0, 0, 0, 0]}))
+
+    root = write_dataset(out / "bad_landcover", n_patches=2, modalities=("s2",))
+    bad = write_raster(root / "landcover" / "p01.tif", np.zeros((3, 48, 48), np.uint8), nodata=255)
+    cases["landcover_band_count"] = (root, bad)
     return cases
 
 
