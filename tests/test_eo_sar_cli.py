@@ -43,7 +43,8 @@ def _assert_one_line_error(stderr: str, names: Path) -> str:
 
 @pytest.mark.parametrize("case,phrase", [
     ("missing_folder", "does not exist"),
-    ("empty_folder", "no s2/ folder"),
+    ("empty_folder", "data folder is empty"),
+    ("no_modality_folder", "no s2/ folder in the data folder (it has s1/: try --modality s1)"),
     ("no_geotiffs", "no GeoTIFFs"),
     ("wrong_band_count", "has 4 band(s) but --modality s2 needs 13"),
     ("truncated", "truncated or corrupt GeoTIFF"),

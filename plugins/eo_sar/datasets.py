@@ -77,6 +77,9 @@ def check_data_root(root: str | Path, modality: str) -> Path:
         raise DomainFMError("data folder does not exist", path=root,
                             fix=f"give --data a folder holding {modality}/<patch_id>.tif, or omit --data to use the embedded sample")
     folder = root / modality
+    if not any(root.iterdir()):
+        raise DomainFMError("data folder is empty", path=root,
+                            fix=f"put the patches in {folder}/<patch_id>.tif (see `domainfm eo-sar sample` for the layout)")
     if not folder.is_dir():
         others = [m for m in BANDS if (root / m).is_dir()]
         hint = f" (it has {', '.join(o + '/' for o in others)}: try --modality {others[0]})" if others else ""

@@ -91,6 +91,8 @@ def write_bad_roots(out: str | Path) -> dict[str, tuple[Path, Path]]:
     root = out / "bad_empty"
     root.mkdir(parents=True, exist_ok=True)
     cases["empty_folder"] = (root, root)
+    root = write_dataset(out / "bad_only_s1", n_patches=1, modalities=("s1",))
+    cases["no_modality_folder"] = (root, root)
     root = out / "bad_no_tifs"
     (root / "s2").mkdir(parents=True, exist_ok=True)
     (root / "s2" / "README.txt").write_text("patches go here\n")
