@@ -175,6 +175,26 @@ def test_stats_cache_is_written_once_and_reused(tmp_path):
     assert json.loads(cache.read_text())["n_files"] == 3
 
 
+def test_header_checks_are_cached_until_a_file_changes(tmp_path):
+    from domainfm.errors import DomainFMError
+
+    root = make_data.write_dataset(tmp_path / "root", n_patches=2, modalities=("s1",))
+    first = EOSARPatches(root, "s1")
+    cache = root / ".domainfm_files_s1.json"
+    record = json.loads(cache.read_text())
+    assert [row[0] for row in record["files"]] == ["p00.tif", "p01.tif"]
+    assert record["files"][0][1:5] == [64, 64, 2, "float32"] and np.isnan(record["files"][0][6])
+    assert [f.nodata for f in first.files][1] == -9999
+    # a planted CRS that only the cache holds: a rebuild that shows it opened no header
+    record["files"][0][5] = "EPSG:4326"
+    cache.write_text(json.dumps(record))
+    assert EOSARPatches(root, "s1").files[0].crs == "EPSG:4326"
+    # a file cut short changes the fingerprint: every header is checked again and the error names it
+    make_data.truncate(root / "s1" / "p01.tif")
+    with pytest.raises(DomainFMError, match="p01.tif: truncated or corrupt GeoTIFF"):
+        EOSARPatches(root, "s1")
+
+
 def test_resize_and_random_resized_crop():
     image = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(2, 8, 8)
     assert resize(image, 8) is image

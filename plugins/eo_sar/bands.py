@@ -30,4 +30,5 @@ S2_RGB = (S2_BANDS.index("B4"), S2_BANDS.index("B3"), S2_BANDS.index("B2"))
 
 STATS_FILE = ".domainfm_stats_{modality}.json"
 LANDCOVER_CACHE_FILE = ".domainfm_landcover.json"
+FILES_CACHE_FILE = ".domainfm_files_{modality}.json"
 LABELS_FILE = "labels.csv"

@@ -4,8 +4,8 @@
 
 1. up-front file check (header + last block) vs opening the header only vs decoding every file in
    full: what the truncation check adds, and what the whole check costs relative to one pass;
-2. dataset build with warm caches (band statistics, land-cover counts) vs cold: what the caches
-   beside the data save at every start;
+2. dataset build with warm caches (checked headers, band statistics, land-cover counts) vs cold:
+   what the caches beside the data save at every start;
 3. two augmented views per sample vs the plain normalised read: the augmentation overhead.
 
 Timed with one torch thread, as inside a DataLoader worker (several threads per tiny resize

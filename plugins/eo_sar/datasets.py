@@ -29,8 +29,8 @@ import torch
 from torch.utils.data import Dataset
 
 from domainfm.errors import DomainFMError
-from plugins.eo_sar.bands import (BANDS, CLASS_NAMES, LABELS_FILE, LANDCOVER_CACHE_FILE, LANDCOVER_NODATA, MODALITY_NAMES,
-                                  S2_RGB, STATS_FILE)
+from plugins.eo_sar.bands import (BANDS, CLASS_NAMES, FILES_CACHE_FILE, LABELS_FILE, LANDCOVER_CACHE_FILE, LANDCOVER_NODATA,
+                                  MODALITY_NAMES, S2_RGB, STATS_FILE)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 STATS_VERSION = 1
@@ -143,16 +143,37 @@ def _unreadable(path: Path, error: BaseException) -> DomainFMError:
     return DomainFMError(f"{what} ({why})", path=path, fix="re-export or re-download the file, or remove it")
 
 
-def scan_patches(root: str | Path, modality: str) -> list[PatchFile]:
-    """Every GeoTIFF of ``ROOT/<modality>``, each header validated (sorted by patch id)."""
+def scan_patches(root: str | Path, modality: str, *, use_cache: bool = True) -> list[PatchFile]:
+    """Every GeoTIFF of ``ROOT/<modality>``, each header validated (sorted by patch id).
+
+    The validated headers are cached in ``ROOT/.domainfm_files_<modality>.json`` under a
+    fingerprint of every file's name, size and modification time: a restart on a million
+    unchanged patches then opens none of them, while any rewritten, added or removed file sends
+    the whole folder through the checks again.
+    """
     folder = check_data_root(root, modality)
-    files = [read_header(p, modality=modality) for p in _progress(_tiffs(folder), "checking GeoTIFF headers")]
+    paths = _tiffs(folder)
+    cache_path = Path(root) / FILES_CACHE_FILE.format(modality=modality)
+    fingerprint = file_list_fingerprint(paths, with_mtime=True)
+    cached = _read_cache(cache_path, fingerprint) if use_cache else None
+    if cached is not None:
+        try:
+            by_name = {p.name: p for p in paths}
+            return [PatchFile(Path(name).stem, by_name[name], int(h), int(w), int(c), str(dt), crs, nodata)
+                    for name, h, w, c, dt, crs, nodata in cached["files"]]
+        except (KeyError, TypeError, ValueError):
+            pass  # a damaged cache: check the files again
+    files = [read_header(p, modality=modality) for p in _progress(paths, "checking GeoTIFF headers")]
     seen: dict[str, Path] = {}
     for f in files:
         if f.patch_id in seen:
             raise DomainFMError(f"patch id {f.patch_id!r} appears twice (also {seen[f.patch_id].name})", path=f.path,
                                 fix="keep one file per patch id")
         seen[f.patch_id] = f.path
+    if use_cache:
+        _write_cache(cache_path, {"version": STATS_VERSION, "modality": modality, "fingerprint": fingerprint,
+                                  "files": [[f.path.name, f.height, f.width, f.count, f.dtype, f.crs, f.nodata]
+                                            for f in files]})
     return files
 
 
