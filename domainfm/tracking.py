@@ -140,6 +140,28 @@ def log_figure(fig, artifact_file: str) -> None:
     plt.close(fig)
 
 
+def log_loss_curves(run_id: str, keys: tuple[str, ...], artifact_file: str) -> None:
+    """A plot of the run's metric histories (people look at curves, not at tables)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in keys:
+        hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        if hist:
+            ax.plot([m.step for m in hist], [m.value for m in hist], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    log_figure(fig, artifact_file)
+
+
 def log_table_artifact(rows: list[dict[str, Any]], artifact_file: str) -> None:
     import mlflow
 

@@ -138,3 +138,23 @@ def test_pretrain_against_a_real_mlflow_server(tmp_path, toy_env):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--backbone", "vit_nonexistent_patch99"], "unknown backbone"),
+    (["--backbone", "vit_small_patch14_dinov2", "--init", "dinov2"], "--weights"),
+    (["--weights", "{bad}"], "not a state dict"),
+    (["--weights", "{missing}"], "weights file not found"),
+])
+def test_bad_backbone_input_is_one_line(tmp_path, toy_env, args, expected):
+    import torch
+
+    torch.save({"epoch": 1, "lr": 0.1}, tmp_path / "bad.pt")
+    args = [a.format(bad=tmp_path / "bad.pt", missing=tmp_path / "nope.pth") for a in args]
+    t0 = time.perf_counter()
+    r = run_cli(["pretrain", "--plugin", "toy", "--img-size", "28", "--max-steps", "1", *args], cwd=tmp_path,
+                env=toy_env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], r.stderr
+    assert time.perf_counter() - t0 < 60  # offline fails in seconds, not after a minute of retries

@@ -210,4 +210,5 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
         if cfg.register:
             metrics["registered_model"] = f"models:/{cfg.register}@{cfg.alias}"
         tracking.log_metrics({"train_seconds": elapsed})
+        tracking.log_loss_curves(run_id, ("loss/hard", "loss/soft", "loss/total"), "plots/loss_curves.png")
     return metrics
