@@ -155,7 +155,21 @@ def test_embedded_sample_is_deterministic_cached_and_announced(tmp_path, monkeyp
             nodata.add("nan" if src.nodata != src.nodata else src.nodata)
     assert sizes == {(64, 64), (48, 48)} and crss == {32632, 32633} and nodata == {"nan", -9999.0}
 
+    # a sample folder emptied by hand (marker gone) is rebuilt rather than trusted
+    (root / "COMPLETE").unlink()
+    (root / "s2" / "patch_000.tif").unlink()
+    assert ensure_sample() == root and (root / "s2" / "patch_000.tif").is_file()
+
     result = _invoke(["eo-sar", "check"])
     assert result.exit_code == 0
     assert "embedded synthetic sample" in result.stderr and str(root) in result.stderr
     assert json.loads((root / ".domainfm_stats_s2.json").read_text())["n_files"] == SAMPLE_PATCHES
+
+    # an unwritable cache location is a one-line error with the way out
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    monkeypatch.setenv("DOMAINFM_CACHE", str(blocker))
+    result = _invoke(["eo-sar", "check"])
+    assert result.exit_code == 2
+    _assert_one_line_error(result.stderr, blocker / "eo_sar")
+    assert "DOMAINFM_CACHE" in result.stderr

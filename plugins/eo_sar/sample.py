@@ -35,13 +35,22 @@ def ensure_sample() -> Path:
     root = sample_root()
     if (root / "COMPLETE").is_file():
         return root
+    from domainfm.errors import DomainFMError
     from plugins.eo_sar.synthetic import write_sample
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".sample-", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".sample-", dir=root.parent))
+    except OSError as e:
+        raise DomainFMError(f"cannot write the embedded sample there ({e.strerror})", path=root.parent,
+                            fix="set DOMAINFM_CACHE to a writable folder, or pass --data") from None
     try:
         write_sample(staging, n_patches=SAMPLE_PATCHES, seed=SAMPLE_SEED)
         (staging / "COMPLETE").write_text(f"eo-sar embedded sample v{SAMPLE_VERSION}, {SAMPLE_PATCHES} patches\n")
+        if root.exists() and not (root / "COMPLETE").is_file():
+            # the rename below is atomic, so a folder without the marker was not left by a
+            # writer in progress but emptied or edited by hand: replace it
+            shutil.rmtree(root, ignore_errors=True)
         try:
             staging.rename(root)
         except OSError:  # another process finished first: use theirs
