@@ -75,8 +75,14 @@ def expected_features(slide_path, coords, level, read_size, tile_size, weights):
     for x, y in coords:
         rgba = slide.read_region((int(x), int(y)), level, (read_size, read_size))
         rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-        tiles.append(np.asarray(rgb.resize((tile_size, tile_size), Image.Resampling.BILINEAR)))
-    x = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).float() / 255.0
+        # whole downsampling factors are box averages (an exact area mean), see slides.resize_tile
+        if read_size % tile_size == 0 and read_size > tile_size:
+            k = read_size // tile_size
+            arr = np.asarray(rgb, np.float64).reshape(tile_size, k, tile_size, k, 3).mean(axis=(1, 3))
+            tiles.append(np.floor(arr + 0.5))  # Pillow rounds halves up
+        else:
+            tiles.append(np.asarray(rgb.resize((tile_size, tile_size), Image.Resampling.BILINEAR)))
+    x = torch.from_numpy(np.stack(tiles).astype(np.float32)).permute(0, 3, 1, 2) / 255.0
     with torch.no_grad():
         return model((x - mean) / std).numpy()
 

@@ -180,37 +180,57 @@ def tile_geometry(level_downsamples, slide_mpp: float, mpp: float, tile_size: in
     return TileGeometry(slide_mpp, mpp, tile_size, size0, level, ds, max(1, int(round(size0 / ds))))
 
 
-def read_tile(slide, x: int, y: int, geom: TileGeometry) -> np.ndarray:
-    """RGB uint8 [tile_size, tile_size, 3] of the tile whose top-left level-0 corner is (x, y).
+def on_white(region):
+    """RGB of an OpenSlide RGBA region, transparent pixels (outside the scan) white as on glass.
 
-    Transparent pixels (outside the scanned area) become white, as on glass.
+    Most regions are fully opaque: then the compositing is skipped, it costs as much as the read.
     """
     from PIL import Image
 
-    region = slide.read_region((int(x), int(y)), geom.level, (geom.read_size, geom.read_size))
-    if region.mode == "RGBA":
-        white = Image.new("RGBA", region.size, (255, 255, 255, 255))
-        region = Image.alpha_composite(white, region)
-    region = region.convert("RGB")
-    if geom.read_size != geom.tile_size:
-        region = region.resize((geom.tile_size, geom.tile_size), Image.Resampling.BILINEAR)
-    return np.asarray(region)
+    if region.mode == "RGBA" and region.getchannel("A").getextrema()[0] < 255:
+        region = Image.alpha_composite(Image.new("RGBA", region.size, (255, 255, 255, 255)), region)
+    return region.convert("RGB")
 
 
-def thumbnail(slide, max_size: int = 1024) -> tuple[np.ndarray, float]:
-    """RGB thumbnail [h, w, 3] and its downsample from level 0 (same in x and y up to rounding)."""
-    w0, h0 = slide.dimensions
-    scale = max(w0, h0) / max_size if max(w0, h0) > max_size else 1.0
-    size = (max(1, int(round(w0 / scale))), max(1, int(round(h0 / scale))))
-    level = slide.get_best_level_for_downsample(scale)
-    region = slide.read_region((0, 0), level, slide.level_dimensions[level])
+def resize_tile(region, tile_size: int):
+    """Down to ``tile_size``: a box average for whole factors (exact area mean, and the fastest),
+    bilinear with antialiasing otherwise."""
     from PIL import Image
 
-    if region.mode == "RGBA":
-        region = Image.alpha_composite(Image.new("RGBA", region.size, (255, 255, 255, 255)), region)
-    img = region.convert("RGB")
-    if img.size != size:
-        img = img.resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(img), w0 / size[0]
+    size = region.size[0]
+    if size == tile_size:
+        return region
+    if size > tile_size and size % tile_size == 0:
+        return region.reduce(size // tile_size)
+    return region.resize((tile_size, tile_size), Image.Resampling.BILINEAR)
 
 
+def read_tile(slide, x: int, y: int, geom: TileGeometry) -> np.ndarray:
+    """RGB uint8 [tile_size, tile_size, 3] of the tile whose top-left level-0 corner is (x, y)."""
+    region = slide.read_region((int(x), int(y)), geom.level, (geom.read_size, geom.read_size))
+    if geom.read_size == geom.tile_size and region.mode == "RGBA":
+        rgba = np.asarray(region)
+        if rgba[..., 3].min() == 255:  # opaque, no resize: a view, no copy
+            return rgba[..., :3]
+    return np.asarray(resize_tile(on_white(region), geom.tile_size))
+
+
+def thumbnail(slide, max_size: int = 1024, min_size: int = 512) -> tuple[np.ndarray, float]:
+    """RGB thumbnail [h, w, 3] and its downsample from level 0 (same in x and y up to rounding).
+
+    Read from the coarsest pyramid level whose longer side is still at least ``min_size``
+    (decoding a finer level costs as much as hundreds of tiles), scaled down to ``max_size``.
+    """
+    from PIL import Image
+
+    w0, h0 = slide.dimensions
+    level = 0
+    for i, (w, h) in enumerate(slide.level_dimensions):
+        if max(w, h) >= min(min_size, max(w0, h0)):
+            level = i
+    img = on_white(slide.read_region((0, 0), level, slide.level_dimensions[level]))
+    if max(img.size) > max_size:
+        scale = max_size / max(img.size)
+        img = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))),
+                         Image.Resampling.BILINEAR)
+    return np.asarray(img), w0 / img.size[0]

@@ -140,6 +140,6 @@ def write_thumbnail(tiles: TileSet, out_dir: str | Path) -> Path:
     target = Path(out_dir) / "thumbnails" / f"{tiles.slide_id}.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(target)
-    render_thumbnail(tiles).save(tmp, format="PNG")
+    render_thumbnail(tiles).save(tmp, format="PNG", compress_level=1)  # fast; it is a preview
     os.replace(tmp, target)
     return target

@@ -10,10 +10,9 @@ import numpy as np
 
 def rgb_saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation in [0, 255] of an RGB uint8 image: (max - min) / max per pixel."""
-    rgb = rgb.astype(np.float32)
-    mx = rgb.max(axis=-1)
-    mn = rgb.min(axis=-1)
-    return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0) * 255.0
+    mx = rgb.max(axis=-1).astype(np.float32)  # max/min on uint8 first: 3x less float work
+    mn = rgb.min(axis=-1).astype(np.float32)
+    return (mx - mn) / np.maximum(mx, 1.0) * 255.0
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256, value_range: tuple[float, float] = (0.0, 255.0)) -> float:
