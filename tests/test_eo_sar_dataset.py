@@ -94,6 +94,26 @@ def test_dataset_reads_normalises_and_masks_nodata(eo_root, modality, bands):
     assert nodata_seen > 0, "the test data must contain nodata for this test to mean anything"
 
 
+def test_untagged_fill_values_are_nodata(tmp_path):
+    """Files without a nodata tag: S2's 0 fill and S1's -9999 fill are still masked."""
+    root = tmp_path / "root"
+    s2 = np.full((13, 8, 8), 1500, np.uint16)
+    s2[:, 0, :] = 0  # first row outside the swath
+    make_data.write_raster(root / "s2" / "a.tif", s2, nodata=None)
+    s1 = np.full((2, 8, 8), -12.0, np.float32)
+    s1[:, :, 0] = -9999.0
+    s1[1, 5, 5] = -32768.0  # one band filled is enough to drop the pixel
+    make_data.write_raster(root / "s1" / "a.tif", s1, nodata=None)
+    for modality, expected_valid in (("s2", 56), ("s1", 55)):
+        with rasterio.open(root / modality / "a.tif") as src:
+            assert src.nodata is None
+        ds = EOSARPatches(root, modality)
+        sample = ds[0]
+        assert int(sample["valid"].sum()) == expected_valid
+        assert torch.isfinite(sample["image"]).all()
+        assert ds.stats.mean[0] == pytest.approx(1500.0 if modality == "s2" else -12.0)
+
+
 def test_labels_from_landcover_equal_a_hand_count(tmp_path):
     root = make_data.write_dataset(tmp_path / "root", n_patches=2, modalities=("s2",))
     lc, counts = make_data.hand_landcover()

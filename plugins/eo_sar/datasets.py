@@ -306,11 +306,18 @@ def _write_cache(path: Path, record: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_image(path: Path, nodata: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+# When a file carries no nodata tag: Sentinel-2 products fill with 0 (ESA's NODATA value).
+DEFAULT_NODATA = {"s2": 0.0}
+# Backscatter outside this range (dB) is a fill value (-9999, -32768...), never a measurement.
+S1_VALID_DB = (-100.0, 50.0)
+
+
+def read_image(path: Path, nodata: float | None = None, *, modality: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """float32 [C, H, W] pixels and a bool [H, W] mask of valid pixels.
 
-    A pixel is invalid when any band equals the file's nodata value or is not finite (nan
-    nodata, or -inf from log of zero backscatter).
+    A pixel is invalid when any band equals the nodata value (the file's tag, else the
+    modality's convention), is not finite (nan nodata, -inf from the log of zero backscatter),
+    or, for S1, lies outside :data:`S1_VALID_DB`.
     """
     import rasterio
     from rasterio.errors import RasterioError
@@ -321,19 +328,24 @@ def read_image(path: Path, nodata: float | None = None) -> tuple[np.ndarray, np.
             nodata = src.nodata if nodata is None else nodata
     except RasterioError as e:
         raise _unreadable(path, e) from None
+    if nodata is None and modality is not None:
+        nodata = DEFAULT_NODATA.get(modality)
     invalid = ~np.isfinite(image)
     if nodata is not None and np.isfinite(nodata):
         invalid |= image == np.float32(nodata)
+    if modality == "s1":
+        with np.errstate(invalid="ignore"):
+            invalid |= (image < S1_VALID_DB[0]) | (image > S1_VALID_DB[1])
     return image, ~invalid.any(axis=0)
 
 
-def compute_band_stats(files: Sequence[PatchFile]) -> BandStats:
+def compute_band_stats(files: Sequence[PatchFile], modality: str | None = None) -> BandStats:
     """Mean and std per band over all valid pixels (float64 sums: exact enough for 1e9 pixels)."""
     total = np.zeros(files[0].count)
     total_sq = np.zeros(files[0].count)
     count = 0
     for f in _progress(files, "computing band statistics"):
-        image, valid = read_image(f.path, f.nodata)
+        image, valid = read_image(f.path, f.nodata, modality=modality)
         pixels = image[:, valid].astype(np.float64)
         total += pixels.sum(axis=1)
         total_sq += (pixels**2).sum(axis=1)
@@ -358,7 +370,7 @@ def load_or_compute_stats(root: str | Path, modality: str, files: Sequence[Patch
             return BandStats(tuple(cached["mean"]), tuple(cached["std"]), int(cached.get("valid_pixels", 0)))
     except (KeyError, TypeError):
         pass  # a damaged cache is recomputed and overwritten
-    stats = compute_band_stats(files)
+    stats = compute_band_stats(files, modality)
     _write_cache(path, {"version": STATS_VERSION, "modality": modality, "bands": list(BANDS[modality]),
                         "n_files": len(files), "fingerprint": fingerprint, "mean": list(stats.mean),
                         "std": list(stats.std), "valid_pixels": stats.valid_pixels})
@@ -453,7 +465,7 @@ class EOSARPatches(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         f = self.files[index]
-        raw, valid = read_image(f.path, f.nodata)
+        raw, valid = read_image(f.path, f.nodata, modality=self.modality)
         image = (torch.from_numpy(raw) - self._mean) / self._std
         valid_t = torch.from_numpy(valid)
         image = torch.where(valid_t[None], image, torch.zeros(()))
