@@ -75,6 +75,7 @@ def _independent_stats(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 def test_dataset_reads_normalises_and_masks_nodata(eo_root, modality, bands):
     ds = EOSARPatches(eo_root, modality)
     assert len(ds) == 6 and ds.patch_ids == [f"p{i:02d}" for i in range(6)]
+    assert "size: 6 (6 labelled)" in str(ds) and f"{bands} bands" in str(ds)
     mean, std = _independent_stats(eo_root / modality)
     np.testing.assert_allclose(ds.stats.mean, mean, rtol=1e-6)
     np.testing.assert_allclose(ds.stats.std, std, rtol=1e-5)

@@ -455,6 +455,10 @@ class EOSARPatches(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def __str__(self) -> str:
+        return (f"{type(self).__name__} Dataset\n    modality: {self.modality} ({len(self.bands)} bands)\n"
+                f"    root: {self.root}\n    size: {len(self)} ({len(self._labels)} labelled)")
+
     @property
     def patch_ids(self) -> list[str]:
         return [f.patch_id for f in self.files]
