@@ -4,7 +4,7 @@ On CUDA: ``torch.cuda.max_memory_allocated`` over the steps (every tensor: weigh
 optimizer state, activations). On CPU torch keeps no allocator statistics, and a process's peak
 RSS only ever grows, so each measurement runs in a fresh Python process
 (``python -m plugins.sgd_ft.memory SPEC_JSON``): the peak RSS after the steps minus the RSS before
-the model was built. Weights are random (their values do not change the memory); the architecture,
+the model was built (the address space's high-water mark, VmHWM). Weights are random (their values do not change the memory); the architecture,
 bands, input size, batch size, head, freezing, optimizer and precision are those of the run.
 """
 
@@ -26,8 +26,13 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    # Linux reports ru_maxrss in KiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The high-water mark of this process's own address space (VmHWM). Not ru_maxrss: after
+    fork/vfork + exec that also holds the parent's RSS, which would swamp a small model's step."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # pragma: no cover - not Linux
 
 
 def probe_spec(*, backbone: str, in_chans: int, img_size: int, batch_size: int, num_outputs: int, task: str,

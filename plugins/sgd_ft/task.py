@@ -107,7 +107,7 @@ class KeepBest(Callback):
         if trainer.sanity_checking:
             return
         value = pl_module.last_metrics.get(self.monitor)
-        if value is not None and (self.best is None or value > self.best):
+        if value is not None and (self.best is None or value >= self.best):  # ties: the more trained
             self.best = value
             self.best_step = trainer.global_step
             self.state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.model.state_dict().items()}

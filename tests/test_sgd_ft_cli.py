@@ -1,0 +1,215 @@
+"""``domainfm finetune --plugin sgd-ft`` end to end: real images and GeoTIFFs on disk, real
+Lightning training, a real sqlite MLflow store, the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from domainfm.backbones import create_backbone, save_backbone
+from domainfm.cli import main
+
+from conftest import run_cli
+
+_spec = importlib.util.spec_from_file_location("sgd_ft_make_data",
+                                               Path(__file__).parent / "data" / "sgd_ft" / "make_data.py")
+make_data = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_data)
+
+TINY = ["--img-size", "32", "--batch-size", "8", "--init", "random", "--accelerator", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def _store_uri(tmp_path_factory) -> str:
+    # one sqlite store for this module's tests: creating a store runs MLflow's schema migrations,
+    # which cost seconds; each test still has its own working folder and its own runs
+    return f"sqlite:///{tmp_path_factory.mktemp('sgd_ft_mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def mlflow_store(_store_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _store_uri)
+    monkeypatch.chdir(tmp_path)
+    return _store_uri
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """stderr without MLflow's own INFO log lines (store creation)."""
+    return [ln for ln in stderr.splitlines() if ln.strip() and " INFO mlflow" not in ln]
+
+
+def _invoke(args: list[str]):
+    """The real CLI, in this process (the imports are paid once per test session)."""
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, (res.stderr[-3000:], res.exception)
+    return res
+
+
+def _mlflow_client():
+    from mlflow import MlflowClient
+
+    from domainfm import tracking
+
+    tracking.configure()
+    return MlflowClient()
+
+
+def _children(client, run_id: str) -> list:
+    run = client.get_run(run_id)
+    return client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+
+
+def test_sgd_frozen_embed_learns_and_leaves_the_stem_bit_for_bit_unchanged(tmp_path, mlflow_store):
+    data = make_data.write_imagefolder(tmp_path / "data", train=8, val=4, test=6, size=32)
+    torch.manual_seed(0)
+    init = save_backbone(create_backbone("resnet18", in_chans=3, img_size=32, init="random"),
+                         tmp_path / "init.safetensors")
+    out = tmp_path / "metrics.json"
+    res = _invoke(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", "resnet18", "--weights",
+                   str(init), *TINY, "--max-steps", "24", "--val-every", "6", "--lr", "0.05",
+                   "--checkpoint-every", "6", "--no-measure-memory", "--json", str(out)])
+    m = json.loads(out.read_text())
+    # three balanced classes: chance is 1/3 on the 18 test images
+    assert m["accuracy"] >= 0.7, m
+
+    before, after = load_file(str(init)), load_file(m["weights"])
+    frozen = {"conv1.weight", "bn1.weight", "bn1.bias"}
+    timm_params = dict(create_backbone("resnet18", in_chans=3, img_size=32, init="random").model.named_parameters())
+    for name in timm_params:
+        same = torch.equal(before[name], after[f"backbone.model.{name}"])
+        assert same == (name in frozen), name
+    # the frozen stem's BatchNorm statistics did not drift either
+    for buf in ("bn1.running_mean", "bn1.running_var"):
+        assert torch.equal(before[buf], after[f"backbone.model.{buf}"])
+    assert not torch.equal(before["layer1.0.bn1.running_mean"], after["backbone.model.layer1.0.bn1.running_mean"])
+
+    n_frozen = sum(timm_params[n].numel() for n in frozen)
+    n_total = sum(p.numel() for p in timm_params.values()) + 512 * 3 + 3  # + linear head
+    assert m["frozen_params"] == n_frozen
+    assert m["trainable_params"] == n_total - n_frozen
+    assert m["optimizer_state_bytes"] == 4 * m["trainable_params"]  # one fp32 momentum buffer each
+
+    client = _mlflow_client()
+    run = client.get_run(m["mlflow_run_id"])
+    assert run.data.metrics["accuracy"] == pytest.approx(m["accuracy"])
+    assert run.data.params["optimizer"] == "sgd"
+    assert [a.path for a in client.list_artifacts(m["mlflow_run_id"], "model")] == ["model/finetuned.safetensors"]
+    ckpts = tmp_path / "outputs" / "domainfm-sgd-ft" / m["mlflow_run_id"] / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file()
+
+
+def test_compare_writes_the_three_arm_table_with_exact_state_and_measured_memory(tmp_path, mlflow_store):
+    # 4-band GeoTIFFs: --in-chans comes from the data
+    data = make_data.write_imagefolder(tmp_path / "geo", fmt="tif", bands=4, train=4, val=2, size=32)
+    out = tmp_path / "metrics.json"
+    res = _invoke(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", "vit_tiny_patch16_224",
+                   *TINY, "--max-steps", "3", "--lr", "0.01", "--compare", "--json", str(out)])
+    m = json.loads(out.read_text())
+    assert "sgd-frozen-embed" in res.stderr and "adamw" in res.stderr  # the printed table
+
+    client = _mlflow_client()
+    text = Path(client.download_artifacts(m["mlflow_run_id"], "tables/compare.csv", str(tmp_path))).read_text()
+    rows = {r["arm"]: r for r in csv.DictReader(io.StringIO(text))}
+    assert set(rows) == {"sgd-frozen-embed", "sgd", "adamw"}
+    vit = create_backbone("vit_tiny_patch16_224", in_chans=4, img_size=32, init="random").model
+    params = dict(vit.named_parameters())
+    total = sum(p.numel() for p in params.values()) + vit.num_features * 3 + 3
+    embed = sum(p.numel() for n, p in params.items() if n.startswith("patch_embed."))
+    n_tensors = len(params) + 2
+    state = {a: int(r["optimizer_state_bytes"]) for a, r in rows.items()}
+    assert int(rows["sgd-frozen-embed"]["trainable_params"]) == total - embed
+    assert int(rows["sgd-frozen-embed"]["frozen_params"]) == embed
+    assert state["sgd-frozen-embed"] == 4 * (total - embed)
+    assert state["sgd"] == 4 * total
+    assert state["adamw"] == 8 * total + 4 * n_tensors  # two moments + one step counter per tensor
+    peak = {a: int(r["peak_memory_bytes"]) for a, r in rows.items()}
+    # AdamW's second moment alone is 4 bytes x 5.5 M parameters more than SGD's state
+    assert peak["sgd-frozen-embed"] < peak["adamw"]
+    assert peak["adamw"] - peak["sgd-frozen-embed"] > 2 * (total - embed)
+    # the top-level result is the chosen arm (the default: SGD with frozen embedding)
+    assert m["arm"] == "sgd-frozen-embed" and m["trainable_params"] == total - embed
+    assert m["adamw/optimizer_state_bytes"] == state["adamw"]
+    arms = {r.data.tags["mlflow.runName"] for r in _children(client, m["mlflow_run_id"])}
+    assert arms == {"sgd-frozen-embed", "sgd", "adamw"}
+
+
+def test_lr_sweep_keeps_the_best_nested_run_on_validation(tmp_path, mlflow_store):
+    data = make_data.write_imagefolder(tmp_path / "data", train=8, val=6, size=32)
+    out = tmp_path / "m.json"
+    _invoke(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", "resnet18", *TINY,
+             "--max-steps", "6", "--val-every", "3", "--optimizer", "adamw", "--lr-sweep", "1e-7,3e-3",
+             "--no-measure-memory", "--json", str(out)])
+    m = json.loads(out.read_text())
+    client = _mlflow_client()
+    children = _children(client, m["mlflow_run_id"])
+    val = {float(r.data.params["lr"]): r.data.metrics["val_accuracy"] for r in children}
+    assert set(val) == {1e-7, 3e-3}
+    best_lr = max(val, key=lambda lr: (val[lr], -[1e-7, 3e-3].index(lr)))  # ties: the first swept wins
+    assert m["best_lr"] == best_lr and m["val_accuracy"] == val[best_lr]
+    assert m["optimizer_state_bytes_per_param"] == 8.0
+
+
+def test_multilabel_on_the_eo_sar_layout_reports_map(tmp_path, mlflow_store):
+    from plugins.eo_sar.synthetic import write_sample
+
+    root = write_sample(tmp_path / "eo", n_patches=10)
+    out = tmp_path / "m.json"
+    _invoke(["finetune", "--plugin", "sgd-ft", "--task", "multilabel", "--modality", "s1", "--data", str(root),
+             "--backbone", "resnet18", *TINY, "--max-steps", "3", "--no-measure-memory", "--json", str(out)])
+    m = json.loads(out.read_text())
+    assert 0.0 < m["mAP"] <= 1.0
+    assert _mlflow_client().get_run(m["mlflow_run_id"]).data.metrics["mAP"] == pytest.approx(m["mAP"])
+
+
+def _broken_empty_class(root: Path) -> str:
+    (root / "train" / "desert").mkdir()
+    return "train/desert: class folder holds no images"
+
+
+def _broken_val_class(root: Path) -> str:
+    (root / "val" / "desert").mkdir()
+    make_data.write_png(root / "val" / "desert" / "0.png", make_data.class_image(
+        __import__("numpy").random.default_rng(0), 0, bands=3, size=8, n_classes=3))
+    return "val: classes desert are not in train/"
+
+
+def _broken_image(root: Path) -> str:
+    (root / "train" / "water" / "005.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return "train/water/005.png: cannot be read as an image"
+
+
+@pytest.mark.parametrize("breaker, extra", [(_broken_empty_class, []), (_broken_val_class, []),
+                                            (_broken_image, []), (None, ["--in-chans", "4"])])
+def test_bad_input_is_one_named_line_and_nothing_is_overwritten(tmp_path, mlflow_store, breaker, extra):
+    root = make_data.write_imagefolder(tmp_path / "data", train=2, val=1, size=8)
+    expected = breaker(root) if breaker else "--in-chans 4 does not match the data: the images have 3 bands"
+    out = tmp_path / "m.json"
+    out.write_text('{"accuracy": 0.9}')
+    res = CliRunner().invoke(main, ["finetune", "--plugin", "sgd-ft", "--data", str(root), "--backbone", "resnet18",
+                                    *TINY, *extra, "--max-steps", "2", "--json", str(out)])
+    assert res.exit_code == 2
+    lines = _error_lines(res.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert expected in lines[0] and "Fix:" in lines[0]
+    assert "Traceback" not in res.output
+    assert out.read_text() == '{"accuracy": 0.9}'
+
+
+def test_bad_input_through_the_installed_command(tmp_path, mlflow_store):
+    root = make_data.write_imagefolder(tmp_path / "data", train=2, val=1, size=8)
+    _broken_image(root)
+    res = run_cli(["finetune", "--plugin", "sgd-ft", "--data", str(root), *TINY], cwd=tmp_path)
+    assert res.returncode == 2
+    lines = _error_lines(res.stderr)
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: {root / 'train' / 'water' / '005.png'}: cannot be read as an image (")
+    assert lines[0].endswith("Fix: replace or delete the file.")
+    assert "Traceback" not in res.stderr
