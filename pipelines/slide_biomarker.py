@@ -1,11 +1,12 @@
-"""``domainfm pipeline slide-biomarker``: slide-level biomarker prediction from tile features.
+"""``domainfm pipeline slide-biomarker``: slide-level biomarker prediction from whole slides or tile features.
 
-The steps, each a function of the histo plugin:
-  (optional) embed slides  ->  load cohort + labels  ->  patient-stratified folds
-  ->  one MIL member per (fold, seed), early-stopped on its fold (an MLflow child run each)
-  ->  one-shot model on all training slides  ->  internal CV and external metrics (AUC + bootstrap CI,
-      balanced accuracy, ROC plots)  ->  attention heatmaps of external slides
-  ->  the ensemble logged and registered as one MLflow pyfunc model  ->  --json
+The steps, each a function of the histo plugin (this file only chains them and tracks them):
+  [--slides: tile + embed]  ->  cohort + labels checks  ->  patient-stratified folds
+  ->  one MIL member per (fold, seed), early-stopped on its own fold (an MLflow child run each)
+  ->  one-shot model on all training slides (the baseline the ensemble must beat)
+  ->  internal CV and external metrics: AUC + bootstrap CI, balanced accuracy, ROC plots
+  ->  attention heatmaps of external slides  ->  the ensemble logged and registered as one pyfunc model
+  ->  --json
 """
 
 from __future__ import annotations
@@ -24,26 +25,40 @@ from domainfm.errors import DomainFMError
 @click.option("--features", "features_dir", required=True,
               help="Tile features of the training cohort: the --out folder of `histo embed` (or a folder of .h5).")
 @click.option("--labels", "labels_csv", required=True, help="CSV with slide_id,patient_id,label (or a column named --target).")
-@click.option("--target", required=True, help="Biomarker name (MSI, HER2...): the label column if the CSV has one, and the model's name.")
+@click.option("--target", required=True,
+              help="Biomarker name (MSI, HER2...): the label column if the CSV has one, and the model's name.")
 @click.option("--external-features", default=None, help="Tile features of an external test cohort.")
 @click.option("--external-labels", default=None, help="Labels CSV of the external cohort.")
+@click.option("--slides", "slides_dir", default=None,
+              help="Whole slides of the training cohort: embedded into --features first (finished slides are skipped).")
+@click.option("--external-slides", default=None, help="Whole slides of the external cohort, embedded into --external-features.")
+@click.option("--backbone", default="vit_small_patch14_dinov2", show_default=True, help="Encoder for --slides (timm name).")
+@click.option("--init", default="dinov2", show_default=True, help="Encoder weights for --slides: dinov2, pretrained, random.")
+@click.option("--weights", default=None, help="Encoder for --slides from a domainfm export or models:/NAME@ALIAS.")
+@click.option("--mpp", type=float, default=0.5, show_default=True, help="µm/px of the tiles embedded from --slides.")
+@click.option("--tile-size", type=int, default=224, show_default=True, help="Tile side embedded from --slides.")
+@click.option("--slide-mpp", default=None, help="µm/px of slides that carry none (a number or a CSV slide_id,mpp).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Tiles per forward pass when embedding.")
+@click.option("--num-workers", type=int, default=4, show_default=True, help="Slide-reading processes when embedding.")
 @click.option("--model", "model_name", type=click.Choice(["abmil", "chowder", "meanpool"]), default="abmil",
               show_default=True, help="Slide model: gated attention MIL, Chowder, or mean pooling.")
 @click.option("--folds", type=int, default=5, show_default=True, help="Cross-validation folds, split by patient.")
 @click.option("--seeds", type=int, default=5, show_default=True, help="Members per fold (different seeds).")
 @click.option("--epochs", type=int, default=30, show_default=True, help="Maximum epochs per member.")
-@click.option("--patience", type=int, default=5, show_default=True, help="Early stopping: epochs without a lower validation loss.")
+@click.option("--patience", type=int, default=5, show_default=True,
+              help="Early stopping: epochs without a lower validation loss.")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="AdamW learning rate.")
 @click.option("--max-tiles-per-slide", type=int, default=5000, show_default=True,
               help="Tiles sampled per slide at each training step (prediction uses all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fold split and the first member.")
-@click.option("--n-boot", type=int, default=1000, show_default=True, help="Bootstrap resamples of the AUC confidence intervals.")
-@click.option("--max-heatmaps", type=int, default=16, show_default=True, help="External slides drawn as attention heatmaps.")
+@click.option("--n-boot", type=int, default=1000, show_default=True, help="Bootstrap resamples of the AUC intervals.")
+@click.option("--max-heatmaps", type=int, default=16, show_default=True,
+              help="External slides drawn as attention heatmaps (most confident first).")
 @click.option("--register", "register_name", default=None, help="Registered model name (default: histo-<target>).")
 @click.option("--alias", default="candidate", show_default=True, help="Registry alias of the new version.")
 @click.option("--experiment", default="domainfm-histo", show_default=True, help="MLflow experiment.")
 @click.option("--run-name", default=None, help="MLflow run name (default: <target>-<model>).")
-@click.option("--out", "out_dir", default=None, help="Also keep plots, heatmaps, predictions and the model files here.")
+@click.option("--out", "out_dir", default=None, help="Also keep plots, heatmaps and the model files here.")
 @click.option("--json", "json_path", default=None, help="Write the final metrics (and mlflow_run_id) to this JSON file.")
 def command(**opts: Any) -> None:
     """Train a cross-validated ensemble of slide-level MIL models for one biomarker, measure it on
@@ -52,10 +67,11 @@ def command(**opts: Any) -> None:
     Members: --folds folds x --seeds seeds, each trained on the other folds and early-stopped on its
     own; the ensemble averages member probabilities. AUCs come with 95% bootstrap intervals. The
     registered pyfunc model takes one bag of tile features [N, D] and returns the probability and
-    the per-tile attention.
+    the per-tile attention. Runs go to $MLFLOW_TRACKING_URI (default sqlite:///mlruns/mlflow.db).
     """
     try:
-        metrics = run(**opts)
+        embed_first(opts)
+        metrics = run(**{k: v for k, v in opts.items() if k in RUN_OPTIONS})
     except DomainFMError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -66,16 +82,44 @@ def command(**opts: Any) -> None:
                    {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})
 
 
+RUN_OPTIONS = {"features_dir", "labels_csv", "target", "external_features", "external_labels", "model_name", "folds",
+               "seeds", "epochs", "patience", "lr", "max_tiles_per_slide", "seed", "n_boot", "max_heatmaps",
+               "register_name", "alias", "experiment", "run_name", "out_dir"}
+
+
+def embed_first(opts: dict[str, Any]) -> None:
+    """Steps 1-2 (tile + embed) when whole slides are given; slides that fail are reported and the
+    labels check then names any labelled slide left without features."""
+    from plugins.histo import embedding
+    from plugins.histo import slides as slides_mod
+
+    for slides_dir, feats in ((opts["slides_dir"], opts["features_dir"]),
+                              (opts["external_slides"], opts["external_features"])):
+        if not slides_dir:
+            continue
+        if not feats:
+            raise DomainFMError("--external-slides needs --external-features (where the features go)")
+        settings = embedding.EmbedSettings(
+            out_dir=feats, backbone=opts["backbone"], init=opts["init"], weights=opts["weights"], mpp=opts["mpp"],
+            tile_size=opts["tile_size"], slide_mpp=slides_mod.parse_slide_mpp(opts["slide_mpp"]),
+            batch_size=opts["batch_size"], num_workers=opts["num_workers"])
+        report = embedding.embed_slides(slides_mod.find_slides([slides_dir]), settings)
+        for f in report.failed:
+            click.echo(f"warning: {f['slide_id']} not embedded: {f['error']}", err=True)
+
+
 def run(*, features_dir, labels_csv, target, external_features=None, external_labels=None, model_name="abmil",
         folds=5, seeds=5, epochs=30, patience=5, lr=2e-4, max_tiles_per_slide=5000, seed=0, n_boot=1000,
         max_heatmaps=16, register_name=None, alias="candidate", experiment="domainfm-histo", run_name=None,
-        out_dir=None, json_path=None) -> dict[str, Any]:
+        out_dir=None) -> dict[str, Any]:
+    """Steps 3-8 on tile features; returns the final metrics (with ``mlflow_run_id``)."""
+    import mlflow
     import numpy as np
 
     from domainfm import tracking
     from plugins.histo import cohort as cohort_mod
     from plugins.histo import ensemble as ens
-    from plugins.histo.evaluation import auc_ci, balanced_accuracy, roc_figure
+    from plugins.histo.evaluation import auc_ci, balanced_accuracy
 
     if (external_features is None) != (external_labels is None):
         raise DomainFMError("--external-features and --external-labels go together", fix="give both or neither")
@@ -85,13 +129,12 @@ def run(*, features_dir, labels_csv, target, external_features=None, external_la
     external = (cohort_mod.load_cohort(external_features, external_labels, target, class_names=train.class_names)
                 if external_features else None)
     folds_idx = cohort_mod.patient_folds(train.labels, train.patient_ids, folds, seed, labels_csv)
-    bags = _load_bags(train)
+    bags = train.load_bags()
     in_dim = bags[0].shape[1]
-    ext_bags = _load_bags(external) if external else []
-    for b, sid in zip(ext_bags, external.slide_ids if external else []):
-        if b.shape[1] != in_dim:
-            raise DomainFMError(f"external slide {sid!r} has {b.shape[1]}-d features, the training cohort {in_dim}-d",
-                                path=external_features, fix="embed both cohorts with the same encoder")
+    ext_bags = external.load_bags() if external else []
+    if ext_bags and ext_bags[0].shape[1] != in_dim:
+        raise DomainFMError(f"external features are {ext_bags[0].shape[1]}-d, the training cohort's {in_dim}-d",
+                            path=external_features, fix="embed both cohorts with the same encoder")
     settings = ens.TrainSettings(model=model_name, epochs=epochs, lr=lr, max_tiles=max_tiles_per_slide,
                                  patience=patience)
     n_classes, y = train.n_classes, train.labels
@@ -99,8 +142,6 @@ def run(*, features_dir, labels_csv, target, external_features=None, external_la
     out.mkdir(parents=True, exist_ok=True)
 
     tracking.configure()
-    import mlflow
-
     metrics: dict[str, Any] = {}
     with tracking.start_run(experiment=experiment, run_name=run_name or f"{target}-{model_name}") as parent:
         mlflow.log_params({"target": target, "model": model_name, "folds": folds, "seeds": seeds, "epochs": epochs,
@@ -109,54 +150,27 @@ def run(*, features_dir, labels_csv, target, external_features=None, external_la
                            "n_external_slides": len(external) if external else 0, "feature_dim": in_dim,
                            "classes": ",".join(train.class_names), "features": str(features_dir),
                            "labels": str(labels_csv), "external_features": str(external_features)})
-        # -- members: one child run per (fold, seed)
-        members: list[ens.MemberResult] = []
-        oof = np.zeros((seeds, len(train), n_classes))
-        rows = []
-        from rich.progress import Progress
 
-        with Progress(transient=True) as progress:
-            task = progress.add_task(f"{folds} folds x {seeds} seeds", total=folds * seeds)
-            for k, (tr, va) in enumerate(folds_idx):
-                for r in range(seeds):
-                    member_seed = seed + r
-                    with tracking.start_run(experiment=experiment, nested=True, run_name=f"fold{k}-seed{member_seed}"):
-                        mlflow.log_params({"fold": k, "seed": member_seed, "model": model_name,
-                                           "n_train": len(tr), "n_val": len(va)})
-                        state, best_epoch, val_probs, history = ens.train_one(
-                            bags, y, tr, n_classes, settings, member_seed * 1000 + k, val_idx=va)
-                        for rec in history:
-                            tracking.log_metrics({k2: v for k2, v in rec.items() if k2 != "epoch"}, step=rec["epoch"])
-                        member = ens.MemberResult(k, member_seed, state, best_epoch, va, val_probs, history)
-                        row = {"fold": k, "seed": member_seed, "best_epoch": best_epoch,
-                               "val_auc": ens.slide_auc(y[va], val_probs)}
-                        oof[r, va] = val_probs
-                        if external:
-                            member_probs, _ = ens.predict(_member_model(member, model_name, in_dim, n_classes), ext_bags)
-                            row["external_auc"] = ens.slide_auc(external.labels, member_probs)
-                            member.ext_probs = member_probs
-                        tracking.log_metrics({"best_epoch": best_epoch, **{k2: v for k2, v in row.items()
-                                                                            if k2 not in ("fold", "seed", "best_epoch")}})
-                        members.append(member)
-                        rows.append(row)
-                    progress.advance(task)
-        tracking.log_table_artifact(rows, "tables/members.csv")
-        cv_aucs = np.array([r["val_auc"] for r in rows])
-        metrics["cv_auc_mean"] = float(np.nanmean(cv_aucs))
-        metrics["cv_auc_std"] = float(np.nanstd(cv_aucs))
+        # members, each in its own child run
+        members = train_members(bags, y, folds_idx, n_classes, settings, seeds, seed, experiment,
+                                ext_bags=ext_bags, ext_y=external.labels if external else None)
+        tracking.log_table_artifact([m.summary() for m in members], "tables/members.csv")
+        cv_aucs = np.array([m.val_auc for m in members])
+        oof = np.zeros((seeds, len(train), n_classes))  # out-of-fold probabilities, one row per seed
+        for m in members:
+            oof[m.seed - seed, m.val_idx] = m.val_probs
         oof_mean = oof.mean(0)
         auc, lo, hi = auc_ci(y, oof_mean, n_boot=n_boot, seed=seed)
-        metrics.update({"cv_auc_ensemble": auc, "cv_auc_ensemble_ci": [lo, hi],
+        metrics.update({"cv_auc_mean": float(np.nanmean(cv_aucs)), "cv_auc_std": float(np.nanstd(cv_aucs)),
+                        "cv_auc_ensemble": auc, "cv_auc_ensemble_ci": [lo, hi],
                         "cv_balanced_accuracy_ensemble": balanced_accuracy(y, oof_mean)})
-        curves = [(f"fold {m.fold} seed {m.seed}" if i == 0 else None, y[m.val_idx], _pos(m.val_probs),
-                   {"c": "lightgrey", "lw": 0.8}) for i, m in enumerate(members) if len(np.unique(y[m.val_idx])) > 1] \
-            if n_classes == 2 else []
         if n_classes == 2:
-            curves[0] = ("members (own fold)",) + curves[0][1:] if curves else curves
-            curves.append(("ensemble, out-of-fold", y, _pos(oof_mean), {"c": "C0", "lw": 2}))
-            _log_fig(roc_figure(curves, f"{target}: internal cross-validation"), out, "plots/roc_cv.png")
+            curves = [("members (own fold)" if i == 0 else None, y[m.val_idx], m.val_probs[:, 1],
+                       {"c": "lightgrey", "lw": 0.8}) for i, m in enumerate(members)]
+            curves.append(("ensemble, out of fold", y, oof_mean[:, 1], {"c": "C0", "lw": 2}))
+            log_roc(curves, f"{target}: internal cross-validation", out, "plots/roc_cv.png")
 
-        # -- one-shot model on all training slides
+        # the one-shot baseline: all training slides, the members' median best epoch count
         n_oneshot = int(np.median([m.best_epoch + 1 for m in members]))
         with tracking.start_run(experiment=experiment, nested=True, run_name="oneshot"):
             mlflow.log_params({"epochs": n_oneshot, "seed": seed, "model": model_name, "n_train": len(train)})
@@ -166,42 +180,13 @@ def run(*, features_dir, labels_csv, target, external_features=None, external_la
                 tracking.log_metrics({"train_loss": rec["train_loss"]}, step=rec["epoch"])
         metrics["oneshot_epochs"] = n_oneshot
 
-        # -- external cohort
         states = [m.state for m in members]
-        ensemble = ens.ensemble_from_states(model_name, in_dim, n_classes, states)
         if external:
-            ext_y = external.labels
-            ens_probs, ens_attn = ens.predict(ensemble, ext_bags)
-            one = ens.ensemble_from_states(model_name, in_dim, n_classes, [oneshot_state])
-            one_probs, _ = ens.predict(one, ext_bags)
-            auc_e, lo_e, hi_e = auc_ci(ext_y, ens_probs, n_boot=n_boot, seed=seed)
-            auc_o, lo_o, hi_o = auc_ci(ext_y, one_probs, n_boot=n_boot, seed=seed)
-            member_aucs = [r["external_auc"] for r in rows]
-            metrics.update({
-                "external_auc_ensemble": auc_e, "external_auc_ensemble_ci": [lo_e, hi_e],
-                "external_balanced_accuracy_ensemble": balanced_accuracy(ext_y, ens_probs),
-                "external_auc_oneshot": auc_o, "external_auc_oneshot_ci": [lo_o, hi_o],
-                "external_balanced_accuracy_oneshot": balanced_accuracy(ext_y, one_probs),
-                "external_auc_members_mean": float(np.mean(member_aucs)),
-                "external_auc_members_min": float(np.min(member_aucs)),
-                "external_auc_members_max": float(np.max(member_aucs)),
-                "ensemble_gain_auc": auc_e - auc_o,
-            })
-            pred_rows = [{"slide_id": s, "patient_id": p, "label": external.class_names[int(t)],
-                          **{f"prob_ensemble_{c}": float(ens_probs[i, j]) for j, c in enumerate(train.class_names)},
-                          **{f"prob_oneshot_{c}": float(one_probs[i, j]) for j, c in enumerate(train.class_names)}}
-                         for i, (s, p, t) in enumerate(zip(external.slide_ids, external.patient_ids, ext_y))]
-            tracking.log_table_artifact(pred_rows, "tables/external_predictions.csv")
-            if n_classes == 2:
-                curves = [("members" if i == 0 else None, ext_y, _pos(m.ext_probs), {"c": "lightgrey", "lw": 0.8})
-                          for i, m in enumerate(members)]
-                curves += [("ensemble", ext_y, _pos(ens_probs), {"c": "C0", "lw": 2}),
-                           ("one-shot", ext_y, _pos(one_probs), {"c": "C3", "lw": 1.5, "ls": "--"})]
-                _log_fig(roc_figure(curves, f"{target}: external cohort"), out, "plots/roc_external.png")
-            _heatmaps(external, ext_bags, ens_probs, ens_attn, max_heatmaps, out)
+            metrics.update(evaluate_external(external, ext_bags, members, states, oneshot_state, model_name, in_dim,
+                                             n_classes, train.class_names, target, n_boot, seed, max_heatmaps, out))
 
-        # -- the ensemble as one registered pyfunc model
-        from plugins.histo import pyfunc_model  # noqa: F401  (the file MLflow copies; importing it checks it)
+        # the ensemble as one registered pyfunc model
+        from plugins.histo import pyfunc_model
 
         artifacts = ens.save_ensemble(out / "model", model_name, in_dim, n_classes, states,
                                       class_names=train.class_names, target=target)
@@ -219,41 +204,91 @@ def run(*, features_dir, labels_csv, target, external_features=None, external_la
     return metrics
 
 
-def _load_bags(cohort):
-    from rich.progress import track
+def train_members(bags, y, folds_idx, n_classes, settings, seeds, seed, experiment, *, ext_bags, ext_y):
+    """One member per (fold, seed), each logged as a child run with its learning curves."""
+    import mlflow
+    from rich.progress import Progress
 
-    from plugins.histo.embedding import read_features
-
-    bags = []
-    for sid, p in track(list(zip(cohort.slide_ids, cohort.feature_files)), description="reading features",
-                        transient=True):
-        feats = read_features(p)[0]
-        if len(feats) == 0:
-            raise DomainFMError(f"slide {sid!r} has no tiles", path=p, fix="re-embed it with a lower --min-tissue, or drop its label")
-        bags.append(feats)
-    return bags
-
-
-def _member_model(member, model_name, in_dim, n_classes):
-    from plugins.histo.ensemble import ensemble_from_states
-
-    return ensemble_from_states(model_name, in_dim, n_classes, [member.state])
-
-
-def _pos(probs):
-    return probs[:, -1]
-
-
-def _log_fig(fig, out: Path, artifact: str) -> None:
     from domainfm import tracking
+    from plugins.histo import ensemble as ens
 
+    members = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"{len(folds_idx)} folds x {seeds} seeds", total=len(folds_idx) * seeds)
+        for k, (tr, va) in enumerate(folds_idx):
+            for member_seed in range(seed, seed + seeds):
+                with tracking.start_run(experiment=experiment, nested=True, run_name=f"fold{k}-seed{member_seed}"):
+                    mlflow.log_params({"fold": k, "seed": member_seed, "model": settings.model,
+                                       "n_train": len(tr), "n_val": len(va)})
+                    state, best_epoch, val_probs, history = ens.train_one(
+                        bags, y, tr, n_classes, settings, member_seed * 1000 + k, val_idx=va)
+                    for rec in history:
+                        tracking.log_metrics({key: v for key, v in rec.items() if key != "epoch"}, step=rec["epoch"])
+                    m = ens.MemberResult(k, member_seed, state, best_epoch, va, val_probs, history)
+                    m.val_auc = ens.slide_auc(y[va], val_probs)
+                    final = {"best_epoch": best_epoch, "val_auc": m.val_auc}
+                    if ext_bags:
+                        single = ens.ensemble_from_states(settings.model, bags[0].shape[1], n_classes, [state])
+                        m.ext_probs, _ = ens.predict(single, ext_bags)
+                        m.ext_auc = ens.slide_auc(ext_y, m.ext_probs)
+                        final["external_auc"] = m.ext_auc
+                    tracking.log_metrics(final)
+                    members.append(m)
+                progress.advance(task)
+    return members
+
+
+def evaluate_external(external, ext_bags, members, states, oneshot_state, model_name, in_dim, n_classes,
+                      class_names, target, n_boot, seed, max_heatmaps, out) -> dict[str, Any]:
+    import numpy as np
+
+    from domainfm import tracking
+    from plugins.histo import ensemble as ens
+    from plugins.histo.evaluation import auc_ci, balanced_accuracy
+
+    ext_y = external.labels
+    ens_probs, ens_attn = ens.predict(ens.ensemble_from_states(model_name, in_dim, n_classes, states), ext_bags)
+    one_probs, _ = ens.predict(ens.ensemble_from_states(model_name, in_dim, n_classes, [oneshot_state]), ext_bags)
+    auc_e, lo_e, hi_e = auc_ci(ext_y, ens_probs, n_boot=n_boot, seed=seed)
+    auc_o, lo_o, hi_o = auc_ci(ext_y, one_probs, n_boot=n_boot, seed=seed)
+    member_aucs = [m.ext_auc for m in members]
+    rows = [{"slide_id": s, "patient_id": p, "label": class_names[int(t)],
+             **{f"prob_ensemble_{c}": float(ens_probs[i, j]) for j, c in enumerate(class_names)},
+             **{f"prob_oneshot_{c}": float(one_probs[i, j]) for j, c in enumerate(class_names)}}
+            for i, (s, p, t) in enumerate(zip(external.slide_ids, external.patient_ids, ext_y))]
+    tracking.log_table_artifact(rows, "tables/external_predictions.csv")
+    if n_classes == 2:
+        curves = [("members" if i == 0 else None, ext_y, m.ext_probs[:, 1], {"c": "lightgrey", "lw": 0.8})
+                  for i, m in enumerate(members)]
+        curves += [("ensemble", ext_y, ens_probs[:, 1], {"c": "C0", "lw": 2}),
+                   ("one-shot", ext_y, one_probs[:, 1], {"c": "C3", "lw": 1.5, "ls": "--"})]
+        log_roc(curves, f"{target}: external cohort", out, "plots/roc_external.png")
+    log_heatmaps(external, ens_probs, ens_attn, max_heatmaps, out)
+    return {
+        "external_auc_ensemble": auc_e, "external_auc_ensemble_ci": [lo_e, hi_e],
+        "external_balanced_accuracy_ensemble": balanced_accuracy(ext_y, ens_probs),
+        "external_auc_oneshot": auc_o, "external_auc_oneshot_ci": [lo_o, hi_o],
+        "external_balanced_accuracy_oneshot": balanced_accuracy(ext_y, one_probs),
+        "external_auc_members_mean": float(np.mean(member_aucs)),
+        "external_auc_members_min": float(np.min(member_aucs)),
+        "external_auc_members_max": float(np.max(member_aucs)),
+        "ensemble_gain_auc": auc_e - auc_o,
+    }
+
+
+def log_roc(curves, title: str, out: Path, artifact: str) -> None:
+    from domainfm import tracking
+    from plugins.histo.evaluation import roc_figure
+
+    fig = roc_figure([c for c in curves if len(set(c[1].tolist())) > 1], title)
     (out / artifact).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / artifact, dpi=120)
     tracking.log_figure(fig, artifact)
 
 
-def _heatmaps(external, bags, probs, attentions, limit: int, out: Path) -> None:
-    """Member-averaged attention of external slides over their thumbnails (the most confident first)."""
+def log_heatmaps(external, probs, attentions, limit: int, out: Path) -> None:
+    """Member-averaged attention of the most confidently positive external slides over their
+    thumbnails (the slide file named in the features' attrs, else a white canvas)."""
     import mlflow
     import numpy as np
 
@@ -262,9 +297,8 @@ def _heatmaps(external, bags, probs, attentions, limit: int, out: Path) -> None:
 
     if limit <= 0:
         return
-    order = np.argsort(-probs[:, -1])[:limit]
     hdir = out / "heatmaps"
-    for i in order:
+    for i in np.argsort(-probs[:, -1])[:limit]:
         _, coords, attrs = read_features(external.feature_files[i])
         title = f"{external.slide_ids[i]}  label={external.class_names[external.labels[i]]}  p={probs[i, -1]:.3f}"
         save_png(render_slide_heatmap(coords, attrs, attentions[i], title=title), hdir / f"{external.slide_ids[i]}.png")

@@ -39,9 +39,24 @@ class Cohort:
         return len(self.class_names)
 
     def load_bags(self) -> list[np.ndarray]:
+        """Every slide's tile features [N, D] (an empty slide is an error: it cannot be predicted)."""
+        from rich.progress import track
+
         from plugins.histo.embedding import read_features
 
-        return [read_features(p)[0] for p in self.feature_files]
+        bags = []
+        for sid, p in track(list(zip(self.slide_ids, self.feature_files)), description="reading features",
+                            transient=True):
+            feats = read_features(p)[0]
+            if len(feats) == 0:
+                raise DomainFMError(f"slide {sid!r} has no tiles", path=p,
+                                    fix="re-embed it with a lower --min-tissue, or drop its label")
+            bags.append(feats)
+        dims = {b.shape[1] for b in bags}
+        if len(dims) > 1:
+            raise DomainFMError(f"feature sizes differ between slides ({sorted(dims)})", path=p.parent,
+                                fix="embed every slide with the same encoder")
+        return bags
 
 
 def feature_files(features_dir: str | Path) -> dict[str, Path]:

@@ -38,6 +38,13 @@ class MemberResult:
     val_idx: np.ndarray
     val_probs: np.ndarray        # [n_val, C] at the kept epoch
     history: list[dict] = field(default_factory=list)
+    val_auc: float = float("nan")
+    ext_probs: np.ndarray | None = None   # [n_external, C] when an external cohort is given
+    ext_auc: float = float("nan")
+
+    def summary(self) -> dict:
+        return {"fold": self.fold, "seed": self.seed, "best_epoch": self.best_epoch, "val_auc": self.val_auc,
+                "external_auc": self.ext_auc}
 
 
 def _sample(bag: np.ndarray, max_tiles: int, rng: np.random.Generator) -> np.ndarray:
