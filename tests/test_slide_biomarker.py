@@ -220,3 +220,35 @@ def test_pipeline_ensemble_finds_and_looks_at_the_planted_tiles(cohort_dir, tmp_
     from PIL import Image
 
     assert Image.open(png).size[0] > 10
+
+
+def test_pipeline_from_whole_slides_chains_tile_embed_and_draws_heatmaps(tmp_path, mlflow_store):
+    """Slides in, registered model out: tiles embedded by the plugin, heatmaps over the real thumbnails."""
+    from domainfm.backbones import create_backbone, save_backbone
+
+    md = load_make_data()
+    rows = []
+    for cohort, n in (("train", 8), ("ext", 4)):
+        (tmp_path / cohort).mkdir()
+        for i in range(n):
+            md.write_generic_tiff(tmp_path / cohort / f"{cohort}{i}.tif", mpp=2.0, seed=i, tile=64)
+        write_labels(tmp_path / f"{cohort}.csv", [(f"{cohort}{i}", f"{cohort}p{i}", i % 2) for i in range(n)])
+    torch.manual_seed(0)
+    enc = save_backbone(create_backbone("test_resnet", img_size=16, init="random"), tmp_path / "enc.safetensors")
+    out_json = tmp_path / "m.json"
+    res = CliRunner().invoke(command, [
+        "--slides", str(tmp_path / "train"), "--features", str(tmp_path / "feat_train"), "--labels", str(tmp_path / "train.csv"),
+        "--external-slides", str(tmp_path / "ext"), "--external-features", str(tmp_path / "feat_ext"),
+        "--external-labels", str(tmp_path / "ext.csv"), "--target", "her2", "--weights", str(enc),
+        "--mpp", "8", "--tile-size", "16", "--num-workers", "0", "--folds", "2", "--seeds", "1", "--epochs", "2",
+        "--n-boot", "20", "--max-heatmaps", "1", "--out", str(tmp_path / "out"), "--json", str(out_json)])
+    assert res.exit_code == 0, res.output
+    m = json.loads(out_json.read_text())
+    assert m["n_members"] == 2 and m["registered_model"] == "models:/histo-her2@candidate"
+    with h5py.File(tmp_path / "feat_train" / "features" / "train0.h5") as f:
+        assert f["features"].shape[1] == 96 and f.attrs["tile_size_level0"] == 64
+    from PIL import Image
+
+    (png,) = (tmp_path / "out" / "heatmaps").glob("*.png")
+    # drawn over the slide's own thumbnail: the coarsest level >= 512 px of a 256 x 192 slide is level 0
+    assert Image.open(png).size == (256, 192)
