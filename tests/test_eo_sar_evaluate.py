@@ -52,6 +52,20 @@ def test_split_is_seeded_disjoint_and_complete():
     assert [len(p) for p in split_indices(2, 0.9, seed=0)] == [1, 1]
 
 
+def test_per_class_figure_marks_missing_classes_and_chance():
+    from plugins.eo_sar.evaluation import per_class_ap_figure
+
+    fig = per_class_ap_figure(["a", "b", "c"], {"linear": [0.9, math.nan, 0.5], "knn": [0.7, math.nan, 0.6]},
+                              chance=[0.25, 0.0, 0.5])
+    ax = fig.axes[0]
+    heights = [round(p.get_height(), 3) for p in ax.patches]
+    assert heights == [0.9, 0.0, 0.5, 0.7, 0.0, 0.6]
+    assert [t.get_text() for t in ax.texts] == ["n/a"]
+    ticks = [seg[0][1] for coll in ax.collections for seg in coll.get_segments()]
+    assert ticks == [0.25, 0.5]  # none over the class without positives
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["chance (class share)", "knn", "linear"]
+
+
 def test_linear_probe_separates_and_handles_a_constant_class():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((80, 3))
@@ -134,6 +148,8 @@ def test_pretrain_on_embedded_sample_then_evaluate_registered_model(tmp_path, mo
     local = client.download_artifacts(run_id, "tables/per_class_ap.csv", str(tmp_path))
     rows = list(csv.DictReader(io.StringIO(Path(local).read_text())))
     assert [r["class"] for r in rows] == list(CLASS_NAMES)
+    shares = [int(r["test_positives"]) / metrics["n_test"] for r in rows if int(r["test_positives"]) > 0]
+    assert metrics["chance_mAP_macro"] == pytest.approx(np.mean(shares))
     for probe in ("linear", "knn"):
         aps = [float(r[f"{probe}_AP"]) for r in rows if int(r["test_positives"]) > 0]
         assert metrics[f"{probe}_mAP_macro"] == pytest.approx(np.mean(aps))

@@ -69,9 +69,11 @@ def linear_probe_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.nda
     return model.predict_proba(np.asarray(test_x, dtype=np.float64))
 
 
-def per_class_ap_figure(names, results: dict[str, list[float]], *, title: str = "average precision per class"):
+def per_class_ap_figure(names, results: dict[str, list[float]], *, chance: list[float] | None = None,
+                        title: str = "average precision per class"):
     """Grouped bars, one group per class and one bar per probe; classes without test positives
-    are marked n/a instead of a bar."""
+    are marked n/a instead of a bar. ``chance`` (the AP of a constant score: the class's share of
+    test patches) is drawn as a black tick over each group."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(max(6.0, 0.9 * len(names)), 4.0))
@@ -81,9 +83,13 @@ def per_class_ap_figure(names, results: dict[str, list[float]], *, title: str = 
     for i, (probe, aps) in enumerate(results.items()):
         values = np.nan_to_num(np.asarray(aps, dtype=float), nan=0.0)
         ax.bar(x + (i - (len(results) - 1) / 2) * width, values, width, label=probe)
+    chance_label = "chance (class share)"
     for j, ap in enumerate(next(iter(results.values()))):
         if math.isnan(ap):
             ax.text(j, 0.02, "n/a", ha="center", fontsize=7, rotation=90)
+        elif chance is not None:
+            ax.hlines(chance[j], j - 0.45, j + 0.45, colors="black", linewidth=1.5, label=chance_label)
+            chance_label = None  # one legend entry for all the ticks
     ax.set_xticks(x, [n.replace("_", "\n") for n in names], fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("AP")
@@ -167,7 +173,11 @@ def run_evaluation(cfg, plugin) -> dict[str, Any]:
             if not math.isnan(value):  # a class without test positives has no AP to report
                 metrics[f"{probe}_AP_{name}"] = value
 
-    fig = per_class_ap_figure(CLASS_NAMES, per_class,
+    prevalence = targets[test].mean(axis=0)
+    has_positive = targets[test].any(axis=0)
+    # the AP of a constant score is the class's share of test patches: the floor to beat
+    metrics["chance_mAP_macro"] = float(prevalence[has_positive].mean())
+    fig = per_class_ap_figure(CLASS_NAMES, per_class, chance=prevalence.tolist(),
                               title=f"eo-sar {cfg.modality}: AP per class ({len(test)} test patches)")
     tracking.log_figure(fig, "plots/per_class_ap.png")
     rows = [{"class": name, "train_positives": int(targets[train, c].sum()), "test_positives": int(targets[test, c].sum()),
