@@ -99,6 +99,13 @@ def per_class_ap_figure(names, results: dict[str, list[float]], *, chance: list[
     return fig
 
 
+def _stack_images(samples):
+    """Collate only the images (a module-level function: picklable for spawned workers)."""
+    import torch
+
+    return torch.stack([s["image"] for s in samples])
+
+
 def extract_features(backbone, dataset, *, batch_size: int, device: str, num_workers: int = 0) -> np.ndarray:
     """Pooled features [N, D] of ``dataset`` (samples with an ``image``) under ``torch.no_grad``."""
     import torch
@@ -106,7 +113,7 @@ def extract_features(backbone, dataset, *, batch_size: int, device: str, num_wor
     from torch.utils.data import DataLoader
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=lambda items: torch.stack([s["image"] for s in items]))
+                        collate_fn=_stack_images)
     backbone = backbone.to(device).eval()
     out = []
     with torch.no_grad(), Progress(transient=True) as progress:
@@ -148,12 +155,15 @@ def run_evaluation(cfg, plugin) -> dict[str, Any]:
     if len(labelled) < MIN_LABELLED:
         raise DomainFMError(f"only {len(labelled)} patch(es) have labels, the probes need at least {MIN_LABELLED}",
                             path=root, fix="add landcover/<patch_id>.tif rasters or a labels.csv")
+    targets = np.stack([dataset.labels_of(i) for i in labelled]).astype(np.int64)
+    train, test = split_indices(len(labelled), cfg.test_fraction, cfg.seed)
+    if not targets[test].any():
+        raise DomainFMError(f"none of the {len(test)} test patches has a label: average precision is undefined",
+                            path=root, fix="use more labelled patches or a larger --test-fraction")
     backbone = load_backbone(cfg.model, cfg=cfg, in_chans=in_chans)
     dataset.transforms = ResizeWhole(backbone.img_size)
     feats = extract_features(backbone, Subset(dataset, labelled), batch_size=cfg.batch_size,
                              device=_device(cfg.accelerator), num_workers=cfg.num_workers)
-    targets = np.stack([dataset.labels_of(i) for i in labelled]).astype(np.int64)
-    train, test = split_indices(len(labelled), cfg.test_fraction, cfg.seed)
 
     scores = {
         "linear": linear_probe_scores(feats[train], targets[train], feats[test], seed=cfg.seed),
@@ -161,9 +171,6 @@ def run_evaluation(cfg, plugin) -> dict[str, Any]:
     }
     metrics: dict[str, Any] = {"n_train": int(len(train)), "n_test": int(len(test)), "feature_dim": int(feats.shape[1])}
     per_class: dict[str, list[float]] = {}
-    if not targets[test].any():
-        raise DomainFMError(f"none of the {len(test)} test patches has a label: average precision is undefined",
-                            path=root, fix="use more labelled patches or a larger --test-fraction")
     for probe, s in scores.items():
         ap = multilabel_average_precision(s, targets[test])
         metrics[f"{probe}_mAP_macro"] = ap["macro"]
