@@ -63,7 +63,12 @@ def random_flip_rotate(image: torch.Tensor, *, generator: torch.Generator | None
 
 def augmented_view(image: torch.Tensor, size: int, *, scale: tuple[float, float] = (0.35, 1.0),
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    return random_flip_rotate(random_resized_crop(image, size, scale=scale, generator=generator), generator=generator)
+    """Random crop, flip/rotation, then resize to [C, size, size]. Flipping the small crop before
+    upsampling gives the same view as flipping after (bilinear resampling is symmetric) for a
+    fraction of the memory traffic."""
+    top, left, h, w = crop_box(image.shape[-2], image.shape[-1], scale=scale, ratio=(3 / 4, 4 / 3), generator=generator)
+    crop = random_flip_rotate(image[..., top:top + h, left:left + w], generator=generator)
+    return resize(crop.contiguous(), size)
 
 
 class TwoViews:
