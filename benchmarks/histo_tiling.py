@@ -54,7 +54,6 @@ def make_slide(directory: Path, reps: int = 6) -> Path:
 
 
 def plugin_pass(path: Path, out: Path, mpp: float, tile_size: int) -> int:
-    from plugins.histo import slides as S
     from plugins.histo import tiling as T
     from plugins.histo.datasets import SlideTileDataset
 

@@ -252,3 +252,24 @@ def test_pipeline_from_whole_slides_chains_tile_embed_and_draws_heatmaps(tmp_pat
     (png,) = (tmp_path / "out" / "heatmaps").glob("*.png")
     # drawn over the slide's own thumbnail: the coarsest level >= 512 px of a 256 x 192 slide is level 0
     assert Image.open(png).size == (256, 192)
+
+
+def test_multiclass_target_with_chowder(cohort_dir, tmp_path, mlflow_store):
+    """Three string classes: macro one-vs-rest AUC, a pyfunc model returning one probability per class."""
+    import mlflow
+
+    from pipelines.slide_biomarker import run
+
+    rows = list(csv.DictReader(open(cohort_dir / "train" / "labels.csv")))
+    names = ["A", "B", "C"]
+    labels = write_labels(tmp_path / "three.csv", [(r["slide_id"], r["patient_id"], names[int(r["patient_id"][-3:]) % 3])
+                                                   for r in rows])
+    m = run(features_dir=cohort_dir / "train", labels_csv=labels, target="subtype", model_name="chowder", folds=2,
+            seeds=1, epochs=1, n_boot=20, max_heatmaps=0)
+    assert 0.0 <= m["cv_auc_ensemble"] <= 1.0 and len(m["cv_auc_ensemble_ci"]) == 2
+    mlflow.set_tracking_uri(mlflow_store)
+    model = mlflow.pyfunc.load_model(m["model_uri"])
+    with h5py.File(cohort_dir / "train" / "features" / "train_000.h5") as f:
+        out = model.predict(f["features"][:])
+    assert out["class_names"] == names
+    assert len(out["probabilities"]) == 3 and sum(out["probabilities"]) == pytest.approx(1.0, abs=1e-5)

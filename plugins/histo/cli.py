@@ -66,7 +66,7 @@ def tile_command(slides, out_dir, mpp, tile_size, min_tissue, max_tiles, slide_m
         paths = slides_mod.find_slides(slides)
         override = slides_mod.parse_slide_mpp(slide_mpp)
         failures = []
-        with embedding._progress(True) as progress:
+        with embedding.progress_bar() as progress:
             task = progress.add_task("tiling", total=len(paths))
             for p in paths:
                 try:

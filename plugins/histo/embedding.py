@@ -229,7 +229,8 @@ def embed_slide(path: Path, s: EmbedSettings, encoder: "TileEncoder", progress=N
     return len(features)
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool = True):
+    """Rich progress bars on stderr (stdout stays clean for pipes)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -251,7 +252,7 @@ def embed_shard(paths: list[Path], s: EmbedSettings, *, device=None, label: str 
         return report
     device = device or resolve_device(s.accelerator)
     encoder = TileEncoder(build_encoder(s), device, s.precision)
-    with _progress(s.progress) as progress:
+    with progress_bar(s.progress) as progress:
         overall = progress.add_task(label, total=len(todo))
         for p in todo:
             sid = slides_mod.slide_id(p)
