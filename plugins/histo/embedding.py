@@ -192,19 +192,27 @@ def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, A
     return feats, coords, attrs
 
 
-def embed_slide(path: Path, s: EmbedSettings, encoder: "TileEncoder", progress=None) -> int:
-    """Encode every tile of one slide and write its features file; returns the tile count."""
+def locate_tiles(path: Path, s: EmbedSettings) -> tuple[np.ndarray, slides_mod.TileGeometry]:
+    """Open the slide and find its tiles (thumbnail + tissue mask, or ``--coords``)."""
+    slide = slides_mod.open_slide(path)
+    try:
+        return slide_tiles(path, s, slide)
+    finally:
+        slide.close()
+
+
+def embed_slide(path: Path, s: EmbedSettings, encoder: "TileEncoder", progress=None, tiles=None) -> int:
+    """Encode every tile of one slide and write its features file; returns the tile count.
+
+    ``tiles``: (coords, geometry) found beforehand (see :func:`embed_shard`), else found now.
+    """
     from torch.utils.data import DataLoader
 
     from domainfm import __version__
     from plugins.histo.datasets import SlideTileDataset
 
     sid = slides_mod.slide_id(path)
-    slide = slides_mod.open_slide(path)
-    try:
-        coords, geom = slide_tiles(path, s, slide)
-    finally:
-        slide.close()
+    coords, geom = tiles if tiles is not None else locate_tiles(path, s)
     dataset = SlideTileDataset(path, coords, geom)
     loader = DataLoader(dataset, batch_size=s.batch_size, num_workers=s.num_workers, shuffle=False,
                         pin_memory=encoder.device.type == "cuda",
@@ -250,14 +258,22 @@ def embed_shard(paths: list[Path], s: EmbedSettings, *, device=None, label: str 
             todo.append(p)
     if not todo:
         return report
+    from concurrent.futures import ThreadPoolExecutor
+
     device = device or resolve_device(s.accelerator)
     encoder = TileEncoder(build_encoder(s), device, s.precision)
-    with progress_bar(s.progress) as progress:
+    # the next slide's tissue is found in a thread while this one is encoded, so the accelerator
+    # does not wait for thumbnails between slides (OpenSlide and numpy release the GIL)
+    with progress_bar(s.progress) as progress, ThreadPoolExecutor(max_workers=1) as pool:
         overall = progress.add_task(label, total=len(todo))
-        for p in todo:
+        upcoming = pool.submit(locate_tiles, todo[0], s)
+        for i, p in enumerate(todo):
             sid = slides_mod.slide_id(p)
+            current = upcoming
+            if i + 1 < len(todo):
+                upcoming = pool.submit(locate_tiles, todo[i + 1], s)
             try:
-                report.tiles += embed_slide(p, s, encoder, progress)
+                report.tiles += embed_slide(p, s, encoder, progress, tiles=current.result())
                 report.done.append(sid)
             except KeyboardInterrupt:
                 raise

@@ -17,8 +17,8 @@ import numpy as np
 from domainfm.errors import DomainFMError
 
 # extensions OpenSlide opens, and plain images read through Pillow
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
-                    ".dcm")
+# (a DICOM slide is a folder of .dcm files: give one of its files explicitly)
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _CM_PER_UNIT = {"centimeter": 1.0, "inch": 2.54}
 SLIDE_MPP_FIX = ("pass --slide-mpp 0.25 (the slide's µm per pixel) or --slide-mpp CSV with columns "
