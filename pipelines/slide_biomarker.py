@@ -211,6 +211,7 @@ def train_members(bags, y, folds_idx, n_classes, settings, seeds, seed, experime
 
     from domainfm import tracking
     from plugins.histo import ensemble as ens
+    from plugins.histo.evaluation import balanced_accuracy
 
     members = []
     with Progress(transient=True) as progress:
@@ -226,12 +227,14 @@ def train_members(bags, y, folds_idx, n_classes, settings, seeds, seed, experime
                         tracking.log_metrics({key: v for key, v in rec.items() if key != "epoch"}, step=rec["epoch"])
                     m = ens.MemberResult(k, member_seed, state, best_epoch, va, val_probs, history)
                     m.val_auc = ens.slide_auc(y[va], val_probs)
-                    final = {"best_epoch": best_epoch, "val_auc": m.val_auc}
+                    final = {"best_epoch": best_epoch, "val_auc": m.val_auc,
+                             "val_balanced_accuracy": balanced_accuracy(y[va], val_probs)}
                     if ext_bags:
                         single = ens.ensemble_from_states(settings.model, bags[0].shape[1], n_classes, [state])
                         m.ext_probs, _ = ens.predict(single, ext_bags)
                         m.ext_auc = ens.slide_auc(ext_y, m.ext_probs)
-                        final["external_auc"] = m.ext_auc
+                        final.update({"external_auc": m.ext_auc,
+                                      "external_balanced_accuracy": balanced_accuracy(ext_y, m.ext_probs)})
                     tracking.log_metrics(final)
                     members.append(m)
                 progress.advance(task)
