@@ -1,6 +1,6 @@
 """Speed of the eo-sar data path, measured side by side in one run (ratios, not absolute targets).
 
-    python -m plugins.eo_sar.benchmark [--patches 200]
+    python benchmarks/eo_sar_data.py [--patches 200]
 
 1. up-front file check (header + last block) vs opening the header only vs decoding every file in
    full: what the truncation check adds, and what the whole check costs relative to one pass;
