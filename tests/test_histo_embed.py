@@ -171,3 +171,11 @@ def test_two_processes_write_the_same_files_as_one(slides, weights, tmp_path):
         np.testing.assert_allclose(f1, f2, rtol=1e-5, atol=1e-5)
         assert a1 == a2
     assert (tmp_path / "one" / "failures.csv").read_text() == (tmp_path / "two" / "failures.csv").read_text()
+
+
+def test_missing_pretrained_weights_is_one_clear_error(slides, tmp_path):
+    """Offline with no cached DINOv2 weights: exit 2 naming --weights, nothing written."""
+    res = embed([slides["tiff"], "--out", tmp_path, "--init", "dinov2", *COMMON])
+    assert res.exit_code == 2
+    assert res.output.startswith("error: ") and "--weights" in res.output
+    assert not (tmp_path / "features").exists()

@@ -320,6 +320,10 @@ def embed_slides(paths: list[Path], s: EmbedSettings) -> EmbedReport:
     if s.devices > 1:
         import lightning as L
 
+        # a bad --weights/--init must be one clear error here, not a traceback from each process
+        if any(not features_path(s.out_dir, slides_mod.slide_id(p)).is_file() for p in paths):
+            build_encoder(s)
+
         accelerator = s.accelerator
         if accelerator == "auto":
             import torch
