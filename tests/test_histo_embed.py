@@ -179,3 +179,27 @@ def test_missing_pretrained_weights_is_one_clear_error(slides, tmp_path):
     assert res.exit_code == 2
     assert res.output.startswith("error: ") and "--weights" in res.output
     assert not (tmp_path / "features").exists()
+
+
+def test_a_slide_failing_mid_read_leaves_no_file(slides, weights, tmp_path):
+    """Damaged JPEG tiles: the slide opens and is tiled, then reading fails part-way. It is listed in
+    failures.csv, no half-written features file is left, and the other slide is done."""
+    res = embed([slides["corrupt"], slides["tiff"], "--out", tmp_path, "--weights", weights, "--num-workers", "0",
+                 "--mpp", "0.5", "--tile-size", "32", "--batch-size", "8"])
+    assert res.exit_code == 1
+    rows = {r["slide_id"]: r["error"] for r in csv.DictReader(open(tmp_path / "failures.csv"))}
+    assert set(rows) == {"corrupt_jpeg"} and "Corrupt JPEG" in rows["corrupt_jpeg"]
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["generic_20x.h5"]
+
+
+def test_tile_dataset_plot(slides):
+    from plugins.histo.datasets import SlideTileDataset
+    from plugins.histo.tiling import tile_slide
+
+    ts = tile_slide(slides["tiff"], mpp=2.0, tile_size=32)
+    ds = SlideTileDataset(slides["tiff"], ts.coords, ts.geometry)
+    sample = ds[0]
+    assert sample["image"].shape == (3, 32, 32) and sample["image"].dtype == torch.uint8
+    fig = ds.plot(sample)
+    x, y = (int(v) for v in ts.coords[0])
+    assert f"({x}, {y})" in fig.axes[0].get_title()

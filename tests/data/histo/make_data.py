@@ -8,7 +8,8 @@ that tiles at one µm/px cover the same tissue whatever the scan magnification):
 - ``aperio_40x.svs``    Aperio-like SVS, 0.25 µm/px, JPEG tiles, levels 1, 4, 16 (openslide vendor "aperio")
 - ``generic_20x.tif``   generic tiled TIFF, 0.5 µm/px from the TIFF resolution tags, levels 1, 4
 - ``no_mpp.tif``        generic tiled TIFF without any resolution information
-- ``truncated.svs``     the SVS cut in half: opens or fails at read time, never silently
+- ``truncated.svs``     the SVS cut in half: fails to open
+- ``corrupt_jpeg.svs``  the SVS with damaged level-0 JPEG tiles: opens, then fails while tiles are read
 - ``plain.png``         a plain RGB image (a one-level slide; µm/px must come from --slide-mpp)
 
 Feature cohort (``make_feature_cohort``): bags of random tile features where positive slides carry a
@@ -106,6 +107,24 @@ def write_truncated(src: str | Path, path: str | Path, fraction: float = 0.5) ->
     return path
 
 
+def write_corrupt_tiles(src: str | Path, path: str | Path) -> Path:
+    """A copy of a slide whose level-0 JPEG tiles have garbage in the middle of their data: it opens
+    and its thumbnail (a reduced level) reads, then reading tissue tiles fails part-way."""
+    import tifffile
+
+    data = bytearray(Path(src).read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[0]
+        spans = list(zip(page.dataoffsets, page.databytecounts))
+    rng = np.random.default_rng(0)
+    for offset, count in spans:
+        mid = offset + count // 2
+        data[mid:mid + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
+    path = Path(path)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def write_plain_image(path: str | Path, *, size: tuple[int, int] = (512, 384), seed: int = 0) -> Path:
     from PIL import Image
 
@@ -124,6 +143,7 @@ def make_slides(out: str | Path) -> dict[str, Path]:
         "tiff": write_generic_tiff(out / "generic_20x.tif", mpp=0.5),
         "no_mpp": write_generic_tiff(out / "no_mpp.tif", mpp=None),
         "truncated": write_truncated(svs, out / "truncated.svs"),
+        "corrupt": write_corrupt_tiles(svs, out / "corrupt_jpeg.svs"),
         "plain": write_plain_image(out / "plain.png"),
     }
 
