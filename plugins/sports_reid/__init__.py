@@ -63,11 +63,17 @@ class SportsReIDPlugin(Plugin):
                 "weight_decay": 0.1, "warmup_steps": 50, "batch_size": 32}
 
     def finetune(self, cfg) -> dict[str, Any]:
+        from plugins.sports_reid.inputs import check_finetune
+
+        check_finetune(cfg)  # bad folders and names are reported before torch is imported
         from plugins.sports_reid.jobs import run_finetune
 
         return run_finetune(cfg)
 
     def evaluate(self, cfg) -> dict[str, Any]:
+        from plugins.sports_reid.inputs import check_evaluate
+
+        check_evaluate(cfg)
         from plugins.sports_reid.jobs import run_evaluate
 
         return run_evaluate(cfg)

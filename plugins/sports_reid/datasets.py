@@ -1,150 +1,21 @@
-"""Player re-identification data: the two folder layouts, one dataset class per layout and the pair
-sampler of contrastive fine-tuning (the LightningDataModule is in ``datamodule.py``).
-
-Layouts (found from the folders under ``--data``):
-
-- MMSports 2022 (DeepSportradar): ``reid_training/*.jpeg``, ``reid_test/{query,gallery}/*.jpeg``,
-  ``reid_challenge/{query,gallery}/*.jpeg``. Training and test names are
-  ``<player_id>_<sequence>_<frame>.jpeg``; challenge names are anonymous integers.
-- generic: ``train/<player_id>/*.jpg``, ``query/<player_id>/*.jpg``, ``gallery/<player_id>/*.jpg``;
-  a ``c<k>`` token in a file name (Market-1501 style, e.g. ``0002_c1s1_000451_03.jpg`` or
-  ``c2_f017.jpg``) is its camera id, which turns on the same-camera exclusion of the evaluation.
-"""
+"""Player re-identification datasets: one class per folder layout (see ``layout.py``), each with a
+``plot()``, and the pair sampler of contrastive fine-tuning (the LightningDataModule is in
+``datamodule.py``)."""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from domainfm.errors import DomainFMError
-
-MMSPORTS_NAME = re.compile(r"^(?P<pid>\d+)_(?P<sequence>\d+)_(?P<frame>\d+)$")
-CHALLENGE_NAME = re.compile(r"^\d+$")
-CAMERA_TOKEN = re.compile(r"(?:^|[_\-])c(\d+)", re.IGNORECASE)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-LAYOUT_FIX = ("give --data the folder holding reid_training/ and reid_test/ (MMSports 2022) "
-              "or train/, query/ and gallery/ (generic)")
-# the folders of each layout, per part
-MMSPORTS_DIRS = {"train": "reid_training", "test_query": "reid_test/query", "test_gallery": "reid_test/gallery",
-                 "challenge_query": "reid_challenge/query", "challenge_gallery": "reid_challenge/gallery"}
-GENERIC_DIRS = {"train": "train", "test_query": "query", "test_gallery": "gallery"}
-
-
-@dataclass(frozen=True)
-class ReIDRecord:
-    """One crop: its file, its player id ("" where unknown) and what its name tells."""
-
-    path: Path
-    pid: str
-    item_id: str  # the name the submission CSV uses (file stem)
-    camera: int | None = None
-    sequence: int | None = None
-    frame: int | None = None
-
-
-# ------------------------------------------------------------------- layouts and file names
-
-def detect_layout(root: str | Path) -> str:
-    root = Path(root)
-    if not root.is_dir():
-        raise DomainFMError("data folder not found", path=root, fix=LAYOUT_FIX)
-    if (root / "reid_training").is_dir() or (root / "reid_test").is_dir() or (root / "reid_challenge").is_dir():
-        return "mmsports"
-    if any((root / d).is_dir() for d in ("train", "query", "gallery")):
-        return "generic"
-    raise DomainFMError("no re-identification layout found (neither reid_training/ nor train/)", path=root,
-                        fix=LAYOUT_FIX)
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def parse_mmsports_name(path: Path) -> ReIDRecord:
-    """``<player_id>_<sequence>_<frame>.jpeg`` -> a record; anything else is a clear error."""
-    m = MMSPORTS_NAME.match(path.stem)
-    if m is None:
-        raise DomainFMError("file name does not match <player_id>_<sequence>_<frame>.jpeg", path=path,
-                            fix="rename it (e.g. 12_3_0.jpeg) or move it out of the folder")
-    return ReIDRecord(path=path, pid=str(int(m["pid"])), item_id=path.stem, sequence=int(m["sequence"]),
-                      frame=int(m["frame"]))
-
-
-def parse_challenge_name(path: Path) -> ReIDRecord:
-    if CHALLENGE_NAME.match(path.stem) is None:
-        raise DomainFMError("challenge crops must be named by an integer (e.g. 17.jpeg)", path=path,
-                            fix="rename it or move it out of reid_challenge/")
-    return ReIDRecord(path=path, pid="", item_id=str(int(path.stem)))
-
-
-def camera_of(path: Path) -> int | None:
-    m = CAMERA_TOKEN.search(path.stem)
-    return int(m.group(1)) if m else None
-
-
-def part_folder(root: str | Path, layout: str, part: str) -> Path:
-    dirs = MMSPORTS_DIRS if layout == "mmsports" else GENERIC_DIRS
-    if part not in dirs:
-        raise DomainFMError(f"the {layout} layout has no {part.replace('_', ' ')} split",
-                            fix="use --split test (the challenge split exists only in the MMSports layout)")
-    return Path(root) / dirs[part]
-
-
-def read_part(root: str | Path, part: str, layout: str | None = None) -> list[ReIDRecord]:
-    """The records of one part: ``train``, ``test_query``, ``test_gallery``, ``challenge_query``,
-    ``challenge_gallery``. An empty or missing folder is an error naming it."""
-    layout = layout or detect_layout(root)
-    folder = part_folder(root, layout, part)
-    if not folder.is_dir():
-        raise DomainFMError("folder not found", path=folder, fix=LAYOUT_FIX)
-    if layout == "mmsports":
-        files = _images(folder)
-        parse = parse_challenge_name if part.startswith("challenge") else parse_mmsports_name
-        records = [parse(p) for p in files]
-    else:
-        records = []
-        stray = _images(folder)
-        if stray:
-            raise DomainFMError("images must sit in one sub-folder per player", path=stray[0],
-                                fix=f"move it to {folder}/<player_id>/")
-        for player_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
-            records += [ReIDRecord(path=p, pid=player_dir.name, item_id=f"{player_dir.name}/{p.stem}",
-                                   camera=camera_of(p)) for p in _images(player_dir)]
-        with_cam = [r.camera is not None for r in records]
-        if any(with_cam) and not all(with_cam):
-            bad = records[with_cam.index(False)].path
-            raise DomainFMError("some file names carry a camera token (c<k>) and this one does not", path=bad,
-                                fix="name every crop with its camera (e.g. c1_f000.jpg) or none of them")
-    if not records:
-        raise DomainFMError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found", path=folder,
-                            fix="put the crops there, or point --data at the right folder")
-    return records
-
-
-def read_eval_split(root: str | Path, split: str = "test") -> tuple[list[ReIDRecord], list[ReIDRecord]]:
-    """(query, gallery) records of ``split`` ("test" or "challenge"). In the test split every
-    query's player must appear in the gallery: otherwise its AP is undefined."""
-    layout = detect_layout(root)
-    query = read_part(root, f"{split}_query", layout)
-    gallery = read_part(root, f"{split}_gallery", layout)
-    if split == "test":
-        gallery_ids = {r.pid for r in gallery}
-        for r in query:
-            if r.pid not in gallery_ids:
-                raise DomainFMError(f"query player {r.pid} has no crop in the gallery", path=r.path,
-                                    fix="add that player's gallery crops or remove the query")
-        if layout == "generic" and (query[0].camera is None) != (gallery[0].camera is None):
-            raise DomainFMError("cameras are named in only one of query/ and gallery/", path=Path(root),
-                                fix="name the cameras (c<k>) in both or in neither")
-    return query, gallery
+# re-exported: the dataset classes and the readers of their folders come from one place
+from plugins.sports_reid.layout import (GENERIC_DIRS, MMSPORTS_DIRS, ReIDRecord, camera_of,  # noqa: F401
+                                        detect_layout, part_folder, read_eval_split, read_part)
 
 
 # ------------------------------------------------------------------- images

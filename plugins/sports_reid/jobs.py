@@ -22,10 +22,10 @@ from domainfm.backbones import backbone_from_config, create_backbone, load_backb
 from domainfm.errors import DomainFMError
 from domainfm.training import build_trainer, is_global_zero, last_checkpoint
 from plugins.sports_reid.datamodule import ReIDPairDataModule
-from plugins.sports_reid.datasets import detect_layout, part_folder, read_part
 from plugins.sports_reid.evaluation import (EvalSettings, RetrievalResult, pick_device, plot_retrieval_grid,
                                             run_retrieval, summary, write_submission)
-from plugins.sports_reid.task import LOGIT_SCALE_META, ReIDContrastiveTask, initial_logit_scale
+from plugins.sports_reid.inputs import check_evaluate, check_finetune, data_root, has_test_split
+from plugins.sports_reid.task import ReIDContrastiveTask, initial_logit_scale
 
 if TYPE_CHECKING:  # pragma: no cover
     from domainfm.config import RunConfig
@@ -34,41 +34,29 @@ START_META = "reid_start_weights"  # what fine-tuning started from: the zero-sho
 RUN_POINTER = "finetune_run.json"
 
 
-def data_root(cfg: "RunConfig") -> Path:
-    if not cfg.data:
-        raise DomainFMError("sports-reid needs --data ROOT (it has no embedded sample)",
-                            fix="give the MMSports 2022 folder (reid_training/, reid_test/) or a train/ query/ "
-                                "gallery/ folder; tests/data/sports_reid/make_data.py OUT draws a synthetic one")
-    root = Path(cfg.data)
-    detect_layout(root)  # a clear error now rather than after building the model
-    return root
-
-
 def eval_settings(cfg: "RunConfig") -> EvalSettings:
     return EvalSettings(distance=cfg.distance, flip_tta=cfg.flip_tta, rerank=cfg.rerank,
                         batch_size=max(1, 2 * cfg.batch_size), num_workers=cfg.num_workers,
                         precision=cfg.precision, device=pick_device(cfg.accelerator))
 
 
-def _has_test_split(root: Path) -> bool:
-    layout = detect_layout(root)
-    return part_folder(root, layout, "test_query").is_dir() and part_folder(root, layout, "test_gallery").is_dir()
-
-
-def _log_result(result: RetrievalResult, tag: str) -> None:
-    tracking.log_figure(plot_retrieval_grid(result), f"plots/retrieval_grid_{tag}.png")
+def _log_result(result: RetrievalResult, tag: str, *, grid: bool) -> None:
+    if grid:
+        tracking.log_figure(plot_retrieval_grid(result), f"plots/retrieval_grid_{tag}.png")
     rows = [{"query": result.query.records[i].item_id, "player": result.query.records[i].pid,
              "top1": result.gallery.records[int(result.distmat[i].argmin())].item_id}
             for i in range(len(result.query))]
     tracking.log_table_artifact(rows, f"tables/top1_{tag}.csv")
 
 
-def _score(backbone, root: Path, cfg: "RunConfig", settings: EvalSettings, *, prefix: str, tag: str,
-           img_size: int) -> dict[str, float]:
+def _score(backbone, root: Path, settings: EvalSettings, *, prefix: str, tag: str, img_size: int,
+           grid: bool = True) -> dict[str, float]:
+    """Test-split metrics of ``backbone`` (keys prefixed), its top-1 table and, with ``grid``, its
+    retrieval grid logged to the active MLflow run."""
     mean, std = backbone.data_config["mean"], backbone.data_config["std"]
     result = run_retrieval(backbone, root, "test", settings, img_size=img_size, mean=mean, std=std,
                            label=f"{tag} ")
-    _log_result(result, tag)
+    _log_result(result, tag, grid=grid)
     out = summary(result.metrics, prefix)
     out[f"{prefix}skipped_queries"] = result.metrics["num_skipped"]
     return out
@@ -91,9 +79,9 @@ def _resume_checkpoint(cfg: "RunConfig", run_dir: Path) -> Path | None:
 
 
 def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
+    check_finetune(cfg)
     root = data_root(cfg)
-    read_part(root, "train")  # file-name errors before any model is built
-    has_test = _has_test_split(root)
+    has_test = has_test_split(root)
     settings = eval_settings(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     backbone = backbone_from_config(cfg, in_chans=3)
@@ -104,8 +92,9 @@ def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
 
     metrics: dict[str, Any] = {}
     if has_test and zero and ckpt_path is None:
-        metrics.update(_score(backbone, root, cfg, settings, prefix="zero_shot_", tag="zero_shot",
-                              img_size=cfg.img_size))
+        # the baseline's numbers; its grid would only show chance-level rankings
+        metrics.update(_score(backbone, root, settings, prefix="zero_shot_", tag="zero_shot",
+                              img_size=cfg.img_size, grid=False))
         tracking.log_metrics({k: v for k, v in metrics.items()})
 
     task = ReIDContrastiveTask(backbone, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
@@ -129,6 +118,7 @@ def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
         return None
 
     start = cfg.weights or cfg.init
+    mlflow.set_tag(START_META, start)
     extra = {START_META: start, "plugin": "sports-reid", **task.state_for_export()}
     if run_id != "local":
         extra["mlflow_run_id"] = run_id
@@ -142,32 +132,12 @@ def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
     if cfg.register:
         metrics["registered_model"] = f"models:/{cfg.register}@{cfg.alias}"
     if has_test:
-        metrics.update(_score(backbone, root, cfg, settings, prefix="", tag="finetuned", img_size=cfg.img_size))
+        metrics.update(_score(backbone, root, settings, prefix="", tag="finetuned", img_size=cfg.img_size))
     metrics.setdefault("zero_shot_mAP", None)  # resumed runs do not re-score the starting weights
     return metrics
 
 
 # ---------------------------------------------------------------- evaluate
-
-def _zero_shot_backbone(cfg: "RunConfig", model_meta: dict[str, str], name: str, img_size: int):
-    """The baseline of --zero-shot: the model's starting weights (auto), timm's pretrained
-    weights for its architecture, a random init (seeded: the one fine-tuning with this --seed
-    started from), a weights file, or nothing."""
-    choice = cfg.zero_shot
-    if choice == "none":
-        return None
-    if choice == "auto":
-        choice = model_meta.get(START_META, "pretrained")
-        if choice == "dinov2":
-            choice = "pretrained" if "dinov2" not in name else "dinov2"
-    if choice == "random":
-        torch.manual_seed(cfg.seed)
-    try:
-        return create_backbone(name, in_chans=3, img_size=img_size, init=choice)
-    except DomainFMError as e:
-        raise DomainFMError(f"cannot build the zero-shot baseline ({e})",
-                            fix="pass --zero-shot random, --zero-shot none or --zero-shot PATH") from None
-
 
 def _model_meta(spec: str) -> dict[str, str]:
     """The safetensors metadata of a local export (empty for models:/ URIs and other files)."""
@@ -180,18 +150,52 @@ def _model_meta(spec: str) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def start_weights(spec: str) -> str | None:
+    """What the model's fine-tuning started from: the export's metadata, or for a registered
+    ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` the tag of the run that logged it."""
+    meta = _model_meta(spec)
+    if START_META in meta:
+        return meta[START_META]
+    if not spec.startswith("models:/"):
+        return None
+    from mlflow import MlflowClient
+
+    ref = spec[len("models:/"):]
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            version = client.get_model_version_by_alias(*ref.split("@", 1))
+        elif "/" in ref:
+            version = client.get_model_version(*ref.split("/", 1))
+        else:
+            return None
+        return client.get_run(version.run_id).data.tags.get(START_META) if version.run_id else None
+    except Exception:  # an unknown URI is reported by the backbone loader, not here
+        return None
+
+
+def _zero_shot_backbone(cfg: "RunConfig", name: str, img_size: int):
+    """The baseline of --zero-shot: the model's starting weights (auto), timm's pretrained
+    weights for its architecture, a random init (seeded: the one fine-tuning with this --seed
+    started from), a weights file, or nothing."""
+    choice = cfg.zero_shot
+    if choice == "none":
+        return None
+    if choice == "auto":
+        choice = start_weights(cfg.model) or "pretrained"
+    if choice == "random":
+        torch.manual_seed(cfg.seed)
+    try:
+        return create_backbone(name, in_chans=3, img_size=img_size, init=choice)
+    except DomainFMError as e:
+        raise DomainFMError(f"cannot build the zero-shot baseline ({e})",
+                            fix="pass --zero-shot random, --zero-shot none or --zero-shot PATH") from None
+
+
 def run_evaluate(cfg: "RunConfig") -> dict[str, Any]:
-    if not cfg.model:
-        raise DomainFMError("evaluate needs --model (a weights file or models:/NAME@ALIAS)",
-                            fix="pass the backbone.safetensors written by `domainfm finetune --plugin sports-reid`")
+    check_evaluate(cfg)
     root = data_root(cfg)
     split = cfg.split
-    if split == "challenge" and not cfg.submission:
-        raise DomainFMError("--split challenge writes a submission: --submission PATH is missing",
-                            fix="add --submission submission.csv")
-    if split == "test" and cfg.submission:
-        raise DomainFMError("--submission is written for --split challenge only",
-                            fix="add --split challenge, or drop --submission")
     settings = eval_settings(cfg)
     torch.manual_seed(cfg.seed)
     backbone = load_backbone(cfg.model, cfg=cfg, in_chans=3)
@@ -206,10 +210,11 @@ def run_evaluate(cfg: "RunConfig") -> dict[str, Any]:
         return {"submission": str(path.resolve()), "num_queries": len(result.query),
                 "num_gallery": len(result.gallery)}
 
-    metrics = _score(backbone, root, cfg, settings, prefix="", tag="model", img_size=img_size)
-    zero_shot = _zero_shot_backbone(cfg, _model_meta(cfg.model), backbone.name, img_size)
+    metrics = _score(backbone, root, settings, prefix="", tag="model", img_size=img_size)
+    zero_shot = _zero_shot_backbone(cfg, backbone.name, img_size)
     if zero_shot is not None:
-        metrics.update(_score(zero_shot, root, cfg, settings, prefix="zero_shot_", tag="zero_shot", img_size=img_size))
+        metrics.update(_score(zero_shot, root, settings, prefix="zero_shot_", tag="zero_shot", img_size=img_size,
+                              grid=False))
     else:
         metrics["zero_shot_mAP"] = None
     return metrics

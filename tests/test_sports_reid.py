@@ -1,0 +1,155 @@
+"""sports-reid end to end through the real CLI: fine-tuning beats zero-shot on held-out players,
+evaluate reproduces the scores from the export, the registered model writes the challenge CSV,
+and bad input is one line on stderr with exit status 2.
+
+One error case runs ``domainfm`` in a subprocess, as a user's shell does; the other runs call the
+same click command in-process (CliRunner), which saves the start-up (imports) of each."""
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import run_cli
+
+from domainfm.cli import main
+
+_spec = importlib.util.spec_from_file_location("sports_reid_make_data",
+                                               Path(__file__).parent / "data" / "sports_reid" / "make_data.py")
+make_data = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = make_data
+_spec.loader.exec_module(make_data)
+
+# a tiny timm CNN (0.4M parameters), random init, 32 px: a few seconds per dozen steps on a CPU
+TRAIN_FLAGS = ["--backbone", "test_resnet", "--init", "random", "--img-size", "32", "--batch-size", "8",
+               "--max-steps", "50", "--lr", "3e-3", "--warmup-steps", "5", "--checkpoint-every", "25", "--seed", "0"]
+
+
+def _invoke(args, env):
+    return CliRunner().invoke(main, args, env=env, catch_exceptions=False)
+
+
+def _one_line_error(r, *phrases):
+    code = getattr(r, "returncode", getattr(r, "exit_code", None))
+    assert code == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for p in phrases:
+        assert p in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    work = tmp_path_factory.mktemp("reid_e2e")
+    root = make_data.make_mmsports(work / "data", train_players=16, test_players=8, frames=6, challenge_players=4)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
+    return work, root, env
+
+
+@pytest.fixture(scope="module")
+def finetuned(workdir):
+    work, root, env = workdir
+    r = _invoke(["finetune", "--plugin", "sports-reid", "--data", str(root), *TRAIN_FLAGS,
+                 "--output-dir", str(work / "outputs"), "--register", "reid-test", "--json", str(work / "ft.json")], env)
+    assert r.exit_code == 0, r.stderr[-3000:]
+    return json.loads((work / "ft.json").read_text())
+
+
+def test_finetuned_beats_zero_shot_on_held_out_players(finetuned, workdir):
+    work, _, env = workdir
+    for key in ("mAP", "rank1", "rank5", "mINP", "zero_shot_mAP", "zero_shot_rank1"):
+        assert 0.0 <= finetuned[key] <= 1.0, key
+    # test players (ids 1000+) never appear in training: the model learned to look at the jersey
+    assert finetuned["mAP"] > finetuned["zero_shot_mAP"] + 0.1, finetuned
+    assert finetuned["rank1"] >= finetuned["zero_shot_rank1"]
+    assert finetuned["global_step"] == 50
+    # checkpoints every 25 steps, the export with its logit scale, the registered version
+    export = Path(finetuned["backbone_path"])
+    ckpts = sorted(p.name for p in export.parent.joinpath("checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "step000025.ckpt", "step000050.ckpt"]
+    from safetensors import safe_open
+
+    with safe_open(str(export), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["domainfm_name"] == "test_resnet" and meta["reid_start_weights"] == "random"
+    assert float(meta["reid_logit_scale"]) == pytest.approx(finetuned["logit_scale"], rel=1e-5)
+    assert finetuned["registered_model"] == "models:/reid-test@candidate"
+
+    import mlflow
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run = client.get_run(finetuned["mlflow_run_id"])
+    assert run.data.metrics["mAP"] == pytest.approx(finetuned["mAP"])
+    assert run.data.metrics["zero_shot_mAP"] == pytest.approx(finetuned["zero_shot_mAP"])
+    assert "train/loss" in run.data.metrics
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/retrieval_grid_finetuned.png" in plots
+    tables = {a.path for a in client.list_artifacts(run.info.run_id, "tables")}
+    assert {"tables/top1_finetuned.csv", "tables/top1_zero_shot.csv"} <= tables
+    version = client.get_model_version_by_alias("reid-test", "candidate")
+    assert version.run_id == run.info.run_id
+
+
+def test_evaluate_reproduces_the_finetune_scores(finetuned, workdir):
+    work, root, env = workdir
+    out = work / "eval.json"
+    r = _invoke(["evaluate", "--plugin", "sports-reid", "--model", finetuned["backbone_path"], "--data", str(root),
+                 "--batch-size", "8", "--json", str(out)], env)
+    assert r.exit_code == 0, r.stderr[-3000:]
+    ev = json.loads(out.read_text())
+    # the reloaded export gives the fine-tuned numbers; --zero-shot auto rebuilds the seeded random start
+    for key in ("mAP", "rank1", "rank5", "mINP", "zero_shot_mAP"):
+        assert ev[key] == pytest.approx(finetuned[key], abs=1e-6), key
+    assert ev["mlflow_run_id"] != finetuned["mlflow_run_id"]
+
+
+def test_registered_model_writes_the_challenge_submission_with_reranking(finetuned, workdir):
+    work, root, env = workdir
+    sub = work / "submission.csv"
+    r = _invoke(["evaluate", "--plugin", "sports-reid", "--model", "models:/reid-test@candidate", "--data", str(root),
+                 "--split", "challenge", "--submission", str(sub), "--rerank", "--distance", "euclidean",
+                 "--json", str(work / "challenge.json")], env)
+    assert r.exit_code == 0, r.stderr[-3000:]
+    rows = list(csv.reader(sub.open()))
+    gallery_ids = sorted(int(p.stem) for p in (root / "reid_challenge" / "gallery").glob("*.jpeg"))
+    query_ids = sorted(int(p.stem) for p in (root / "reid_challenge" / "query").glob("*.jpeg"))
+    assert rows[0] == [""] + [str(i) for i in gallery_ids]
+    assert [int(row[0]) for row in rows[1:]] == query_ids
+    dist = np.array([row[1:] for row in rows[1:]], dtype=float)
+    assert dist.shape == (4, 20) and np.isfinite(dist).all() and (dist >= 0).all()
+    info = json.loads((work / "challenge.json").read_text())
+    assert info["num_queries"] == 4 and info["num_gallery"] == 20 and Path(info["submission"]) == sub.resolve()
+
+
+def test_bad_training_name_is_one_line_error(workdir, tmp_path):
+    _, _, env = workdir
+    root = make_data.make_mmsports(tmp_path / "d", train_players=2, test_players=2, frames=2, challenge_players=1)
+    bad = root / "reid_training" / "goalkeeper.jpeg"
+    (root / "reid_training" / "0_0_0.jpeg").rename(bad)
+    r = run_cli(["finetune", "--plugin", "sports-reid", "--data", str(root), *TRAIN_FLAGS], cwd=tmp_path, env=env)
+    _one_line_error(r, str(bad), "<player_id>_<sequence>_<frame>.jpeg", "Fix: rename it")
+
+
+def test_evaluate_input_errors(workdir, finetuned, tmp_path):
+    work, root, env = workdir
+    model = finetuned["backbone_path"]
+    base = ["evaluate", "--plugin", "sports-reid"]
+    _one_line_error(_invoke(base + ["--model", model, "--data", str(root), "--split", "challenge"], env),
+                    "--submission PATH is missing")
+    _one_line_error(_invoke(base + ["--model", model], env), "sports-reid needs --data ROOT")
+    _one_line_error(_invoke(base + ["--data", str(root)], env), "evaluate needs --model")
+    _one_line_error(_invoke(base + ["--model", str(tmp_path / "nope.safetensors"), "--data", str(root)], env),
+                    "nope.safetensors: model file not found")
+    # a query whose player has no gallery crop
+    bad = make_data.make_mmsports(tmp_path / "d", train_players=2, test_players=2, frames=2, challenge_players=1)
+    gallery = bad / "reid_test" / "gallery"
+    for p in gallery.glob("1001_*"):
+        p.unlink()
+    _one_line_error(_invoke(base + ["--model", model, "--data", str(bad)], env),
+                    "1001_500_0.jpeg: query player 1001 has no crop in the gallery")
