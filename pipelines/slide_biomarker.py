@@ -113,13 +113,8 @@ def run(*, features_dir, labels_csv, target, external_features=None, external_la
         max_heatmaps=16, register_name=None, alias="candidate", experiment="domainfm-histo", run_name=None,
         out_dir=None) -> dict[str, Any]:
     """Steps 3-8 on tile features; returns the final metrics (with ``mlflow_run_id``)."""
-    import mlflow
-    import numpy as np
-
-    from domainfm import tracking
     from plugins.histo import cohort as cohort_mod
     from plugins.histo import ensemble as ens
-    from plugins.histo.evaluation import auc_ci, balanced_accuracy
 
     if (external_features is None) != (external_labels is None):
         raise DomainFMError("--external-features and --external-labels go together", fix="give both or neither")
@@ -137,19 +132,41 @@ def run(*, features_dir, labels_csv, target, external_features=None, external_la
                             path=external_features, fix="embed both cohorts with the same encoder")
     settings = ens.TrainSettings(model=model_name, epochs=epochs, lr=lr, max_tiles=max_tiles_per_slide,
                                  patience=patience)
-    n_classes, y = train.n_classes, train.labels
-    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="slide-biomarker-"))
+    scratch = None if out_dir else tempfile.TemporaryDirectory(prefix="slide-biomarker-")
+    out = Path(out_dir) if out_dir else Path(scratch.name)  # without --out, files live only in MLflow
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _tracked_run(train, external, folds_idx, bags, ext_bags, settings, out, target=target, seeds=seeds,
+                            seed=seed, n_boot=n_boot, max_heatmaps=max_heatmaps, register_name=register_name,
+                            alias=alias, experiment=experiment, run_name=run_name,
+                            params={"folds": folds, "epochs": epochs, "patience": patience, "lr": lr,
+                                    "max_tiles_per_slide": max_tiles_per_slide, "features": str(features_dir),
+                                    "labels": str(labels_csv), "external_features": str(external_features)})
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
 
+
+def _tracked_run(train, external, folds_idx, bags, ext_bags, settings, out: Path, *, target, seeds, seed, n_boot,
+                 max_heatmaps, register_name, alias, experiment, run_name, params) -> dict[str, Any]:
+    """Everything that goes to MLflow: one parent run, a child run per member and the one-shot model."""
+    import mlflow
+    import numpy as np
+
+    from domainfm import tracking
+    from plugins.histo import ensemble as ens
+    from plugins.histo.evaluation import auc_ci, balanced_accuracy
+
+    model_name = settings.model
+    in_dim = bags[0].shape[1]
+    n_classes, y = train.n_classes, train.labels
     tracking.configure()
     metrics: dict[str, Any] = {}
     with tracking.start_run(experiment=experiment, run_name=run_name or f"{target}-{model_name}") as parent:
-        mlflow.log_params({"target": target, "model": model_name, "folds": folds, "seeds": seeds, "epochs": epochs,
-                           "patience": patience, "lr": lr, "max_tiles_per_slide": max_tiles_per_slide, "seed": seed,
+        mlflow.log_params({"target": target, "model": model_name, "seeds": seeds, "seed": seed, **params,
                            "n_train_slides": len(train), "n_train_patients": len(set(train.patient_ids)),
                            "n_external_slides": len(external) if external else 0, "feature_dim": in_dim,
-                           "classes": ",".join(train.class_names), "features": str(features_dir),
-                           "labels": str(labels_csv), "external_features": str(external_features)})
+                           "classes": ",".join(train.class_names)})
 
         # members, each in its own child run
         members = train_members(bags, y, folds_idx, n_classes, settings, seeds, seed, experiment,
