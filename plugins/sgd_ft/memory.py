@@ -1,15 +1,21 @@
 """Peak memory of one fine-tuning step, measured the same way for every optimizer arm.
 
 On CUDA: ``torch.cuda.max_memory_allocated`` over the steps (every tensor: weights, gradients,
-optimizer state, activations). On CPU torch keeps no allocator statistics, and a process's peak
-RSS only ever grows, so each measurement runs in a fresh Python process
-(``python -m plugins.sgd_ft.memory SPEC_JSON``): the peak RSS after the steps minus the RSS before
-the model was built (the address space's high-water mark, VmHWM). Weights are random (their values do not change the memory); the architecture,
-bands, input size, batch size, head, freezing, optimizer and precision are those of the run.
+optimizer state, activations). On CPU torch keeps no allocator statistics, so the measurement is
+the process's resident memory, in a fresh Python process per spec (``python -m
+plugins.sgd_ft.memory SPECS_JSON``; the processes of several specs run side by side): after one
+unmeasured warm-up step of the same model, the high-water mark of the resident set (VmHWM, reset
+through ``/proc/self/clear_refs``) minus the resident set before the model is built. One process
+per spec because measuring specs one after another in one process drifted by up to 10 % (memory
+that one spec frees is partly reused or trimmed under the next one's baseline).
+
+Weights are random (their values do not change the memory); the architecture, bands, input size,
+batch size, head, freezing, optimizer and precision are those of the run.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -23,6 +29,16 @@ PROBE_STEPS = 2  # the first step allocates the optimizer state; the second runs
 def current_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current resident set (Linux >= 4.0); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_rss_bytes() -> int:
@@ -45,43 +61,47 @@ def probe_spec(*, backbone: str, in_chans: int, img_size: int, batch_size: int, 
                 device=device, steps=steps, model_kwargs=model_kwargs or {})
 
 
-def _warm_up(device) -> None:
-    """Load the libraries and kernels a step uses (timm, oneDNN/cuDNN code, thread pools) before
-    the baseline is taken, so the measured growth is tensors, not code pages."""
-    import timm  # noqa: F401 - imported for its code pages
-    import torch
-    from torch import nn
-
-    tiny = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.GELU(), nn.Flatten(1), nn.LayerNorm(8 * 30 * 30),
-                         nn.Linear(8 * 30 * 30, 2)).to(device)
-    for name in ("sgd", "adamw"):
-        opt = torch.optim.SGD(tiny.parameters(), lr=0.1, momentum=0.9) if name == "sgd" else \
-            torch.optim.AdamW(tiny.parameters())
-        tiny(torch.randn(2, 3, 32, 32, device=device)).logsumexp(1).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    del tiny, opt
-
-
 def run_probe(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the spec's model and run ``steps`` training steps in this process; returns the peak
     memory (see the module doc) and the optimizer's exact state size."""
+    import torch
+
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+    # one unmeasured step of the same model first: kernel caches, thread pools and the code they
+    # load are then in place, so every spec is measured from the same warm state
+    _train_steps(spec, device, steps=1)
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        reset_peak_rss()
+        base = current_rss_bytes()
+    report, state_bytes, per_param = _train_steps(spec, device, steps=spec["steps"])
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = peak_rss_bytes() - base
+    return {"peak_memory_bytes": int(peak), "optimizer_state_bytes": state_bytes,
+            "optimizer_state_bytes_per_param": per_param,
+            "trainable_params": report.trainable_params, "frozen_params": report.frozen_params,
+            "device": str(device)}
+
+
+def _train_steps(spec: dict[str, Any], device, *, steps: int):
+    """Build the spec's model, optimizer and batch, run ``steps`` steps; returns the freezing
+    report and the optimizer's state size (everything else is freed on return)."""
     import torch
 
     from domainfm.backbones import create_backbone
     from plugins.sgd_ft.model import Classifier, apply_freezing, loss_fn
     from plugins.sgd_ft.optim import build_optimizer, optimizer_state_bytes, per_parameter_state_bytes
 
-    device = torch.device(spec["device"])
     torch.manual_seed(0)
-    _warm_up(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = current_rss_bytes()
     backbone = create_backbone(spec["backbone"], in_chans=spec["in_chans"], img_size=spec["img_size"], init="random",
                                **spec["model_kwargs"])
     model = Classifier(backbone, spec["num_outputs"]).to(device).train()
@@ -95,49 +115,55 @@ def run_probe(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         y = torch.randint(0, spec["num_outputs"], (b,), device=device)
     autocast = spec["precision"].startswith("bf16")
-    for _ in range(spec["steps"]):
+    for _ in range(steps):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = criterion(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = peak_rss_bytes() - base
-    return {"peak_memory_bytes": int(peak), "optimizer_state_bytes": optimizer_state_bytes(opt),
-            "optimizer_state_bytes_per_param": per_parameter_state_bytes(opt),
-            "trainable_params": report.trainable_params, "frozen_params": report.frozen_params,
-            "device": str(device)}
+    return report, optimizer_state_bytes(opt), per_parameter_state_bytes(opt)
 
 
-def measure(spec: dict[str, Any], *, timeout: float = 900.0) -> dict[str, Any]:
-    """:func:`run_probe` in a fresh Python process (clean peak-RSS accounting on CPU, a clean
-    CUDA context on GPU)."""
+# glibc: blocks above 64 KiB are mmap'ed and unmapped on free (and the threshold stays fixed), so
+# the warm-up step's memory is given back before the baseline is read
+_CHILD_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _measure_in_child(specs: list[dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
     from domainfm.errors import DomainFMError
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "plugins.sgd_ft.memory", json.dumps(spec)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **_CHILD_MALLOC_ENV)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "plugins.sgd_ft.memory", json.dumps(specs)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise DomainFMError(f"the memory probe of {specs[0]['backbone']} took over {timeout:.0f} s",
+                            fix="fine-tune with --no-measure-memory") from None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DomainFMError(f"the memory probe of {spec['backbone']} failed ({tail[:300]})",
+        raise DomainFMError(f"the memory probe of {specs[0]['backbone']} failed ({tail[:300]})",
                             fix="fine-tune with --no-measure-memory, or check that the model fits in memory")
     return json.loads(lines[-1])
 
 
-def measure_many(specs: list[dict[str, Any]], *, timeout: float = 900.0) -> list[dict[str, Any]]:
-    """:func:`measure` for several specs, their processes running side by side (each process
-    has its own RSS, so they do not disturb each other's figures)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def measure_many(specs: list[dict[str, Any]], *, timeout: float = 1800.0, parallel: bool = True) -> list[dict[str, Any]]:
+    """:func:`run_probe` for each spec, each in its own fresh Python process (clean resident-set
+    accounting on CPU, a clean CUDA context on GPU); ``parallel`` runs the processes side by side
+    (each has its own resident set, so they do not disturb each other's figures)."""
     if not specs:
         return []
+    if not parallel or len(specs) == 1:
+        return [_measure_in_child([s], timeout)[0] for s in specs]
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=len(specs)) as pool:
-        return list(pool.map(lambda s: measure(s, timeout=timeout), specs))
+        return list(pool.map(lambda s: _measure_in_child([s], timeout)[0], specs))
 
 
-if __name__ == "__main__":  # the child process of measure()
-    print(json.dumps(run_probe(json.loads(sys.argv[1]))), flush=True)
+def measure(spec: dict[str, Any], *, timeout: float = 1800.0) -> dict[str, Any]:
+    return measure_many([spec], timeout=timeout)[0]
+
+
+if __name__ == "__main__":  # the child process of measure_many()
+    print(json.dumps([run_probe(spec) for spec in json.loads(sys.argv[1])]), flush=True)
