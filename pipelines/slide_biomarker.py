@@ -208,6 +208,7 @@ def _tracked_run(train, external, folds_idx, bags, ext_bags, settings, out: Path
         artifacts = ens.save_ensemble(out / "model", model_name, in_dim, n_classes, states,
                                       class_names=train.class_names, target=target)
         name = register_name or f"histo-{target}"
+        # the signature MLflow infers from this is float32 [-1, D]: bags as `histo embed` writes them
         example = bags[0][: min(8, len(bags[0]))].astype(np.float32)
         model_uri = tracking.log_pyfunc_model(Path(pyfunc_model.__file__), artifacts, artifact_path="ensemble",
                                               input_example=example, register=name, alias=alias,

@@ -275,6 +275,8 @@ def test_multiclass_target_with_chowder(cohort_dir, tmp_path, mlflow_store):
     mlflow.set_tracking_uri(mlflow_store)
     model = mlflow.pyfunc.load_model(m["model_uri"])
     with h5py.File(cohort_dir / "train" / "features" / "train_000.h5") as f:
-        out = model.predict(f["features"][:])
+        feats = f["features"][:]
+    out = model.predict(feats)
     assert out["class_names"] == names
     assert len(out["probabilities"]) == 3 and sum(out["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+
