@@ -153,3 +153,22 @@ def test_evaluate_input_errors(workdir, finetuned, tmp_path):
         p.unlink()
     _one_line_error(_invoke(base + ["--model", model, "--data", str(bad)], env),
                     "1001_500_0.jpeg: query player 1001 has no crop in the gallery")
+
+
+def test_resume_continues_from_the_last_checkpoint(finetuned, workdir):
+    work, root, env = workdir
+    flags = [f if f != "50" else "56" for f in TRAIN_FLAGS]  # --max-steps 50 -> 56
+    out = work / "resumed.json"
+    r = _invoke(["finetune", "--plugin", "sports-reid", "--data", str(root), *flags, "--output-dir",
+                 str(work / "outputs"), "--resume", "--json", str(out)], env)
+    assert r.exit_code == 0, r.stderr[-3000:]
+    resumed = json.loads(out.read_text())
+    assert resumed["global_step"] == 56
+    assert resumed["zero_shot_mAP"] is None  # the starting weights are not those of this run
+    assert 0.0 <= resumed["mAP"] <= 1.0
+    import mlflow
+
+    # 50 steps restored, 6 trained: the new run logged the loss of steps 50..55 only
+    history = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(resumed["mlflow_run_id"],
+                                                                                  "train/loss")
+    assert sorted(m.step for m in history) == list(range(50, 56))

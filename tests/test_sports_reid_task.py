@@ -1,0 +1,122 @@
+"""The CLIP-ReIdent task: the logit scale it starts from, its optimisation schedule, a ViT backbone
+training through Lightning, and flip test-time augmentation of the features."""
+
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from domainfm.backbones import create_backbone
+from domainfm.losses import info_nce_loss
+from domainfm.training import warmup_poly
+from plugins.sports_reid.datasets import ReIDDataset, ReIDRecord
+from plugins.sports_reid.evaluation import EvalSettings, extract_features
+from plugins.sports_reid.task import DEFAULT_LOGIT_SCALE, ReIDContrastiveTask, initial_logit_scale
+
+
+def test_initial_logit_scale_from_checkpoints(tmp_path):
+    assert initial_logit_scale(None) == pytest.approx(1 / 0.07)
+    assert initial_logit_scale("models:/x@candidate") == pytest.approx(1 / 0.07)
+    # a CLIP checkpoint stores the log of the multiplier
+    clip = tmp_path / "clip.safetensors"
+    save_file({"logit_scale": torch.tensor(math.log(42.0)), "w": torch.zeros(2)}, str(clip))
+    assert initial_logit_scale(str(clip)) == pytest.approx(42.0, rel=1e-5)
+    ours = tmp_path / "export.safetensors"
+    save_file({"w": torch.zeros(2)}, str(ours), metadata={"reid_logit_scale": "33.5"})
+    assert initial_logit_scale(str(ours)) == pytest.approx(33.5)
+    pt = tmp_path / "clip.pt"
+    torch.save({"state_dict": {"logit_scale": torch.tensor(math.log(20.0))}}, pt)
+    assert initial_logit_scale(str(pt)) == pytest.approx(20.0, rel=1e-5)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    assert initial_logit_scale(str(plain)) == pytest.approx(DEFAULT_LOGIT_SCALE)
+
+
+class RandomPairs(torch.utils.data.Dataset):
+    def __init__(self, n, size):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, size, size, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"anchor": self.x[i], "positive": self.x[i] + 0.05 * torch.randn_like(self.x[i])}
+
+
+class LRRecorder(L.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_vit_trains_with_warmup_then_polynomial_decay():
+    torch.manual_seed(0)
+    backbone = create_backbone("test_vit", img_size=32, init="random")
+    assert backbone.is_vit
+    task = ReIDContrastiveTask(backbone, lr=1e-3, weight_decay=0.05, warmup_steps=2, logit_scale=10.0)
+    start_scale = float(task.logit_scale)
+    before = {n: p.detach().clone() for n, p in backbone.named_parameters()}
+    batch = RandomPairs(4, 32)[0]
+    with torch.no_grad():  # the task's loss is the core's symmetric InfoNCE with smoothing 0.1
+        z = task(torch.stack([batch["anchor"], batch["anchor"]]))
+        assert torch.allclose(z.norm(dim=1), torch.ones(2), atol=1e-5)
+    lrs = LRRecorder()
+    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[lrs], accelerator="cpu")
+    trainer.fit(task, torch.utils.data.DataLoader(RandomPairs(16, 32), batch_size=4))
+    expected = [1e-3 * warmup_poly(s, 2, 6) for s in range(6)]
+    assert lrs.lrs == pytest.approx(expected)
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert float(task.logit_scale) != pytest.approx(start_scale)  # learned
+    changed = [n for n, p in backbone.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.startswith("model.blocks") for n in changed) and any("patch_embed" in n for n in changed)
+
+
+def test_logged_loss_is_symmetric_smoothed_info_nce_by_hand():
+    torch.manual_seed(0)
+    backbone = create_backbone("test_vit", img_size=32, init="random")  # no BatchNorm, no dropout
+    task = ReIDContrastiveTask(backbone, lr=1e-3, weight_decay=0.0, warmup_steps=0, logit_scale=14.0)
+    data = RandomPairs(4, 32)
+    a = torch.stack([data.x[i] for i in range(4)])
+    p = a + 0.5
+    with torch.no_grad():
+        za, zp = task(torch.cat([a, p])).chunk(2)
+        logits = 14.0 * za @ zp.T
+        # label smoothing 0.1 over 4 classes: 0.9 + 0.025 on the diagonal, 0.025 elsewhere
+        target = torch.full((4, 4), 0.1 / 4) + torch.eye(4) * 0.9
+        by_hand = 0.5 * sum((-(target * torch.log_softmax(m, 1)).sum(1)).mean() for m in (logits, logits.T))
+    batch = [{"anchor": a[i], "positive": p[i]} for i in range(4)]
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(task, torch.utils.data.DataLoader(batch, batch_size=4))
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(float(by_hand), rel=1e-5)
+    assert float(info_nce_loss(za, zp, logit_scale=14.0, label_smoothing=0.1)) == pytest.approx(float(by_hand), rel=1e-5)
+
+
+def test_flip_tta_sums_the_mirror_features(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}_0_0.jpeg"
+        Image.fromarray(rng.integers(0, 255, (20, 10, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    ds = ReIDDataset([ReIDRecord(path=p, pid=str(i), item_id=p.stem) for i, p in enumerate(paths)], img_size=16)
+    torch.manual_seed(0)
+    backbone = create_backbone("test_resnet", img_size=16, init="random")
+    plain = extract_features(backbone, ds, EvalSettings(flip_tta=False, batch_size=2))
+    tta = extract_features(backbone, ds, EvalSettings(flip_tta=True, batch_size=2))
+    x = torch.stack([ds[i]["image"] for i in range(3)])
+    with torch.no_grad():
+        backbone.eval()
+        mirror = backbone(torch.flip(x, dims=[-1]))
+    assert torch.allclose(plain, backbone(x).detach(), atol=1e-5)
+    assert torch.allclose(tta, plain + mirror, atol=1e-5)
+    assert not torch.allclose(tta, 2 * plain, atol=1e-3)  # the crops are not symmetric
