@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from domainfm.backbones import create_backbone, save_backbone
 from domainfm.cli import main
+from domainfm.training import warmup_cosine
 
 from conftest import run_cli
 
@@ -104,6 +105,10 @@ def test_sgd_frozen_embed_learns_and_leaves_the_stem_bit_for_bit_unchanged(tmp_p
     assert [a.path for a in client.list_artifacts(m["mlflow_run_id"], "model")] == ["model/finetuned.safetensors"]
     ckpts = tmp_path / "outputs" / "domainfm-sgd-ft" / m["mlflow_run_id"] / "checkpoints"
     assert (ckpts / "last.ckpt").is_file()
+    # per-step cosine schedule from the full learning rate (no warm-up by default) towards 0
+    lrs = [h.value for h in sorted(client.get_metric_history(m["mlflow_run_id"], "train/lr"), key=lambda h: h.step)]
+    assert len(lrs) == 24
+    assert lrs == pytest.approx([0.05 * warmup_cosine(i, 0, 24) for i in range(24)], rel=1e-6)
 
 
 def test_compare_writes_the_three_arm_table_with_exact_state_and_measured_memory(tmp_path, mlflow_store):
@@ -146,7 +151,7 @@ def test_lr_sweep_keeps_the_best_nested_run_on_validation(tmp_path, mlflow_store
     out = tmp_path / "m.json"
     _invoke(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", "resnet18", *TINY,
              "--max-steps", "6", "--val-every", "3", "--optimizer", "adamw", "--lr-sweep", "1e-7,3e-3",
-             "--no-measure-memory", "--json", str(out)])
+             "--no-measure-memory", "--register", "sgdft-sweep", "--json", str(out)])
     m = json.loads(out.read_text())
     client = _mlflow_client()
     children = _children(client, m["mlflow_run_id"])
@@ -155,6 +160,13 @@ def test_lr_sweep_keeps_the_best_nested_run_on_validation(tmp_path, mlflow_store
     best_lr = max(val, key=lambda lr: (val[lr], -[1e-7, 3e-3].index(lr)))  # ties: the first swept wins
     assert m["best_lr"] == best_lr and m["val_accuracy"] == val[best_lr]
     assert m["optimizer_state_bytes_per_param"] == 8.0
+    # the winner's backbone is registered and loads back through the core as a models:/ URI
+    from domainfm.backbones import load_backbone
+
+    back = load_backbone("models:/sgdft-sweep@candidate")
+    tuned = load_file(m["weights"])
+    for name, value in back.model.state_dict().items():
+        assert torch.equal(value, tuned[f"backbone.model.{name}"]), name
 
 
 def test_multilabel_on_the_eo_sar_layout_reports_map(tmp_path, mlflow_store):
@@ -162,9 +174,13 @@ def test_multilabel_on_the_eo_sar_layout_reports_map(tmp_path, mlflow_store):
 
     root = write_sample(tmp_path / "eo", n_patches=10)
     out = tmp_path / "m.json"
+    # a learning rate too small to change any weight: validation cannot improve, so early stopping
+    # (patience 1, validation every step) ends the run after the second validation
     _invoke(["finetune", "--plugin", "sgd-ft", "--task", "multilabel", "--modality", "s1", "--data", str(root),
-             "--backbone", "resnet18", *TINY, "--max-steps", "3", "--no-measure-memory", "--json", str(out)])
+             "--backbone", "vit_tiny_patch16_224", *TINY, "--max-steps", "40", "--val-every", "1", "--patience", "1",
+             "--lr", "1e-20", "--precision", "bf16-mixed", "--no-measure-memory", "--json", str(out)])
     m = json.loads(out.read_text())
+    assert m["steps"] == 2
     assert 0.0 < m["mAP"] <= 1.0
     assert _mlflow_client().get_run(m["mlflow_run_id"]).data.metrics["mAP"] == pytest.approx(m["mAP"])
 
