@@ -187,3 +187,26 @@ def test_retrieval_grid_colours_matches(mmsports):
         colours = [ax.spines["top"].get_edgecolor() for ax in row[1:]]
         assert colours[:2] == [pytest.approx((0.196, 0.804, 0.196, 1.0), abs=1e-3)] * 2
         assert colours[2:] == [pytest.approx((1.0, 0.0, 0.0, 1.0))] * 2
+
+
+def test_generic_layout_trains_and_scores_with_the_camera_protocol(generic):
+    from domainfm.backbones import create_backbone
+    from domainfm.metrics import retrieval_metrics
+    from plugins.sports_reid.datamodule import ReIDPairDataModule
+    from plugins.sports_reid.evaluation import EvalSettings, run_retrieval
+
+    dm = ReIDPairDataModule(generic, img_size=16, batch_size=2, mean=(0.5,) * 3, std=(0.5,) * 3)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["anchor"].shape == batch["positive"].shape == (2, 3, 16, 16)
+
+    torch.manual_seed(0)
+    backbone = create_backbone("test_resnet", img_size=16, init="random")
+    result = run_retrieval(backbone, generic, "test", EvalSettings(batch_size=4), img_size=16,
+                           mean=(0.5,) * 3, std=(0.5,) * 3)
+    q_ids, g_ids = result.query.pids, result.gallery.pids
+    q_cams, g_cams = result.query.cameras, result.gallery.cameras
+    assert q_cams == [1, 1] and g_cams is not None
+    with_cams = retrieval_metrics(result.distmat, q_ids, g_ids, q_cams, g_cams)
+    assert result.metrics == with_cams
+    # the same-camera gallery crops of each query's player were left out (they would count otherwise)
+    assert result.metrics["mAP"] != pytest.approx(retrieval_metrics(result.distmat, q_ids, g_ids)["mAP"])

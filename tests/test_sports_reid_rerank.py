@@ -65,8 +65,12 @@ def test_rerank_improves_map_on_clustered_features():
     q, g, q_ids, g_ids = clustered(n_ids=10, per_id_q=2, per_id_g=10, dim=16, noise=1.3, seed=0)
     plain = ((q[:, None] - g[None]) ** 2).sum(-1)
     before = retrieval_metrics(plain, q_ids, g_ids)["mAP"]
-    after = retrieval_metrics(re_ranking(q, g, k1=8, k2=3), q_ids, g_ids)["mAP"]
+    calls = []
+    reranked = re_ranking(q, g, k1=8, k2=3, block_size=64, progress=lambda done, total: calls.append((done, total)))
+    after = retrieval_metrics(reranked, q_ids, g_ids)["mAP"]
     assert after > before + 0.02
+    # progress: 2 neighbour blocks (120 rows / 64) + 1 Jaccard block, counted up to the total
+    assert calls == [(1, 3), (2, 3), (3, 3)]
 
 
 def test_bad_shapes_give_clear_errors():

@@ -86,11 +86,19 @@ def distance_matrix(query: torch.Tensor, gallery: torch.Tensor, distance: str = 
 
 
 def reranked_distances(query: torch.Tensor, gallery: torch.Tensor, distance: str) -> np.ndarray:
+    from rich.progress import Progress
+
     from plugins.sports_reid.rerank import re_ranking
 
     if distance == "cosine":  # squared Euclidean of unit vectors = 2 - 2 cos: cosine neighbours
         query, gallery = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
-    return re_ranking(query, gallery, k1=20, k2=6, lambda_value=0.3)
+    with Progress(transient=True, disable=not os.isatty(2)) as progress:
+        task = progress.add_task("k-reciprocal re-ranking", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        return re_ranking(query, gallery, k1=20, k2=6, lambda_value=0.3, progress=advance)
 
 
 @dataclass

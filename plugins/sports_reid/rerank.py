@@ -31,7 +31,7 @@ def _squared_distances(a, b, a_sq, b_sq):
     return torch.addmm(b_sq[None, :], a, b.T, alpha=-2.0).add_(a_sq[:, None]).clamp_(min=0.0)
 
 
-def nearest_neighbours(feats, k: int, *, block_size: int = 512):
+def nearest_neighbours(feats, k: int, *, block_size: int = 512, on_block=None):
     """The k nearest rows of every row (itself first) and each row's largest squared distance.
 
     Returns numpy (ranks int64 [N, k], row_max float32 [N]). Memory: one block_size x N block.
@@ -52,6 +52,8 @@ def nearest_neighbours(feats, k: int, *, block_size: int = 512):
         d[local, local + start] = -torch.inf
         row_max[start:stop] = torch.maximum(d.max(1).values, diag).add_(sq[start:stop]).numpy()
         ranks[start:stop] = torch.topk(d, k, dim=1, largest=False, sorted=True).indices.numpy()
+        if on_block is not None:
+            on_block()
     return ranks, row_max
 
 
@@ -163,24 +165,31 @@ def re_ranking(query_feats, gallery_feats, *, k1: int = 20, k2: int = 6, lambda_
         raise DomainFMError(f"re-ranking with k1={k1} needs more than {k1} images in query + gallery, got {n}",
                             fix="use --no-rerank on a set this small")
     feats = torch.cat([q, g])
+    # query rows per Jaccard block: keep the dense float64 accumulator near 4M entries
+    q_block = max(1, min(block_size, (1 << 22) // max(n_g, 1)))
+    total = -(-n // block_size) + -(-n_q // q_block)
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     with torch.inference_mode():
-        ranks, row_max = nearest_neighbours(feats, k1 + 1, block_size=block_size)
+        ranks, row_max = nearest_neighbours(feats, k1 + 1, block_size=block_size, on_block=step)
         row_max = np.maximum(row_max, 1e-12)
         v = k_reciprocal_weights(feats.numpy(), ranks, row_max, k1=k1, block_size=2 * block_size)
         v = query_expansion(v, ranks, k2)
         vq, vg_csc = v[:n_q], v[n_q:].tocsc()
         out = np.empty((n_q, n_g), dtype=np.float32)
         sq = (feats * feats).sum(1)
-        # query rows per block: keep the dense float64 accumulator near 4M entries
-        q_block = max(1, min(block_size, (1 << 22) // max(n_g, 1)))
-        blocks = range(0, n_q, q_block)
-        for b_i, start in enumerate(blocks):
+        for start in range(0, n_q, q_block):
             stop = min(start + q_block, n_q)
             shared = jaccard_block(vq[start:stop], vg_csc, n_g)
             jaccard = 1.0 - shared / (2.0 - shared)
             original = _squared_distances(feats[start:stop], g, sq[start:stop], sq[n_q:]).numpy()
             original /= row_max[start:stop, None]
             out[start:stop] = (1.0 - lambda_value) * jaccard + lambda_value * original
-            if progress is not None:
-                progress(b_i + 1, len(blocks))
+            step()
     return out
