@@ -158,3 +158,31 @@ def test_bad_folders_are_named(tmp_path):
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(DomainFMError, match=r"broken\.png: cannot be read as an image"):
         scan_split(root, "train")
+
+
+# ---------------------------------------------------------------- plugin surface
+
+def test_lr_sweep_parsing():
+    from plugins.sgd_ft.run import parse_lr_sweep
+
+    assert parse_lr_sweep("1e-4, 3e-4,1e-3,1e-4") == [1e-4, 3e-4, 1e-3]
+    assert parse_lr_sweep(None) == []
+    with pytest.raises(DomainFMError, match=r"--lr-sweep has '3e-4x', which is not a number"):
+        parse_lr_sweep("1e-4,3e-4x")
+    with pytest.raises(DomainFMError, match="must be positive"):
+        parse_lr_sweep("0,1e-3")
+
+
+def test_plugin_is_registered_and_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from domainfm import plugins; p = plugins.load('sgd-ft'); "
+            "assert p.name == 'sgd-ft' and 'finetune' in p.supported, p.supported; "
+            "names = [o.name for o in p.options('finetune')]; "
+            "assert {'optimizer', 'freeze_embed', 'freeze_pos_embed', 'lr_sweep', 'compare'} <= set(names), names; "
+            "assert not p.options('pretrain'); "
+            "heavy = [m for m in ('torch', 'lightning', 'mlflow', 'timm') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

@@ -34,7 +34,9 @@ class SGDFinetunePlugin(Plugin):
                               "root (s2|s1/*.tif with landcover/ or labels.csv), scored by macro mAP; "
                               "without --data, the eo-sar sample."),
             click.Option(["--optimizer"], type=click.Choice(("sgd", "adamw")), default="sgd", show_default=True,
-                         help="sgd: momentum (see --momentum), no Nesterov. adamw: betas 0.9/0.999."),
+                         help="sgd: momentum (see --momentum), no Nesterov. adamw: betas 0.9/0.999. Both take "
+                              "--weight-decay, which sgd-ft sets to 0 (the paper's SGD; the same for a fair "
+                              "--compare); sgd-ft also defaults to --lr 1e-3 and --warmup-steps 0."),
             click.Option(["--momentum"], type=click.FloatRange(0.0, 1.0, max_open=True), default=0.9,
                          show_default=True, help="SGD momentum; 0 keeps no optimizer state at all."),
             click.Option(["--freeze-embed/--no-freeze-embed"], default=True, show_default=True,

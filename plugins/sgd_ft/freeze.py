@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from domainfm.errors import DomainFMError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from torch import nn
 
 
@@ -56,8 +55,6 @@ def embedding_names(backbone, *, with_pos_embed: bool = False, prefix: str = "")
     the backbone under ``prefix`` (e.g. ``"backbone."`` in the classifier)."""
     names = backbone.embedding_parameters(with_pos_embed=with_pos_embed)
     if not names:
-        from domainfm.errors import DomainFMError
-
         raise DomainFMError(f"found no embedding layer (patch embedding or stem) in {backbone.name}",
                             fix="fine-tune with --no-freeze-embed")
     return [f"{prefix}model.{n}" for n in names]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from plugins.sgd_ft.freeze import embedding_names, freeze, frozen_modules
+from plugins.sgd_ft.freeze import count_parameters, embedding_names, freeze, frozen_modules
 
 MULTICLASS, MULTILABEL = "multiclass", "multilabel"
 
@@ -61,8 +61,7 @@ def apply_freezing(model: Classifier, *, freeze_embed: bool, freeze_pos_embed: b
             names = [n for n in names if n not in embed_only]
     freeze(model, names)
     model.train(model.training)  # put frozen norm layers in eval mode now
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, frozen = count_parameters(model)
     return FreezeReport(tuple(names), frozen, trainable)
 
 

@@ -311,6 +311,13 @@ def finetune(cfg) -> dict[str, Any]:
 
     from domainfm import tracking
 
+    # core flags this plugin does not implement: refuse them rather than silently ignore them
+    if cfg.resume:
+        raise DomainFMError("sgd-ft does not resume a fine-tuning run (each run is short and starts from the "
+                            "backbone)", fix="drop --resume and start the run again")
+    if cfg.layer_decay is not None:
+        raise DomainFMError("sgd-ft does not use layer-wise learning-rate decay (the paper's recipe has none)",
+                            fix="drop --layer-decay")
     lrs = parse_lr_sweep(cfg.lr_sweep)
     dm = build_datamodule(cfg)
     meter = MemoryMeter(cfg, dm, planned=COMPARE_ARMS if cfg.compare else ())
