@@ -56,8 +56,7 @@ def main() -> None:
         # the tiles, read once into memory, for the forward-only baseline
         ts = T.tile_slide(path, mpp=args.mpp, tile_size=args.tile_size)
         slide = S.open_slide(path)
-        tiles = torch.from_numpy(np.stack([np.ascontiguousarray(S.read_tile(slide, x, y, ts.geometry).transpose(2, 0, 1))
-                                           for x, y in ts.coords]))
+        tiles = torch.from_numpy(np.stack([S.read_tile(slide, x, y, ts.geometry) for x, y in ts.coords]))
         n = len(tiles)
         batches = list(tiles.split(args.batch_size))
         encoder(batches[0])  # warm-up (allocator, kernels)

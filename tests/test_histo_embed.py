@@ -199,7 +199,7 @@ def test_tile_dataset_plot(slides):
     ts = tile_slide(slides["tiff"], mpp=2.0, tile_size=32)
     ds = SlideTileDataset(slides["tiff"], ts.coords, ts.geometry)
     sample = ds[0]
-    assert sample["image"].shape == (3, 32, 32) and sample["image"].dtype == torch.uint8
+    assert sample["image"].shape == (32, 32, 3) and sample["image"].dtype == torch.uint8
     fig = ds.plot(sample)
     x, y = (int(v) for v in ts.coords[0])
     assert f"({x}, {y})" in fig.axes[0].get_title()

@@ -121,11 +121,15 @@ class TileEncoder:
         self.img_size = backbone.img_size if backbone.is_vit else None
 
     def __call__(self, images) -> np.ndarray:
+        """``images``: uint8 [B, S, S, 3] (as read) or [B, 3, S, S]."""
         import torch
         import torch.nn.functional as F
 
         with torch.inference_mode():
-            x = images.to(self.device, non_blocking=True).float()
+            x = images.to(self.device, non_blocking=True)
+            if x.shape[-1] == 3 and x.shape[1] != 3:
+                x = x.permute(0, 3, 1, 2)
+            x = x.float()
             x = (x - self.mean) / self.std
             if self.img_size and x.shape[-1] != self.img_size:
                 x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True)

@@ -208,11 +208,12 @@ def resize_tile(region, tile_size: int):
 def read_tile(slide, x: int, y: int, geom: TileGeometry) -> np.ndarray:
     """RGB uint8 [tile_size, tile_size, 3] of the tile whose top-left level-0 corner is (x, y)."""
     region = slide.read_region((int(x), int(y)), geom.level, (geom.read_size, geom.read_size))
+    # np.array, not np.asarray: Pillow's buffer is read-only and torch wants writable arrays
     if geom.read_size == geom.tile_size and region.mode == "RGBA":
-        rgba = np.asarray(region)
-        if rgba[..., 3].min() == 255:  # opaque, no resize: a view, no copy
+        rgba = np.array(region)
+        if rgba[..., 3].min() == 255:  # opaque, no resize: the RGB view, no further copy
             return rgba[..., :3]
-    return np.asarray(resize_tile(on_white(region), geom.tile_size))
+    return np.array(resize_tile(on_white(region), geom.tile_size))
 
 
 def thumbnail(slide, max_size: int = 1024, min_size: int = 512) -> tuple[np.ndarray, float]:
