@@ -120,3 +120,21 @@ def test_flip_tta_sums_the_mirror_features(tmp_path):
     assert torch.allclose(plain, backbone(x).detach(), atol=1e-5)
     assert torch.allclose(tta, plain + mirror, atol=1e-5)
     assert not torch.allclose(tta, 2 * plain, atol=1e-3)  # the crops are not symmetric
+
+
+def test_clip_image_tower_takes_a_step_from_the_clip_temperature():
+    # timm's CLIP towers carry no logit scale: the task starts from 1/0.07 (random init: no
+    # download; two blocks of the ViT-B/16 CLIP architecture keep the test fast)
+    torch.manual_seed(0)
+    backbone = create_backbone("vit_base_patch16_clip_224.openai", img_size=32, init="random", depth=2)
+    task = ReIDContrastiveTask(backbone, lr=1e-4, weight_decay=0.1, warmup_steps=0,
+                               logit_scale=initial_logit_scale(None), layer_decay=0.75)
+    assert float(task.logit_scale) == pytest.approx(1 / 0.07)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(task, torch.utils.data.DataLoader(RandomPairs(2, 32), batch_size=2))
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    # layer decay: the head learns at the full rate, block 1 at 0.75, block 0 at 0.75^2, the
+    # patch embedding at 0.75^3
+    lrs = sorted({round(g["lr_scale"], 6) for g in trainer.optimizers[0].param_groups})
+    assert lrs == pytest.approx([0.75 ** 3, 0.75 ** 2, 0.75, 1.0])

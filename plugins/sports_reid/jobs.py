@@ -127,7 +127,7 @@ def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
     model_uri = tracking.log_backbone(backbone, register=cfg.register, alias=cfg.alias if cfg.register else None)
     train_log = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     metrics.update({"train_loss": train_log.get("train/loss"), "train_pair_acc": train_log.get("train/pair_acc"),
-                    "logit_scale": float(task.logit_scale), "global_step": int(trainer.global_step),
+                    "logit_scale": float(task.logit_scale.detach()), "global_step": int(trainer.global_step),
                     "train_seconds": elapsed, "backbone_path": str(export.resolve()), "model_uri": model_uri})
     if cfg.register:
         metrics["registered_model"] = f"models:/{cfg.register}@{cfg.alias}"
