@@ -142,6 +142,9 @@ def test_compare_writes_the_three_arm_table_with_exact_state_and_measured_memory
     # the top-level result is the chosen arm (the default: SGD with frozen embedding)
     assert m["arm"] == "sgd-frozen-embed" and m["trainable_params"] == total - embed
     assert m["adamw/optimizer_state_bytes"] == state["adamw"]
+    assert {a.path for a in client.list_artifacts(m["mlflow_run_id"], "plots")} == {"plots/compare.png"}
+    md = Path(client.download_artifacts(m["mlflow_run_id"], "tables/compare.md", str(tmp_path))).read_text()
+    assert md.count("\n| ") == 3 and "| adamw | 0.01 |" in md
     arms = {r.data.tags["mlflow.runName"] for r in _children(client, m["mlflow_run_id"])}
     assert arms == {"sgd-frozen-embed", "sgd", "adamw"}
 

@@ -258,6 +258,28 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     Console(stderr=True).print(table)
 
 
+def compare_figure(rows: list[dict[str, Any]]):
+    """Score, optimizer state and peak step memory of each arm, side by side."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.2))
+    axes = fig.subplots(1, 3)
+    names = [r["arm"] for r in rows]
+    colours = ["tab:green", "tab:blue", "tab:orange"][:len(rows)]
+    panels = ((rows[0]["metric"], [r["value"] for r in rows], 1.0),
+              ("optimizer state (MiB)", [r["optimizer_state_bytes"] for r in rows], 2 ** 20),
+              ("peak step memory (MiB)", [r["peak_memory_bytes"] for r in rows], 2 ** 20))
+    for ax, (title, values, scale) in zip(axes, panels):
+        if any(v is None for v in values):
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.bar(names, [v / scale for v in values], color=colours)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def compare(cfg, dm, lrs: list[float], meter: MemoryMeter) -> tuple[dict[str, Any], Any]:
     import mlflow
 
@@ -277,6 +299,7 @@ def compare(cfg, dm, lrs: list[float], meter: MemoryMeter) -> tuple[dict[str, An
     print_table(rows)
     tracking.log_table_artifact(rows, "tables/compare.csv")
     mlflow.log_text(rows_to_markdown(rows), "tables/compare.md")
+    tracking.log_figure(compare_figure(rows), "plots/compare.png")
     chosen = arm_of(cfg)
     main_arm, main_metrics = next(((a, m) for a, m in results if a == chosen), results[0])
     out = dict(main_metrics)
