@@ -128,9 +128,10 @@ def run_retrieval(backbone: torch.nn.Module, root: str | Path, split: str, setti
         dist = distance_matrix(q_feats, g_feats, settings.distance)
     metrics = None
     if split == "test":
-        metrics = retrieval_metrics(dist, query.pids, gallery.pids, query.cameras,
-                                    gallery.cameras if query.cameras is not None else None,
-                                    max_rank=settings.max_rank)
+        # cameras (generic layout, c<k> in the names) turn on the same-camera exclusion
+        with_cams = query.cameras is not None and gallery.cameras is not None
+        metrics = retrieval_metrics(dist, query.pids, gallery.pids, query.cameras if with_cams else None,
+                                    gallery.cameras if with_cams else None, max_rank=settings.max_rank)
     return RetrievalResult(dist, query, gallery, metrics)
 
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,8 +108,10 @@ def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
     ckpt_dir = run_dir / run_id / "checkpoints"
     if zero:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_POINTER).write_text(json.dumps({"mlflow_run_id": run_id,
-                                                       "checkpoint_dir": str(ckpt_dir.resolve())}))
+        pointer = run_dir / RUN_POINTER
+        tmp = pointer.with_name(pointer.name + ".tmp")  # a crash never leaves a half-written pointer
+        tmp.write_text(json.dumps({"mlflow_run_id": run_id, "checkpoint_dir": str(ckpt_dir.resolve())}))
+        os.replace(tmp, pointer)
     # the pair sampler shards batches across processes itself
     trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, logger=True if zero else False, use_distributed_sampler=False)
     t0 = time.perf_counter()
@@ -133,7 +136,10 @@ def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
         metrics["registered_model"] = f"models:/{cfg.register}@{cfg.alias}"
     if has_test:
         metrics.update(_score(backbone, root, settings, prefix="", tag="finetuned", img_size=cfg.img_size))
-    metrics.setdefault("zero_shot_mAP", None)  # resumed runs do not re-score the starting weights
+    # the same keys whatever happened: no test split, or a resumed run (its starting weights are
+    # not the ones this run started from) report null rather than leaving the key out
+    for key in ("mAP", "rank1", "rank5", "mINP", "zero_shot_mAP"):
+        metrics.setdefault(key, None)
     return metrics
 
 
