@@ -24,16 +24,19 @@ from domainfm.errors import DomainFMError
 @click.command("slide-biomarker", context_settings={"max_content_width": 110})
 @click.option("--features", "features_dir", required=True,
               help="Tile features of the training cohort: the --out folder of `histo embed` (or a folder of .h5).")
-@click.option("--labels", "labels_csv", required=True, help="CSV with slide_id,patient_id,label (or a column named --target).")
+@click.option("--labels", "labels_csv", required=True,
+              help="CSV with slide_id,patient_id,label (or a column named --target).")
 @click.option("--target", required=True,
               help="Biomarker name (MSI, HER2...): the label column if the CSV has one, and the model's name.")
 @click.option("--external-features", default=None, help="Tile features of an external test cohort.")
 @click.option("--external-labels", default=None, help="Labels CSV of the external cohort.")
 @click.option("--slides", "slides_dir", default=None,
               help="Whole slides of the training cohort: embedded into --features first (finished slides are skipped).")
-@click.option("--external-slides", default=None, help="Whole slides of the external cohort, embedded into --external-features.")
+@click.option("--external-slides", default=None,
+              help="Whole slides of the external cohort, embedded into --external-features.")
 @click.option("--backbone", default="vit_small_patch14_dinov2", show_default=True, help="Encoder for --slides (timm name).")
-@click.option("--init", default="dinov2", show_default=True, help="Encoder weights for --slides: dinov2, pretrained, random.")
+@click.option("--init", default="dinov2", show_default=True,
+              help="Encoder weights for --slides: dinov2, pretrained, random.")
 @click.option("--weights", default=None, help="Encoder for --slides from a domainfm export or models:/NAME@ALIAS.")
 @click.option("--mpp", type=float, default=0.5, show_default=True, help="µm/px of the tiles embedded from --slides.")
 @click.option("--tile-size", type=int, default=224, show_default=True, help="Tile side embedded from --slides.")

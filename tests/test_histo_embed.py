@@ -141,7 +141,8 @@ def test_failures_are_listed_and_a_rerun_skips_finished_slides(slides, weights, 
 
 
 def test_bf16_features_are_close_to_fp32(slides, weights, tmp_path):
-    assert embed([slides["tiff"], "--out", tmp_path / "a", "--weights", weights, "--num-workers", "0", *COMMON]).exit_code == 0
+    res = embed([slides["tiff"], "--out", tmp_path / "a", "--weights", weights, "--num-workers", "0", *COMMON])
+    assert res.exit_code == 0, res.output
     res = embed([slides["tiff"], "--out", tmp_path / "b", "--weights", weights, "--num-workers", "0",
                  "--precision", "bf16-mixed", *COMMON])
     assert res.exit_code == 0, res.output

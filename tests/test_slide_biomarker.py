@@ -242,7 +242,8 @@ def test_pipeline_from_whole_slides_chains_tile_embed_and_draws_heatmaps(tmp_pat
     enc = save_backbone(create_backbone("test_resnet", img_size=16, init="random"), tmp_path / "enc.safetensors")
     out_json = tmp_path / "m.json"
     res = CliRunner().invoke(command, [
-        "--slides", str(tmp_path / "train"), "--features", str(tmp_path / "feat_train"), "--labels", str(tmp_path / "train.csv"),
+        "--slides", str(tmp_path / "train"), "--features", str(tmp_path / "feat_train"),
+        "--labels", str(tmp_path / "train.csv"),
         "--external-slides", str(tmp_path / "ext"), "--external-features", str(tmp_path / "feat_ext"),
         "--external-labels", str(tmp_path / "ext.csv"), "--target", "her2", "--weights", str(enc),
         "--mpp", "8", "--tile-size", "16", "--num-workers", "0", "--folds", "2", "--seeds", "1", "--epochs", "2",

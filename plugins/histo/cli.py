@@ -74,8 +74,9 @@ def tile_command(slides, out_dir, mpp, tile_size, min_tissue, max_tiles, slide_m
                                            max_tiles=max_tiles, seed=seed, slide_mpp=override)
                     tiling.write_coords(ts, out_dir)
                     tiling.write_thumbnail(ts, out_dir)
-                    progress.console.print(f"{ts.slide_id}: {len(ts.coords)} tiles "
-                                           f"({ts.geometry.tile_size_level0} px at level 0, read from level {ts.geometry.level})")
+                    g = ts.geometry
+                    progress.console.print(f"{ts.slide_id}: {len(ts.coords)} tiles ({g.tile_size_level0} px "
+                                           f"at level 0, read from level {g.level})")
                 except Exception as e:  # noqa: BLE001 - recorded, the batch goes on
                     failures.append({"slide_id": slides_mod.slide_id(p), "path": str(p),
                                      "error": embedding.one_line_error(e)})
@@ -89,17 +90,20 @@ def tile_command(slides, out_dir, mpp, tile_size, min_tissue, max_tiles, slide_m
 @click.command("embed", context_settings={"max_content_width": 110})
 @click.argument("slides", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, help="Output folder: features/<slide_id>.h5 (+ failures.csv).")
-@click.option("--coords", "coords_dir", default=None, help="Reuse the tiles of `histo tile --out DIR` instead of tiling again.")
+@click.option("--coords", "coords_dir", default=None,
+              help="Reuse the tiles of `histo tile --out DIR` instead of tiling again.")
 @click.option("--backbone", default="vit_small_patch14_dinov2", show_default=True, help="timm architecture name.")
 @click.option("--init", default="dinov2", show_default=True,
               help="Starting weights: dinov2/pretrained (local Hugging Face cache), a weights file, "
                    "models:/NAME@ALIAS, or random.")
-@click.option("--weights", default=None, help="A domainfm export (.safetensors) or models:/NAME@ALIAS; overrides --init and --backbone.")
+@click.option("--weights", default=None,
+              help="A domainfm export (.safetensors) or models:/NAME@ALIAS; overrides --init and --backbone.")
 @_tiling_options
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Tiles per forward pass.")
 @click.option("--num-workers", type=int, default=4, show_default=True,
               help="DataLoader processes reading tiles while the model runs.")
-@click.option("--precision", default="32-true", show_default=True, help="32-true, bf16-mixed (CPU or GPU) or 16-mixed (GPU).")
+@click.option("--precision", default="32-true", show_default=True,
+              help="32-true, bf16-mixed (CPU or GPU) or 16-mixed (GPU).")
 @click.option("--accelerator", default="auto", show_default=True, help="cpu, gpu or auto.")
 @click.option("--devices", type=int, default=1, show_default=True,
               help="Processes (one per GPU, or CPU processes) sharing the slides between them.")
@@ -138,7 +142,8 @@ def embed_command(slides, out_dir, coords_dir, backbone, init, weights, mpp, til
 @click.option("--model", "model_uri", required=True,
               help="The slide-biomarker ensemble: models:/NAME@ALIAS, runs:/ID/ensemble, or a local model folder.")
 @click.option("--out", "out_file", required=True, help="PNG to write.")
-@click.option("--class-index", type=int, default=None, help="Class whose probability is shown (default: the positive class).")
+@click.option("--class-index", type=int, default=None,
+              help="Class whose probability is shown (default: the positive class).")
 def heatmap_command(slide, features_file, model_uri, out_file, class_index):
     """Draw a slide-biomarker model's attention over one slide's thumbnail.
 
