@@ -81,9 +81,6 @@ class ReIDDataset(Dataset):
 
     def plot(self, indices: Sequence[int] | None = None, *, ncols: int = 8, title: str | None = None):
         """A grid of crops as the model sees them (letterboxed), titled with player ids."""
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         indices = list(indices if indices is not None else range(min(len(self), 2 * ncols)))

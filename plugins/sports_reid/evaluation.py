@@ -165,9 +165,6 @@ def write_submission(path: str | Path, distmat: np.ndarray, query: Sequence[ReID
 def plot_retrieval_grid(result: RetrievalResult, *, n_queries: int = 8, top_k: int = 10, seed: int = 0):
     """Each row: a query, then its top-k gallery crops; a green border marks the same player, red
     another one (grey when ids are unknown, as in the challenge split)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n_q, n_g = result.distmat.shape
