@@ -204,3 +204,21 @@ def test_tile_dataset_plot(slides):
     fig = ds.plot(sample)
     x, y = (int(v) for v in ts.coords[0])
     assert f"({x}, {y})" in fig.axes[0].get_title()
+
+
+def test_registered_encoder_gives_the_same_features(slides, weights, tmp_path, mlflow_store):
+    """--weights models:/NAME@ALIAS: the encoder comes from the MLflow registry (the core's loader)."""
+    from domainfm import tracking
+    from domainfm.backbones import load_backbone
+
+    tracking.configure()
+    with tracking.start_run(experiment="histo-test"):
+        tracking.log_backbone(load_backbone(weights), register="histo-encoder", alias="champion")
+    args = [slides["tiff"], "--num-workers", "0", *COMMON]
+    assert embed([*args, "--out", tmp_path / "file", "--weights", weights]).exit_code == 0
+    res = embed([*args, "--out", tmp_path / "registry", "--weights", "models:/histo-encoder@champion"])
+    assert res.exit_code == 0, res.output
+    f1, _, _ = read_h5(tmp_path / "file" / "features" / "generic_20x.h5")
+    f2, _, a2 = read_h5(tmp_path / "registry" / "features" / "generic_20x.h5")
+    np.testing.assert_allclose(f1, f2, rtol=1e-5, atol=1e-5)
+    assert a2["encoder"] == "models:/histo-encoder@champion"
