@@ -68,9 +68,15 @@ class FineTuneTask(L.LightningModule):
         scores = np.concatenate([o[0] for o in self._outputs])
         targets = np.concatenate([o[1] for o in self._outputs])
         self._outputs.clear()
+        if self.trainer.world_size > 1:
+            # every rank scores the whole split (DistributedSampler gives each the same count), so
+            # best-weight tracking and early stopping agree across ranks
+            scores, targets = (self.all_gather(torch.from_numpy(a)).flatten(0, 1).cpu().numpy()
+                               for a in (scores, targets))
         value = mean_average_precision(scores, targets) if self.task == MULTILABEL else accuracy(scores, targets)
         self.last_metrics[f"{stage}/{self.metric_name}"] = value
-        self.log(f"{stage}/{self.metric_name}", value, prog_bar=True)
+        # the value is already the same on every rank; sync_dist only keeps Lightning's bookkeeping happy
+        self.log(f"{stage}/{self.metric_name}", value, prog_bar=True, sync_dist=self.trainer.world_size > 1)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")
