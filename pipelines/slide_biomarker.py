@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -213,9 +214,12 @@ def _tracked_run(train, external, folds_idx, bags, ext_bags, settings, out: Path
         name = register_name or f"histo-{target}"
         # the signature MLflow infers from this is float32 [-1, D]: bags as `histo embed` writes them
         example = bags[0][: min(8, len(bags[0]))].astype(np.float32)
-        model_uri = tracking.log_pyfunc_model(Path(pyfunc_model.__file__), artifacts, artifact_path="ensemble",
-                                              input_example=example, register=name, alias=alias,
-                                              extra_pip=["numpy", "pandas"])
+        with warnings.catch_warnings():
+            # MLflow asks for type hints on predict(); its hints cannot express "a float32 [N, D] array"
+            warnings.filterwarnings("ignore", message=".*type hints.*")
+            model_uri = tracking.log_pyfunc_model(Path(pyfunc_model.__file__), artifacts, artifact_path="ensemble",
+                                                  input_example=example, register=name, alias=alias,
+                                                  extra_pip=["numpy", "pandas"])
         tracking.log_metrics(metrics)
         for key in ("cv_auc_ensemble_ci", "external_auc_ensemble_ci", "external_auc_oneshot_ci"):
             if key in metrics:

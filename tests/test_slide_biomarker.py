@@ -225,6 +225,11 @@ def test_pipeline_ensemble_finds_and_looks_at_the_planted_tiles(cohort_dir, tmp_
     from PIL import Image
 
     assert Image.open(png).size[0] > 10
+    # the same from the model folder kept under --out, without MLflow: the same probability
+    res2 = CliRunner().invoke(heatmap_command, [sid, "--features", str(cohort_dir / "external" / "features" / f"{sid}.h5"),
+                                                "--model", str(tmp_path / "out" / "model"), "--out", str(tmp_path / "two.png")])
+    assert res2.exit_code == 0, res2.output
+    assert res2.output.split()[1] == res.output.split()[1]  # "probability 0.xxx -> ..."
 
 
 def test_pipeline_from_whole_slides_chains_tile_embed_and_draws_heatmaps(tmp_path, mlflow_store):

@@ -140,7 +140,8 @@ def embed_command(slides, out_dir, coords_dir, backbone, init, weights, mpp, til
 @click.argument("slide")
 @click.option("--features", "features_file", required=True, help="The slide's features/<slide_id>.h5 from `histo embed`.")
 @click.option("--model", "model_uri", required=True,
-              help="The slide-biomarker ensemble: models:/NAME@ALIAS, runs:/ID/ensemble, or a local model folder.")
+              help="The slide-biomarker ensemble: models:/NAME@ALIAS, runs:/ID/ensemble, or the pipeline's "
+                   "--out DIR/model folder.")
 @click.option("--out", "out_file", required=True, help="PNG to write.")
 @click.option("--class-index", type=int, default=None,
               help="Class whose probability is shown (default: the positive class).")

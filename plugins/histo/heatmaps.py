@@ -73,8 +73,18 @@ def render_slide_heatmap(coords: np.ndarray, attrs: dict, attention: np.ndarray,
 
 
 def load_predictor(model_uri: str):
-    """A callable bag -> dict(probability, probabilities, attention) from a logged or local model."""
+    """A callable bag -> dict(probability, probabilities, attention) from a logged model (models:/,
+    runs:/, an MLflow model folder) or the ``model/`` folder the pipeline writes under ``--out``."""
     p = Path(model_uri)
+    if p.is_dir() and all((p / f).is_file() for f in ("config.json", "weights.safetensors", "mil.py")):
+        from types import SimpleNamespace
+
+        from plugins.histo.pyfunc_model import SlideEnsembleModel
+
+        model = SlideEnsembleModel()
+        model.load_context(SimpleNamespace(artifacts={"config": str(p / "config.json"), "mil_code": str(p / "mil.py"),
+                                                      "weights": str(p / "weights.safetensors")}))
+        return lambda bag: model.predict(None, bag)
     if p.is_dir() and (p / "MLmodel").is_file() or "://" in model_uri or model_uri.startswith("models:/"):
         from domainfm import tracking
 
