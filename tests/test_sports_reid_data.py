@@ -138,12 +138,18 @@ def test_pair_sampler_never_repeats_a_player_and_shares_flip():
     # epochs differ, and anchors spread over (nearly) all images
     assert list(sampler.plan(0)) != list(sampler.plan(1))
     assert len(set(anchors)) >= 36
-    # two processes get disjoint halves of the same plan
+    # DDP gathers the batches of all processes into one InfoNCE batch: at every step the two
+    # processes' pairs come from distinct players (10 players -> 5 per process)
     r0 = D.DistinctPlayerPairSampler(pids, 6, seed=3, rank=0, world_size=2).plan(0)
     r1 = D.DistinctPlayerPairSampler(pids, 6, seed=3, rank=1, world_size=2).plan(0)
-    assert len(r0) == len(r1) == (40 // 6) // 2 and r0 != r1
+    assert len(r0) == len(r1) == 40 // 10
+    for b0, b1 in zip(r0, r1):
+        players = [pids[a] for a, _, _ in b0 + b1]
+        assert len(b0) == len(b1) == 5 and len(set(players)) == 10
     with pytest.raises(DomainFMError, match="at least 2 players with 2 or more images"):
         D.DistinctPlayerPairSampler(["a", "b", "b"], 4)
+    with pytest.raises(DomainFMError, match=r"at least 4 players .* \(2 processes\)"):
+        D.DistinctPlayerPairSampler(["a", "a", "b", "b", "c", "c"], 4, world_size=2)
 
 
 def test_pair_dataset_flips_both_images(mmsports):

@@ -129,15 +129,18 @@ class DistinctPlayerPairSampler:
     """Batches of (anchor, positive, flip) triples for contrastive fine-tuning.
 
     - a batch never holds two pairs of one player: the other pairs are the negatives of the
-      InfoNCE loss, and a second pair of the same player would be a positive counted as negative;
+      InfoNCE loss, and a second pair of the same player would be a positive counted as negative.
+      Under DDP the loss gathers the batches of all processes, so the rule holds for that global
+      batch: each step draws ``batch_size * world_size`` distinct players and process ``rank``
+      takes its slice of them;
     - the positive is a random *other* image of the anchor's player, never the same picture;
     - both images of a pair share one horizontal flip, so the flip is not what tells them apart;
-    - an epoch has ``images // batch_size`` batches; players are drawn in proportion to the images
+    - an epoch has ``images // global batch`` steps; players are drawn in proportion to the images
       they have not yet used as anchor this epoch, so each image serves about once as anchor.
 
-    Players with a single image cannot make a pair and are left out. The plan is drawn from
-    ``seed`` and the epoch (each ``iter`` moves to the next epoch; ``set_epoch`` sets it) and
-    split across processes by ``rank``/``world_size``, each getting different batches.
+    Players with a single image cannot make a pair and are left out; with fewer players than the
+    global batch, the per-process batch shrinks to fit. The plan is drawn from ``seed`` and the
+    epoch (each ``iter`` moves to the next epoch; ``set_epoch`` sets it).
     """
 
     def __init__(self, pids: Sequence[str], batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -145,12 +148,13 @@ class DistinctPlayerPairSampler:
         for i, p in enumerate(pids):
             by_player.setdefault(p, []).append(i)
         self.players = [idx for idx in by_player.values() if len(idx) >= 2]
-        if len(self.players) < 2:
-            raise DomainFMError(f"fine-tuning needs at least 2 players with 2 or more images each, found "
+        if len(self.players) < 2 * world_size:
+            raise DomainFMError(f"fine-tuning needs at least {2 * world_size} players with 2 or more images each"
+                                f"{f' ({world_size} processes)' if world_size > 1 else ''}, found "
                                 f"{len(self.players)}", fix="add crops: each batch contrasts different players")
-        self.batch_size = min(batch_size, len(self.players))
+        self.batch_size = min(batch_size, len(self.players) // world_size)
         n_images = sum(len(idx) for idx in self.players)
-        self.batches_per_rank = max(1, (n_images // self.batch_size) // world_size)
+        self.steps = max(1, n_images // (self.batch_size * world_size))
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
 
@@ -158,21 +162,23 @@ class DistinctPlayerPairSampler:
         self.epoch = epoch
 
     def plan(self, epoch: int) -> list[list[tuple[int, int, bool]]]:
-        """This process's batches of ``epoch`` (all processes draw the same plan, then take a slice)."""
+        """This process's batches of ``epoch``: every process draws the same global batches and
+        keeps its own slice of each."""
         rng = np.random.default_rng([self.seed, epoch])
         unused = [list(rng.permutation(idx)) for idx in self.players]
+        global_size = self.batch_size * self.world_size
         batches = []
-        for _ in range(self.batches_per_rank * self.world_size):
+        for _ in range(self.steps):
             # a player whose images have all been anchors stays possible, just unlikely
             weights = np.array([len(u) for u in unused], dtype=float) + 1e-3
-            chosen = rng.choice(len(self.players), size=self.batch_size, replace=False, p=weights / weights.sum())
+            chosen = rng.choice(len(self.players), size=global_size, replace=False, p=weights / weights.sum())
             batch = []
             for c in chosen:
                 anchor = int(unused[c].pop()) if unused[c] else int(rng.choice(self.players[c]))
                 others = [i for i in self.players[c] if i != anchor]
                 batch.append((anchor, int(others[rng.integers(len(others))]), bool(rng.random() < 0.5)))
-            batches.append(batch)
-        return batches[self.rank::self.world_size]
+            batches.append(batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
+        return batches
 
     def __iter__(self) -> Iterator[list[tuple[int, int, bool]]]:
         batches = self.plan(self.epoch)
@@ -180,7 +186,7 @@ class DistinctPlayerPairSampler:
         return iter(batches)
 
     def __len__(self) -> int:
-        return self.batches_per_rank
+        return self.steps
 
 
 class PairDataset(ReIDDataset):
