@@ -151,23 +151,34 @@ def test_compare_writes_the_three_arm_table_with_exact_state_and_measured_memory
 
 def test_lr_sweep_keeps_the_best_nested_run_on_validation(tmp_path, mlflow_store):
     data = make_data.write_imagefolder(tmp_path / "data", train=8, val=6, size=32)
+    torch.manual_seed(0)
+    init = save_backbone(create_backbone("vit_tiny_patch16_224", in_chans=3, img_size=32, init="random"),
+                         tmp_path / "vit.safetensors")
     out = tmp_path / "m.json"
-    _invoke(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", "resnet18", *TINY,
-             "--max-steps", "6", "--val-every", "3", "--optimizer", "adamw", "--lr-sweep", "1e-7,3e-3",
-             "--no-measure-memory", "--register", "sgdft-sweep", "--json", str(out)])
+    _invoke(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", "vit_tiny_patch16_224",
+             "--weights", str(init), *TINY, "--max-steps", "6", "--val-every", "3", "--optimizer", "adamw",
+             "--freeze-pos-embed", "--lr-sweep", "1e-5,3e-3", "--no-measure-memory", "--register", "sgdft-sweep",
+             "--json", str(out)])
     m = json.loads(out.read_text())
     client = _mlflow_client()
     children = _children(client, m["mlflow_run_id"])
     val = {float(r.data.params["lr"]): r.data.metrics["val_accuracy"] for r in children}
-    assert set(val) == {1e-7, 3e-3}
-    best_lr = max(val, key=lambda lr: (val[lr], -[1e-7, 3e-3].index(lr)))  # ties: the first swept wins
+    assert set(val) == {1e-5, 3e-3}
+    best_lr = max(val, key=lambda lr: (val[lr], -[1e-5, 3e-3].index(lr)))  # ties: the first swept wins
     assert m["best_lr"] == best_lr and m["val_accuracy"] == val[best_lr]
     assert m["optimizer_state_bytes_per_param"] == 8.0
+
+    # patch embedding, position embedding and CLS token bit-for-bit as loaded; all else moved
+    before, tuned = load_file(str(init)), load_file(m["weights"])
+    frozen = {"patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token"}
+    for name in before:
+        assert torch.equal(before[name], tuned[f"backbone.model.{name}"]) == (name in frozen), name
+    assert m["frozen_params"] == sum(before[n].numel() for n in frozen)
+
     # the winner's backbone is registered and loads back through the core as a models:/ URI
     from domainfm.backbones import load_backbone
 
     back = load_backbone("models:/sgdft-sweep@candidate")
-    tuned = load_file(m["weights"])
     for name, value in back.model.state_dict().items():
         assert torch.equal(value, tuned[f"backbone.model.{name}"]), name
 
