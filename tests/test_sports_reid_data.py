@@ -12,7 +12,7 @@ from PIL import Image
 
 from domainfm.errors import DomainFMError
 from plugins.sports_reid import datasets as D
-from plugins.sports_reid.evaluation import distance_matrix, plot_retrieval_grid, write_submission, RetrievalResult
+from plugins.sports_reid.evaluation import RetrievalResult, distance_matrix, plot_retrieval_grid, write_submission
 
 MAKE_DATA = Path(__file__).parent / "data" / "sports_reid" / "make_data.py"
 
