@@ -24,6 +24,7 @@ PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm"
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = PIL_SUFFIXES + TIFF_SUFFIXES
 SPLITS = ("train", "val", "test")
+PROGRESS_MIN_FILES = 2000  # splits this large get a progress bar while their headers are read
 STATS_MAX_FILES = 256  # per-band statistics of GeoTIFF data come from at most this many train files
 
 
@@ -102,14 +103,29 @@ def scan_split(root: Path, split: str, classes: Sequence[str] | None = None) -> 
             raise DomainFMError(f"classes {', '.join(unknown)} are not in train/", path=split_dir,
                                 fix="add those classes to train/ or remove them from " + split + "/")
     index = {c: i for i, c in enumerate(classes)}
-    files: list[ImageFile] = []
+    labelled: list[tuple[Path, int]] = []
     for folder in folders:
         images = sorted(p for p in folder.iterdir() if is_image(p))
         if not images:
             raise DomainFMError(f"class folder holds no images ({', '.join(IMAGE_SUFFIXES)})", path=folder,
                                 fix="add images to it or remove the folder")
-        files += [ImageFile(p, index[folder.name], read_channels(p)) for p in images]
-    return list(classes), files
+        labelled += [(p, index[folder.name]) for p in images]
+    return list(classes), [ImageFile(p, label, read_channels(p)) for p, label in _progress(labelled, split)]
+
+
+def _progress(items: list, split: str):
+    """A progress bar over the header checks of a large split (they read every file once)."""
+    if len(items) < PROGRESS_MIN_FILES:
+        return items
+    from rich.progress import track
+
+    return track(items, description=f"checking {split}/ images", transient=True, console=_stderr_console())
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def check_channels(files: Sequence[ImageFile], in_chans: int | None) -> int:
