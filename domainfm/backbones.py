@@ -258,17 +258,18 @@ def _backbone_class():
 
                 return self.model(mask_image_patches(x, keep_idx, self.mask_patch_size))
             m = self.model
-            tokens = m.patch_embed(x)  # [B, N, D] (flattened grid)
-            if tokens.ndim == 4:
-                tokens = tokens.flatten(1, 2)
-            B, N, D = tokens.shape
+            # [B, N, D], or [B, H, W, D] for models built with dynamic_img_size (their _pos_embed
+            # wants the grid to resize the position embedding)
+            tokens = m.patch_embed(x)
+            D = tokens.shape[-1]
             if mask_mode == "token":
-                keep = torch.zeros(B, N, dtype=torch.bool, device=tokens.device)
+                flat = tokens.reshape(tokens.shape[0], -1, D)
+                keep = torch.zeros(flat.shape[:2], dtype=torch.bool, device=flat.device)
                 keep.scatter_(1, keep_idx, True)
-                tokens = torch.where(keep.unsqueeze(-1), tokens, self.mask_token.to(tokens.dtype).expand(B, N, D))
-                tokens = m._pos_embed(tokens)
+                flat = torch.where(keep.unsqueeze(-1), flat, self.mask_token.to(flat.dtype).expand_as(flat))
+                tokens = m._pos_embed(flat.reshape(tokens.shape))
             else:
-                tokens = m._pos_embed(tokens)  # adds pos-embed and prepends prefix tokens
+                tokens = m._pos_embed(tokens)  # adds pos-embed, flattens, prepends prefix tokens
                 P = m.num_prefix_tokens
                 idx = keep_idx.unsqueeze(-1).expand(-1, -1, D)
                 tokens = torch.cat([tokens[:, :P], torch.gather(tokens[:, P:], 1, idx)], dim=1)

@@ -110,9 +110,10 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
 def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
     try:
         cfg, plugin = _resolve_config(ctx, command, params)
+        # checked before any MLflow run exists, so a mistyped command leaves no empty run
         if command == "evaluate" and not cfg.model:
-            # checked before any MLflow run exists, so a mistyped command leaves no empty run
             raise DomainFMError("evaluate needs --model", fix="pass a weights file or models:/NAME@ALIAS")
+        plugin.check(cfg)
         if command == "pretrain":
             from domainfm.tasks.pretrain import run_pretraining
 

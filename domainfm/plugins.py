@@ -52,6 +52,10 @@ class Plugin:
     def defaults(self, command: str) -> dict[str, Any]:
         return {}
 
+    def check(self, cfg: "RunConfig") -> None:
+        """Validate the run's input (raise DomainFMError) before any MLflow run or model exists.
+        Keep it cheap: headers and file lists, not full reads."""
+
     def pretrain_datamodule(self, cfg: "RunConfig"):
         raise DomainFMError(f"plugin {self.name!r} does not support pretrain")
 

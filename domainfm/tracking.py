@@ -187,8 +187,15 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
+def log_artifacts(local_dir: str | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifacts(str(local_dir), artifact_path)
+
+
 def log_backbone(backbone, *, artifact_path: str = "backbone", register: str | None = None,
-                 alias: str | None = None, input_size: int | None = None) -> str:
+                 alias: str | None = None, input_size: int | None = None,
+                 extra_meta: dict[str, str] | None = None) -> str:
     """Log the backbone as an MLflow PyTorch model (the timm module) with its safetensors export
     beside it; domainfm itself always reloads from the safetensors file (no unpickling)."""
     import mlflow
@@ -198,8 +205,10 @@ def log_backbone(backbone, *, artifact_path: str = "backbone", register: str | N
 
     size = input_size or backbone.img_size
     with tempfile.TemporaryDirectory() as tmp:
-        st = save_backbone(backbone, Path(tmp) / "backbone.safetensors")
-        example = torch.zeros(1, backbone.in_chans, size, size).numpy()
+        st = save_backbone(backbone, Path(tmp) / "backbone.safetensors", extra_meta=extra_meta)
+        # a batch of 2: MLflow exports the module (safe pt2 format) and a batch of 1 would fix
+        # the exported batch size to 1
+        example = torch.zeros(2, backbone.in_chans, size, size).numpy()
         model = backbone.model
         was_training = model.training
         model.eval()
@@ -274,10 +283,17 @@ def list_registered(name: str | None = None) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["name"], r["version"]))
 
 
-def plugin_run(cfg: "RunConfig", plugin, fn: Callable[["RunConfig"], dict[str, Any]]) -> dict[str, Any]:
+def plugin_run(cfg: "RunConfig", plugin, fn: Callable[["RunConfig"], dict[str, Any]]) -> dict[str, Any] | None:
     """Run a plugin's finetune/evaluate inside one MLflow run that records its config and metrics."""
     import mlflow
 
+    from domainfm.training import is_global_zero
+
+    if not is_global_zero():
+        # a worker that Lightning's DDP launcher started by re-running the command: rank 0 owns
+        # the MLflow run and the --json file
+        fn(cfg)
+        return None
     with start_run(cfg) as run:
         mlflow.set_tags({"domainfm.command": cfg.command, "domainfm.plugin": cfg.plugin})
         log_config(cfg)

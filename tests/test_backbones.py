@@ -149,3 +149,13 @@ def test_bad_weights_files(tmp_path):
         create_backbone(NAME, init=str(tmp_path / "r.pt"), img_size=56)
     with pytest.raises(DomainFMError, match="unknown backbone"):
         create_backbone("vit_nonexistent_patch99", init="random")
+
+
+@pytest.mark.parametrize("mask_mode", ["drop", "token"])
+def test_token_drop_on_dynamic_img_size_vit(mask_mode):
+    # models built with dynamic_img_size hand _pos_embed the [B, H, W, D] grid
+    b = create_backbone(NAME, init="random", img_size=28, depth=1, dynamic_img_size=True).eval()
+    x = torch.rand(2, 3, 28, 28)
+    keep = torch.tensor([[0, 2], [1, 3]])
+    assert b(x, keep, mask_mode).shape == (2, 384)
+    torch.testing.assert_close(b(x, torch.arange(4).expand(2, 4), mask_mode), b(x), atol=1e-5, rtol=1e-5)
