@@ -152,8 +152,8 @@ def train_one(cfg, dm, arm: Arm, lr: float, meter: MemoryMeter) -> tuple[dict[st
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience))
     overrides: dict[str, Any] = {}
     if cfg.val_every:
-        overrides.update(val_check_interval=min(cfg.val_every, len(dm.train_dataloader())),
-                         check_val_every_n_epoch=None if cfg.val_every < len(dm.train_dataloader()) else 1)
+        # counted in training steps across epoch boundaries (Lightning needs the epoch check off)
+        overrides.update(val_check_interval=cfg.val_every, check_val_every_n_epoch=None)
     run_id = mlflow.active_run().info.run_id
     ckpt_dir = Path(cfg.output_dir) / cfg.experiment_name / run_id / "checkpoints"
     trainer = build_trainer(cfg, callbacks=callbacks, ckpt_dir=ckpt_dir, **overrides)
@@ -250,7 +250,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
     table = Table(title="sgd-ft: three arms on the same budget")
     for col in ("arm", "lr", rows[0]["metric"], "trainable params", "frozen params", "optimizer state", "peak memory"):
-        table.add_column(col, justify="left" if col == "arm" else "right")
+        table.add_column(col, justify="left" if col == "arm" else "right", no_wrap=col == "arm")
     for r in rows:
         table.add_row(r["arm"], f"{r['lr']:g}", f"{r['value']:.4f}", f"{r['trainable_params']:,}",
                       f"{r['frozen_params']:,}", _human_bytes(r["optimizer_state_bytes"]),
