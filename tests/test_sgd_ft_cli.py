@@ -74,8 +74,8 @@ def test_sgd_frozen_embed_learns_and_leaves_the_stem_bit_for_bit_unchanged(tmp_p
     init = save_backbone(create_backbone("resnet18", in_chans=3, img_size=32, init="random"),
                          tmp_path / "init.safetensors")
     out = tmp_path / "metrics.json"
-    res = _invoke(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", "resnet18", "--weights",
-                   str(init), *TINY, "--max-steps", "24", "--val-every", "6", "--lr", "0.05",
+    # --backbone takes a weights file too: the architecture comes from its metadata
+    res = _invoke(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", str(init), *TINY, "--max-steps", "24", "--val-every", "6", "--lr", "0.05",
                    "--checkpoint-every", "6", "--no-measure-memory", "--json", str(out)])
     m = json.loads(out.read_text())
     # three balanced classes: chance is 1/3 on the 18 test images

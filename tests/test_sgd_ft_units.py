@@ -186,3 +186,22 @@ def test_plugin_is_registered_and_imports_without_torch():
             "assert not heavy, heavy")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_backbone_flag_may_name_weights(tmp_path):
+    from domainfm.backbones import save_backbone
+    from domainfm.config import RunConfig
+    from plugins.sgd_ft.run import weights_from_backbone_flag
+
+    plain = RunConfig(backbone="resnet18")
+    assert weights_from_backbone_flag(plain) is plain
+    uri = weights_from_backbone_flag(RunConfig(backbone="models:/eo@champion"))
+    assert uri.weights == "models:/eo@champion"
+    path = save_backbone(create_backbone("resnet18", in_chans=3, img_size=32, init="random"), tmp_path / "b.safetensors")
+    local = weights_from_backbone_flag(RunConfig(backbone=str(path)))
+    assert (local.backbone, local.weights) == ("resnet18", str(path))
+    torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pth")
+    with pytest.raises(DomainFMError, match="plain.pth: these weights do not say which architecture"):
+        weights_from_backbone_flag(RunConfig(backbone=str(tmp_path / "plain.pth")))
+    with pytest.raises(DomainFMError, match="both name weights"):
+        weights_from_backbone_flag(RunConfig(backbone=str(path), weights=str(path)))

@@ -53,6 +53,43 @@ def parse_lr_sweep(text: str | None) -> list[float]:
     return out
 
 
+# ---------------------------------------------------------------- backbone flag
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
+def weights_from_backbone_flag(cfg):
+    """``--backbone`` may name weights instead of an architecture (a ``models:/NAME@ALIAS`` URI or a
+    local weights file): then it is read as ``--weights``, and the architecture comes from the
+    weights' own metadata (domainfm exports and registered models carry it)."""
+    spec = str(cfg.backbone)
+    if not (spec.startswith("models:/") or spec.endswith(WEIGHT_SUFFIXES)):
+        return cfg
+    if cfg.weights:
+        raise DomainFMError(f"--backbone {spec} and --weights {cfg.weights} both name weights",
+                            fix="give the weights once, and the architecture name to --backbone")
+    if spec.startswith("models:/"):
+        # the architecture is read from the registered backbone's metadata when it is downloaded
+        return cfg.replace(weights=spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise DomainFMError("weights file not found", path=path,
+                            fix="give --backbone an existing file, a models:/ URI or a timm name")
+    name = None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                name = (f.metadata() or {}).get("domainfm_name")
+        except Exception:
+            name = None
+    if not name:
+        raise DomainFMError("these weights do not say which architecture they belong to", path=path,
+                            fix="pass the architecture to --backbone and the file to --weights")
+    return cfg.replace(backbone=name, weights=spec)
+
+
 # ---------------------------------------------------------------- data
 
 def _rgb_stats(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -341,6 +378,7 @@ def finetune(cfg) -> dict[str, Any]:
     if cfg.layer_decay is not None:
         raise DomainFMError("sgd-ft does not use layer-wise learning-rate decay (the paper's recipe has none)",
                             fix="drop --layer-decay")
+    cfg = weights_from_backbone_flag(cfg)
     lrs = parse_lr_sweep(cfg.lr_sweep)
     dm = build_datamodule(cfg)
     meter = MemoryMeter(cfg, dm, planned=COMPARE_ARMS if cfg.compare else ())
