@@ -205,3 +205,23 @@ def test_backbone_flag_may_name_weights(tmp_path):
         weights_from_backbone_flag(RunConfig(backbone=str(tmp_path / "plain.pth")))
     with pytest.raises(DomainFMError, match="both name weights"):
         weights_from_backbone_flag(RunConfig(backbone=str(path), weights=str(path)))
+
+
+def test_geotiff_nodata_is_left_out_of_statistics_and_becomes_zero(tmp_path):
+    import rasterio
+    from rasterio.transform import from_origin
+
+    folder = tmp_path / "d" / "train" / "a"
+    folder.mkdir(parents=True)
+    data = np.array([[[1, 2], [3, 0]], [[10, 20], [30, 0]]], np.uint16)  # 0 = nodata
+    profile = dict(driver="GTiff", height=2, width=2, count=2, dtype="uint16", nodata=0, crs="EPSG:32633",
+                   transform=from_origin(0, 0, 10, 10))
+    with rasterio.open(folder / "x.tif", "w", **profile) as dst:
+        dst.write(data)
+    classes, files = scan_split(tmp_path / "d", "train")
+    mean, std = band_statistics(files)
+    np.testing.assert_allclose(mean, [2.0, 20.0])
+    np.testing.assert_allclose(std, [np.std([1, 2, 3]), np.std([10, 20, 30])], rtol=1e-6)
+    image = ImageFolderClassification(files, classes, img_size=2, mean=mean, std=std)[0]["image"]
+    assert image[0, 1, 1] == 0 and image[1, 1, 1] == 0
+    np.testing.assert_allclose(image[0, 0, 0], (1 - 2.0) / std[0], rtol=1e-6)

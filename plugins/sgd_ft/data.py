@@ -63,13 +63,15 @@ def read_channels(path: Path) -> int:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """float32 [C, H, W]: RGB in 0..1 for Pillow formats, raw band values for GeoTIFFs."""
+    """float32 [C, H, W]: RGB in 0..1 for Pillow formats, raw band values for GeoTIFFs (NaN where
+    the file declares nodata)."""
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             import rasterio
 
             with rasterio.open(path) as src:
-                return src.read().astype(np.float32)
+                data = src.read(masked=True)  # the file's nodata value (if any) becomes a mask
+            return np.ma.filled(data.astype(np.float32), np.nan)
         from PIL import Image
 
         with Image.open(path) as im:
@@ -142,16 +144,20 @@ def check_channels(files: Sequence[ImageFile], in_chans: int | None) -> int:
 
 
 def band_statistics(files: Sequence[ImageFile]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-band mean and std over every pixel of (at most STATS_MAX_FILES, evenly spaced) files."""
+    """Per-band mean and std over every valid (not nodata) pixel of (at most STATS_MAX_FILES,
+    evenly spaced) files."""
     step = max(1, len(files) // STATS_MAX_FILES)
     chosen = list(files)[::step][:STATS_MAX_FILES]
     total = sq = None
     count = 0
     for f in chosen:
         x = read_image(f.path).astype(np.float64).reshape(f.channels, -1)
+        valid = ~np.isnan(x)
+        x = np.where(valid, x, 0.0)
         total = x.sum(1) if total is None else total + x.sum(1)
         sq = (x ** 2).sum(1) if sq is None else sq + (x ** 2).sum(1)
-        count += x.shape[1]
+        count = valid.sum(1) + count
+    count = np.maximum(count, 1)
     mean = total / count
     std = np.sqrt(np.maximum(sq / count - mean ** 2, 0.0))
     return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
@@ -159,8 +165,9 @@ def band_statistics(files: Sequence[ImageFile]) -> tuple[np.ndarray, np.ndarray]
 
 class ImageFolderClassification:
     """One split of an ImageFolder dataset. ``dataset[i]`` is ``{"image": float32 [C, S, S],
-    "label": int}``: resized to ``img_size`` (bilinear, antialiased), normalised by ``mean``/``std``
-    per band, flipped left-right at random when ``augment``."""
+    "label": int}``: nodata pixels set to the band mean, resized to ``img_size`` (bilinear,
+    antialiased), normalised by ``mean``/``std`` per band, flipped left-right at random when
+    ``augment``."""
 
     def __init__(self, files: Sequence[ImageFile], classes: Sequence[str], *, img_size: int,
                  mean: Sequence[float], std: Sequence[float], augment: bool = False) -> None:
@@ -185,6 +192,8 @@ class ImageFolderClassification:
         if image.shape[0] != self._mean.shape[0]:
             raise DomainFMError(f"has {image.shape[0]} bands, expected {self._mean.shape[0]}", path=f.path,
                                 fix="give every image of the dataset the same bands")
+        # nodata pixels take the band mean (0 once normalised), before resizing can spread them
+        image = torch.where(torch.isnan(image), self._mean, image)
         if tuple(image.shape[1:]) != (self.img_size, self.img_size):
             image = F.interpolate(image[None], size=(self.img_size, self.img_size), mode="bilinear",
                                   align_corners=False, antialias=True)[0]
