@@ -197,7 +197,12 @@ def train_one(cfg, dm, arm: Arm, lr: float, meter: MemoryMeter) -> tuple[dict[st
     cuda = torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
-    trainer.fit(task, datamodule=dm)
+    import warnings
+
+    with warnings.catch_warnings():
+        # the frozen stem's BatchNorm is in eval mode on purpose (see model.Classifier.train)
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+        trainer.fit(task, datamodule=dm)
     if keep.best is None:  # training stopped before any validation: validate the final weights
         trainer.validate(task, datamodule=dm, verbose=False)
         keep.on_validation_end(trainer, task)
