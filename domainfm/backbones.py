@@ -228,15 +228,19 @@ def _backbone_class():
                 ps = model.patch_embed.patch_size
                 self.patch_size = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
                 self.grid_size = tuple(model.patch_embed.grid_size)
-                # not part of the timm model: kept out of exported weights
-                self.mask_token = nn.Parameter(torch.zeros(1, 1, model.embed_dim))
             else:
                 self.patch_size = None
                 self.grid_size = None
-                self.mask_token = None
+            # only masked pretraining with mask_mode="token" needs one (add_mask_token); it is not
+            # part of the timm model and stays out of exported weights
+            self.mask_token = None
             from timm.data import resolve_data_config
 
             self.data_config = resolve_data_config({}, model=model)
+
+        def add_mask_token(self) -> None:
+            if self.is_vit and self.mask_token is None:
+                self.mask_token = nn.Parameter(torch.zeros(1, 1, self.model.embed_dim))
 
         @property
         def num_patches(self) -> int:
@@ -263,6 +267,9 @@ def _backbone_class():
             tokens = m.patch_embed(x)
             D = tokens.shape[-1]
             if mask_mode == "token":
+                if self.mask_token is None:
+                    raise DomainFMError("mask_mode='token' needs the backbone's mask token",
+                                        fix="call add_mask_token() before training")
                 flat = tokens.reshape(tokens.shape[0], -1, D)
                 keep = torch.zeros(flat.shape[:2], dtype=torch.bool, device=flat.device)
                 keep.scatter_(1, keep_idx, True)
@@ -310,7 +317,13 @@ def backbone_type():
 
 
 def embedding_parameter_names(model, *, with_pos_embed: bool = False) -> list[str]:
-    """Parameters of the modules registered before the model's first feature stage."""
+    """Parameters of the modules registered before the model's first feature stage that see
+    pixels. A ViT's token-level modules before its blocks (CLIP's pre-norm) are not the embedding."""
+    if hasattr(model, "patch_embed") and hasattr(model, "blocks"):
+        names = [f"patch_embed.{n}" for n, _ in model.patch_embed.named_parameters()]
+        if with_pos_embed:
+            names += [n for n, _ in model.named_parameters(recurse=False) if n in ("pos_embed", "cls_token", "reg_token")]
+        return names
     feature_info = getattr(model, "feature_info", None) or []
     stage_roots = []
     for info in feature_info:

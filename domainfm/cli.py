@@ -7,6 +7,7 @@ one line on stderr with exit status 2.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -38,6 +39,11 @@ class PluginCommand(click.Command):
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # start from the core flags each time: one process may run several commands (tests,
+        # notebooks) and a plugin's flags or defaults must not leak into the next
+        if not hasattr(self, "_core_params"):
+            self._core_params = list(self.params)
+        self.params = list(self._core_params)
         name = _peek_plugin(args)
         ctx.meta["plugin_name"] = name
         if name:
@@ -48,8 +54,16 @@ class PluginCommand(click.Command):
             except DomainFMError as e:
                 _fail(e)
             ctx.meta["plugin"] = plugin
-            existing = {p.name for p in self.params}
-            self.params = list(self.params) + [o for o in plugin.options(self.name) if o.name not in existing]
+            # --help shows the plugin's own defaults (copies: the core's options are shared)
+            overrides = plugin.defaults(self.name)
+            params = []
+            for p in self.params:
+                if p.name in overrides:
+                    p = copy.copy(p)
+                    p.default = overrides[p.name]
+                params.append(p)
+            existing = {p.name for p in params}
+            self.params = params + [o for o in plugin.options(self.name) if o.name not in existing]
         return super().parse_args(ctx, args)
 
 

@@ -128,6 +128,9 @@ def test_embedding_parameters_found_from_structure():
     assert res.embedding_parameters() == ["conv1.weight", "bn1.weight", "bn1.bias"]
     cnx = create_backbone("convnext_atto", init="random")
     assert cnx.embedding_parameters() and all(n.startswith("stem.") for n in cnx.embedding_parameters())
+    # CLIP's pre-norm works on tokens, not pixels: not part of the embedding
+    clip = create_backbone("vit_base_patch16_clip_224", init="random", img_size=32, depth=1)
+    assert clip.embedding_parameters() == ["patch_embed.proj.weight"]
 
 
 def test_offline_dinov2_fails_fast_naming_weights():
@@ -155,6 +158,7 @@ def test_bad_weights_files(tmp_path):
 def test_token_drop_on_dynamic_img_size_vit(mask_mode):
     # models built with dynamic_img_size hand _pos_embed the [B, H, W, D] grid
     b = create_backbone(NAME, init="random", img_size=28, depth=1, dynamic_img_size=True).eval()
+    b.add_mask_token()
     x = torch.rand(2, 3, 28, 28)
     keep = torch.tensor([[0, 2], [1, 3]])
     assert b(x, keep, mask_mode).shape == (2, 384)

@@ -75,3 +75,18 @@ def test_bad_config_file_is_one_line(tmp_path, toy_env):
     path.write_text("lr: [unclosed\n")
     r = run_cli(["pretrain", "--plugin", "toy", "--config", str(path)], env=toy_env)
     assert r.returncode == 2 and "not valid YAML" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_plugin_defaults_show_in_help_and_do_not_leak():
+    from click.testing import CliRunner
+
+    from domainfm.cli import main
+
+    runner = CliRunner()
+    sgd = runner.invoke(main, ["finetune", "--plugin", "sgd-ft", "--help"])
+    assert sgd.exit_code == 0 and "--optimizer" in sgd.output
+    assert "[default: 0.001]" in sgd.output  # sgd-ft's own --lr default, not the core's 5e-4
+    # the next command in the same process sees neither sgd-ft's flags nor its defaults
+    reid = runner.invoke(main, ["finetune", "--plugin", "sports-reid", "--help"])
+    assert reid.exit_code == 0 and "--optimizer" not in reid.output
+    assert "[default: 0.001]" not in reid.output

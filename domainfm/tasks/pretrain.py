@@ -73,9 +73,8 @@ class ContinualPretrainingTask(L.LightningModule):
                                             in_chans=self.in_chans)
         hidden = min(2048, 4 * backbone.embed_dim)
         self.student = Encoder(backbone, Projector(backbone.embed_dim, self.cfg["proj_dim"], hidden))
-        if backbone.mask_token is not None:
-            # only trained when masked tokens are replaced; DDP rejects parameters without gradients
-            backbone.mask_token.requires_grad_(self.cfg["mask_mode"] == "token")
+        if self.cfg["mask_mode"] == "token":
+            backbone.add_mask_token()
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)

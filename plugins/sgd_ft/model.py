@@ -23,10 +23,6 @@ class Classifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, num_outputs: int) -> None:
         super().__init__()
-        if getattr(backbone, "mask_token", None) is not None:
-            # the core's mask token serves masked pretraining only; fine-tuning never feeds it,
-            # and an unused "trainable" parameter would skew the parameter and state counts
-            backbone.mask_token = None
         self.backbone = backbone
         self.head = nn.Linear(backbone.embed_dim, num_outputs)
         nn.init.trunc_normal_(self.head.weight, std=0.01)  # small, as timm's heads: the first
