@@ -14,6 +14,9 @@ Where weights come from (``init``):
     Lightning checkpoint of domainfm, or a domainfm export); ``.pth``/``.pt`` load with
     ``weights_only=True``.
   - ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: a backbone logged by domainfm to MLflow.
+  - ``torchgeo:ENUM.MEMBER``: a torchgeo weights enum, e.g.
+    ``torchgeo:ViTSmall14_DINOv2_Weights.SENTINEL2_ALL_SOFTCON`` (SoftCon's published Sentinel-2
+    ViT-S/14) as the starting point; read from torch's hub cache, downloaded only when reachable.
   - ``"random"``: timm's initialisation (tests, ablations).
 """
 
@@ -143,11 +146,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, "torch.Tensor"], dict[s
 def _hub_reachable(timeout: float = 2.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    try:
-        with socket.create_connection(HUB_HOST, timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return _reachable(HUB_HOST[0], timeout)
 
 
 def pretrained_weights_file(name: str) -> Path:
@@ -179,6 +178,52 @@ def pretrained_weights_file(name: str) -> Path:
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(hub_id, filename))
+
+
+TORCHGEO_PREFIX = "torchgeo:"
+
+
+def torchgeo_weights(spec: str):
+    """The torchgeo weights enum member named by ``torchgeo:ENUM.MEMBER``."""
+    import torchgeo.models
+
+    ref = spec[len(TORCHGEO_PREFIX):]
+    enum_name, _, member = ref.partition(".")
+    enum = getattr(torchgeo.models, enum_name, None)
+    if enum is None or member not in getattr(enum, "__members__", {}):
+        known = [f"{n}.{m}" for n in dir(torchgeo.models) if n.endswith("_Weights")
+                 for m in getattr(getattr(torchgeo.models, n), "__members__", {})]
+        dinov2 = [k for k in known if "DINOv2" in k] or known[:5]
+        raise DomainFMError(f"unknown torchgeo weights {ref!r}",
+                            fix=f"use torchgeo:<Enum>.<Member>, e.g. {', '.join('torchgeo:' + k for k in dinov2)}")
+    return enum[member]
+
+
+def torchgeo_weights_file(weights) -> Path:
+    """torchgeo's checkpoint in torch's hub cache (where torchgeo itself keeps it), fetched only
+    when the host answers: offline with nothing cached fails at once, naming --weights."""
+    import torch
+    from urllib.parse import urlparse
+
+    url = weights.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if cached.is_file():
+        return cached
+    host = urlparse(url).hostname or ""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or not _reachable(host):
+        raise DomainFMError(f"torchgeo weights {weights} are not in {cached.parent} and {host} cannot be reached "
+                            "(offline)", fix=f"download {url} there, or pass --weights PATH to a local file")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(cached), progress=True)
+    return cached
+
+
+def _reachable(host: str, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _download_registered(uri: str) -> Path:
@@ -430,6 +475,14 @@ def create_backbone(name: str, *, in_chans: int = 3, img_size: int = 224, init: 
         path = pretrained_weights_file(name if "." in name else _default_tag(name, init))
         sd, _ = read_state_dict(path)
         load_adapted(model, sd, patch_embed_init=patch_embed_init, source=f"pretrained weights {path}")
+    elif init.startswith(TORCHGEO_PREFIX):
+        weights = torchgeo_weights(init)
+        arch = weights.meta.get("model")
+        if arch and arch != name.split(".")[0]:
+            raise DomainFMError(f"{init} holds weights for {arch}, not {name}", fix=f"pass --backbone {arch}")
+        path = torchgeo_weights_file(weights)
+        sd, _ = read_state_dict(path)
+        load_adapted(model, sd, patch_embed_init=patch_embed_init, source=f"torchgeo weights {init}")
     else:
         path = _download_registered(init) if init.startswith("models:/") else Path(init)
         sd, _ = read_state_dict(path)

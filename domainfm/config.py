@@ -33,7 +33,8 @@ class RunConfig:
     # backbone
     backbone: str = _opt("vit_small_patch14_dinov2", "timm architecture name (DINOv2, CLIP, ResNet...).", _TRAIN)
     init: str = _opt("dinov2", "Starting weights: dinov2 or pretrained (timm's weights for the name, "
-                     "from the Hugging Face cache), or random.", _TRAIN)
+                     "from the Hugging Face cache), torchgeo:ENUM.MEMBER (e.g. torchgeo:ViTSmall14_DINOv2_"
+                     "Weights.SENTINEL2_ALL_SOFTCON), or random.", _TRAIN)
     weights: str | None = _opt(None, "Local weights (.safetensors/.pth/.pt) or models:/NAME@ALIAS; overrides --init.", _TRAIN)
     patch_embed_init: str = _opt("repeat", "How RGB patch-embedding weights become N bands: repeat, mean or random.", _TRAIN,
                                  type_choice=("repeat", "mean", "random"))

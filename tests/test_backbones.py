@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import timm
@@ -163,3 +164,33 @@ def test_token_drop_on_dynamic_img_size_vit(mask_mode):
     keep = torch.tensor([[0, 2], [1, 3]])
     assert b(x, keep, mask_mode).shape == (2, 384)
     torch.testing.assert_close(b(x, torch.arange(4).expand(2, 4), mask_mode), b(x), atol=1e-5, rtol=1e-5)
+
+
+SOFTCON = "torchgeo:ViTSmall14_DINOv2_Weights.SENTINEL2_ALL_SOFTCON"
+
+
+def test_torchgeo_softcon_weights_from_the_hub_cache(tmp_path, monkeypatch, dinov2_518):
+    # torchgeo keeps its checkpoints in torch's hub cache; put one there under the name it expects
+    from urllib.parse import urlparse
+
+    from domainfm.backbones import torchgeo_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchgeo_weights(SOFTCON)
+    assert weights.meta["in_chans"] == 13 and weights.meta["model"] == NAME
+    t0 = time.perf_counter()
+    with pytest.raises(DomainFMError, match="--weights"):
+        create_backbone(NAME, in_chans=13, img_size=56, init=SOFTCON, depth=2)
+    assert time.perf_counter() - t0 < 10
+    sd = dict(dinov2_518.state_dict())
+    sd["patch_embed.proj.weight"] = torch.randn(384, 13, 14, 14)  # SoftCon's 13-band embedding
+    ckpt = tmp_path / "hub" / "checkpoints" / Path(urlparse(weights.url).path).name
+    ckpt.parent.mkdir(parents=True)
+    torch.save(sd, ckpt)
+    b = create_backbone(NAME, in_chans=13, img_size=56, init=SOFTCON, depth=2)
+    assert torch.equal(b.model.patch_embed.proj.weight, sd["patch_embed.proj.weight"])
+    assert torch.equal(b.model.blocks[1].attn.proj.weight, dinov2_518.blocks[1].attn.proj.weight)
+    with pytest.raises(DomainFMError, match="--backbone vit_small_patch14_dinov2"):
+        create_backbone("vit_base_patch14_dinov2", init=SOFTCON)
+    with pytest.raises(DomainFMError, match="unknown torchgeo weights"):
+        create_backbone(NAME, init="torchgeo:ViTSmall14_DINOv2_Weights.NOPE")
