@@ -19,6 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 DOMAINFM = Path(sys.executable).with_name("domainfm")
 
 
+def load_make_data(name: str):
+    """The checked-in generator ``tests/data/<name>/make_data.py`` as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_make_data", REPO / "tests" / "data" / name / "make_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A fresh sqlite MLflow store under tmp_path, and tmp_path as the working folder."""

@@ -4,7 +4,6 @@ reruns, failures and bf16 behave; the CLAM/TRIDENT HDF5 layout is what h5py read
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import h5py
@@ -14,21 +13,14 @@ import torch
 from click.testing import CliRunner
 
 from plugins.histo.cli import embed_command, tile_command
+from conftest import load_make_data
 
-HERE = Path(__file__).parent
 COMMON = ["--mpp", "2", "--tile-size", "32", "--batch-size", "8"]
-
-
-def load_make_data():
-    spec = importlib.util.spec_from_file_location("histo_make_data", HERE / "data" / "histo" / "make_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
-    return load_make_data().make_slides(tmp_path_factory.mktemp("histo_embed_slides"))
+    return load_make_data("histo").make_slides(tmp_path_factory.mktemp("histo_embed_slides"))
 
 
 @pytest.fixture(autouse=True, scope="module")

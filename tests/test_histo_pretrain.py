@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,21 +13,14 @@ from conftest import run_cli
 from plugins.histo import slides as S
 from plugins.histo.pretrain import HistoPretrainDataModule, read_tile_labels
 from plugins.histo.tissue import tile_tissue_fractions
+from conftest import load_make_data
 
-HERE = Path(__file__).parent
-
-
-def load_make_data():
-    spec = importlib.util.spec_from_file_location("histo_make_data", HERE / "data" / "histo" / "make_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def slide_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("histo_pretrain")
-    md = load_make_data()
+    md = load_make_data("histo")
     (root / "slides").mkdir()
     md.write_aperio_svs(root / "slides" / "a40x.svs")
     md.write_generic_tiff(root / "slides" / "b20x.tif")

@@ -6,7 +6,6 @@ Slides are real files written by tests/data/histo/make_data.py and read back by 
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import h5py
@@ -19,20 +18,13 @@ from plugins.histo import slides as S
 from plugins.histo import tiling as T
 from plugins.histo import tissue as TI
 from plugins.histo.cli import tile_command
+from conftest import load_make_data
 
-HERE = Path(__file__).parent
-
-
-def load_make_data():
-    spec = importlib.util.spec_from_file_location("histo_make_data", HERE / "data" / "histo" / "make_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
-    return load_make_data().make_slides(tmp_path_factory.mktemp("histo_slides"))
+    return load_make_data("histo").make_slides(tmp_path_factory.mktemp("histo_slides"))
 
 
 # ---------------------------------------------------------------- pure functions
@@ -59,7 +51,7 @@ def test_otsu_matches_exhaustive_search_of_within_class_variance():
 
 
 def test_tissue_mask_finds_the_drawn_blobs():
-    md = load_make_data()
+    md = load_make_data("histo")
     w, h = 400, 300
     img = md.tissue_image(w, h, seed=1)
     yy, xx = np.mgrid[0:h, 0:w]

@@ -7,7 +7,6 @@ slides: the ensemble must find it (external AUC >= 0.9) and look at it (top-atte
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,21 +21,14 @@ from pipelines.slide_biomarker import command
 from plugins.histo import cohort as C
 from plugins.histo.evaluation import auc_ci
 from plugins.histo.mil import Chowder, GatedAttentionMIL, MeanPoolMIL
+from conftest import load_make_data
 
-HERE = Path(__file__).parent
-
-
-def load_make_data():
-    spec = importlib.util.spec_from_file_location("histo_make_data", HERE / "data" / "histo" / "make_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def cohort_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("histo_cohort")
-    load_make_data().make_feature_cohort(root, n_slides=36, n_external=20, dim=16, tiles=(30, 50))
+    load_make_data("histo").make_feature_cohort(root, n_slides=36, n_external=20, dim=16, tiles=(30, 50))
     return root
 
 
@@ -236,7 +228,7 @@ def test_pipeline_from_whole_slides_chains_tile_embed_and_draws_heatmaps(tmp_pat
     """Slides in, registered model out: tiles embedded by the plugin, heatmaps over the real thumbnails."""
     from domainfm.backbones import create_backbone, save_backbone
 
-    md = load_make_data()
+    md = load_make_data("histo")
     rows = []
     for cohort, n in (("train", 8), ("ext", 4)):
         (tmp_path / cohort).mkdir()
