@@ -73,6 +73,7 @@ class RunConfig:
     # outputs
     output_dir: str = _opt("outputs", "Checkpoints and exported weights go under OUTPUT_DIR/<experiment>/.", _TRAIN)
     checkpoint_every: int = _opt(50, "Save a checkpoint every N steps.", _TRAIN)
+    keep_checkpoints: int = _opt(3, "Step checkpoints kept (newest first; last.ckpt always); -1 keeps all.", _TRAIN)
     resume: bool = _opt(False, "Continue from the last checkpoint, in the same MLflow run.", _TRAIN, is_flag=True)
     register: str | None = _opt(None, "Register the resulting model under this name in the MLflow registry.", _TRAIN)
     alias: str = _opt("candidate", "Registry alias given to the registered version.", _TRAIN)

@@ -101,6 +101,29 @@ def last_checkpoint(directory: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def _recent_checkpoints_class():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class RecentCheckpoints(ModelCheckpoint):
+        """Every-N-steps checkpoints, of which only the newest ``keep`` stay on disk: a ViT-B
+        checkpoint with its optimizer state is over a gigabyte, and without a metric to rank
+        them Lightning would keep them all."""
+
+        def __init__(self, *, keep: int, **kwargs):
+            super().__init__(**kwargs)
+            self.keep = keep
+
+        def _save_checkpoint(self, trainer, filepath: str) -> None:
+            super()._save_checkpoint(trainer, filepath)
+            if self.keep < 0 or not trainer.is_global_zero or self.dirpath is None:
+                return
+            steps = sorted(Path(self.dirpath).glob("step*.ckpt"), key=lambda p: p.name)
+            for old in steps[:max(0, len(steps) - self.keep)]:
+                old.unlink(missing_ok=True)
+
+    return RecentCheckpoints
+
+
 def build_trainer(cfg: "RunConfig", *, callbacks: Iterable[Any] = (), ckpt_dir: str | Path | None = None,
                   logger: Any = True, run_id: str | None = None, **overrides: Any):
     """A Lightning Trainer for ``cfg``; ``logger=True`` binds Lightning's MLFlowLogger to ``run_id``
@@ -112,8 +135,9 @@ def build_trainer(cfg: "RunConfig", *, callbacks: Iterable[Any] = (), ckpt_dir: 
 
     cbs = list(callbacks)
     if ckpt_dir is not None and cfg.checkpoint_every > 0:
-        cbs.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}", auto_insert_metric_name=False,
-                                   every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=-1))
+        cbs.append(_recent_checkpoints_class()(
+            keep=cfg.keep_checkpoints, dirpath=str(ckpt_dir), filename="step{step:06d}",
+            auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=-1))
     if logger is True:
         if run_id is None:
             import mlflow

@@ -51,10 +51,12 @@ def test_pretrain_logs_checkpoints_registers_and_resumes(tmp_path, toy_env):
 
     # --resume continues the same MLflow run from the last checkpoint
     r = run_cli(["pretrain", "--plugin", "toy", *TINY, "--max-steps", "6", "--checkpoint-every", "2", "--resume",
-                 "--json", str(out)], cwd=tmp_path, env=toy_env)
+                 "--keep-checkpoints", "2", "--json", str(out)], cwd=tmp_path, env=toy_env)
     assert r.returncode == 0, r.stderr[-3000:]
     second = json.loads(out.read_text())
     assert second["mlflow_run_id"] == run_id and second["global_step"] == 6
+    # only the newest two step checkpoints stay on disk, and last.ckpt
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step000004.ckpt", "step000006.ckpt"]
     steps = [m.step for m in client.get_metric_history(run_id, "loss/total")]
     assert max(steps) == 5 and len(set(steps)) == 6
 
