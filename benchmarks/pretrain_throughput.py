@@ -11,7 +11,6 @@ Targets: domainfm / bare >= 0.95 (the Lightning task adds no real overhead).
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch

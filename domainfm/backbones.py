@@ -22,6 +22,7 @@ Where weights come from (``init``):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
@@ -144,7 +145,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, "torch.Tensor"], dict[s
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if _offline():
         return False
     return _reachable(HUB_HOST[0], timeout)
 
@@ -210,12 +211,17 @@ def torchgeo_weights_file(weights) -> Path:
     if cached.is_file():
         return cached
     host = urlparse(url).hostname or ""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or not _reachable(host):
+    if _offline() or not _reachable(host):
         raise DomainFMError(f"torchgeo weights {weights} are not in {cached.parent} and {host} cannot be reached "
                             "(offline)", fix=f"download {url} there, or pass --weights PATH to a local file")
     cached.parent.mkdir(parents=True, exist_ok=True)
     torch.hub.download_url_to_file(url, str(cached), progress=True)
     return cached
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE=1 also keeps us from trying any other host."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 def _reachable(host: str, timeout: float = 2.0) -> bool:
@@ -247,6 +253,7 @@ def _download_registered(uri: str) -> Path:
 
 # ---------------------------------------------------------------- the module
 
+@functools.cache
 def _backbone_class():
     import torch
     from torch import nn
@@ -343,22 +350,8 @@ def _backbone_class():
     return Backbone
 
 
-_BACKBONE_CLS = None
-
-
-def Backbone(*args, **kwargs):  # noqa: N802 - a class factory that keeps torch out of import time
-    global _BACKBONE_CLS
-    if _BACKBONE_CLS is None:
-        _BACKBONE_CLS = _backbone_class()
-    return _BACKBONE_CLS(*args, **kwargs)
-
-
-def backbone_type():
-    """The Backbone class itself (for isinstance checks)."""
-    global _BACKBONE_CLS
-    if _BACKBONE_CLS is None:
-        _BACKBONE_CLS = _backbone_class()
-    return _BACKBONE_CLS
+def Backbone(*args, **kwargs):  # noqa: N802 - builds the class on first use: no torch at import time
+    return _backbone_class()(*args, **kwargs)
 
 
 def embedding_parameter_names(model, *, with_pos_embed: bool = False) -> list[str]:

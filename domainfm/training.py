@@ -129,7 +129,6 @@ def build_trainer(cfg: "RunConfig", *, callbacks: Iterable[Any] = (), ckpt_dir: 
     """A Lightning Trainer for ``cfg``; ``logger=True`` binds Lightning's MLFlowLogger to ``run_id``
     (or to the active MLflow run)."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from domainfm import tracking
 

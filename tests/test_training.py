@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
-import torch
 
 from domainfm.backbones import create_backbone
 from domainfm.training import ema_momentum, param_groups, warmup_cosine, warmup_poly
