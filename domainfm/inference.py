@@ -1,0 +1,244 @@
+"""Frozen-feature inference helpers: token merging for timm ViTs.
+
+Token Merging (ToMe; Bolya, Fu, Dai, Zhang, Feichtenhofer & Hoffman, "Token Merging: Your ViT But
+Faster", ICLR 2023): between the attention and the MLP of every block, the ``r`` most similar
+pairs of patch tokens are merged by *bipartite soft matching* (the tokens are split alternately
+into sets A and B; each A token's most similar B token, by cosine similarity of the attention keys
+averaged over heads, is its candidate; the ``r`` best candidate edges are merged by a size-weighted
+average). Each token remembers how many patches it stands for (its *size* s), and attention adds
+``log s`` to the logits of that key (*proportional attention*), so a merged token weighs as much as
+the tokens it replaced. The CLS and register tokens (timm's ``num_prefix_tokens``) are never merged.
+
+Implemented on timm's own modules: each ``timm.models.vision_transformer.Block`` gets a small
+``forward`` that calls the block's own ``norm1``/``attn``/``ls1``/``norm2``/``mlp``/``ls2`` (the
+size bias goes in through timm's ``attn_mask`` argument; the keys are read by a forward hook on
+``attn.qkv``). :func:`apply_token_merging` patches a model and returns a handle that undoes it
+(``.remove()``, or use it as a context manager).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from domainfm.errors import DomainFMError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+
+# ---------------------------------------------------------------- pure pieces
+
+def merged_token_counts(num_patches: int, r: int, depth: int) -> list[int]:
+    """Patch tokens (prefix tokens not counted) entering each of ``depth`` blocks, and leaving the
+    last: ``depth + 1`` numbers. Each block merges ``min(r, n // 2)`` of its ``n`` patch tokens
+    (set B has ``n // 2`` tokens; ToMe's clamp)."""
+    counts = [int(num_patches)]
+    for _ in range(depth):
+        n = counts[-1]
+        counts.append(n - min(r, n // 2))
+    return counts
+
+
+def bipartite_soft_matching(metric: "torch.Tensor", r: int, num_protected: int) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    """ToMe's matching of ``r`` token pairs; returns ``merge(x)`` that sums merged rows.
+
+    ``metric``: [B, N, C] (the keys); the first ``num_protected`` tokens are kept as they are.
+    The other tokens alternate between A (even positions) and B (odd positions). ``merge(x)``:
+    [B, N, D] -> [B, N - r, D], ordered [protected, unmerged A tokens, B tokens]; each B row is
+    the *sum* of itself and the A rows merged into it (divide by summed sizes for an average).
+    """
+    import torch
+
+    P = num_protected
+    n = metric.shape[1] - P
+    r = min(r, n // 2)
+    if r <= 0:
+        return lambda x: x
+    with torch.no_grad():
+        m = metric[:, P:].float()
+        m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        a, b = m[:, ::2], m[:, 1::2]
+        scores = a @ b.transpose(-1, -2)                       # [B, |A|, |B|]
+        best, best_dst = scores.max(dim=-1)                    # each A token's closest B token
+        order = best.argsort(dim=-1, descending=True)[..., None]
+        src_idx = order[:, :r]                                 # A tokens merged away
+        unm_idx = order[:, r:]                                 # A tokens kept
+        dst_idx = best_dst[..., None].gather(1, src_idx)       # the B tokens they join
+
+    def merge(x: "torch.Tensor") -> "torch.Tensor":
+        prefix, rest = x[:, :P], x[:, P:]
+        src, dst = rest[:, ::2], rest[:, 1::2]
+        B, _, D = src.shape
+        unm = src.gather(1, unm_idx.expand(B, unm_idx.shape[1], D))
+        moved = src.gather(1, src_idx.expand(B, r, D))
+        dst = dst.scatter_reduce(1, dst_idx.expand(B, r, D), moved, reduce="sum")
+        return torch.cat([prefix, unm, dst], dim=1)
+
+    return merge
+
+
+def merge_weighted(merge: Callable, x: "torch.Tensor", size: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Size-weighted average of merged tokens: ``x`` [B, N, D], ``size`` [B, N, 1] -> merged both."""
+    x = merge(x * size)
+    size = merge(size)
+    return x / size, size
+
+
+# ---------------------------------------------------------------- patching timm blocks
+
+@dataclass
+class _ToMeState:
+    r: int
+    num_prefix: int
+    prop_attn: bool = True
+    size: Any = None          # [B, N, 1] float32 token sizes, None before the first merge
+    metric: Any = None        # keys of the block running now, [B, N, head_dim]
+    counts: list = field(default_factory=list)  # tokens (prefix included) leaving each block, last forward
+
+
+@dataclass
+class TokenMerging:
+    """Handle of a model patched by :func:`apply_token_merging`; ``remove()`` restores it."""
+
+    model: Any
+    r: int
+    state: _ToMeState
+    _undo: list = field(default_factory=list)
+
+    @property
+    def token_counts(self) -> list[int]:
+        """Tokens (CLS/registers included) leaving each block in the last forward pass."""
+        return list(self.state.counts)
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def __enter__(self) -> "TokenMerging":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _timm_vit(model) -> Any:
+    """The timm VisionTransformer inside a domainfm Backbone (or the model itself)."""
+    return getattr(model, "model", model) if not hasattr(model, "blocks") else model
+
+
+def _check_blocks(vit, where: str) -> list:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block
+
+    blocks = list(getattr(vit, "blocks", []) or [])
+    if not (hasattr(vit, "patch_embed") and blocks):
+        raise DomainFMError(f"token merging needs a ViT, and {where} is not one ({type(vit).__name__})",
+                            fix="drop --tome-r, or use a ViT backbone (DINOv2, CLIP)")
+    for blk in blocks:
+        if type(blk).forward is not Block.forward or not isinstance(blk.attn, Attention):
+            raise DomainFMError(f"token merging supports timm's plain ViT blocks, and {where} has "
+                                f"{type(blk).__name__} with {type(blk.attn).__name__}",
+                                fix="drop --tome-r, or use a DINOv2/CLIP ViT")
+    return blocks
+
+
+def check_token_merging(model, r: int, *, where: str = "the model") -> int:
+    """Validate ``r`` for ``model`` (a Backbone or timm ViT); returns its patch-token count.
+
+    Errors (:class:`DomainFMError`): the model is not a ViT made of timm ``Block``s, ``r`` < 0, or
+    ``r`` larger than half the patch tokens (the first block could not merge ``r`` pairs).
+    """
+    vit = _timm_vit(model)
+    _check_blocks(vit, where)
+    n = int(math.prod(vit.patch_embed.grid_size))
+    if r < 0:
+        raise DomainFMError(f"--tome-r must be 0 or more, got {r}", fix="pass --tome-r 0 (off) or a positive count")
+    if r > n // 2:
+        depth = len(vit.blocks)
+        raise DomainFMError(f"--tome-r {r} is too large for {where}: it has {n} patch tokens, and a block can "
+                            f"merge at most half of them ({n // 2})",
+                            fix=f"pass --tome-r {n // (depth + 1)} or less (r tokens merged in every one of its "
+                                f"{depth} blocks)")
+    return n
+
+
+def apply_token_merging(model, r: int, *, prop_attn: bool = True) -> TokenMerging:
+    """Merge ``r`` tokens in every block of a timm ViT (ToMe); returns a handle that undoes it.
+
+    ``model``: a domainfm Backbone or a timm ``VisionTransformer`` whose blocks are timm ``Block``s
+    with timm ``Attention`` (DINOv2 with or without registers, CLIP, AugReg ViTs). Its forward then
+    takes the same [B, C, H, W] input and returns the same shapes; the tokens entering block ``i``
+    number ``prefix + n_i`` with ``n`` from :func:`merged_token_counts`. ``r=0`` changes no number.
+    ``prop_attn``: add ``log(size)`` to the attention logits (proportional attention).
+    Errors as :func:`check_token_merging`. Source: Bolya et al., ICLR 2023.
+    """
+    import torch
+
+    vit = _timm_vit(model)
+    check_token_merging(vit, r)
+    blocks = _check_blocks(vit, "the model")
+    state = _ToMeState(r=int(r), num_prefix=int(getattr(vit, "num_prefix_tokens", 1)), prop_attn=prop_attn)
+    handle = TokenMerging(model=model, r=int(r), state=state)
+
+    for i, blk in enumerate(blocks):
+        attn = blk.attn
+
+        def keep_keys(module, inputs, output, attn=attn):
+            B, N, _ = output.shape
+            k = output.reshape(B, N, 3, attn.num_heads, attn.head_dim)[:, :, 1]
+            state.metric = attn.k_norm(k).mean(dim=2)
+
+        hook = attn.qkv.register_forward_hook(keep_keys)
+
+        def forward(x, attn_mask=None, is_causal=False, blk=blk, first=(i == 0)):
+            if attn_mask is not None or is_causal:
+                raise DomainFMError("token merging cannot run with an attention mask",
+                                    fix="call the model without attn_mask")
+            if first:  # a new forward pass: every token stands for one patch again
+                state.size = None
+                state.counts = []
+            bias = None
+            if state.prop_attn and state.size is not None:
+                bias = state.size.log()[:, None, None, :, 0]  # [B, 1, 1, N] added to the logits
+                device_type = x.device.type
+                if torch.is_autocast_enabled(device_type):
+                    bias = bias.to(torch.get_autocast_dtype(device_type))
+                else:
+                    bias = bias.to(x.dtype)
+            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x), attn_mask=bias)))
+            if state.r > 0:
+                merge = bipartite_soft_matching(state.metric, state.r, state.num_prefix)
+                if state.size is None:
+                    state.size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
+                merged, state.size = merge_weighted(merge, x.float(), state.size)
+                x = merged.to(x.dtype)
+            state.metric = None
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            state.counts.append(int(x.shape[1]))
+            return x
+
+        blk.forward = forward
+
+        def undo(blk=blk, hook=hook):
+            hook.remove()
+            blk.__dict__.pop("forward", None)
+
+        handle._undo.append(undo)
+
+    # average pooling must weigh a merged token by the patches it stands for
+    if getattr(vit, "global_pool", "token") == "avg" and getattr(vit, "attn_pool", None) is None:
+        plain_pool = vit.pool
+
+        def pool(x, pool_type=None):
+            if (pool_type or vit.global_pool) != "avg" or state.size is None:
+                return plain_pool(x, pool_type)
+            P = vit.num_prefix_tokens
+            s = state.size[:, P:].to(x.dtype)
+            return (x[:, P:] * s).sum(dim=1) / s.sum(dim=1)
+
+        vit.pool = pool
+        handle._undo.append(lambda: vit.__dict__.pop("pool", None))
+    return handle
