@@ -46,6 +46,8 @@ class EOSARPlugin(Plugin):
                              help="Share of the labelled patches held out for testing (seeded split)."),
                 click.Option(["--knn-k"], type=click.IntRange(min=1), default=10, show_default=True,
                              help="Neighbours (cosine similarity) voting in the kNN multi-label score."),
+                click.Option(["--tome-r"], type=int, default=0, show_default=True,
+                             help="Token merging (ToMe): tokens merged in every ViT block of the frozen model."),
             ]
         return opts
 

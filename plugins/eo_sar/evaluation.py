@@ -161,6 +161,10 @@ def run_evaluation(cfg, plugin) -> dict[str, Any]:
         raise DomainFMError(f"none of the {len(test)} test patches has a label: average precision is undefined",
                             path=root, fix="use more labelled patches or a larger --test-fraction")
     backbone = load_backbone(cfg.model, cfg=cfg, in_chans=in_chans)
+    if getattr(cfg, "tome_r", 0):
+        from domainfm.inference import apply_token_merging
+
+        apply_token_merging(backbone, cfg.tome_r)
     dataset.transforms = ResizeWhole(backbone.img_size)
     feats = extract_features(backbone, Subset(dataset, labelled), batch_size=cfg.batch_size,
                              device=_device(cfg.accelerator), num_workers=cfg.num_workers)

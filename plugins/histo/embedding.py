@@ -45,6 +45,7 @@ class EmbedSettings:
     accelerator: str = "auto"
     devices: int = 1
     progress: bool = True
+    tome_r: int = 0  # token merging: tokens merged per ViT block (0: off)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (tests: depth=2)
 
 
@@ -78,6 +79,10 @@ def build_encoder(s: EmbedSettings):
         backbone = load_backbone(s.weights, img_size=s.tile_size)
     else:
         backbone = create_backbone(s.backbone, img_size=s.tile_size, init=s.init, **s.model_kwargs)
+    if s.tome_r:
+        from domainfm.inference import apply_token_merging
+
+        apply_token_merging(backbone, s.tome_r)
     return backbone.eval().requires_grad_(False)
 
 
@@ -236,7 +241,8 @@ def embed_slide(path: Path, s: EmbedSettings, encoder: "TileEncoder", progress=N
     out_coords = np.concatenate(seen) if seen else np.zeros((0, 2), np.int64)
     attrs = {"mpp": geom.mpp, "tile_size": geom.tile_size, "tile_size_level0": geom.tile_size_level0,
              "slide_mpp": geom.slide_mpp, "encoder": encoder_name(s), "domainfm_version": __version__,
-             "slide_path": str(Path(path).resolve()), "patch_level": 0, "patch_size": geom.tile_size_level0}
+             "slide_path": str(Path(path).resolve()), "patch_level": 0, "patch_size": geom.tile_size_level0,
+             "tome_r": s.tome_r}
     write_features(features_path(s.out_dir, sid), features, out_coords, attrs)
     return len(features)
 

@@ -52,6 +52,9 @@ class SportsReIDPlugin(Plugin):
                              help="Baseline scored next to --model: auto (the weights fine-tuning started "
                                   "from, recorded in the export; else timm's pretrained weights), pretrained, "
                                   "random (seeded by --seed), a weights file, or none."),
+                click.Option(["--tome-r"], type=int, default=0, show_default=True,
+                             help="Token merging (ToMe): tokens merged in every ViT block of the model and "
+                                  "the zero-shot baseline."),
             ]
         return opts
 

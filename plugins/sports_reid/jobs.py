@@ -205,6 +205,11 @@ def run_evaluate(cfg: "RunConfig") -> dict[str, Any]:
     settings = eval_settings(cfg)
     torch.manual_seed(cfg.seed)
     backbone = load_backbone(cfg.model, cfg=cfg, in_chans=3)
+    tome_r = int(getattr(cfg, "tome_r", 0) or 0)
+    if tome_r:
+        from domainfm.inference import apply_token_merging
+
+        apply_token_merging(backbone, tome_r)
     img_size = backbone.img_size
     mean, std = backbone.data_config["mean"], backbone.data_config["std"]
     mlflow.set_tags({"domainfm.model": cfg.model, "domainfm.split": split})
@@ -219,6 +224,8 @@ def run_evaluate(cfg: "RunConfig") -> dict[str, Any]:
     metrics = _score(backbone, root, settings, prefix="", tag="model", img_size=img_size)
     zero_shot = _zero_shot_backbone(cfg, backbone.name, img_size)
     if zero_shot is not None:
+        if tome_r:
+            apply_token_merging(zero_shot, tome_r)
         metrics.update(_score(zero_shot, root, settings, prefix="zero_shot_", tag="zero_shot", img_size=img_size,
                               grid=False))
     else:
