@@ -305,6 +305,29 @@ def registry_promote(name: str, version: int, alias: str) -> None:
     click.echo(f"models:/{name}@{alias} -> version {version}")
 
 
+@main.command("export", context_settings={"max_content_width": 110})
+@click.option("--model", required=True, help="A domainfm export (.safetensors) or models:/NAME@ALIAS.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), required=True,
+              help="onnx (needs the [export] extra: onnx, onnxruntime) or torchscript.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The file to write.")
+@click.option("--with-normalization", is_flag=True,
+              help="Put the per-band (x - mean) / std inside the graph: the file then takes raw values.")
+def export_cmd(model: str, fmt: str, out: str, with_normalization: bool) -> None:
+    """Export a backbone for serving: input image [B, C, H, W] (B dynamic), output features [B, D].
+
+    Bands, statistics and architecture go into the file's metadata; the export is checked against
+    PyTorch on batches of 1 and 7 (to 1e-4); a models:/ model gets it logged to its MLflow run."""
+    from domainfm.export import export_backbone
+
+    try:
+        res = export_backbone(model, fmt, out, with_normalization=with_normalization)
+    except DomainFMError as e:
+        _fail(e)
+    errs = ", ".join(f"batch {n}: {e:.1e}" for n, e in res.max_abs_error.items())
+    logged = f"; logged to MLflow run {res.mlflow_run_id}" if res.mlflow_run_id else ""
+    click.echo(f"{res.path} ({fmt}; max |export - torch| {errs}){logged}")
+
+
 def run_cli_command(fn, *args, **kwargs):
     """Run ``fn`` and turn a DomainFMError into the one-line error and exit 2 (for plugin commands)."""
     try:

@@ -262,6 +262,30 @@ def set_alias(name: str, version: int, alias: str) -> None:
     client.set_registered_model_alias(name, alias, str(version))
 
 
+def log_to_model_run(model_uri: str, local_path: str | Path, artifact_path: str | None = None) -> str:
+    """Log a file to the run that produced the registered version ``models:/NAME@ALIAS`` or
+    ``models:/NAME/VERSION``; returns that run's id."""
+    from mlflow import MlflowClient
+
+    configure()
+    client = MlflowClient()
+    ref = model_uri[len("models:/"):]
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, version = ref.partition("/")
+            mv = client.get_model_version(name, version)
+    except Exception as e:
+        raise DomainFMError(f"cannot find {model_uri} in the registry at {tracking_uri()} ({e})",
+                            fix="check the name and alias with `domainfm registry list`") from None
+    if not mv.run_id:
+        raise DomainFMError(f"{model_uri} has no source run to log to", fix="register models made by domainfm")
+    client.log_artifact(mv.run_id, str(local_path), artifact_path)
+    return mv.run_id
+
+
 def list_registered(name: str | None = None) -> list[dict[str, Any]]:
     import datetime
 
