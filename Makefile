@@ -17,7 +17,7 @@ $(VENV)/.torch-installed: $(BIN)/python
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch-installed pyproject.toml
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,export]"
 	touch $@
 
 install: $(VENV)/.installed
