@@ -217,3 +217,22 @@ def test_eo_sar_evaluate_refuses_tome_on_a_cnn(tmp_path, mlflow_store):
     assert err == ["error: token merging needs a ViT, and the model is not one (ResNet). "
                    "Fix: drop --tome-r, or use a ViT backbone (DINOv2, CLIP)."]
     assert "Traceback" not in r.stderr
+
+
+def test_histo_embed_with_tome_writes_merged_features(plain_slide, tmp_path):
+    import h5py
+
+    common = [plain_slide, "--backbone", "test_vit", "--init", "random", "--tile-size", "64", "--mpp", "0.5",
+              "--slide-mpp", "0.5", "--max-tiles", "6", "--min-tissue", "0.1", "--num-workers", "0", "--batch-size", "4"]
+    res = _embed([*common, "--out", tmp_path / "plain"])
+    assert res.exit_code == 0, res.output
+    res = _embed([*common, "--out", tmp_path / "tome", "--tome-r", "4"])
+    assert res.exit_code == 0, res.output
+    with h5py.File(tmp_path / "plain" / "features" / "s1.h5") as f:
+        plain = f["features"][:]
+    with h5py.File(tmp_path / "tome" / "features" / "s1.h5") as f:
+        merged, attrs = f["features"][:], dict(f.attrs)
+    assert attrs["tome_r"] == 4 and merged.shape == plain.shape and len(plain) > 0
+    # same encoder (seeded), 16 patch tokens merged 4 per block: close but not equal features
+    cos = (merged * plain).sum(1) / ((merged ** 2).sum(1) ** 0.5 * (plain ** 2).sum(1) ** 0.5)
+    assert not (merged == plain).all() and cos.min() > 0.5
