@@ -239,11 +239,21 @@ def log_raw_pixels_model(safetensors_path: str | Path, spec, size: int, *, artif
 
     from domainfm import raw_pixels_model  # noqa: F401 - only its file is logged, not imported by MLflow here
 
-    example = {band: np.full((2, size, size), float(mean), dtype=np.float32) for band, mean in zip(spec.bands, spec.mean)}
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    # any batch and patch size: the model resizes to its input size itself
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1), name=b) for b in spec.bands]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*type hint.*")
-        return log_pyfunc_model(Path(raw_pixels_model.__file__), {"backbone": str(safetensors_path)},
-                                artifact_path=artifact_path, input_example=example, register=register, alias=alias)
+        info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(Path(raw_pixels_model.__file__)),
+                                       artifacts={"backbone": str(safetensors_path)}, signature=signature,
+                                       pip_requirements=pip_requirements())
+    if register:
+        register_model(info.model_uri, register, alias)
+    return info.model_uri
 
 
 def log_pyfunc_model(python_model_file: str | Path, artifacts: dict[str, str], *, artifact_path: str,
