@@ -20,7 +20,8 @@ class EOSARDataModule(L.LightningDataModule):
     """
 
     def __init__(self, root: str | Path, modality: str = "s2", *, label_threshold: float = 0.01, img_size: int = 224,
-                 batch_size: int = 32, num_workers: int = 0, crop_scale: tuple[float, float] = (0.35, 1.0)) -> None:
+                 batch_size: int = 32, num_workers: int = 0, crop_scale: tuple[float, float] = (0.35, 1.0),
+                 dataset=None) -> None:
         super().__init__()
         self.root = Path(root)
         self.modality = modality
@@ -29,7 +30,9 @@ class EOSARDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.crop_scale = tuple(crop_scale)
-        self.dataset: EOSARPatches | None = None
+        self.dataset: EOSARPatches | None = dataset  # a standard-layout dataset (plugins.eo_sar.layouts) given ready
+        if dataset is not None:
+            dataset.transforms = TwoViews(img_size, scale=self.crop_scale)
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:

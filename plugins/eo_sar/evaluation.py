@@ -150,6 +150,16 @@ def run_evaluation(cfg, plugin) -> dict[str, Any]:
                             fix="pass --model PATH.safetensors or --model models:/NAME@ALIAS")
     in_chans = plugin.in_chans(cfg)
     root = plugin.data_root(cfg)
+    if cfg.data:  # a standard dataset by its root path: official splits (plugins.eo_sar.layout_eval)
+        import click
+
+        from plugins.eo_sar.layouts import dataset_for, resolve_layout
+
+        if resolve_layout(root, getattr(cfg, "layout", "auto"))[0] != "domainfm":
+            from plugins.eo_sar.layout_eval import run_layout_evaluation
+
+            dataset, layout = dataset_for(cfg, root, purpose="evaluate", echo=lambda m: click.echo(m, err=True))
+            return run_layout_evaluation(cfg, plugin, dataset, layout)
     dataset = EOSARPatches(root, cfg.modality, label_threshold=cfg.label_threshold)  # file checks before the model
     labelled = [i for i in range(len(dataset)) if dataset.labels_of(i) is not None]
     if len(labelled) < MIN_LABELLED:
