@@ -210,13 +210,14 @@ def read_bands(files: Sequence[Path], names: Sequence[str], *, modality: str, s2
     invalid_any = np.concatenate(invalid).any(axis=0)
     order = canonical_order(names)
     info = rad.PatchInfo(path=Path(files[0]), modality=modality, band_names=order, file_band_names=names,
-                         bands_from="layout", reordered=list(order) != list(names), s2_harmonize=s2_harmonize,
+                         bands_from="layout", reordered=False, s2_harmonize=s2_harmonize,
                          nodata=None if nodata is None else float(nodata), crs=crs, dtype=dtype or "")
     if sensor == "s2":
         image = rad._s2_units(Path(files[0]), image, scales, offsets, tags, band_tags, s2_harmonize, info)
     else:
         image, invalid_any = rad._s1_units(Path(files[0]), image, invalid_any, scales, offsets, units, tags, s1_units, info)
     image = image[[names.index(b) for b in order]]
+    info.layout_reordered = list(order) != list(names)  # the layout's stored order (EuroSAT: B8A last)
     info.valid = ~invalid_any
     return np.ascontiguousarray(image, dtype=np.float32), order, info
 
