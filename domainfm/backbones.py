@@ -26,6 +26,7 @@ import functools
 import math
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -462,6 +463,7 @@ def create_backbone(name: str, *, in_chans: int = 3, img_size: int = 224, init: 
     if _accepts_img_size(arch):
         kwargs["img_size"] = img_size
     model = timm.create_model(name, pretrained=False, **kwargs)
+    spec = None  # the bands / statistics the weights were trained with, when they say so
     if init == "random":
         pass
     elif init in PRETRAINED_INITS:
@@ -473,14 +475,18 @@ def create_backbone(name: str, *, in_chans: int = 3, img_size: int = 224, init: 
         arch = weights.meta.get("model")
         if arch and arch != name.split(".")[0]:
             raise DomainFMError(f"{init} holds weights for {arch}, not {name}", fix=f"pass --backbone {arch}")
+        spec = torchgeo_input_spec(weights, init)
         path = torchgeo_weights_file(weights)
         sd, _ = read_state_dict(path)
         load_adapted(model, sd, patch_embed_init=patch_embed_init, source=f"torchgeo weights {init}")
     else:
         path = _download_registered(init) if init.startswith("models:/") else Path(init)
-        sd, _ = read_state_dict(path)
+        sd, meta = read_state_dict(path)
+        spec = InputSpec.from_meta(meta, source=f"metadata of {init}")
         load_adapted(model, sd, patch_embed_init=patch_embed_init, source=f"weights {init}")
-    return Backbone(model, name=name, in_chans=in_chans, img_size=img_size)
+    backbone = Backbone(model, name=name, in_chans=in_chans, img_size=img_size)
+    backbone.input_spec = spec
+    return backbone
 
 
 def _default_tag(name: str, init: str) -> str:
@@ -556,8 +562,107 @@ def save_backbone(backbone, path: str | Path, *, extra_meta: dict[str, str] | No
     sd = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
     meta = {"format": "pt", "domainfm_name": backbone.name, "in_chans": str(backbone.in_chans),
             "img_size": str(backbone.img_size), "embed_dim": str(backbone.embed_dim)}
+    spec = getattr(backbone, "input_spec", None)
+    if spec is not None and len(spec.bands or ()) == backbone.in_chans:  # bands still those of the weights
+        meta.update(spec.to_meta())
     meta.update(extra_meta or {})
     tmp = p.with_name(p.name + ".tmp")
     save_file(sd, str(tmp), metadata=meta)
     os.replace(tmp, p)
     return p
+
+
+# ---------------------------------------------------------------- what the input must look like
+
+INPUT_META_KEYS = {"bands": "input_bands", "mean": "input_mean", "std": "input_std",
+                   "modality": "input_modality", "gsd_m": "input_gsd_m", "units": "input_units"}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The input a backbone's weights were trained on: band names in order, per-band mean/std
+    (in ``units``, e.g. Sentinel-2 reflectance x 10000 or Sentinel-1 dB), modality, ground
+    sampling distance in metres. Stored as ``input_*`` keys (JSON values) in the safetensors
+    metadata of a domainfm export; any field may be None (a plain timm or DINOv2 file has none)."""
+
+    bands: tuple | None = None
+    mean: tuple | None = None
+    std: tuple | None = None
+    modality: str | None = None
+    gsd_m: float | None = None
+    units: str | None = None
+    source: str = ""
+
+    @property
+    def has_stats(self) -> bool:
+        return bool(self.mean) and bool(self.std)
+
+    def to_meta(self) -> dict[str, str]:
+        """``input_*`` metadata entries (str -> JSON str) for the fields that are set."""
+        import json
+
+        out = {}
+        for field_name, key in INPUT_META_KEYS.items():
+            value = getattr(self, field_name)
+            if value is not None:
+                out[key] = json.dumps(list(value) if isinstance(value, tuple) else value)
+        return out
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, str] | None, source: str = ""):
+        """The spec recorded in ``meta``, or None when it records none."""
+        import json
+
+        meta = meta or {}
+        if not any(k in meta for k in INPUT_META_KEYS.values()):
+            return None
+        values = {}
+        for field_name, key in INPUT_META_KEYS.items():
+            if key in meta:
+                try:
+                    v = json.loads(meta[key])
+                except ValueError:
+                    v = meta[key]
+                values[field_name] = tuple(v) if isinstance(v, list) else v
+        return cls(source=source, **values)
+
+
+
+def torchgeo_input_spec(weights, init: str = ""):
+    """Bands from a torchgeo weights enum's ``meta["bands"]`` and mean/std from the ``Normalize``
+    in its ``transforms`` (SoftCon's Sentinel-2 enum: SSL4EO-S12 per-band statistics in
+    reflectance x 10000; Sentinel-1: dB)."""
+    meta = dict(getattr(weights, "meta", {}) or {})
+    bands = tuple(str(b).upper() for b in meta.get("bands") or ()) or None
+    mean = std = None
+    transforms = getattr(weights, "transforms", None)
+    modules = transforms.modules() if hasattr(transforms, "modules") else [transforms]
+    for t in modules:
+        if hasattr(t, "mean") and hasattr(t, "std"):
+            m, s = t.mean, t.std
+            m = m.flatten().tolist() if hasattr(m, "flatten") else list(m) if isinstance(m, (list, tuple)) else None
+            s = s.flatten().tolist() if hasattr(s, "flatten") else list(s) if isinstance(s, (list, tuple)) else None
+            if m and s and (bands is None or len(m) == len(bands)):
+                mean, std = tuple(float(x) for x in m), tuple(float(x) for x in s)
+                break
+    modality = units = None
+    if bands and set(bands) <= {"VV", "VH"}:
+        modality, units = "s1", "dB"
+    elif bands and all(b.startswith("B") for b in bands):
+        modality, units = ("s2" if "B10" in bands else "s2-l2a"), "reflectance x 10000"
+    return InputSpec(bands=bands, mean=mean, std=std, modality=modality, gsd_m=meta.get("gsd"), units=units,
+                     source=f"torchgeo weights {init or weights}")
+
+
+def input_spec_of(source: str | Path | None):
+    """The InputSpec recorded for ``source`` (a weights file, ``models:/`` URI or ``torchgeo:``
+    enum) without building a model; None when it records none (timm/DINOv2 names, plain files)."""
+    if not source:
+        return None
+    spec = str(source)
+    if spec.startswith(TORCHGEO_PREFIX):
+        return torchgeo_input_spec(torchgeo_weights(spec), spec)
+    if spec in PRETRAINED_INITS or spec == "random":
+        return None
+    path = _download_registered(spec) if spec.startswith("models:/") else Path(spec)
+    return InputSpec.from_meta(_safetensors_meta(path), source=f"metadata of {spec}")

@@ -59,6 +59,11 @@ class Plugin:
     def pretrain_datamodule(self, cfg: "RunConfig"):
         raise DomainFMError(f"plugin {self.name!r} does not support pretrain")
 
+    def export_metadata(self, cfg: "RunConfig", datamodule) -> dict[str, str]:
+        """Extra safetensors/MLflow metadata of a backbone pretrained on ``datamodule``, e.g. the
+        ``input_*`` keys of :class:`domainfm.backbones.InputSpec` (bands, mean/std it normalised with)."""
+        return {}
+
     def finetune(self, cfg: "RunConfig") -> dict[str, Any]:
         raise DomainFMError(f"plugin {self.name!r} does not support finetune")
 

@@ -207,6 +207,12 @@ def log_backbone(backbone, *, artifact_path: str = "backbone", register: str | N
     size = input_size or backbone.img_size
     with tempfile.TemporaryDirectory() as tmp:
         st = save_backbone(backbone, Path(tmp) / "backbone.safetensors", extra_meta=extra_meta)
+        from domainfm.backbones import InputSpec, _safetensors_meta
+
+        spec = InputSpec.from_meta(_safetensors_meta(st))
+        if spec is not None and spec.has_stats and spec.bands and len(spec.bands) == backbone.in_chans:
+            # the export records its bands and statistics: a pyfunc taking raw pixels by band name
+            return log_raw_pixels_model(st, spec, size, artifact_path=artifact_path, register=register, alias=alias)
         # a batch of 2: MLflow exports the module (safe pt2 format) and a batch of 1 would fix
         # the exported batch size to 1
         example = torch.zeros(2, backbone.in_chans, size, size).numpy()
@@ -220,6 +226,24 @@ def log_backbone(backbone, *, artifact_path: str = "backbone", register: str | N
     if register:
         register_model(uri, register, alias)
     return uri
+
+
+def log_raw_pixels_model(safetensors_path: str | Path, spec, size: int, *, artifact_path: str = "backbone",
+                         register: str | None = None, alias: str | None = None) -> str:
+    """Log ``domainfm/raw_pixels_model.py`` over a backbone export that records its input: the
+    pyfunc takes raw pixels as a dict of named [N, H, W] bands (the band names are the input
+    schema) and aligns and normalises them itself (see that module)."""
+    import warnings
+
+    import numpy as np
+
+    from domainfm import raw_pixels_model  # noqa: F401 - only its file is logged, not imported by MLflow here
+
+    example = {band: np.full((2, size, size), float(mean), dtype=np.float32) for band, mean in zip(spec.bands, spec.mean)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*type hint.*")
+        return log_pyfunc_model(Path(raw_pixels_model.__file__), {"backbone": str(safetensors_path)},
+                                artifact_path=artifact_path, input_example=example, register=register, alias=alias)
 
 
 def log_pyfunc_model(python_model_file: str | Path, artifacts: dict[str, str], *, artifact_path: str,
@@ -302,6 +326,14 @@ def plugin_run(cfg: "RunConfig", plugin, fn: Callable[["RunConfig"], dict[str, A
         log_metrics(metrics)
         metrics["mlflow_run_id"] = run.info.run_id
     return metrics
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    """Tags on the active run (what a run decided: statistics used, bands aligned...)."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({k: str(v)[:5000] for k, v in tags.items()})
 
 
 def lightning_logger(run_id: str, experiment: str):

@@ -243,3 +243,43 @@ def test_bad_input_through_the_installed_command(tmp_path, mlflow_store):
     assert lines[0].startswith(f"error: {root / 'train' / 'water' / '005.png'}: cannot be read as an image (")
     assert lines[0].endswith("Fix: replace or delete the file.")
     assert "Traceback" not in res.stderr
+
+
+def _s2_backbone(tmp_path, *, named: bool) -> Path:
+    """A 13-band resnet18 export, with (``named``) or without the Sentinel-2 bands and statistics."""
+    from domainfm.backbones import InputSpec
+    from plugins.eo_sar.bands import S2_L1C_BANDS
+
+    torch.manual_seed(0)
+    b = create_backbone("resnet18", in_chans=13, img_size=32, init="random")
+    meta = InputSpec(bands=S2_L1C_BANDS, mean=tuple(1000.0 + i for i in range(13)), std=(500.0,) * 13,
+                     modality="s2", gsd_m=10.0, units="reflectance x 10000").to_meta() if named else {}
+    return save_backbone(b, tmp_path / ("s2_named.safetensors" if named else "s2_plain.safetensors"), extra_meta=meta)
+
+
+@pytest.mark.timeout(600)
+def test_rgb_images_feed_a_sentinel2_backbone_by_band_name(tmp_path, mlflow_store):
+    """Item 16: RGB PNGs on a 13-band Sentinel-2 backbone keep its patch embedding; red, green,
+    blue go to B4, B3, B2 and the other bands are filled with their mean; it is said and logged."""
+    data = make_data.write_imagefolder(tmp_path / "data", train=6, val=3, size=32)
+    init = _s2_backbone(tmp_path, named=True)
+    out = tmp_path / "m.json"
+    res = _invoke(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", str(init), *TINY,
+                   "--max-steps", "3", "--no-measure-memory", "--json", str(out)])
+    assert "sgd-ft: the backbone takes 13 named bands; the data's B4, B3, B2 are aligned by name" in res.stderr
+    assert "filled with the band mean: B1, B5, B6, B7, B8, B8A, B9, B10, B11, B12" in res.stderr
+    m = json.loads(out.read_text())
+    tags = _mlflow_client().get_run(m["mlflow_run_id"]).data.tags
+    assert tags["sgd_ft.input_change"] == "aligned by name" and tags["sgd_ft.in_chans"] == "13"
+    assert tags["sgd_ft.data_bands"] == "B4,B3,B2"
+    # the fine-tuned stem still takes 13 bands (nothing re-adapted to 3)
+    assert load_file(m["weights"])["backbone.model.conv1.weight"].shape[1] == 13
+
+    # an unnamed 13-band backbone cannot be aligned: its stem is re-adapted, and that is said too
+    plain = _s2_backbone(tmp_path, named=False)
+    res = _invoke(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", str(plain), *TINY,
+                   "--max-steps", "3", "--no-measure-memory", "--json", str(out)])
+    assert f"sgd-ft: the patch embedding of {plain} (13 bands) is re-adapted to the data's 3 bands" in res.stderr
+    m = json.loads(out.read_text())
+    tags = _mlflow_client().get_run(m["mlflow_run_id"]).data.tags
+    assert tags["sgd_ft.input_change"] == "patch embedding re-adapted 13 -> 3 bands"

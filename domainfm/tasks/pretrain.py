@@ -199,10 +199,12 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
             return None
         # the EMA teacher is the encoder we ship (DINO/SoftCon practice)
         final = task.teacher.backbone
+        input_meta = plugin.export_metadata(cfg, datamodule)  # bands and statistics travel with the weights
         export = save_backbone(final, run_dir(cfg) / run_id / "backbone.safetensors",
-                               extra_meta={"mlflow_run_id": run_id, "plugin": str(cfg.plugin)})
+                               extra_meta={"mlflow_run_id": run_id, "plugin": str(cfg.plugin), **input_meta})
         mlflow.log_artifact(str(export), "export")
-        model_uri = tracking.log_backbone(final, register=cfg.register, alias=cfg.alias if cfg.register else None)
+        model_uri = tracking.log_backbone(final, register=cfg.register, alias=cfg.alias if cfg.register else None,
+                                          extra_meta=input_meta)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss/")}
         metrics.update({"global_step": int(trainer.global_step), "train_seconds": elapsed,
                         "backbone_path": str(export.resolve()), "model_uri": model_uri, "mlflow_run_id": run_id})

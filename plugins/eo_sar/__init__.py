@@ -41,6 +41,16 @@ class EOSARPlugin(Plugin):
                          help="A land-cover class is a label of a patch when it covers at least this "
                               "fraction of the patch's valid land-cover pixels."),
         ]
+        opts += [
+            click.Option(["--s2-harmonize"], type=click.Choice(("auto", "on", "off")), default="auto", show_default=True,
+                         help="Sentinel-2 processing baseline >= 04.00 stores reflectance x 10000 + 1000: auto "
+                              "subtracts 1000 where a file declares the offset or the baseline; on: every file; off: never."),
+            click.Option(["--s1-units"], type=click.Choice(("db", "linear")), default="db", show_default=True,
+                         help="Units of the Sentinel-1 files: db, or linear power (converted with 10*log10)."),
+            click.Option(["--stats"], type=click.Choice(("backbone", "data")), default="backbone", show_default=True,
+                         help="Normalise with the backbone's recorded per-band mean/std (its training statistics), "
+                              "or recompute them from the data. A backbone without statistics uses the data's."),
+        ]
         opts += layout_options(command)
         if command == "evaluate":
             opts += [
@@ -51,8 +61,25 @@ class EOSARPlugin(Plugin):
             ]
         return opts
 
+    def input_plan(self, cfg, source: str | None = None):
+        """How this run's data meets the backbone (statistics, band alignment): see
+        :mod:`plugins.eo_sar.normalization`. ``source``: the weights (default --weights / --init)."""
+        from domainfm.backbones import input_spec_of
+        from plugins.eo_sar.normalization import plan_input
+
+        source = source if source is not None else (getattr(cfg, "weights", None) or getattr(cfg, "init", None))
+        return plan_input(getattr(cfg, "modality", "s2"), input_spec_of(source), getattr(cfg, "stats", "backbone"))
+
     def in_chans(self, cfg) -> int:
         modality = getattr(cfg, "modality", "s2")
+        if getattr(cfg, "command", None) == "pretrain":
+            plan = self.input_plan(cfg)
+            if plan.model_bands != plan.data_bands:  # the weights name their bands: the model keeps them
+                given = getattr(cfg, "in_chans", None)
+                if given is not None and given != len(plan.model_bands):
+                    raise DomainFMError(f"--in-chans {given} disagrees with the backbone's {len(plan.model_bands)} bands "
+                                        f"({', '.join(plan.model_bands)})", fix="drop --in-chans")
+                return len(plan.model_bands)
         bands = MODALITY_BANDS.get(modality, BANDS.get(modality, ()))
         expected = len(bands)
         given = getattr(cfg, "in_chans", None)
@@ -83,18 +110,32 @@ class EOSARPlugin(Plugin):
         from plugins.eo_sar.datamodule import EOSARDataModule
 
         self.in_chans(cfg)  # refuses a disagreeing --in-chans before any file is read
+        plan = self.input_plan(cfg)
         root = self.data_root(cfg)
+        radiometry = {"s2_harmonize": getattr(cfg, "s2_harmonize", "auto"), "s1_units": getattr(cfg, "s1_units", "db")}
         dataset = None
         if cfg.data:  # a standard dataset (SSL4EO-S12, BigEarthNet, EuroSAT) by its root path
+            from plugins.eo_sar.datasets import BandStats
             from plugins.eo_sar.layouts import dataset_for, resolve_layout
 
             if resolve_layout(root, getattr(cfg, "layout", "auto"))[0] != "domainfm":
-                dataset, _ = dataset_for(cfg, root, purpose="pretrain", echo=lambda m: click.echo(m, err=True))
+                stats = BandStats(plan.mean, plan.std) if plan.mean is not None else None
+                dataset, _ = dataset_for(cfg, root, purpose="pretrain", echo=lambda m: click.echo(m, err=True),
+                                         stats=stats)
         dm = EOSARDataModule(root, cfg.modality, label_threshold=cfg.label_threshold,
                              img_size=cfg.img_size, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                             dataset=dataset)
+                             radiometry=radiometry, plan=plan, dataset=dataset)
         dm.setup("fit")  # every file check now, before a model is built
+        plan.echo()  # after the checks: a bad file stays the only line
         return dm
+
+    def export_metadata(self, cfg, datamodule) -> dict[str, str]:
+        """The exported backbone's ``input_*`` metadata: its bands and the statistics it was
+        pretrained with (see :class:`domainfm.backbones.InputSpec`)."""
+        from plugins.eo_sar.normalization import export_metadata
+
+        ds = datamodule.dataset
+        return export_metadata(datamodule.plan, ds.stats.mean, ds.stats.std, cfg.modality)
 
     # -- evaluation and extra commands ------------------------------------------------------------
 

@@ -81,25 +81,36 @@ def _check_layout(ds) -> None:
     if reordered:
         click.echo(f"  stored band order {','.join(reordered[0].file_band_names)} reordered to {','.join(ds.bands)} "
                    f"in {len(reordered)} patch(es)")
+
+_s2_harmonize = click.option("--s2-harmonize", type=click.Choice(("auto", "on", "off")), default="auto", show_default=True,
+                             help="Sentinel-2 baseline >= 04.00 (+1000 DN): auto subtracts 1000 where a file declares "
+                                  "the offset or the baseline; on: every file; off: never.")
+_s1_units = click.option("--s1-units", type=click.Choice(("db", "linear")), default="db", show_default=True,
+                         help="Units of the Sentinel-1 files: db (as the model takes), or linear power "
+                              "(converted with 10*log10).")
 _threshold = click.option("--label-threshold", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.01,
                           show_default=True, help="Minimum land-cover fraction for a class to be a label.")
 
 
-def _dataset(data: str | None, modality: str, label_threshold: float):
+def _dataset(data: str | None, modality: str, label_threshold: float, s2_harmonize: str = "auto", s1_units: str = "db"):
     from domainfm.config import RunConfig
     from plugins.eo_sar import plugin
     from plugins.eo_sar.datasets import EOSARPatches
 
     cfg = RunConfig(plugin="eo-sar", data=data, options={"modality": modality})
-    return EOSARPatches(plugin.data_root(cfg), modality, label_threshold=label_threshold)
+    return EOSARPatches(plugin.data_root(cfg), modality, label_threshold=label_threshold, s2_harmonize=s2_harmonize,
+                        s1_units=s1_units)
 
 
 @click.command("check", short_help="Validate a data folder as training will, and summarise it.")
 @_data
 @_modality
 @_threshold
+@_s2_harmonize
+@_s1_units
 @_layout_opts
-def check_command(data: str | None, modality: str, label_threshold: float, **layout_kw) -> None:
+def check_command(data: str | None, modality: str, label_threshold: float, s2_harmonize: str, s1_units: str,
+                  **layout_kw) -> None:
     """Validate a data folder the way training will (every header, band counts, truncated files,
     labels.csv) and summarise it: patch sizes, CRSs, label counts per class, band statistics."""
 
@@ -109,10 +120,11 @@ def check_command(data: str | None, modality: str, label_threshold: float, **lay
         from rich.console import Console
         from rich.table import Table
 
-        layout_ds = _layout_dataset(data, modality, label_threshold, layout_kw)
+        layout_ds = _layout_dataset(data, modality, label_threshold, {**layout_kw, "s2_harmonize": s2_harmonize,
+                                                                       "s1_units": s1_units})
         if layout_ds is not None:
             return _check_layout(layout_ds)
-        ds = _dataset(data, modality, label_threshold)
+        ds = _dataset(data, modality, label_threshold, s2_harmonize, s1_units)
         console = Console(width=max(110, Console().width))
         sizes = Counter(f"{f.height}x{f.width}" for f in ds.files)
         crss = Counter(f.crs or "none" for f in ds.files)
@@ -132,6 +144,11 @@ def check_command(data: str | None, modality: str, label_threshold: float, **lay
         for name, m, s in zip(ds.bands, ds.stats.mean, ds.stats.std):
             bands.add_row(name, f"{m:.2f}", f"{s:.2f}")
         console.print(bands)
+        from plugins.eo_sar.radiometry import radiometry_summary
+
+        for line in radiometry_summary([f.path for f in ds.files], modality=modality, s2_harmonize=s2_harmonize,
+                                       s1_units=s1_units):
+            click.echo(line)
         click.echo(f"band statistics cached in {ds.root / f'.domainfm_stats_{modality}.json'}")
 
     run_cli_command(run)
@@ -141,16 +158,19 @@ def check_command(data: str | None, modality: str, label_threshold: float, **lay
 @_data
 @_modality
 @_threshold
+@_s2_harmonize
+@_s1_units
 @_layout_opts
 @click.option("--patch-id", default=None, help="Patch to draw (file name without .tif); the first one when omitted.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG file to write.")
-def plot_command(data: str | None, modality: str, label_threshold: float, patch_id: str | None, out: str,
-                 **layout_kw) -> None:
+def plot_command(data: str | None, modality: str, label_threshold: float, s2_harmonize: str, s1_units: str,
+                 patch_id: str | None, out: str, **layout_kw) -> None:
     """Draw one patch: true colour (B4, B3, B2) for S2, VV / VH / VV-VH false colour for S1, titled
     with its land-cover labels."""
 
     def run():
-        ds = _layout_dataset(data, modality, label_threshold, layout_kw) or _dataset(data, modality, label_threshold)
+        ds = (_layout_dataset(data, modality, label_threshold, {**layout_kw, "s2_harmonize": s2_harmonize, "s1_units": s1_units})
+              or _dataset(data, modality, label_threshold, s2_harmonize, s1_units))
         index = 0
         if patch_id is not None:
             if patch_id not in ds.patch_ids:

@@ -21,7 +21,7 @@ class EOSARDataModule(L.LightningDataModule):
 
     def __init__(self, root: str | Path, modality: str = "s2", *, label_threshold: float = 0.01, img_size: int = 224,
                  batch_size: int = 32, num_workers: int = 0, crop_scale: tuple[float, float] = (0.35, 1.0),
-                 dataset=None) -> None:
+                 radiometry: dict[str, str] | None = None, plan=None, dataset=None) -> None:
         super().__init__()
         self.root = Path(root)
         self.modality = modality
@@ -30,14 +30,28 @@ class EOSARDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.crop_scale = tuple(crop_scale)
-        self.dataset: EOSARPatches | None = dataset  # a standard-layout dataset (plugins.eo_sar.layouts) given ready
-        if dataset is not None:
-            dataset.transforms = TwoViews(img_size, scale=self.crop_scale)
+        self.dataset: EOSARPatches | None = None
+        self.radiometry = dict(radiometry or {})
+        self.plan = plan  # plugins.eo_sar.normalization.InputPlan: statistics and band alignment
+        self._given = dataset  # a standard-layout dataset (plugins.eo_sar.layouts) built by the caller
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
+            views = TwoViews(self.img_size, scale=self.crop_scale)
+            stats = None
+            if self.plan is not None:
+                from plugins.eo_sar.datasets import BandStats
+                from plugins.eo_sar.normalization import AlignBands
+
+                views = AlignBands(self.plan.alignment, views)
+                if self.plan.mean is not None:
+                    stats = BandStats(self.plan.mean, self.plan.std)
+            if self._given is not None:
+                self._given.transforms = views
+                self.dataset = self._given
+                return
             self.dataset = EOSARPatches(self.root, self.modality, label_threshold=self.label_threshold,
-                                        transforms=TwoViews(self.img_size, scale=self.crop_scale))
+                                        transforms=views, stats=stats, **self.radiometry)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

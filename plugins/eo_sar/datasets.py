@@ -101,6 +101,10 @@ def read_header(path: Path, *, modality: str | None) -> PatchFile:
     try:
         with rasterio.open(path) as src:
             _check_band_count(path, src.count, modality)
+            if modality is not None:  # duplicate / unknown band names: one line now, not mid-run
+                from plugins.eo_sar.radiometry import band_names_from_descriptions
+
+                band_names_from_descriptions(path, src.descriptions, modality)
             # GDAL writes the header first and the pixel blocks after it: a file cut short may
             # still open, but its last block cannot be read. Reading one block is cheap.
             block_h, block_w = src.block_shapes[0]
@@ -312,13 +316,23 @@ DEFAULT_NODATA = {"s2": 0.0}
 S1_VALID_DB = (-100.0, 50.0)
 
 
-def read_image(path: Path, nodata: float | None = None, *, modality: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_image(path: Path, nodata: float | None = None, *, modality: str | None = None, s2_harmonize: str = "auto",
+               s1_units: str = "db") -> tuple[np.ndarray, np.ndarray]:
     """float32 [C, H, W] pixels and a bool [H, W] mask of valid pixels.
+
+    With a ``modality`` the file goes through :func:`plugins.eo_sar.radiometry.read_patch`
+    (bands in canonical order from the descriptions, declared scale/offset, baseline 04.00
+    harmonisation, S1 in dB).
 
     A pixel is invalid when any band equals the nodata value (the file's tag, else the
     modality's convention), is not finite (nan nodata, -inf from the log of zero backscatter),
     or, for S1, lies outside :data:`S1_VALID_DB`.
     """
+    if modality is not None:
+        from plugins.eo_sar.radiometry import read_patch
+
+        image, _, info = read_patch(path, modality=modality, s2_harmonize=s2_harmonize, s1_units=s1_units, nodata=nodata)
+        return image, info.valid
     import rasterio
     from rasterio.errors import RasterioError
 
@@ -339,13 +353,13 @@ def read_image(path: Path, nodata: float | None = None, *, modality: str | None 
     return image, ~invalid.any(axis=0)
 
 
-def compute_band_stats(files: Sequence[PatchFile], modality: str | None = None) -> BandStats:
+def compute_band_stats(files: Sequence[PatchFile], modality: str | None = None, **radiometry: str) -> BandStats:
     """Mean and std per band over all valid pixels (float64 sums: exact enough for 1e9 pixels)."""
     total = np.zeros(files[0].count)
     total_sq = np.zeros(files[0].count)
     count = 0
     for f in _progress(files, "computing band statistics"):
-        image, valid = read_image(f.path, f.nodata, modality=modality)
+        image, valid = read_image(f.path, f.nodata, modality=modality, **radiometry)
         pixels = image[:, valid].astype(np.float64)
         total += pixels.sum(axis=1)
         total_sq += (pixels**2).sum(axis=1)
@@ -359,18 +373,21 @@ def compute_band_stats(files: Sequence[PatchFile], modality: str | None = None) 
     return BandStats(tuple(float(x) for x in mean), tuple(float(x) for x in std), int(count))
 
 
-def load_or_compute_stats(root: str | Path, modality: str, files: Sequence[PatchFile]) -> BandStats:
+def load_or_compute_stats(root: str | Path, modality: str, files: Sequence[PatchFile], **radiometry: str) -> BandStats:
     """The cached statistics of ``ROOT/.domainfm_stats_<modality>.json``, recomputed when the file
-    list changed. Written atomically; a read-only data folder only loses the cache."""
+    list or the radiometry settings (``s2_harmonize``, ``s1_units``) changed. Written atomically;
+    a read-only data folder only loses the cache."""
     path = Path(root) / STATS_FILE.format(modality=modality)
     fingerprint = file_list_fingerprint([f.path for f in files])
+    if any(v not in ("auto", "db") for v in radiometry.values()):  # non-default settings: other units
+        fingerprint += ":" + ",".join(f"{k}={v}" for k, v in sorted(radiometry.items()))
     cached = _read_cache(path, fingerprint)
     try:
         if cached is not None and len(cached["mean"]) == len(cached["std"]) == files[0].count:
             return BandStats(tuple(cached["mean"]), tuple(cached["std"]), int(cached.get("valid_pixels", 0)))
     except (KeyError, TypeError):
         pass  # a damaged cache is recomputed and overwritten
-    stats = compute_band_stats(files, modality)
+    stats = compute_band_stats(files, modality, **radiometry)
     _write_cache(path, {"version": STATS_VERSION, "modality": modality, "bands": list(BANDS[modality]),
                         "n_files": len(files), "fingerprint": fingerprint, "mean": list(stats.mean),
                         "std": list(stats.std), "valid_pixels": stats.valid_pixels})
@@ -411,14 +428,17 @@ class EOSARPatches(Dataset):
       pixels set to 0 (the band mean), so no nan ever reaches a model;
     - ``valid``: bool tensor [H, W], False where any band was nodata;
     - ``labels``: float32 multi-hot [9] over :data:`CLASS_NAMES` (all zeros when unknown);
-    - ``has_labels``: bool; ``patch_id``: str.
+    - ``has_labels``: bool; ``patch_id``: str; ``bands``: tuple of the band names, in order.
+
+    ``s2_harmonize`` / ``s1_units``: see :func:`plugins.eo_sar.radiometry.read_patch`.
 
     ``transforms`` (a callable on that dict) runs last, as in torchgeo.
     """
 
     def __init__(self, root: str | Path, modality: str = "s2", *, label_threshold: float = 0.01,
                  transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 stats: BandStats | None = None, patch_ids: Sequence[str] | None = None) -> None:
+                 stats: BandStats | None = None, patch_ids: Sequence[str] | None = None,
+                 s2_harmonize: str = "auto", s1_units: str = "db") -> None:
         if not 0.0 < label_threshold <= 1.0:
             raise DomainFMError(f"--label-threshold must be in (0, 1], got {label_threshold}")
         self.root = Path(root)
@@ -426,8 +446,9 @@ class EOSARPatches(Dataset):
         self.bands = BANDS[modality]
         self.label_threshold = label_threshold
         self.transforms = transforms
+        self.radiometry = {"s2_harmonize": s2_harmonize, "s1_units": s1_units}
         files = scan_patches(self.root, modality)
-        self.stats = stats if stats is not None else load_or_compute_stats(self.root, modality, files)
+        self.stats = stats if stats is not None else load_or_compute_stats(self.root, modality, files, **self.radiometry)
         self.fractions, labels_csv = self._load_labels(files)
         if patch_ids is not None:
             wanted = set(patch_ids)
@@ -441,6 +462,12 @@ class EOSARPatches(Dataset):
                 self._labels[f.patch_id] = labels_from_fractions(self.fractions[f.patch_id], label_threshold)
         self._mean = torch.tensor(self.stats.mean, dtype=torch.float32)[:, None, None]
         self._std = torch.tensor(self.stats.std, dtype=torch.float32)[:, None, None]
+
+    def use_stats(self, stats: BandStats) -> None:
+        """Normalise with ``stats`` from now on (e.g. a backbone's recorded statistics)."""
+        self.stats = stats
+        self._mean = torch.tensor(stats.mean, dtype=torch.float32)[:, None, None]
+        self._std = torch.tensor(stats.std, dtype=torch.float32)[:, None, None]
 
     def _load_labels(self, files: Sequence[PatchFile]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         ids = [f.patch_id for f in files]
@@ -469,7 +496,10 @@ class EOSARPatches(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         f = self.files[index]
-        raw, valid = read_image(f.path, f.nodata, modality=self.modality)
+        from plugins.eo_sar.radiometry import read_patch
+
+        raw, bands, info = read_patch(f.path, modality=self.modality, nodata=f.nodata, **self.radiometry)
+        valid = info.valid
         image = (torch.from_numpy(raw) - self._mean) / self._std
         valid_t = torch.from_numpy(valid)
         image = torch.where(valid_t[None], image, torch.zeros(()))
@@ -480,6 +510,7 @@ class EOSARPatches(Dataset):
             "labels": torch.from_numpy(labels) if labels is not None else torch.zeros(len(CLASS_NAMES)),
             "has_labels": labels is not None,
             "patch_id": f.patch_id,
+            "bands": bands,
         }
         if self.transforms is not None:
             sample = self.transforms(sample)

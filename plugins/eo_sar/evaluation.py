@@ -148,8 +148,14 @@ def run_evaluation(cfg, plugin) -> dict[str, Any]:
     if not cfg.model:
         raise DomainFMError("evaluate needs the model to probe",
                             fix="pass --model PATH.safetensors or --model models:/NAME@ALIAS")
+    from plugins.eo_sar.datasets import BandStats
+    from plugins.eo_sar.normalization import AlignBands
+
     in_chans = plugin.in_chans(cfg)
     root = plugin.data_root(cfg)
+    # the backbone's recorded bands and statistics decide how the data is normalised and aligned
+    plan = plugin.input_plan(cfg, source=cfg.model)
+    stats = BandStats(plan.mean, plan.std) if plan.mean is not None else None
     if cfg.data:  # a standard dataset by its root path: official splits (plugins.eo_sar.layout_eval)
         import click
 
@@ -158,9 +164,12 @@ def run_evaluation(cfg, plugin) -> dict[str, Any]:
         if resolve_layout(root, getattr(cfg, "layout", "auto"))[0] != "domainfm":
             from plugins.eo_sar.layout_eval import run_layout_evaluation
 
-            dataset, layout = dataset_for(cfg, root, purpose="evaluate", echo=lambda m: click.echo(m, err=True))
-            return run_layout_evaluation(cfg, plugin, dataset, layout)
-    dataset = EOSARPatches(root, cfg.modality, label_threshold=cfg.label_threshold)  # file checks before the model
+            dataset, layout = dataset_for(cfg, root, purpose="evaluate", echo=lambda m: click.echo(m, err=True),
+                                          stats=stats)
+            return run_layout_evaluation(cfg, plugin, dataset, layout, plan=plan)
+    dataset = EOSARPatches(root, cfg.modality, label_threshold=cfg.label_threshold, stats=stats,
+                           s2_harmonize=getattr(cfg, "s2_harmonize", "auto"),
+                           s1_units=getattr(cfg, "s1_units", "db"))  # file checks before the model
     labelled = [i for i in range(len(dataset)) if dataset.labels_of(i) is not None]
     if len(labelled) < MIN_LABELLED:
         raise DomainFMError(f"only {len(labelled)} patch(es) have labels, the probes need at least {MIN_LABELLED}",
@@ -170,8 +179,11 @@ def run_evaluation(cfg, plugin) -> dict[str, Any]:
     if not targets[test].any():
         raise DomainFMError(f"none of the {len(test)} test patches has a label: average precision is undefined",
                             path=root, fix="use more labelled patches or a larger --test-fraction")
-    backbone = load_backbone(cfg.model, cfg=cfg, in_chans=in_chans)
-    dataset.transforms = ResizeWhole(backbone.img_size)
+    plan.echo()
+    tracking.set_tags(plan.record())
+    aligned = plan.model_bands != plan.data_bands
+    backbone = load_backbone(cfg.model, cfg=cfg, in_chans=None if aligned else in_chans)
+    dataset.transforms = AlignBands(plan.alignment, ResizeWhole(backbone.img_size))
     feats = extract_features(backbone, Subset(dataset, labelled), batch_size=cfg.batch_size,
                              device=_device(cfg.accelerator), num_workers=cfg.num_workers)
 
@@ -179,7 +191,8 @@ def run_evaluation(cfg, plugin) -> dict[str, Any]:
         "linear": linear_probe_scores(feats[train], targets[train], feats[test], seed=cfg.seed),
         "knn": knn_scores(feats[train], targets[train], feats[test], k=cfg.knn_k),
     }
-    metrics: dict[str, Any] = {"n_train": int(len(train)), "n_test": int(len(test)), "feature_dim": int(feats.shape[1])}
+    metrics: dict[str, Any] = {"n_train": int(len(train)), "n_test": int(len(test)), "feature_dim": int(feats.shape[1]),
+                               "bands_filled": len(plan.alignment.filled), "bands_dropped": len(plan.alignment.dropped)}
     per_class: dict[str, list[float]] = {}
     for probe, s in scores.items():
         ap = multilabel_average_precision(s, targets[test])

@@ -79,8 +79,10 @@ def confusion_figure(cm: np.ndarray, names, title: str):
     return fig
 
 
-def run_layout_evaluation(cfg, plugin, dataset, layout: str) -> dict[str, Any]:
-    """The evaluate job on a standard dataset (see the module doc); returns the metrics."""
+def run_layout_evaluation(cfg, plugin, dataset, layout: str, *, plan=None) -> dict[str, Any]:
+    """The evaluate job on a standard dataset (see the module doc); returns the metrics.
+    ``plan`` (plugins.eo_sar.normalization.InputPlan): the backbone's statistics (already given to
+    ``dataset``) and the alignment of the data's bands to the backbone's."""
     import click
     from torch.utils.data import Subset
 
@@ -113,8 +115,16 @@ def run_layout_evaluation(cfg, plugin, dataset, layout: str) -> dict[str, Any]:
     click.echo(f"eo-sar: evaluating on {layout} ({protocol}); {len(train)} train"
                + (f" ({fraction:g} of the split)" if fraction < 1 else "") + f", {len(test)} test patches", err=True)
 
-    backbone = load_backbone(cfg.model, cfg=cfg, in_chans=len(dataset.bands))
+    aligned = plan is not None and plan.model_bands != plan.data_bands
+    if plan is not None:
+        plan.echo()
+        tracking.set_tags(plan.record())
+    backbone = load_backbone(cfg.model, cfg=cfg, in_chans=None if aligned else len(dataset.bands))
     dataset.transforms = ResizeWhole(backbone.img_size)
+    if plan is not None:
+        from plugins.eo_sar.normalization import AlignBands
+
+        dataset.transforms = AlignBands(plan.alignment, dataset.transforms)
     order = train + test
     feats = extract_features(backbone, Subset(dataset, order), batch_size=cfg.batch_size,
                              device=_device(cfg.accelerator), num_workers=cfg.num_workers)

@@ -86,11 +86,11 @@ class PatchInfo:
         """What was done, in words (empty when the file was read as stored)."""
         out = []
         if self.reordered:
-            out.append("bands reordered from the descriptions")
+            out.append("bands reordered from the band descriptions")
         if self.harmonized:
             out.append("harmonised (-1000 DN)")
         if self.scale_applied:
-            out.append("declared scale applied")
+            out.append("declared scale applied (x 10000 units)")
         if self.converted_to_db:
             out.append("linear power converted to dB")
         return out
@@ -301,7 +301,7 @@ def _s2_units(path: Path, image: np.ndarray, scales, offsets, tags, band_tags, m
     for b in range(image.shape[0]):
         s = scales[b] if b < len(scales) else 1.0
         to_units = 10000.0 * s if 0 < s < 0.01 else s
-        if not math.isclose(to_units, 1.0, rel_tol=1e-6):
+        if not math.isclose(s, 1.0, rel_tol=1e-6):
             any_scale = True
         dn = np.maximum(image[b] - subtract, 0.0) if subtract else image[b]
         out[b] = dn * to_units
@@ -349,3 +349,32 @@ def _s1_units(path: Path, image: np.ndarray, invalid: np.ndarray, scales, offset
     with np.errstate(invalid="ignore"):
         invalid = invalid | ~np.isfinite(image).all(axis=0) | ((image < S1_VALID_DB[0]) | (image > S1_VALID_DB[1])).any(axis=0)
     return image, invalid
+
+
+def radiometry_summary(paths: Sequence[str | Path], *, modality: str, s2_harmonize: str = "auto",
+                       s1_units: str = "db") -> list[str]:
+    """Lines for ``eo-sar check``: per folder, how many files carry which baseline/offset (S2) or
+    units (S1) and what was done to them, and how many had their bands reordered from the
+    descriptions. Reads every file (the checks of :func:`read_patch` apply)."""
+    from collections import Counter, defaultdict
+
+    groups: dict[Path, Counter] = defaultdict(Counter)
+    reordered: dict[Path, list[str]] = defaultdict(list)
+    for p in paths:
+        _, _, info = read_patch(p, modality=modality, s2_harmonize=s2_harmonize, s1_units=s1_units)
+        folder = Path(p).parent
+        groups[folder][info.summary_key()] += 1
+        if info.reordered:
+            reordered[folder].append(Path(p).name)
+    lines = []
+    for folder, counts in groups.items():
+        total = sum(counts.values())
+        option = f"--s2-harmonize {s2_harmonize}" if sensor_of(modality) == "s2" else f"--s1-units {s1_units}"
+        lines.append(f"radiometry of {folder} ({total} files, {option}):")
+        for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {n:>6} file(s): {key}")
+        if reordered[folder]:
+            names = reordered[folder]
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            lines.append(f"  bands reordered from the band descriptions in {len(names)} file(s): {shown}")
+    return lines

@@ -387,6 +387,9 @@ def finetune(cfg) -> dict[str, Any]:
     cfg = weights_from_backbone_flag(cfg)
     lrs = parse_lr_sweep(cfg.lr_sweep)
     dm = build_datamodule(cfg)
+    from plugins.sgd_ft.inputs import match_backbone_bands
+
+    tracking.set_tags(match_backbone_bands(cfg, dm))  # any change to the backbone's input bands: said and logged
     meter = MemoryMeter(cfg, dm, planned=COMPARE_ARMS if cfg.compare else ())
     if cfg.compare:
         metrics, model = compare(cfg, dm, lrs, meter)

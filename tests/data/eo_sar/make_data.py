@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[3]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from plugins.eo_sar.bands import CLASS_NAMES, LANDCOVER_NODATA  # noqa: E402
+from plugins.eo_sar.bands import CLASS_NAMES, LANDCOVER_NODATA, S1_BANDS, S2_L1C_BANDS  # noqa: E402
 from plugins.eo_sar.synthetic import BIOMES, S1_NODATA, utm_transform, write_geotiff, write_patch  # noqa: E402
 
 GRIDS = (("EPSG:32632", 64, (500_000.0, 5_000_000.0)), ("EPSG:32633", 48, (400_000.0, 4_900_000.0)))
@@ -81,6 +81,86 @@ def truncate(path: str | Path, fraction: float = 0.6) -> Path:
     return path
 
 
+def set_band_scaling(path: str | Path, *, scales=None, offsets=None, units=None) -> Path:
+    """Declare per-band GDAL scale / offset / units on an existing GeoTIFF (as ESA-derived exports
+    and GDAL's Sentinel-2 driver do since baseline 04.00)."""
+    import rasterio
+
+    with rasterio.open(path, "r+") as dst:
+        if scales is not None:
+            dst.scales = tuple(scales)
+        if offsets is not None:
+            dst.offsets = tuple(offsets)
+        if units is not None:
+            dst.units = tuple(units)
+    return Path(path)
+
+
+def write_s2_encodings(root: str | Path, *, seed: int = 3, size: int = 40) -> dict[str, Path]:
+    """One Sentinel-2 L1C scene written in every encoding found in the wild, under ``ROOT/s2``:
+
+    - ``old``: processing baseline 03.01, reflectance x 10000, uint16, nodata 0;
+    - ``pb04_offset``: baseline 04.00, DN + 1000, band offsets -1000 declared (GDAL's S2 driver);
+    - ``pb04_tag``: baseline 04.00, DN + 1000, only a ``BOA_ADD_OFFSET=-1000`` tag;
+    - ``pb04_baseline``: baseline 04.00 in the tags, DN + 1000, nothing else declared;
+    - ``pb04_reflectance``: DN + 1000 with scale 1e-4 and offset -0.1 (reflectance units, as
+      ESA's own JP2 metadata reads);
+    - ``reordered``: the old encoding with B8A stored last, the band descriptions saying so.
+
+    The swath-edge corner is nodata (0) in every file. Returns ``{name: path}``; the reflectance
+    x 10000 every file must read back as is ``s2_scene(seed, size)``.
+    """
+    root = Path(root)
+    dn = s2_scene(seed, size)
+    tf = utm_transform(600_000.0, 5_100_000.0)
+    crs = "EPSG:32631"
+    shifted = np.where(dn > 0, dn + 1000, 0).astype(np.uint16)
+    paths = {}
+    paths["old"] = write_raster_tagged(root / "s2" / "old.tif", dn, crs, tf, S2_L1C_BANDS,
+                                       {"PROCESSING_BASELINE": "03.01", "PRODUCT_TYPE": "S2MSI1C"})
+    paths["pb04_offset"] = set_band_scaling(
+        write_raster_tagged(root / "s2" / "pb04_offset.tif", shifted, crs, tf, S2_L1C_BANDS,
+                            {"PROCESSING_BASELINE": "04.00", "PRODUCT_TYPE": "S2MSI1C"}), offsets=[-1000.0] * 13)
+    paths["pb04_tag"] = write_raster_tagged(root / "s2" / "pb04_tag.tif", shifted, crs, tf, S2_L1C_BANDS,
+                                            {"BOA_ADD_OFFSET": "-1000"})
+    paths["pb04_baseline"] = write_raster_tagged(root / "s2" / "pb04_baseline.tif", shifted, crs, tf, S2_L1C_BANDS,
+                                                 {"PROCESSING_BASELINE": "N0509"})
+    paths["pb04_reflectance"] = set_band_scaling(
+        write_raster_tagged(root / "s2" / "pb04_reflectance.tif", shifted, crs, tf, S2_L1C_BANDS, {}),
+        scales=[1e-4] * 13, offsets=[-0.1] * 13)
+    order = [b for b in S2_L1C_BANDS if b != "B8A"] + ["B8A"]
+    perm = [S2_L1C_BANDS.index(b) for b in order]
+    paths["reordered"] = write_raster_tagged(root / "s2" / "reordered.tif", dn[perm], crs, tf, order,
+                                             {"PROCESSING_BASELINE": "03.01"})
+    return paths
+
+
+def s2_scene(seed: int = 3, size: int = 40) -> np.ndarray:
+    """uint16 [13, size, size] reflectance x 10000 with a nodata (0) corner; every valid DN >= 1."""
+    rng = np.random.default_rng(seed)
+    dn = rng.integers(1, 6000, (13, size, size)).astype(np.uint16)
+    dn[:, : size // 5, : size // 5] = 0  # outside the swath
+    return dn
+
+
+def write_raster_tagged(path: Path, array: np.ndarray, crs: str, transform, descriptions, tags, *, nodata=0) -> Path:
+    write_geotiff(Path(path), np.asarray(array), crs=crs, transform=transform, nodata=nodata,
+                  descriptions=descriptions, tags=tags or None)
+    return Path(path)
+
+
+def write_s1_linear(path: str | Path, *, seed: int = 4, size: int = 32, declared: bool = False) -> tuple[Path, np.ndarray]:
+    """A Sentinel-1 patch in linear power (sigma0 in 0..1), float32, nodata nan; ``declared`` adds
+    ``UNITS=linear`` as the tag. Returns the path and the linear values."""
+    rng = np.random.default_rng(seed)
+    linear = rng.uniform(0.001, 0.5, (2, size, size)).astype(np.float32)
+    linear[:, :2, :] = np.nan
+    tags = {"UNITS": "linear"} if declared else {"SENSOR": "Sentinel-1 GRD IW"}
+    write_geotiff(Path(path), linear, crs="EPSG:32631", transform=utm_transform(600_000.0, 5_100_000.0),
+                  nodata=float("nan"), descriptions=S1_BANDS, tags=tags)
+    return Path(path), linear
+
+
 def write_bad_roots(out: str | Path) -> dict[str, tuple[Path, Path]]:
     """One broken data root per bad-input case: ``{case: (root, file the error must name)}``."""
     out = Path(out)
@@ -131,6 +211,25 @@ def write_bad_roots(out: str | Path) -> dict[str, tuple[Path, Path]]:
     root = write_dataset(out / "bad_landcover", n_patches=2, modalities=("s2",))
     bad = write_raster(root / "landcover" / "p01.tif", np.zeros((3, 48, 48), np.uint8), nodata=255)
     cases["landcover_band_count"] = (root, bad)
+
+    root = write_dataset(out / "bad_duplicate_band", n_patches=2, modalities=("s2",))
+    names = list(S2_L1C_BANDS)
+    names[9] = "B08"  # B9's slot says B8 again
+    bad = write_raster_tagged(root / "s2" / "p01.tif", s2_scene(5, 48), "EPSG:32633", utm_transform(400_000.0, 4_900_000.0),
+                              names, {})
+    cases["duplicate_band_name"] = (root, bad)
+    root = write_dataset(out / "bad_unknown_band", n_patches=2, modalities=("s2",))
+    names = list(S2_L1C_BANDS)
+    names[10] = "cirrus"
+    bad = write_raster_tagged(root / "s2" / "p01.tif", s2_scene(5, 48), "EPSG:32633", utm_transform(400_000.0, 4_900_000.0),
+                              names, {})
+    cases["unknown_band_name"] = (root, bad)
+    root = write_dataset(out / "bad_s1_linear", n_patches=2, modalities=("s1",))
+    cases["s1_linear"] = (root, write_s1_linear(root / "s1" / "p01.tif")[0])
+    root = write_dataset(out / "bad_harmonize_on", n_patches=2, modalities=("s2",))
+    bad = write_raster_tagged(root / "s2" / "p01.tif", s2_scene(5, 48), "EPSG:32633", utm_transform(400_000.0, 4_900_000.0),
+                              S2_L1C_BANDS, {"PROCESSING_BASELINE": "03.01"})
+    cases["harmonize_on_contradicted"] = (root, bad)
     return cases
 
 
@@ -139,5 +238,7 @@ if __name__ == "__main__":
         sys.exit("usage: python tests/data/eo_sar/make_data.py OUT_DIR")
     target = Path(sys.argv[1])
     print(write_dataset(target / "good"))
+    for name, path in write_s2_encodings(target / "encodings").items():
+        print(f"encoding {name}: {path}")
     for case, (root, named) in write_bad_roots(target).items():
         print(f"{case}: {root} (error names {named})")

@@ -1,0 +1,65 @@
+"""MLflow "model from code": a backbone that takes RAW pixels by band name (no pickle anywhere).
+
+Logged by :func:`domainfm.tracking.log_backbone` for a backbone whose export records its input
+(:class:`domainfm.backbones.InputSpec`: band names, per-band mean/std in e.g. Sentinel-2
+reflectance x 10000 or Sentinel-1 dB). Artifact: ``backbone`` (the domainfm safetensors export).
+
+Input: a dict of named float arrays, one per band, each [N, H, W] in the units of the export
+(the input schema lists the band names). The model aligns the given bands to its own by name
+(order does not matter; a band it expects but is not given is filled with its mean, i.e. 0 after
+normalisation; extra bands are ignored), normalises with its recorded statistics (non-finite
+pixels become 0, the mean), resizes to its input size (bilinear, antialiased when shrinking) and
+returns the pooled embeddings [N, D] (float32).
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+
+
+class RawPixelsBackbone(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from domainfm.backbones import InputSpec, _safetensors_meta, load_backbone
+
+        path = context.artifacts["backbone"]
+        self.spec = InputSpec.from_meta(_safetensors_meta(path), source=path)
+        self.backbone = load_backbone(path).eval()
+
+    def predict(self, context, model_input, params=None):
+        import torch
+        import torch.nn.functional as F
+
+        from domainfm.errors import DomainFMError
+
+        spec = self.spec
+        if not isinstance(model_input, dict):
+            raise ValueError(f"give a dict of [N, H, W] arrays named by band ({', '.join(spec.bands)})")
+        given = {}
+        for name, value in model_input.items():
+            key = str(name).strip().upper()  # B01 -> B1, b8a -> B8A, vv -> VV
+            key = "B" + key[1:].lstrip("0") if key.startswith("B") and len(key) > 2 else key
+            given[key] = np.asarray(value, dtype=np.float32)
+        shared = [b for b in spec.bands if b in given]
+        if not shared:
+            raise DomainFMError(f"the input bands ({', '.join(given)}) and the model bands ({', '.join(spec.bands)}) "
+                                "have no band in common", fix="pass the bands the model was trained on")
+        ref = given[shared[0]]
+        if ref.ndim == 2:
+            given = {k: v[None] for k, v in given.items()}
+            ref = ref[None]
+        x = np.zeros((ref.shape[0], len(spec.bands), *ref.shape[1:]), dtype=np.float32)
+        for i, (band, mean, std) in enumerate(zip(spec.bands, spec.mean, spec.std)):
+            if band in given:
+                x[:, i] = (given[band] - np.float32(mean)) / np.float32(std)
+        x = np.where(np.isfinite(x), x, np.float32(0.0))
+        t = torch.from_numpy(x)
+        size = self.backbone.img_size
+        if t.shape[-2:] != (size, size):
+            shrink = size < t.shape[-2] or size < t.shape[-1]
+            t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+        with torch.no_grad():
+            return self.backbone(t).float().numpy()
+
+
+mlflow.models.set_model(RawPixelsBackbone())
