@@ -154,7 +154,7 @@ def layout_options(command: str) -> list:
     """``--layout`` and the flags of the standard datasets (plugins.eo_sar.layouts)."""
     import click
 
-    from plugins.eo_sar.layouts import EXPECTS, LAYOUTS, VIEWS
+    from plugins.eo_sar.layout_names import EXPECTS, LAYOUTS, VIEWS
 
     opts = [
         click.Option(["--layout"], type=click.Choice(LAYOUTS), default="auto", show_default=True,
