@@ -96,9 +96,10 @@ def test_in_chans_that_disagrees_with_the_modality_is_refused(tmp_path):
 def test_help_shows_the_plugin_flags():
     result = _invoke(["pretrain", "--plugin", "eo-sar", "--help"])
     assert result.exit_code == 0
-    assert "--modality [s2|s1]" in result.stdout and "--label-threshold" in result.stdout
+    assert "--modality [s2|s2-l2a|s1]" in result.stdout and "--label-threshold" in result.stdout
+    assert "--layout [auto|domainfm|ssl4eo-s12|bigearthnet|bigearthnet-v2|eurosat]" in result.stdout
     result = _invoke(["evaluate", "--plugin", "eo-sar", "--help"])
-    assert "--knn-k" in result.stdout and "--test-fraction" in result.stdout
+    assert "--knn-k" in result.stdout and "--test-fraction" in result.stdout and "--train-fraction" in result.stdout
 
 
 def test_plugin_package_imports_without_torch():

@@ -15,7 +15,7 @@ from typing import Any
 
 from domainfm.errors import DomainFMError
 from domainfm.plugins import Plugin
-from plugins.eo_sar.bands import BANDS, CLASS_NAMES, MODALITIES, MODALITY_NAMES
+from plugins.eo_sar.bands import BANDS, CLASS_NAMES, MODALITY_BANDS, MODALITY_NAMES
 
 
 class EOSARPlugin(Plugin):
@@ -32,9 +32,10 @@ class EOSARPlugin(Plugin):
         if command not in ("pretrain", "evaluate"):
             return []
         opts = [
-            click.Option(["--modality"], type=click.Choice(MODALITIES), default="s2", show_default=True,
-                         help="s2: ROOT/s2/*.tif, 13 bands B1..B12 (reflectance x 10000); "
-                              "s1: ROOT/s1/*.tif, VV and VH backscatter in dB."),
+            click.Option(["--modality"], type=click.Choice(tuple(MODALITY_BANDS)), default="s2", show_default=True,
+                         help="s2: Sentinel-2 L1C, 13 bands B1..B12 (reflectance x 10000; ROOT/s2/*.tif, SSL4EO-S12 "
+                              "s2c/, EuroSAT); s2-l2a: L2A, 12 bands without B10 (SSL4EO-S12 s2a/, BigEarthNet); "
+                              "s1: VV and VH backscatter in dB."),
             click.Option(["--label-threshold"], type=click.FloatRange(0.0, 1.0, min_open=True), default=0.01,
                          show_default=True,
                          help="A land-cover class is a label of a patch when it covers at least this "
@@ -50,6 +51,7 @@ class EOSARPlugin(Plugin):
                          help="Normalise with the backbone's recorded per-band mean/std (its training statistics), "
                               "or recompute them from the data. A backbone without statistics uses the data's."),
         ]
+        opts += layout_options(command)
         if command == "evaluate":
             opts += [
                 click.Option(["--test-fraction"], type=click.FloatRange(0.05, 0.95), default=0.3, show_default=True,
@@ -80,11 +82,12 @@ class EOSARPlugin(Plugin):
                     raise DomainFMError(f"--in-chans {given} disagrees with the backbone's {len(plan.model_bands)} bands "
                                         f"({', '.join(plan.model_bands)})", fix="drop --in-chans")
                 return len(plan.model_bands)
-        expected = len(BANDS[modality])
+        bands = MODALITY_BANDS.get(modality, BANDS.get(modality, ()))
+        expected = len(bands)
         given = getattr(cfg, "in_chans", None)
         if given is not None and given != expected:
             raise DomainFMError(f"--in-chans {given} disagrees with --modality {modality}, whose patches have "
-                                f"{expected} bands ({', '.join(BANDS[modality])})",
+                                f"{expected} bands ({', '.join(bands)})",
                                 fix=f"drop --in-chans (eo-sar sets it) or pass --in-chans {expected}")
         return expected
 
@@ -104,15 +107,26 @@ class EOSARPlugin(Plugin):
         return root
 
     def pretrain_datamodule(self, cfg):
+        import click
+
         from plugins.eo_sar.datamodule import EOSARDataModule
 
         self.in_chans(cfg)  # refuses a disagreeing --in-chans before any file is read
         plan = self.input_plan(cfg)
-        dm = EOSARDataModule(self.data_root(cfg), cfg.modality, label_threshold=cfg.label_threshold,
+        root = self.data_root(cfg)
+        radiometry = {"s2_harmonize": getattr(cfg, "s2_harmonize", "auto"), "s1_units": getattr(cfg, "s1_units", "db")}
+        dataset = None
+        if cfg.data:  # a standard dataset (SSL4EO-S12, BigEarthNet, EuroSAT) by its root path
+            from plugins.eo_sar.datasets import BandStats
+            from plugins.eo_sar.layouts import dataset_for, resolve_layout
+
+            if resolve_layout(root, getattr(cfg, "layout", "auto"))[0] != "domainfm":
+                stats = BandStats(plan.mean, plan.std) if plan.mean is not None else None
+                dataset, _ = dataset_for(cfg, root, purpose="pretrain", echo=lambda m: click.echo(m, err=True),
+                                         stats=stats)
+        dm = EOSARDataModule(root, cfg.modality, label_threshold=cfg.label_threshold,
                              img_size=cfg.img_size, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                             radiometry={"s2_harmonize": getattr(cfg, "s2_harmonize", "auto"),
-                                         "s1_units": getattr(cfg, "s1_units", "db")},
-                             plan=plan)
+                             radiometry=radiometry, plan=plan, dataset=dataset)
         dm.setup("fit")  # every file check now, before a model is built
         plan.echo()  # after the checks: a bad file stays the only line
         return dm
@@ -136,6 +150,35 @@ class EOSARPlugin(Plugin):
         from plugins.eo_sar.commands import check_command, plot_command, sample_command
 
         return [check_command, plot_command, sample_command]
+
+
+def layout_options(command: str) -> list:
+    """``--layout`` and the flags of the standard datasets (plugins.eo_sar.layouts)."""
+    import click
+
+    from plugins.eo_sar.layout_names import EXPECTS, LAYOUTS, VIEWS
+
+    opts = [
+        click.Option(["--layout"], type=click.Choice(LAYOUTS), default="auto", show_default=True,
+                     help="Data folder layout; auto recognises it from the contents and says which: "
+                          + "; ".join(f"{k}: {v}" for k, v in EXPECTS.items()) + "."),
+        click.Option(["--labels"], type=click.Path(dir_okay=False), default=None,
+                     help="ssl4eo-s12: multi-labels per location from a CSV (patch_id = location id, one 0/1 "
+                          "column per Dynamic World class)."),
+        click.Option(["--landcover"], type=click.Path(file_okay=False), default=None,
+                     help="ssl4eo-s12: multi-labels from Dynamic World rasters DIR/<location id>.tif "
+                          "(a class is a label when it covers --label-threshold of the map)."),
+    ]
+    if command in ("pretrain", "check", "plot"):
+        opts.append(click.Option(["--views"], type=click.Choice(VIEWS), default=None,
+                                 help="ssl4eo-s12: seasons (default) gives teacher and student two different seasons "
+                                      "of one location; crops gives two crops of one image."))
+    if command == "evaluate":
+        opts.append(click.Option(["--train-fraction"], type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0,
+                                 show_default=True,
+                                 help="Standard datasets: share of the official training split that fits the probes "
+                                      "(seeded; SoftCon's BigEarthNet-10 % protocol is 0.1)."))
+    return opts
 
 
 plugin = EOSARPlugin()

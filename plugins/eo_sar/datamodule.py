@@ -21,7 +21,7 @@ class EOSARDataModule(L.LightningDataModule):
 
     def __init__(self, root: str | Path, modality: str = "s2", *, label_threshold: float = 0.01, img_size: int = 224,
                  batch_size: int = 32, num_workers: int = 0, crop_scale: tuple[float, float] = (0.35, 1.0),
-                 radiometry: dict[str, str] | None = None, plan=None) -> None:
+                 radiometry: dict[str, str] | None = None, plan=None, dataset=None) -> None:
         super().__init__()
         self.root = Path(root)
         self.modality = modality
@@ -33,6 +33,7 @@ class EOSARDataModule(L.LightningDataModule):
         self.dataset: EOSARPatches | None = None
         self.radiometry = dict(radiometry or {})
         self.plan = plan  # plugins.eo_sar.normalization.InputPlan: statistics and band alignment
+        self._given = dataset  # a standard-layout dataset (plugins.eo_sar.layouts) built by the caller
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
@@ -45,6 +46,10 @@ class EOSARDataModule(L.LightningDataModule):
                 views = AlignBands(self.plan.alignment, views)
                 if self.plan.mean is not None:
                     stats = BandStats(self.plan.mean, self.plan.std)
+            if self._given is not None:
+                self._given.transforms = views
+                self.dataset = self._given
+                return
             self.dataset = EOSARPatches(self.root, self.modality, label_threshold=self.label_threshold,
                                         transforms=views, stats=stats, **self.radiometry)
 

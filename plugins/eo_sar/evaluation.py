@@ -156,6 +156,17 @@ def run_evaluation(cfg, plugin) -> dict[str, Any]:
     # the backbone's recorded bands and statistics decide how the data is normalised and aligned
     plan = plugin.input_plan(cfg, source=cfg.model)
     stats = BandStats(plan.mean, plan.std) if plan.mean is not None else None
+    if cfg.data:  # a standard dataset by its root path: official splits (plugins.eo_sar.layout_eval)
+        import click
+
+        from plugins.eo_sar.layouts import dataset_for, resolve_layout
+
+        if resolve_layout(root, getattr(cfg, "layout", "auto"))[0] != "domainfm":
+            from plugins.eo_sar.layout_eval import run_layout_evaluation
+
+            dataset, layout = dataset_for(cfg, root, purpose="evaluate", echo=lambda m: click.echo(m, err=True),
+                                          stats=stats)
+            return run_layout_evaluation(cfg, plugin, dataset, layout, plan=plan)
     dataset = EOSARPatches(root, cfg.modality, label_threshold=cfg.label_threshold, stats=stats,
                            s2_harmonize=getattr(cfg, "s2_harmonize", "auto"),
                            s1_units=getattr(cfg, "s1_units", "db"))  # file checks before the model

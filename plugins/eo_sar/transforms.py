@@ -73,7 +73,8 @@ def augmented_view(image: torch.Tensor, size: int, *, scale: tuple[float, float]
 
 class TwoViews:
     """Sample -> ``{"view_teacher", "view_student", "labels"}``: two independent augmented views
-    (the core masks the student view itself)."""
+    (the core masks the student view itself). A sample with ``image_other`` (another season of the
+    same place, SSL4EO-S12 ``--views seasons``) gives the student its view of that image."""
 
     def __init__(self, size: int, *, scale: tuple[float, float] = (0.35, 1.0)) -> None:
         self.size = size
@@ -83,7 +84,7 @@ class TwoViews:
         image = sample["image"]
         return {
             "view_teacher": augmented_view(image, self.size, scale=self.scale),
-            "view_student": augmented_view(image, self.size, scale=self.scale),
+            "view_student": augmented_view(sample.get("image_other", image), self.size, scale=self.scale),
             "labels": sample["labels"].float(),
         }
 

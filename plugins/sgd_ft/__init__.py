@@ -58,8 +58,13 @@ class SGDFinetunePlugin(Plugin):
             click.Option(["--measure-memory/--no-measure-memory"], default=True, show_default=True,
                          help="Report the peak memory of a training step (CUDA: max allocated; CPU: peak RSS "
                               "growth of a one-off process running two steps of the same model and batch)."),
-            click.Option(["--modality"], type=click.Choice(("s2", "s1")), default="s2", show_default=True,
-                         help="With --task multilabel: Sentinel-2 (13 bands) or Sentinel-1 (VV, VH)."),
+            click.Option(["--modality"], type=click.Choice(("s2", "s2-l2a", "s1")), default="s2", show_default=True,
+                         help="With --task multilabel: Sentinel-2 L1C (13 bands), L2A (12 bands) or Sentinel-1 (VV, VH)."),
+            click.Option(["--layout"], type=click.Choice(("auto", "domainfm", "ssl4eo-s12", "bigearthnet",
+                                                          "bigearthnet-v2", "eurosat")), default="auto",
+                         show_default=True,
+                         help="With --task multilabel: layout of --data (see `domainfm pretrain --plugin eo-sar "
+                              "--help`); standard datasets use their official train/val/test splits."),
             click.Option(["--label-threshold"], type=click.FloatRange(0.0, 1.0, min_open=True), default=0.01,
                          show_default=True,
                          help="With --task multilabel: a land-cover class is a label when it covers at least "

@@ -119,16 +119,32 @@ class EOSARMultilabelDataModule(_Loaders):
     task = MULTILABEL
 
     def __init__(self, root: str | Path, *, modality: str = "s2", label_threshold: float = 0.01, img_size: int,
-                 batch_size: int, num_workers: int = 0, in_chans: int | None = None, seed: int = 0) -> None:
+                 batch_size: int, num_workers: int = 0, in_chans: int | None = None, seed: int = 0,
+                 layout: str = "domainfm") -> None:
         super().__init__(batch_size, num_workers)
-        from plugins.eo_sar.bands import BANDS, CLASS_NAMES
+        from plugins.eo_sar.bands import CLASS_NAMES, MODALITY_BANDS
         from plugins.eo_sar.datasets import EOSARPatches
+        from plugins.eo_sar.layouts import open_layout, resolve_layout
 
         self.root = Path(root)
-        bands = len(BANDS[modality])
+        bands = len(MODALITY_BANDS[modality])
         if in_chans is not None and in_chans != bands:
             raise DomainFMError(f"--in-chans {in_chans} does not match the data: {modality} patches have {bands} bands",
                                 path=self.root / modality, fix=f"pass --in-chans {bands} or drop --in-chans")
+        layout = resolve_layout(self.root, layout)[0]
+        if layout != "domainfm":  # a standard dataset: its official splits and classes
+            patches = open_layout(self.root, layout, modality, purpose="evaluate", label_threshold=label_threshold)
+            self.classes = list(patches.class_names)
+            self.in_chans = bands
+            parts = {s: [i for i in patches.indices_of(s) if patches.labels_of(i) is not None] for s in ("train", "val", "test")}
+            if not parts["train"] or not (parts["val"] or parts["test"]):
+                raise DomainFMError(f"layout {layout} needs labelled patches in its train and val/test splits", path=self.root,
+                                    fix="check the download")
+            self.train_set = _EOSARSubset(patches, parts["train"], img_size)
+            self.val_set = _EOSARSubset(patches, parts["val"] or parts["test"], img_size)
+            self.test_set = _EOSARSubset(patches, parts["test"], img_size) if parts["test"] else None
+            self.patches = patches
+            return
         patches = EOSARPatches(self.root, modality, label_threshold=label_threshold)
         labelled = [i for i in range(len(patches)) if patches.labels_of(i) is not None]
         if len(labelled) < 3:

@@ -116,7 +116,8 @@ def build_datamodule(cfg):
             root = ensure_sample()
         return EOSARMultilabelDataModule(root, modality=cfg.modality, label_threshold=cfg.label_threshold,
                                          img_size=cfg.img_size, batch_size=cfg.batch_size,
-                                         num_workers=cfg.num_workers, in_chans=cfg.in_chans, seed=cfg.seed)
+                                         num_workers=cfg.num_workers, in_chans=cfg.in_chans, seed=cfg.seed,
+                                         layout=getattr(cfg, "layout", "auto") if cfg.data else "domainfm")
     if cfg.data is None:
         raise DomainFMError("sgd-ft needs --data ROOT with train/<class>/ and val/<class>/ image folders",
                             fix="pass --data, or --task multilabel for the eo-sar sample")
