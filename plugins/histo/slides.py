@@ -8,12 +8,12 @@ so slides scanned at 40x and 20x give tiles of the same physical size.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from domainfm.data import read_csv_rows
 from domainfm.errors import DomainFMError
 
 # extensions OpenSlide opens, and plain images read through Pillow
@@ -82,17 +82,13 @@ def open_slide(path: str | Path):
 def read_mpp_csv(path: str | Path) -> dict[str, float]:
     path = Path(path)
     out: dict[str, float] = {}
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"slide_id", "mpp"} <= set(reader.fieldnames):
-            raise DomainFMError("a --slide-mpp CSV needs the columns slide_id,mpp", path=path,
-                                fix="add a header line `slide_id,mpp`")
-        for row in reader:
-            try:
-                out[row["slide_id"]] = float(row["mpp"])
-            except ValueError:
-                raise DomainFMError(f"mpp {row['mpp']!r} of slide {row['slide_id']!r} is not a number",
-                                    path=path, fix="write µm per pixel as a decimal number") from None
+    for row in read_csv_rows(path, ("slide_id", "mpp"), what="--slide-mpp CSV",
+                             fix="add a header line `slide_id,mpp`"):
+        try:
+            out[row["slide_id"]] = float(row["mpp"])
+        except ValueError:
+            raise DomainFMError(f"mpp {row['mpp']!r} of slide {row['slide_id']!r} is not a number",
+                                path=path, fix="write µm per pixel as a decimal number") from None
     return out
 
 
