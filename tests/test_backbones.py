@@ -296,3 +296,31 @@ def test_architecture_mismatch_names_both_architectures(tmp_path, vits14_teacher
         f"architecture mismatch: weights {path} hold 12 blocks of dim 384 (patch 14), --backbone "
         "vit_base_patch14_dinov2 has 2 blocks of dim 768 (patch 14). Fix: pass the --backbone these weights "
         "were trained with (these look like vit_small_patch14_dinov2).")
+
+
+def test_dinov2_teacher_checkpoint_through_the_cli(tmp_path, vits14_teacher, mlflow_store):
+    """``--weights teacher_checkpoint.pth`` as a user passes it: an sgd-ft run at learning rate 0
+    exports exactly the teacher's backbone weights (and none of its DINO/iBOT heads)."""
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from conftest import load_make_data
+    from domainfm.cli import main
+
+    ckpt = tmp_path / "teacher_checkpoint.pth"
+    torch.save(_checkpoint("dinov2_teacher_checkpoint", vits14_teacher), ckpt)
+    data = load_make_data("sgd_ft").write_imagefolder(tmp_path / "data", train=2, val=1, size=28)
+    out = tmp_path / "metrics.json"
+    res = CliRunner().invoke(main, ["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", NAME,
+                                    "--weights", str(ckpt), "--img-size", "28", "--batch-size", "6",
+                                    "--accelerator", "cpu", "--max-steps", "1", "--lr", "0", "--no-measure-memory",
+                                    "--json", str(out)])
+    assert res.exit_code == 0, (res.stderr[-3000:], res.exception)
+    exported = load_file(json.loads(out.read_text())["weights"])
+    backbone = {k[len("backbone.model."):]: v for k, v in exported.items() if k.startswith("backbone.model.")}
+    expected = {k: v for k, v in vits14_teacher.items() if k != "mask_token"}
+    assert sorted(backbone) == sorted(expected)
+    for k, v in expected.items():
+        assert torch.equal(backbone[k], v), k

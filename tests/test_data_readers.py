@@ -203,3 +203,23 @@ def test_sgd_ft_grey16_classes_differ_as_the_raw_data_does(tmp_path):
     # the classes' mean levels, 16-bit, scaled by 65535 and normalised per band
     gap = (readers_data.GREY16_CLASSES["bright"] - readers_data.GREY16_CLASSES["dim"]) / 65535 * np.mean(1 / dm.std)
     assert by_class["bright"] - by_class["dim"] == pytest.approx(gap, rel=0.05)
+
+
+def test_sgd_ft_learns_two_16bit_grey_classes_above_chance(tmp_path, mlflow_store):
+    """The issue's situation through the CLI: a 16-bit greyscale ImageFolder whose classes differ
+    only in intensity. Read as 8-bit RGB every image was white and the run scored chance (0.5)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from domainfm.cli import main
+
+    root = readers_data.grey16_imagefolder(tmp_path / "grey16", size=32, train=8, val=4, test=6)
+    out = tmp_path / "metrics.json"
+    res = CliRunner().invoke(main, ["finetune", "--plugin", "sgd-ft", "--data", str(root), "--backbone", "resnet18",
+                                    "--init", "random", "--img-size", "32", "--batch-size", "8", "--accelerator", "cpu",
+                                    "--max-steps", "12", "--val-every", "4", "--lr", "0.05", "--no-measure-memory",
+                                    "--json", str(out)])
+    assert res.exit_code == 0, (res.stderr[-3000:], res.exception)
+    m = json.loads(out.read_text())
+    assert m["accuracy"] >= 0.9, m  # 12 test images, two balanced classes: chance is 0.5
