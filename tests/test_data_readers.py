@@ -223,3 +223,43 @@ def test_sgd_ft_learns_two_16bit_grey_classes_above_chance(tmp_path, mlflow_stor
     assert res.exit_code == 0, (res.stderr[-3000:], res.exception)
     m = json.loads(out.read_text())
     assert m["accuracy"] >= 0.9, m  # 12 test images, two balanced classes: chance is 0.5
+
+
+def test_sports_reid_16bit_crop_keeps_its_levels(tmp_path):
+    """A 16-bit greyscale crop (levels 300 and 30000) read by the re-id dataset: two levels, not
+    two whites, and the same tensor as the 8-bit crop of the same scene (up to 8-bit rounding)."""
+    import torch
+    from PIL import Image
+
+    from plugins.sports_reid.datasets import ReIDDataset, ReIDRecord
+
+    grey16 = np.full((40, 20), 300, np.uint16)
+    grey16[20:] = 30000
+    Image.fromarray(grey16).save(tmp_path / "crop16.png")
+    grey8 = np.rint(grey16 / 65535 * 255).astype(np.uint8)
+    Image.fromarray(np.repeat(grey8[..., None], 3, 2), "RGB").save(tmp_path / "crop8.png")
+    records = [ReIDRecord(path=tmp_path / n, pid="p1", camera=None, item_id=n) for n in ("crop16.png", "crop8.png")]
+    ds = ReIDDataset(records, img_size=32, mean=(0, 0, 0), std=(1, 1, 1))
+    x16, x8 = ds[0]["image"], ds[1]["image"]
+    assert x16.shape == (3, 32, 32)
+    # 20x40 -> 16x32, centred: columns 8..23; rows 0..15 hold level 300, rows 16..31 level 30000
+    assert torch.allclose(x16[:, 2:14, 10:22], torch.tensor(300 / 65535), atol=1e-5)
+    assert torch.allclose(x16[:, 18:30, 10:22], torch.tensor(30000 / 65535), atol=1e-5)
+    assert (x16[:, :, :8] == 0).all()
+    assert torch.allclose(x16, x8, atol=1 / 255)
+
+
+def test_histo_refuses_a_16bit_plain_image_instead_of_clipping_it(tmp_path):
+    """OpenSlide's ImageSlide would turn a 16-bit image into white RGBA: one line instead."""
+    from PIL import Image
+
+    from plugins.histo.slides import open_slide
+
+    Image.fromarray(np.full((64, 64), 30000, np.uint16)).save(tmp_path / "field16.png")
+    with pytest.raises(DomainFMError) as e:
+        open_slide(tmp_path / "field16.png")
+    assert str(e.value) == (f"{tmp_path / 'field16.png'}: is a uint16 image with 1 band(s); slides are read as 8-bit "
+                            "RGB (brightfield), and converting it would clip its values. Fix: scale it to an 8-bit "
+                            "RGB image first (or give the brightfield scan).")
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8), "RGB").save(tmp_path / "field8.png")
+    assert open_slide(tmp_path / "field8.png").dimensions == (64, 64)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from domainfm.data import read_csv_rows
+from domainfm.data import image_info, read_csv_rows
 from domainfm.errors import DomainFMError
 
 # extensions OpenSlide opens, and plain images read through Pillow
@@ -76,6 +76,12 @@ def open_slide(path: str | Path):
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DomainFMError(f"not a slide OpenSlide reads nor an image Pillow decodes ({e})", path=path,
                             fix="check that the file is complete (truncated downloads fail like this)") from None
+    # OpenSlide's ImageSlide converts to 8-bit RGBA, which clips 16-bit and float images to white
+    info = image_info(path)
+    if info.dtype != "uint8":
+        raise DomainFMError(f"is a {info.dtype} image with {info.bands} band(s); slides are read as 8-bit RGB "
+                            "(brightfield), and converting it would clip its values", path=path,
+                            fix="scale it to an 8-bit RGB image first (or give the brightfield scan)")
     return openslide.ImageSlide(str(path))
 
 
