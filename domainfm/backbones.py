@@ -11,8 +11,9 @@ Where weights come from (``init``):
     Face cache, else the hub. Offline with nothing cached, this fails in seconds (no retry loop)
     with a message naming ``--weights``.
   - a local ``.safetensors`` / ``.pth`` / ``.pt`` file (timm keys, official DINOv2 keys, a
-    Lightning checkpoint of domainfm, or a domainfm export); ``.pth``/``.pt`` load with
-    ``weights_only=True``.
+    Lightning checkpoint of domainfm, a domainfm export, or a training checkpoint that nests the
+    backbone next to heads and optimizer state, e.g. DINOv2's ``teacher_checkpoint.pth``: see
+    :func:`select_backbone_state`); ``.pth``/``.pt`` load with ``weights_only=True``.
   - ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: a backbone logged by domainfm to MLflow.
   - ``torchgeo:ENUM.MEMBER``: a torchgeo weights enum, e.g.
     ``torchgeo:ViTSmall14_DINOv2_Weights.SENTINEL2_ALL_SOFTCON`` (SoftCon's published Sentinel-2
