@@ -72,7 +72,7 @@ def read_csv_rows(path: str | Path, required: Sequence[str] = (), *, what: str =
         raise DomainFMError(f"{what} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})",
                             path=p, fix="save it as 'CSV UTF-8' (Excel: Save As > CSV UTF-8)") from None
     text = text.lstrip("\ufeff")  # a second BOM left by a tool that added one to a file that had one
-    first_line = text.splitlines()[0] if text.strip() else ""
+    first_line = next((line for line in text.splitlines() if line.strip()), "")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=_separator(first_line))
     header: list[str] | None = None
     rows = CSVRows()
