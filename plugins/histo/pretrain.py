@@ -10,7 +10,6 @@ drawn from that list and their multi-hot labels drive the soft term.
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from domainfm.data import read_csv_rows
 from domainfm.errors import DomainFMError
 from plugins.histo import slides as slides_mod
 from plugins.histo import tiling
@@ -53,20 +53,18 @@ def read_tile_labels(path: str | Path) -> tuple[list[str], dict[str, list[tuple[
     path = Path(path)
     if not path.is_file():
         raise DomainFMError("tile labels CSV not found", path=path, fix="give a CSV slide_id,x,y,<label columns>")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = list(reader.fieldnames or [])
-        names = [f for f in fields if f not in ("slide_id", "x", "y")]
-        if not {"slide_id", "x", "y"} <= set(fields) or not names:
-            raise DomainFMError("tile labels need the columns slide_id,x,y and at least one label column", path=path,
-                                fix="write a header like slide_id,x,y,tumor,stroma,necrosis")
-        out: dict[str, list] = {}
-        for line, row in enumerate(reader, start=2):
-            try:
-                vec = np.array([float(row[n] or 0) for n in names], np.float32)
-                out.setdefault(row["slide_id"], []).append((int(float(row["x"])), int(float(row["y"])), vec))
-            except ValueError:
-                raise DomainFMError(f"line {line}: x, y and labels must be numbers", path=path) from None
+    fix = "write a header like slide_id,x,y,tumor,stroma,necrosis"
+    rows = read_csv_rows(path, ("slide_id", "x", "y"), what="tile labels CSV", fix=fix)
+    names = [f for f in rows.columns if f not in ("slide_id", "x", "y")]
+    if not names:
+        raise DomainFMError("tile labels need at least one label column besides slide_id,x,y", path=path, fix=fix)
+    out: dict[str, list] = {}
+    for line, row in zip(rows.lines, rows):
+        try:
+            vec = np.array([float(row[n] or 0) for n in names], np.float32)
+            out.setdefault(row["slide_id"], []).append((int(float(row["x"])), int(float(row["y"])), vec))
+        except ValueError:
+            raise DomainFMError(f"line {line}: x, y and labels must be numbers", path=path) from None
     return names, out
 
 

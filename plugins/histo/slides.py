@@ -8,12 +8,12 @@ so slides scanned at 40x and 20x give tiles of the same physical size.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from domainfm.data import image_info, read_csv_rows
 from domainfm.errors import DomainFMError
 
 # extensions OpenSlide opens, and plain images read through Pillow
@@ -76,23 +76,25 @@ def open_slide(path: str | Path):
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DomainFMError(f"not a slide OpenSlide reads nor an image Pillow decodes ({e})", path=path,
                             fix="check that the file is complete (truncated downloads fail like this)") from None
+    # OpenSlide's ImageSlide converts to 8-bit RGBA, which clips 16-bit and float images to white
+    info = image_info(path)
+    if info.dtype != "uint8":
+        raise DomainFMError(f"is a {info.dtype} image with {info.bands} band(s); slides are read as 8-bit RGB "
+                            "(brightfield), and converting it would clip its values", path=path,
+                            fix="scale it to an 8-bit RGB image first (or give the brightfield scan)")
     return openslide.ImageSlide(str(path))
 
 
 def read_mpp_csv(path: str | Path) -> dict[str, float]:
     path = Path(path)
     out: dict[str, float] = {}
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"slide_id", "mpp"} <= set(reader.fieldnames):
-            raise DomainFMError("a --slide-mpp CSV needs the columns slide_id,mpp", path=path,
-                                fix="add a header line `slide_id,mpp`")
-        for row in reader:
-            try:
-                out[row["slide_id"]] = float(row["mpp"])
-            except ValueError:
-                raise DomainFMError(f"mpp {row['mpp']!r} of slide {row['slide_id']!r} is not a number",
-                                    path=path, fix="write µm per pixel as a decimal number") from None
+    for row in read_csv_rows(path, ("slide_id", "mpp"), what="--slide-mpp CSV",
+                             fix="add a header line `slide_id,mpp`"):
+        try:
+            out[row["slide_id"]] = float(row["mpp"])
+        except ValueError:
+            raise DomainFMError(f"mpp {row['mpp']!r} of slide {row['slide_id']!r} is not a number",
+                                path=path, fix="write µm per pixel as a decimal number") from None
     return out
 
 
