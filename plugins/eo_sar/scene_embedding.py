@@ -138,7 +138,7 @@ class SceneGrid:
         from affine import Affine
 
         off = (self.window - self.stride) / 2
-        return transform * Affine.translation(off, off) * Affine.scale(self.pixel)
+        return transform @ Affine.translation(off, off) @ Affine.scale(self.pixel)
 
     @property
     def window_rows_per_tile_row(self) -> int:
@@ -581,6 +581,34 @@ def _stretch(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out
 
 
+def decimated_read(path: Path, max_px: int = PREVIEW_MAX_PX, *, masked: bool = False) -> np.ndarray:
+    """All bands of ``path`` resampled (nearest) so that the longer side is at most ``max_px``:
+    [C, h, w]. Read in pieces of about 512 x 2048 scene pixels, the file reopened for each, so GDAL's
+    block cache never holds more than a piece (memory does not grow with the scene). ``masked``: a
+    masked array (the file's nodata masked)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(path) as src:
+        H, W, C = src.height, src.width, src.count
+    f = min(1.0, max_px / max(H, W))
+    h, w = max(1, round(H * f)), max(1, round(W * f))
+    step_y, step_x = max(1, round(512 * h / H)), max(1, round(2048 * w / W))  # output px per piece
+    rows = []
+    for y0 in range(0, h, step_y):
+        y1 = min(h, y0 + step_y)
+        top, bottom = round(y0 * H / h), round(y1 * H / h)
+        row = []
+        for x0 in range(0, w, step_x):
+            x1 = min(w, x0 + step_x)
+            left, right = round(x0 * W / w), round(x1 * W / w)
+            with rasterio.open(path) as src:
+                row.append(src.read(window=Window(left, top, right - left, bottom - top),
+                                    out_shape=(C, y1 - y0, x1 - x0), masked=masked))
+        rows.append(np.ma.concatenate(row, axis=2) if masked else np.concatenate(row, axis=2))
+    return np.ma.concatenate(rows, axis=1) if masked else np.concatenate(rows, axis=1)
+
+
 def scene_thumbnail(sp: ScenePlan, max_px: int = PREVIEW_MAX_PX) -> np.ndarray:
     """An RGB thumbnail [h, w, 3] in 0..1 (S2 B4/B3/B2, S1 VV/VH/VV-VH), read decimated by rasterio
     (overviews when the file has them); 2-98 % stretch."""
@@ -590,10 +618,8 @@ def scene_thumbnail(sp: ScenePlan, max_px: int = PREVIEW_MAX_PX) -> np.ndarray:
     from plugins.eo_sar.radiometry import band_names_from_descriptions
 
     with rasterio.open(sp.path) as src:
-        f = min(1.0, max_px / max(src.height, src.width))
-        shape = (max(1, round(src.height * f)), max(1, round(src.width * f)))
         names = band_names_from_descriptions(sp.path, src.descriptions, sp.modality) or MODALITY_BANDS[sp.modality]
-        data = src.read(out_shape=(src.count, *shape), masked=True).astype(np.float32)
+    data = decimated_read(sp.path, max_px, masked=True).astype(np.float32)
     valid = ~np.ma.getmaskarray(data).any(axis=0)
     data = np.ma.getdata(data)
     if "B4" in names and "B3" in names and "B2" in names:
@@ -609,12 +635,8 @@ def scene_thumbnail(sp: ScenePlan, max_px: int = PREVIEW_MAX_PX) -> np.ndarray:
 def preview_components(tif: Path, max_px: int = PREVIEW_MAX_PX) -> tuple[np.ndarray, np.ndarray]:
     """The first three principal components of an embedding GeoTIFF, read decimated, as RGB
     [h, w, 3] in 0..1, and its valid mask."""
-    import rasterio
-
-    with rasterio.open(tif) as src:
-        f = min(1.0, max_px / max(src.height, src.width))
-        shape = (max(1, round(src.height * f)), max(1, round(src.width * f)))
-        x = np.moveaxis(src.read(out_shape=(src.count, *shape)), 0, -1).astype(np.float64)
+    x = np.moveaxis(decimated_read(tif, max_px), 0, -1).astype(np.float64)
+    shape = x.shape[:2]
     valid = np.isfinite(x).all(axis=-1)
     pcs = np.zeros((*shape, 3))
     v = x[valid]
@@ -684,10 +706,11 @@ class EmbedJob:
         return tags
 
 
-def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings) -> EmbedJob:
+def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings, *, backbone=None) -> EmbedJob:
     """Load the model and check every scene and setting before anything is written (one-line
     DomainFMError for: bands not alignable, a window larger than a scene, a bad --tome-r,
-    --dense on a non-ViT or with token merging, --dims out of range)."""
+    --dense on a non-ViT or with token merging, --dims out of range). ``backbone``: an already
+    built Backbone carrying ``input_spec`` instead of loading ``s.model``."""
     from domainfm.backbones import load_backbone
 
     if not scenes:
@@ -698,7 +721,8 @@ def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings) -> EmbedJob:
         raise DomainFMError(f"--dims {s.dims} must be at least 1", fix="pass --dims 1 or more, or drop it")
     if not 0.0 <= s.nodata_fraction <= 1.0:
         raise DomainFMError("--nodata-fraction must be within 0..1")
-    backbone = load_backbone(s.model, img_size=s.window)
+    if backbone is None:  # benchmarks pass one already built (e.g. fewer blocks)
+        backbone = load_backbone(s.model, img_size=s.window)
     spec = getattr(backbone, "input_spec", None)
     patch = backbone.patch_size if backbone.is_vit else None
     if s.tome_r:
