@@ -124,9 +124,14 @@ def write_outputs(tiles: TileSet, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def remove_outputs(out_dir: str | Path, sid: str) -> None:
-    """Remove a slide's coords and thumbnail (after it failed in this run)."""
-    coords_path(out_dir, sid).unlink(missing_ok=True)
-    thumbnail_path(out_dir, sid).unlink(missing_ok=True)
+    """Remove a slide's coords and thumbnail (after it failed in this run); never raises, so the
+    slide's own error is the one reported."""
+    for p in (coords_path(out_dir, sid), thumbnail_path(out_dir, sid)):
+        try:
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+        except OSError:
+            pass
 
 
 def h5_attrs(obj) -> dict[str, Any]:
