@@ -67,9 +67,12 @@ def test_mixed_batch_with_workers_never_hangs_and_matches_no_workers(batch, weig
     expected = read_features(tmp_path / "ref")
     assert set(expected) == {"a_pyramid", "b_crop", "c_blank"}
     assert len(expected["a_pyramid"][1]) > 3 and len(expected["c_blank"][1]) == 0  # blank glass: no tile
-    for run in range(3):
+    # three runs reusing the coords, then one that tiles as it goes (the next slide is prepared in a
+    # thread while this one's workers start)
+    tile_now = [a for a in args if a not in ("--coords", str(batch / "tiles"))]
+    for run, run_args in enumerate([args, args, args, tile_now]):
         out = tmp_path / f"run{run}"
-        res = CliRunner().invoke(embed_command, [*args, "--out", str(out), "--num-workers", "2"])
+        res = CliRunner().invoke(embed_command, [*run_args, "--out", str(out), "--num-workers", "2"])
         assert res.exit_code == 0, res.output
         got = read_features(out)
         assert set(got) == set(expected)
