@@ -382,6 +382,11 @@ def _backbone_class():
 
             self.data_config = resolve_data_config({}, model=model)
 
+        @property
+        def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+            """(mean, std) per channel for inputs scaled to [0, 1]: see :func:`input_normalization`."""
+            return input_normalization(self)
+
         def add_mask_token(self) -> None:
             if self.is_vit and self.mask_token is None:
                 self.mask_token = nn.Parameter(torch.zeros(1, 1, self.model.embed_dim))
@@ -444,6 +449,58 @@ def _backbone_class():
 
 def Backbone(*args, **kwargs):  # noqa: N802 - builds the class on first use: no torch at import time
     return _backbone_class()(*args, **kwargs)
+
+
+IMAGENET_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def input_normalization(source) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The one answer to "how are this backbone's inputs normalised": per-channel ``(mean, std)``
+    for pixel values scaled to [0, 1], as the weights were trained with (``(x - mean) / std``).
+
+    ``source``: a :class:`Backbone`, a timm model, or a timm model name (``arch`` or ``arch.tag``),
+    so that data pipelines built before the model (pretraining) agree with those built after
+    (embedding, evaluation). Read from timm's pretrained config (``pretrained_cfg`` mean/std):
+    OpenAI CLIP's statistics for CLIP architectures, ImageNet's for DINOv2 and most CNNs;
+    ImageNet's when the config names none.
+    """
+    cfg = None
+    if isinstance(source, str):
+        import timm
+
+        for name in (source, source.split(".")[0]):
+            try:
+                cfg = timm.models.get_pretrained_cfg(name)
+            except Exception:  # noqa: BLE001 - an unknown name or tag: try the architecture
+                cfg = None
+            if cfg is not None:
+                break
+        cfg = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else (cfg.__dict__ if cfg is not None else {})
+    else:
+        data_config = getattr(source, "data_config", None)
+        if isinstance(data_config, dict):
+            cfg = data_config
+        else:
+            model = getattr(source, "model", source)
+            cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if not mean or not std:
+        return IMAGENET_NORMALIZATION
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def backbone_name(cfg: "RunConfig") -> str:
+    """The architecture a run builds: the one a ``--weights`` export or ``models:/`` names in its
+    metadata, else ``--backbone`` (as :func:`backbone_from_config` decides)."""
+    if cfg.weights:
+        path = _download_registered(cfg.weights) if cfg.weights.startswith("models:/") else Path(cfg.weights)
+        return _safetensors_meta(path).get("domainfm_name") or cfg.backbone
+    return cfg.backbone
+
+
+def normalization_for_config(cfg: "RunConfig") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """:func:`input_normalization` of the backbone ``cfg`` will build, without building it."""
+    return input_normalization(backbone_name(cfg))
 
 
 def embedding_parameter_names(model, *, with_pos_embed: bool = False) -> list[str]:
