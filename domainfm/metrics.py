@@ -222,26 +222,109 @@ def multilabel_average_precision(scores, targets) -> dict[str, Any]:
     return {"macro": float(np.mean(valid)), "micro": micro, "per_class": per_class}
 
 
-def roc_auc_ci(y_true, y_score, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """ROC AUC with a percentile bootstrap confidence interval (resampling cases with
-    replacement; resamples holding a single class are redrawn, since AUC is undefined there)."""
+SCORE_TIE_TOL = 1e-6
+"""Scores closer than this (relative to the larger of 1 and the largest magnitude) are ties: about
+8 float32 ulps at 1.0, above the rounding noise of a float32 forward pass (a probability that
+"differs" by 1e-7 between two slides carries no ranking)."""
+
+
+def tie_scores(scores, tol: float = SCORE_TIE_TOL):
+    """``scores`` [N] (or [N, C], column by column) with differences below floating-point noise
+    made exact ties: sorted values join the group of the first value less than ``tol`` (scaled by
+    ``max(1, max|score|)``) below them, and take that value. Returns float64 of the same shape."""
     import numpy as np
-    from sklearn.metrics import roc_auc_score
+
+    s = np.array(scores, dtype=np.float64)
+    if s.ndim == 2:
+        return np.stack([tie_scores(s[:, k], tol) for k in range(s.shape[1])], axis=1)
+    if s.size == 0:
+        return s
+    order = np.argsort(s, kind="stable")
+    v = s[order]
+    scale = tol * max(1.0, float(np.abs(v).max()))
+    out = v.copy()
+    lead = v[0]
+    for i in range(1, len(v)):  # a group is at most ``scale`` wide: noise never chains far
+        if v[i] - lead < scale:
+            out[i] = lead
+        else:
+            lead = v[i]
+    res = np.empty_like(s)
+    res[order] = out
+    return res
+
+
+def is_constant(scores, tol: float = SCORE_TIE_TOL) -> bool:
+    """True when every score (every row of a [N, C] array) is the same up to floating-point noise:
+    a model that gives every case one probability has ranked nothing."""
+    import numpy as np
+
+    s = np.asarray(scores, dtype=np.float64)
+    if s.size == 0:
+        return True
+    s = s.reshape(len(s), -1)
+    spread = s.max(axis=0) - s.min(axis=0)
+    return bool((spread < tol * max(1.0, float(np.abs(s).max()))).all())
+
+
+def _auc_inputs(y_true, y_score):
+    import numpy as np
 
     y = np.asarray(y_true).astype(int)
     p = np.asarray(y_score, dtype=np.float64)
+    if p.ndim == 2 and p.shape[1] == 2:  # two-class probabilities: the positive column ranks
+        p = p[:, 1]
+    if p.ndim not in (1, 2) or len(p) != len(y):
+        raise DomainFMError(f"AUC needs one score (or one row of class probabilities) per case: "
+                            f"{len(y)} labels, scores of shape {p.shape}")
+    return y, tie_scores(p)
+
+
+def _auc(y, p) -> float:
+    """AUC of already tie-collapsed scores: binary, or macro one-vs-rest over the columns."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    if p.ndim == 1:
+        return float(roc_auc_score(y, p))
+    return float(roc_auc_score(y, p, multi_class="ovr", average="macro", labels=np.arange(p.shape[1])))
+
+
+def roc_auc(y_true, y_score) -> float:
+    """ROC AUC of scores [N] (binary, label 1 positive), or of class probabilities [N, C] (two
+    columns: the second ranks; more: macro one-vs-rest, rows summing to 1). Scores that differ by
+    less than floating-point noise are ties (see :func:`tie_scores`), so constant predictions score
+    0.5, never 0 or 1 by rounding luck. NaN when the cases hold a single class."""
+    import numpy as np
+
+    y, p = _auc_inputs(y_true, y_score)
     if len(np.unique(y)) < 2:
+        return float("nan")
+    return _auc(y, p)
+
+
+def roc_auc_ci(y_true, y_score, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """ROC AUC (as :func:`roc_auc`: [N] scores or [N, C] probabilities, noise-level differences
+    tied) with a percentile bootstrap confidence interval (resampling cases with replacement;
+    resamples missing a class are redrawn, since AUC is undefined there).
+
+    Raises DomainFMError when the cases hold a single class."""
+    import numpy as np
+
+    y, p = _auc_inputs(y_true, y_score)
+    n_classes = len(np.unique(y))
+    if n_classes < 2:
         raise DomainFMError("AUC needs both classes among the cases, found one",
                             fix="evaluate on a cohort with positive and negative cases")
-    auc = float(roc_auc_score(y, p))
+    auc = _auc(y, p)
     rng = np.random.default_rng(seed)
     stats = []
     n = len(y)
     while len(stats) < n_boot:
         idx = rng.integers(0, n, n)
-        if y[idx].min() == y[idx].max():
+        if len(np.unique(y[idx])) < n_classes:
             continue
-        stats.append(roc_auc_score(y[idx], p[idx]))
+        stats.append(_auc(y[idx], p[idx]))
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
     return auc, float(lo), float(hi)
