@@ -281,6 +281,10 @@ def test_a_run_shorter_than_an_epoch_ends_with_a_validation_and_its_metrics(tmp_
     # one validation per --val-every, and the final weights validated at the last step
     assert len(history) == len(validated_at) and history[-1].step == steps
     assert m["val_accuracy"] == max(h.value for h in history) and m["best_step"] in validated_at
+    # a fine-tuning run logs fine-tuning settings and its plugin's options, none of pretraining's
+    params = client.get_run(m["mlflow_run_id"]).data.params
+    assert params["init"] == "random" and params["patience"] == "5" and params["command"] == "finetune"
+    assert not {"mask_ratio", "ema_momentum", "temperature", "model"} & set(params)
 
 
 def test_compare_summary_names_the_arm_that_won_and_reports_its_numbers():
