@@ -69,7 +69,7 @@ def _sorted_candidates(d, hardest, rows_per_sort: int = 16):
 
 
 def retrieval_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_cams=None,
-                      max_rank: int = 10) -> dict[str, Any]:
+                      max_rank: int = 10, *, camera_rule_off: str | None = None) -> dict[str, Any]:
     """Re-identification metrics of a query x gallery distance matrix (smaller = more similar).
 
     Returns ``{"mAP", "cmc", "mINP", "num_queries", "num_skipped"}``: mAP and mINP as fractions in
@@ -78,7 +78,8 @@ def retrieval_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_
     - Cameras (Market-1501 protocol): when given, gallery items with the query's id *and* camera
       are removed for that query (the same view is not a re-identification).
     - A query without any valid match is skipped and counted in ``num_skipped``; if every query is
-      skipped a DomainFMError is raised.
+      skipped a DomainFMError is raised, which says when the camera rule is the cause and how to
+      turn it off (``camera_rule_off``: the caller's flag, e.g. ``--no-same-camera-rule``).
     - Ties: AP treats a group of equal distances as one threshold, exactly like
       ``sklearn.metrics.average_precision_score``; a match tied with non-matches is ranked after
       them for CMC and mINP (the pessimistic order), so results never depend on sort stability.
@@ -184,8 +185,16 @@ def retrieval_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_
     valid = n_pos > 0
     n_valid = int(valid.sum())
     if n_valid == 0:
-        why = " with a different camera" if use_cams else ""
-        raise DomainFMError(f"none of the {n_query} queries has a matching gallery item{why}",
+        if use_cams and (id_count[q_ids] > 0).any():
+            # the ids match: it is the same-camera rule that left nothing to find
+            cams = np.unique(np.concatenate([q_cams, g_cams]))
+            seen = (f"every crop comes from one camera ({qc_raw[0]})" if len(cams) == 1 else
+                    "each query's player is in the gallery only under the query's own camera")
+            off = camera_rule_off or "call without query_cams and gallery_cams"
+            raise DomainFMError(f"the same-camera rule removed every match: {seen}, and gallery crops of a "
+                                f"query's player taken by the query's camera do not count",
+                                fix=f"turn the rule off with {off}, or add gallery crops from other cameras")
+        raise DomainFMError(f"none of the {n_query} queries has a matching gallery item",
                             fix="check that query and gallery ids name the same players")
     ranks = np.arange(1, min(max_rank, n_gallery) + 1)
     cmc = (first_rank[valid, None] <= ranks[None, :]).mean(axis=0)
