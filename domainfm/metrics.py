@@ -190,10 +190,11 @@ def retrieval_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_
             cams = np.unique(np.concatenate([q_cams, g_cams]))
             seen = (f"every crop comes from one camera ({qc_raw[0]})" if len(cams) == 1 else
                     "each query's player is in the gallery only under the query's own camera")
-            off = camera_rule_off or "call without query_cams and gallery_cams"
+            off = (f"turn the rule off with {camera_rule_off}" if camera_rule_off else
+                   "turn the rule off by giving no query_cams and gallery_cams")
             raise DomainFMError(f"the same-camera rule removed every match: {seen}, and gallery crops of a "
                                 f"query's player taken by the query's camera do not count",
-                                fix=f"turn the rule off with {off}, or add gallery crops from other cameras")
+                                fix=f"{off}, or add gallery crops from other cameras")
         raise DomainFMError(f"none of the {n_query} queries has a matching gallery item",
                             fix="check that query and gallery ids name the same players")
     ranks = np.arange(1, min(max_rank, n_gallery) + 1)
