@@ -296,7 +296,8 @@ def print_table(rows: list[dict[str, Any]], *, winner: str | None = None, select
     for col in ("arm", "lr", rows[0]["metric"], "trainable params", "frozen params", "optimizer state", "peak memory"):
         table.add_column(col, justify="left" if col == "arm" else "right", no_wrap=col == "arm")
     for r in rows:
-        table.add_row(r["arm"] + (" (winner)" if r["arm"] == winner else ""), f"{r['lr']:g}", f"{r['value']:.4f}", f"{r['trainable_params']:,}",
+        name = r["arm"] + (" (winner)" if r["arm"] == winner else "")
+        table.add_row(name, f"{r['lr']:g}", f"{r['value']:.4f}", f"{r['trainable_params']:,}",
                       f"{r['frozen_params']:,}", _human_bytes(r["optimizer_state_bytes"]),
                       _human_bytes(r["peak_memory_bytes"]))
     Console(stderr=True).print(table)
