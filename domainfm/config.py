@@ -97,6 +97,15 @@ class RunConfig:
         d.update(self.options)
         return d
 
+    def command_dict(self) -> dict[str, Any]:
+        """The settings this run's command uses: ``command``, the core fields that are flags of that
+        command (an ``evaluate`` run has no --init, --img-size or --mask-ratio to report) and the
+        plugin's options. This is what a run logs as its params and config.yaml."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name == "command" or self.command in f.metadata.get("commands", ())}
+        d.update(self.options)
+        return d
+
     def replace(self, **changes: Any) -> "RunConfig":
         core = {k: v for k, v in changes.items() if k in CORE_FIELDS}
         opts = {**self.options, **{k: v for k, v in changes.items() if k not in CORE_FIELDS}}

@@ -69,7 +69,7 @@ def _sorted_candidates(d, hardest, rows_per_sort: int = 16):
 
 
 def retrieval_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_cams=None,
-                      max_rank: int = 10) -> dict[str, Any]:
+                      max_rank: int = 10, *, camera_rule_off: str | None = None) -> dict[str, Any]:
     """Re-identification metrics of a query x gallery distance matrix (smaller = more similar).
 
     Returns ``{"mAP", "cmc", "mINP", "num_queries", "num_skipped"}``: mAP and mINP as fractions in
@@ -78,7 +78,8 @@ def retrieval_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_
     - Cameras (Market-1501 protocol): when given, gallery items with the query's id *and* camera
       are removed for that query (the same view is not a re-identification).
     - A query without any valid match is skipped and counted in ``num_skipped``; if every query is
-      skipped a DomainFMError is raised.
+      skipped a DomainFMError is raised, which says when the camera rule is the cause and how to
+      turn it off (``camera_rule_off``: the caller's flag, e.g. ``--no-same-camera-rule``).
     - Ties: AP treats a group of equal distances as one threshold, exactly like
       ``sklearn.metrics.average_precision_score``; a match tied with non-matches is ranked after
       them for CMC and mINP (the pessimistic order), so results never depend on sort stability.
@@ -184,8 +185,17 @@ def retrieval_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_
     valid = n_pos > 0
     n_valid = int(valid.sum())
     if n_valid == 0:
-        why = " with a different camera" if use_cams else ""
-        raise DomainFMError(f"none of the {n_query} queries has a matching gallery item{why}",
+        if use_cams and (id_count[q_ids] > 0).any():
+            # the ids match: it is the same-camera rule that left nothing to find
+            cams = np.unique(np.concatenate([q_cams, g_cams]))
+            seen = (f"every crop comes from one camera ({qc_raw[0]})" if len(cams) == 1 else
+                    "each query's player is in the gallery only under the query's own camera")
+            off = (f"turn the rule off with {camera_rule_off}" if camera_rule_off else
+                   "turn the rule off by giving no query_cams and gallery_cams")
+            raise DomainFMError(f"the same-camera rule removed every match: {seen}, and gallery crops of a "
+                                f"query's player taken by the query's camera do not count",
+                                fix=f"{off}, or add gallery crops from other cameras")
+        raise DomainFMError(f"none of the {n_query} queries has a matching gallery item",
                             fix="check that query and gallery ids name the same players")
     ranks = np.arange(1, min(max_rank, n_gallery) + 1)
     cmc = (first_rank[valid, None] <= ranks[None, :]).mean(axis=0)
@@ -222,26 +232,109 @@ def multilabel_average_precision(scores, targets) -> dict[str, Any]:
     return {"macro": float(np.mean(valid)), "micro": micro, "per_class": per_class}
 
 
-def roc_auc_ci(y_true, y_score, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """ROC AUC with a percentile bootstrap confidence interval (resampling cases with
-    replacement; resamples holding a single class are redrawn, since AUC is undefined there)."""
+SCORE_TIE_TOL = 1e-6
+"""Scores closer than this (relative to the larger of 1 and the largest magnitude) are ties: about
+8 float32 ulps at 1.0, above the rounding noise of a float32 forward pass (a probability that
+"differs" by 1e-7 between two slides carries no ranking)."""
+
+
+def tie_scores(scores, tol: float = SCORE_TIE_TOL):
+    """``scores`` [N] (or [N, C], column by column) with differences below floating-point noise
+    made exact ties: sorted values join the group of the first value less than ``tol`` (scaled by
+    ``max(1, max|score|)``) below them, and take that value. Returns float64 of the same shape."""
     import numpy as np
-    from sklearn.metrics import roc_auc_score
+
+    s = np.array(scores, dtype=np.float64)
+    if s.ndim == 2:
+        return np.stack([tie_scores(s[:, k], tol) for k in range(s.shape[1])], axis=1)
+    if s.size == 0:
+        return s
+    order = np.argsort(s, kind="stable")
+    v = s[order]
+    scale = tol * max(1.0, float(np.abs(v).max()))
+    out = v.copy()
+    lead = v[0]
+    for i in range(1, len(v)):  # a group is at most ``scale`` wide: noise never chains far
+        if v[i] - lead < scale:
+            out[i] = lead
+        else:
+            lead = v[i]
+    res = np.empty_like(s)
+    res[order] = out
+    return res
+
+
+def is_constant(scores, tol: float = SCORE_TIE_TOL) -> bool:
+    """True when every score (every row of a [N, C] array) is the same up to floating-point noise:
+    a model that gives every case one probability has ranked nothing."""
+    import numpy as np
+
+    s = np.asarray(scores, dtype=np.float64)
+    if s.size == 0:
+        return True
+    s = s.reshape(len(s), -1)
+    spread = s.max(axis=0) - s.min(axis=0)
+    return bool((spread < tol * max(1.0, float(np.abs(s).max()))).all())
+
+
+def _auc_inputs(y_true, y_score):
+    import numpy as np
 
     y = np.asarray(y_true).astype(int)
     p = np.asarray(y_score, dtype=np.float64)
+    if p.ndim == 2 and p.shape[1] == 2:  # two-class probabilities: the positive column ranks
+        p = p[:, 1]
+    if p.ndim not in (1, 2) or len(p) != len(y):
+        raise DomainFMError(f"AUC needs one score (or one row of class probabilities) per case: "
+                            f"{len(y)} labels, scores of shape {p.shape}")
+    return y, tie_scores(p)
+
+
+def _auc(y, p) -> float:
+    """AUC of already tie-collapsed scores: binary, or macro one-vs-rest over the columns."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    if p.ndim == 1:
+        return float(roc_auc_score(y, p))
+    return float(roc_auc_score(y, p, multi_class="ovr", average="macro", labels=np.arange(p.shape[1])))
+
+
+def roc_auc(y_true, y_score) -> float:
+    """ROC AUC of scores [N] (binary, label 1 positive), or of class probabilities [N, C] (two
+    columns: the second ranks; more: macro one-vs-rest, rows summing to 1). Scores that differ by
+    less than floating-point noise are ties (see :func:`tie_scores`), so constant predictions score
+    0.5, never 0 or 1 by rounding luck. NaN when the cases hold a single class."""
+    import numpy as np
+
+    y, p = _auc_inputs(y_true, y_score)
     if len(np.unique(y)) < 2:
+        return float("nan")
+    return _auc(y, p)
+
+
+def roc_auc_ci(y_true, y_score, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """ROC AUC (as :func:`roc_auc`: [N] scores or [N, C] probabilities, noise-level differences
+    tied) with a percentile bootstrap confidence interval (resampling cases with replacement;
+    resamples missing a class are redrawn, since AUC is undefined there).
+
+    Raises DomainFMError when the cases hold a single class."""
+    import numpy as np
+
+    y, p = _auc_inputs(y_true, y_score)
+    n_classes = len(np.unique(y))
+    if n_classes < 2:
         raise DomainFMError("AUC needs both classes among the cases, found one",
                             fix="evaluate on a cohort with positive and negative cases")
-    auc = float(roc_auc_score(y, p))
+    auc = _auc(y, p)
     rng = np.random.default_rng(seed)
     stats = []
     n = len(y)
     while len(stats) < n_boot:
         idx = rng.integers(0, n, n)
-        if y[idx].min() == y[idx].max():
+        if len(np.unique(y[idx])) < n_classes:
             continue
-        stats.append(roc_auc_score(y[idx], p[idx]))
+        stats.append(_auc(y[idx], p[idx]))
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
     return auc, float(lo), float(hi)

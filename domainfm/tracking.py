@@ -1,7 +1,8 @@
 """The one place that talks to MLflow.
 
 Without ``MLFLOW_TRACKING_URI`` runs go to ``sqlite:///mlruns/mlflow.db`` with artifacts under
-``mlruns/artifacts`` in the current folder (MLflow 3 refuses the old ``./mlruns`` file store).
+``mlruns/artifacts`` in the current folder (MLflow 3 refuses the old ``./mlruns`` file store); with
+``MLFLOW_TRACKING_URI=sqlite:///PATH/mlflow.db`` artifacts go to ``PATH/artifacts``.
 Everything else in domainfm calls these helpers, so the store, the experiment naming and the
 model format are decided here once.
 """
@@ -62,6 +63,26 @@ def configure() -> str:
     return uri
 
 
+def artifact_root(uri: str | None = None) -> str | None:
+    """Where a new experiment's artifacts go: beside a sqlite store, ``<folder of the .db>/artifacts``
+    (the default store's is ``mlruns/artifacts``), whatever folder the command runs from, so that
+    ``mlflow ui --backend-store-uri sqlite:///PATH/mlflow.db`` finds every file the runs wrote.
+    None for a server or another database: the server decides."""
+    from urllib.parse import unquote
+
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    # sqlite:///rel/path.db is relative to the working folder, sqlite:////abs/path.db absolute
+    path = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    if not path or path == ":memory:":
+        return None
+    db = Path(path)
+    if not db.is_absolute():
+        db = Path.cwd() / db
+    return (db.parent.resolve() / "artifacts").as_uri()
+
+
 def experiment_id(name: str) -> str:
     import mlflow
 
@@ -70,8 +91,7 @@ def experiment_id(name: str) -> str:
         exp = mlflow.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        artifact_location = (_local_root() / "artifacts").as_uri() if _is_default_store() else None
-        return mlflow.create_experiment(name, artifact_location=artifact_location)
+        return mlflow.create_experiment(name, artifact_location=artifact_root())
     except DomainFMError:
         raise
     except Exception as e:
@@ -110,11 +130,13 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def log_config(cfg: "RunConfig") -> None:
-    """The resolved config, as params (searchable) and as config.yaml (re-runnable)."""
+    """The resolved settings of the run's command (no other command's fields), as params
+    (searchable) and as config.yaml (re-runnable with ``--config``)."""
     import mlflow
     import yaml
 
-    params = _flatten(cfg.to_dict())
+    settings = cfg.command_dict()
+    params = _flatten(settings)
     run = mlflow.active_run()
     existing = mlflow.get_run(run.info.run_id).data.params if run else {}
     # a resumed run already holds its params; MLflow refuses to change a logged param
@@ -122,7 +144,7 @@ def log_config(cfg: "RunConfig") -> None:
     for i in range(0, len(new), 100):
         chunk = dict(list(new.items())[i:i + 100])
         mlflow.log_params(chunk)
-    mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True), "config.yaml")
+    mlflow.log_text(yaml.safe_dump(settings, sort_keys=True), "config.yaml")
 
 
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:

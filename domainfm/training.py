@@ -124,6 +124,53 @@ def _recent_checkpoints_class():
     return RecentCheckpoints
 
 
+def early_stopping(monitor: str, *, patience: int, mode: str = "max"):
+    """Lightning's EarlyStopping on a validation metric, checked after each validation only: a run
+    that ends before its first validation (``--max-steps`` inside one epoch) has nothing to check
+    and must not stop with "metric not available"."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    return EarlyStopping(monitor=monitor, mode=mode, patience=patience, check_on_train_epoch_end=False)
+
+
+def _after_validation_only(callbacks: list[Any]) -> None:
+    """Every callback that watches a metric (EarlyStopping, ModelCheckpoint(monitor=...)) acts when
+    validation has produced it, never at the end of a training epoch that had no validation."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    for cb in callbacks:
+        if isinstance(cb, EarlyStopping):
+            cb._check_on_train_epoch_end = False
+        elif isinstance(cb, ModelCheckpoint) and cb.monitor is not None:
+            cb._save_on_train_epoch_end = False
+
+
+def _step_progress_bar_class():
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class StepProgressBar(RichProgressBar):
+        """Rich's bar, but a run bounded by ``--max-steps`` alone reads "Step 12/100 (epoch 3)":
+        Lightning's "Epoch 3/-2" is its internal max_epochs=-1 shown to the user."""
+
+        def _step_bounded(self) -> bool:
+            t = self.trainer
+            return bool(t.max_steps and t.max_steps > 0 and (t.max_epochs is None or t.max_epochs < 0))
+
+        def _get_train_description(self, current_epoch: int) -> str:
+            if not self._step_bounded():
+                return super()._get_train_description(current_epoch)
+            text = f"Step {self.trainer.global_step}/{self.trainer.max_steps} (epoch {current_epoch})"
+            return f"{text:{len(self.validation_description)}}"
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            if self._step_bounded() and self.progress is not None and self.train_progress_bar_id is not None:
+                self.progress.update(self.train_progress_bar_id,
+                                     description=self._get_train_description(trainer.current_epoch))
+
+    return StepProgressBar
+
+
 def build_trainer(cfg: "RunConfig", *, callbacks: Iterable[Any] = (), ckpt_dir: str | Path | None = None,
                   logger: Any = True, run_id: str | None = None, **overrides: Any):
     """A Lightning Trainer for ``cfg``; ``logger=True`` binds Lightning's MLFlowLogger to ``run_id``
@@ -133,6 +180,7 @@ def build_trainer(cfg: "RunConfig", *, callbacks: Iterable[Any] = (), ckpt_dir: 
     from domainfm import tracking
 
     cbs = list(callbacks)
+    _after_validation_only(cbs)
     if ckpt_dir is not None and cfg.checkpoint_every > 0:
         cbs.append(_recent_checkpoints_class()(
             keep=cfg.keep_checkpoints, dirpath=str(ckpt_dir), filename="step{step:06d}",
@@ -169,6 +217,12 @@ def build_trainer(cfg: "RunConfig", *, callbacks: Iterable[Any] = (), ckpt_dir: 
         enable_checkpointing=ckpt_dir is not None and cfg.checkpoint_every > 0,
     )
     kwargs.update(overrides)
+    from lightning.pytorch.callbacks import ProgressBar
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    if _RICH_AVAILABLE and kwargs.get("enable_progress_bar", True) and not any(
+            isinstance(cb, ProgressBar) for cb in kwargs["callbacks"]):
+        kwargs["callbacks"] = [*kwargs["callbacks"], _step_progress_bar_class()()]
     try:
         return L.Trainer(**kwargs)
     except (ValueError, RuntimeError) as e:

@@ -132,7 +132,11 @@ def run(*, features_dir, labels_csv, target, external_features=None, external_la
     train = cohort_mod.load_cohort(features_dir, labels_csv, target)
     external = (cohort_mod.load_cohort(external_features, external_labels, target, class_names=train.class_names)
                 if external_features else None)
-    folds_idx = cohort_mod.patient_folds(train.labels, train.patient_ids, folds, seed, labels_csv)
+    # every split precondition is checked here, before any feature is read or any model trained
+    if external is not None:
+        cohort_mod.check_external(external, train.class_names, external_labels)
+    folds_idx = cohort_mod.patient_folds(train.labels, train.patient_ids, folds, seed, labels_csv,
+                                         class_names=train.class_names)
     bags = train.load_bags()
     in_dim = bags[0].shape[1]
     ext_bags = external.load_bags() if external else []
@@ -164,6 +168,7 @@ def _tracked_run(train, external, folds_idx, bags, ext_bags, settings, out: Path
 
     from domainfm import tracking
     from plugins.histo import ensemble as ens
+    from domainfm.metrics import is_constant
     from plugins.histo.evaluation import auc_ci, balanced_accuracy
 
     model_name = settings.model
@@ -187,6 +192,7 @@ def _tracked_run(train, external, folds_idx, bags, ext_bags, settings, out: Path
             oof[m.seed - seed, m.val_idx] = m.val_probs
         oof_mean = oof.mean(0)
         auc, lo, hi = auc_ci(y, oof_mean, n_boot=n_boot, seed=seed)
+        constant = ["out-of-fold ensemble"] if is_constant(oof_mean) else []
         metrics.update({"cv_auc_mean": float(np.nanmean(cv_aucs)), "cv_auc_std": float(np.nanstd(cv_aucs)),
                         "cv_auc_ensemble": auc, "cv_auc_ensemble_ci": [lo, hi],
                         "cv_balanced_accuracy_ensemble": balanced_accuracy(y, oof_mean)})
@@ -210,6 +216,8 @@ def _tracked_run(train, external, folds_idx, bags, ext_bags, settings, out: Path
         if external:
             metrics.update(evaluate_external(external, ext_bags, members, states, oneshot_state, model_name, in_dim,
                                              n_classes, train.class_names, target, n_boot, seed, max_heatmaps, out))
+            constant += metrics.pop("constant_predictions")
+        report_constant(constant, metrics)
 
         # the ensemble as one registered pyfunc model
         from plugins.histo import pyfunc_model
@@ -276,6 +284,7 @@ def evaluate_external(external, ext_bags, members, states, oneshot_state, model_
     import numpy as np
 
     from domainfm import tracking
+    from domainfm.metrics import is_constant
     from plugins.histo import ensemble as ens
     from plugins.histo.evaluation import auc_ci, balanced_accuracy
 
@@ -297,7 +306,10 @@ def evaluate_external(external, ext_bags, members, states, oneshot_state, model_
                    ("one-shot", ext_y, one_probs[:, 1], {"c": "C3", "lw": 1.5, "ls": "--"})]
         log_roc(curves, f"{target}: external cohort", out, "plots/roc_external.png")
     log_heatmaps(external, ens_probs, ens_attn, max_heatmaps, out)
+    constant = [name for name, p in (("external ensemble", ens_probs), ("external one-shot", one_probs))
+                if is_constant(p)]
     return {
+        "constant_predictions": constant,
         "external_auc_ensemble": auc_e, "external_auc_ensemble_ci": [lo_e, hi_e],
         "external_balanced_accuracy_ensemble": balanced_accuracy(ext_y, ens_probs),
         "external_auc_oneshot": auc_o, "external_auc_oneshot_ci": [lo_o, hi_o],
@@ -305,8 +317,26 @@ def evaluate_external(external, ext_bags, members, states, oneshot_state, model_
         "external_auc_members_mean": float(np.mean(member_aucs)),
         "external_auc_members_min": float(np.min(member_aucs)),
         "external_auc_members_max": float(np.max(member_aucs)),
-        "ensemble_gain_auc": auc_e - auc_o,
+        # a model that ranks nothing has no gain to measure (0.5 - AUC is not one)
+        "ensemble_gain_auc": None if constant else auc_e - auc_o,
     }
+
+
+def report_constant(constant: list[str], metrics: dict[str, Any]) -> None:
+    """Predictions that are one value for every slide (up to floating-point noise) mean the models
+    learned nothing: one warning line, and the run says so in MLflow (tag
+    ``histo.constant_predictions`` and metric ``constant_predictions``, the number of such sets)."""
+    import mlflow
+
+    from domainfm import tracking
+
+    metrics["constant_predictions"] = constant
+    tracking.log_metrics({"constant_predictions": len(constant)})
+    if not constant:
+        return
+    mlflow.set_tag("histo.constant_predictions", ", ".join(constant))
+    click.echo(f"warning: {' and '.join(constant)} gave every slide the same probability: the models learned "
+               f"nothing from these features (AUC 0.5 by ties; no ensemble gain reported)", err=True)
 
 
 def log_roc(curves, title: str, out: Path, artifact: str) -> None:

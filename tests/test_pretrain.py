@@ -160,3 +160,59 @@ def test_bad_backbone_input_is_one_line(tmp_path, toy_env, args, expected):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], r.stderr
     assert time.perf_counter() - t0 < 60  # offline fails in seconds, not after a minute of retries
+
+
+# ---------------------------------------------------------------- issue 9, items 18 and 19
+
+def _tiny_model(path: Path) -> Path:
+    from domainfm.backbones import create_backbone, save_backbone
+
+    return save_backbone(create_backbone("vit_tiny_patch16_224", in_chans=4, img_size=32, init="random"), path)
+
+
+# the flags of `domainfm evaluate` (core and the toy plugin's), and nothing of pretraining
+EVALUATE_SETTINGS = {"command", "plugin", "data", "batch_size", "precision", "accelerator", "num_workers", "seed",
+                     "model", "experiment", "run_name", "json", "bands", "num_samples"}
+
+
+def test_evaluate_logs_only_the_settings_it_uses(tmp_path, toy_env):
+    import yaml
+
+    model = _tiny_model(tmp_path / "model.safetensors")
+    r = run_cli(["evaluate", "--plugin", "toy", "--model", str(model), "--json", "e.json"], cwd=tmp_path, env=toy_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_id = json.loads((tmp_path / "e.json").read_text())["mlflow_run_id"]
+    client = _client(toy_env["MLFLOW_TRACKING_URI"])
+    params = client.get_run(run_id).data.params
+    assert set(params) == EVALUATE_SETTINGS
+    assert params["command"] == "evaluate" and params["model"] == str(model) and params["bands"] == "4"
+    for unused in ("init", "img_size", "mask_ratio", "ema_momentum", "backbone", "lr", "max_steps"):
+        assert unused not in params
+    # config.yaml holds the same settings, so `evaluate --config config.yaml` re-runs it
+    saved = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text())
+    assert set(saved) == EVALUATE_SETTINGS
+
+
+def test_artifacts_live_beside_a_sqlite_store_whatever_folder_the_command_runs_from(tmp_path, toy_env):
+    a, b, c = (tmp_path / n for n in "ABC")
+    for d in (a, b, c):
+        d.mkdir()
+    env = {**toy_env, "MLFLOW_TRACKING_URI": f"sqlite:///{b / 'mlflow.db'}"}
+    model = _tiny_model(tmp_path / "model.safetensors")
+    r = run_cli(["evaluate", "--plugin", "toy", "--model", str(model), "--json", "e.json"], cwd=a, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_id = json.loads((a / "e.json").read_text())["mlflow_run_id"]
+    assert sorted(p.name for p in a.iterdir()) == ["e.json"]  # no ./mlruns in the folder it ran from
+    client = _client(env["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).artifact_location == (b / "artifacts").as_uri()
+    assert run.info.artifact_uri == (b / "artifacts" / run_id / "artifacts").as_uri()
+    assert (b / "artifacts" / run_id / "artifacts" / "config.yaml").is_file()
+    # a second job from another folder adds to the same place, and the store's reader finds both
+    r = run_cli(["evaluate", "--plugin", "toy", "--model", str(model), "--json", "e.json"], cwd=c, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = json.loads((c / "e.json").read_text())["mlflow_run_id"]
+    assert (b / "artifacts" / second / "artifacts" / "config.yaml").is_file()
+    assert not (c / "mlruns").exists()
+    got = client.download_artifacts(second, "config.yaml", str(tmp_path))
+    assert "command: evaluate" in Path(got).read_text()

@@ -111,7 +111,7 @@ def test_sgd_frozen_embed_learns_and_leaves_the_stem_bit_for_bit_unchanged(tmp_p
     assert lrs == pytest.approx([0.05 * warmup_cosine(i, 0, 24) for i in range(24)], rel=1e-6)
 
 
-def test_compare_writes_the_three_arm_table_with_exact_state_and_measured_memory(tmp_path, mlflow_store):
+def test_compare_writes_the_three_arm_table_with_exact_state_and_measured_memory_and_reports_the_winner(tmp_path, mlflow_store):
     # 4-band GeoTIFFs: --in-chans comes from the data
     data = make_data.write_imagefolder(tmp_path / "geo", fmt="tif", bands=4, train=4, val=2, size=32)
     out = tmp_path / "metrics.json"
@@ -139,9 +139,23 @@ def test_compare_writes_the_three_arm_table_with_exact_state_and_measured_memory
     # AdamW's second moment alone is 4 bytes x 5.5 M parameters more than SGD's state
     assert peak["sgd-frozen-embed"] < peak["adamw"]
     assert peak["adamw"] - peak["sgd-frozen-embed"] > 2 * (total - embed)
-    # the top-level result is the chosen arm (the default: SGD with frozen embedding)
-    assert m["arm"] == "sgd-frozen-embed" and m["trainable_params"] == total - embed
+    # the top-level result is the arm that won on validation (ties: the first listed), with its own
+    # numbers and its own weights, whichever arm --optimizer/--freeze-embed name
+    val = {a: m[f"{a}/val_accuracy"] for a in ("sgd-frozen-embed", "sgd", "adamw")}
+    winner = next(a for a in ("sgd-frozen-embed", "sgd", "adamw") if val[a] == max(val.values()))
+    assert m["arm"] == winner and m["winner_selected_by"] == "val_accuracy"
+    assert m["accuracy"] == m[f"{winner}/accuracy"] == pytest.approx(float(rows[winner]["value"]))
+    assert m["trainable_params"] == int(rows[winner]["trainable_params"])
+    assert m["optimizer_state_bytes"] == state[winner]
     assert m["adamw/optimizer_state_bytes"] == state["adamw"]
+    assert client.get_run(m["mlflow_run_id"]).data.tags["sgd_ft.winner"] == winner
+    # the saved weights are the winner's: only the frozen-embedding arm keeps the seeded initial stem
+    import lightning as L
+
+    L.seed_everything(0, workers=True, verbose=False)
+    init_stem = create_backbone("vit_tiny_patch16_224", in_chans=4, img_size=32, init="random").model.patch_embed
+    saved = load_file(m["weights"])["backbone.model.patch_embed.proj.weight"]
+    assert torch.equal(saved, init_stem.proj.weight.detach()) == (winner == "sgd-frozen-embed")
     assert {a.path for a in client.list_artifacts(m["mlflow_run_id"], "plots")} == {"plots/compare.png"}
     md = Path(client.download_artifacts(m["mlflow_run_id"], "tables/compare.md", str(tmp_path))).read_text()
     assert md.count("\n| ") == 3 and "| adamw | 0.01 |" in md
@@ -283,3 +297,53 @@ def test_rgb_images_feed_a_sentinel2_backbone_by_band_name(tmp_path, mlflow_stor
     m = json.loads(out.read_text())
     tags = _mlflow_client().get_run(m["mlflow_run_id"]).data.tags
     assert tags["sgd_ft.input_change"] == "patch embedding re-adapted 13 -> 3 bands"
+
+
+# ---------------------------------------------------------------- issue 9, items 10 and 15
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("extra, validated_at", [([], [2]), (["--val-every", "2", "--max-steps", "3"], [2, 3])])
+def test_a_run_shorter_than_an_epoch_ends_with_a_validation_and_its_metrics(tmp_path, mlflow_store, extra,
+                                                                           validated_at):
+    # 16 training images in batches of 4 = 4 steps an epoch; --max-steps 2 stops before the first
+    # validation, which early stopping (on by default, --patience 5) used to demand
+    data = make_data.write_imagefolder(tmp_path / "data", train=8, val=2, classes=("a", "b"), size=32)
+    out = tmp_path / "m.json"
+    _invoke(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", "resnet18", "--img-size", "32",
+             "--batch-size", "4", "--init", "random", "--accelerator", "cpu", "--no-measure-memory",
+             "--max-steps", "2", *extra, "--json", str(out)])
+    m = json.loads(out.read_text())
+    steps = validated_at[-1]
+    assert m["steps"] == steps
+    assert m["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0) and m["val_accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    client = _mlflow_client()
+    history = sorted(client.get_metric_history(m["mlflow_run_id"], "val/accuracy"), key=lambda h: h.step)
+    # one validation per --val-every, and the final weights validated at the last step
+    assert len(history) == len(validated_at) and history[-1].step == steps
+    assert m["val_accuracy"] == max(h.value for h in history) and m["best_step"] in validated_at
+    # a fine-tuning run logs fine-tuning settings and its plugin's options, none of pretraining's
+    params = client.get_run(m["mlflow_run_id"]).data.params
+    assert params["init"] == "random" and params["patience"] == "5" and params["command"] == "finetune"
+    assert not {"mask_ratio", "ema_momentum", "temperature", "model"} & set(params)
+
+
+def test_compare_summary_names_the_arm_that_won_and_reports_its_numbers():
+    from plugins.sgd_ft.run import COMPARE_ARMS, summarise_compare
+
+    def arm_metrics(val, test, trainable):
+        return {"accuracy": test, "val_accuracy": val, "lr": 1e-3, "trainable_params": trainable,
+                "frozen_params": 100 - trainable, "optimizer_state_bytes": 4 * trainable, "peak_memory_bytes": None}
+
+    frozen, sgd, adamw = COMPARE_ARMS
+    results = [(frozen, arm_metrics(0.50, 0.40, 90)), (sgd, arm_metrics(0.55, 0.60, 100)),
+               (adamw, arm_metrics(0.80, 0.75, 100))]
+    out, winner = summarise_compare(results, "accuracy")
+    assert winner == adamw and out["arm"] == "adamw" and out["winner_selected_by"] == "val_accuracy"
+    assert (out["accuracy"], out["val_accuracy"], out["optimizer_state_bytes"]) == (0.75, 0.80, 400)
+    assert out["sgd-frozen-embed/accuracy"] == 0.40 and out["sgd/val_accuracy"] == 0.55
+    assert "sgd-frozen-embed/peak_memory_bytes" not in out  # not measured: no number invented
+    # chosen on validation, never on the test split; a tie goes to the arm listed first
+    results[2] = (adamw, arm_metrics(0.50, 0.99, 100))
+    results[1] = (sgd, arm_metrics(0.50, 0.10, 100))
+    out, winner = summarise_compare(results, "accuracy")
+    assert winner == frozen and out["accuracy"] == 0.40 and out["trainable_params"] == 90

@@ -119,7 +119,7 @@ def test_label_errors_are_clear(cohort_dir, tmp_path):
         C.load_cohort(feats, one)
     rare = write_labels(tmp_path / "rare.csv", [(f"train_{i:03d}", f"p{i}", int(i == 0)) for i in range(12)])
     co = C.load_cohort(feats, rare)
-    with pytest.raises(DomainFMError, match="fold .* only class"):
+    with pytest.raises(DomainFMError, match="class 1 has 1 patient"):
         C.patient_folds(co.labels, co.patient_ids, 3, 0, rare)
     # three string classes are a multi-class target, in sorted order
     multi = write_labels(tmp_path / "multi.csv", [("train_000", "a", "b"), ("train_001", "b", "a"), ("train_002", "c", "c")])
@@ -278,3 +278,84 @@ def test_multiclass_target_with_chowder(cohort_dir, tmp_path, mlflow_store):
     assert out["class_names"] == names
     assert len(out["probabilities"]) == 3 and sum(out["probabilities"]) == pytest.approx(1.0, abs=1e-5)
 
+
+
+# ---------------------------------------------------------------- degenerate cohorts (issue 9, items 13-14)
+
+def test_auc_of_scores_equal_up_to_float_noise_is_a_tie():
+    from sklearn.metrics import roc_auc_score
+
+    from domainfm.metrics import roc_auc, roc_auc_ci
+    from plugins.histo.ensemble import slide_auc
+
+    # the reported situation: every slide at 0.43964 +- 1e-7, positives a hair below the negatives
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p1 = np.float32(0.43964) + np.array([1, 1, 0, 1, -1, 0, -1, -1]) * np.float32(1e-7)
+    probs = np.stack([1 - p1, p1], 1).astype(np.float32)
+    assert roc_auc_score(y, probs[:, 1]) < 0.2  # the raw ranking rewards noise
+    assert slide_auc(y, probs) == 0.5
+    assert roc_auc(y, probs[:, 1]) == 0.5
+    assert auc_ci(y, probs, n_boot=50, seed=0) == (0.5, 0.5, 0.5)
+    assert roc_auc_ci(y, probs[:, 1], n_boot=50) == (0.5, 0.5, 0.5)
+    # three classes, constant up to noise: every one-vs-rest AUC is 0.5
+    y3 = np.array([0, 1, 2, 0, 1, 2])
+    p3 = np.tile([0.2, 0.3, 0.5], (6, 1)) + np.random.default_rng(0).normal(0, 1e-8, (6, 3))
+    assert slide_auc(y3, p3) == 0.5 and auc_ci(y3, p3, n_boot=20)[0] == 0.5
+    # real differences (1e-4) still rank
+    assert roc_auc(y, np.r_[np.zeros(4), np.ones(4)] * 1e-4 + 0.4) == 1.0
+
+
+def test_pipeline_on_a_cohort_with_nothing_to_learn_reports_ties_and_no_gain(tmp_path, mlflow_store):
+    from mlflow import MlflowClient
+
+    root = tmp_path / "flat"
+    load_make_data("histo").make_feature_cohort(root, n_slides=12, n_external=8, dim=8, tiles=(5, 40),
+                                                constant_features=True)
+    out_json = tmp_path / "m.json"
+    res = CliRunner().invoke(command, [
+        "--features", str(root / "train"), "--labels", str(root / "train" / "labels.csv"), "--target", "msi",
+        "--external-features", str(root / "external"), "--external-labels", str(root / "external" / "labels.csv"),
+        "--folds", "2", "--seeds", "1", "--epochs", "2", "--n-boot", "50", "--max-heatmaps", "0",
+        "--json", str(out_json)])
+    assert res.exit_code == 0, res.output
+    m = json.loads(out_json.read_text())
+    assert m["external_auc_ensemble"] == 0.5 and m["external_auc_ensemble_ci"] == [0.5, 0.5]
+    assert m["external_auc_oneshot"] == 0.5 and m["external_auc_oneshot_ci"] == [0.5, 0.5]
+    assert m["ensemble_gain_auc"] is None
+    # out of fold, each fold has its own models: their (different) constants are not one value
+    assert m["constant_predictions"] == ["external ensemble", "external one-shot"]
+    warnings_ = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+    assert warnings_ == ["warning: external ensemble and external one-shot gave every "
+                         "slide the same probability: the models learned nothing from these features (AUC 0.5 "
+                         "by ties; no ensemble gain reported)"]
+    run = MlflowClient().get_run(m["mlflow_run_id"])
+    assert run.data.tags["histo.constant_predictions"] == "external ensemble, external one-shot"
+    assert run.data.metrics["constant_predictions"] == 2
+    assert "ensemble_gain_auc" not in run.data.metrics
+
+
+def test_split_preconditions_are_checked_before_training(cohort_dir, tmp_path, mlflow_store):
+    feats = cohort_dir / "train"
+    # 4 patients of class 1 among 10: the default --folds 5 cannot put one in each validation fold
+    few = write_labels(tmp_path / "few.csv", [(f"train_{i:03d}", f"p{i}", int(i < 4)) for i in range(10)])
+    res = CliRunner().invoke(command, ["--features", str(feats), "--labels", str(few), "--target", "msi"])
+    assert res.exit_code == 2
+    assert res.output == (f"error: {few}: class 1 has 4 patient(s) (4 slide(s)) but --folds 5 needs at least 5, "
+                          "one in each validation fold. Fix: use --folds 4 (the most this cohort allows), or add "
+                          "patients of class 1.\n")
+    # one patient of a class: no number of folds works
+    one = write_labels(tmp_path / "one.csv", [(f"train_{i:03d}", f"p{i}", int(i == 0)) for i in range(6)])
+    co = C.load_cohort(feats, one)
+    with pytest.raises(DomainFMError, match=r"class 1 has 1 patient.*Fix: add patients of class 1: cross-validation "
+                                            r"needs at least 2 patients per class"):
+        C.patient_folds(co.labels, co.patient_ids, 2, 0, one, class_names=co.class_names)
+    # an external cohort with a single class has no AUC: refused before training, with the fix
+    ext = write_labels(tmp_path / "ext.csv", [(f"external_{i:03d}", f"q{i}", 0) for i in range(3)])
+    res = CliRunner().invoke(command, ["--features", str(feats), "--labels", str(feats / "labels.csv"),
+                                       "--target", "msi", "--folds", "3", "--external-features",
+                                       str(cohort_dir / "external"), "--external-labels", str(ext)])
+    assert res.exit_code == 2
+    assert res.output == (f"error: {ext}: the external cohort has only class(es) 0 (none of 1): its AUC is "
+                          "undefined. Fix: add external slides of class 1, or drop --external-features and "
+                          "--external-labels.\n")
+    assert not list(tmp_path.glob("mlruns")) and not (tmp_path / "mlflow.db").exists()

@@ -216,3 +216,38 @@ def test_generic_layout_trains_and_scores_with_the_camera_protocol(generic):
     assert result.metrics == with_cams
     # the same-camera gallery crops of each query's player were left out (they would count otherwise)
     assert result.metrics["mAP"] != pytest.approx(retrieval_metrics(result.distmat, q_ids, g_ids)["mAP"])
+
+
+# ---------------------------------------------------------------- issue 9, item 11
+
+def test_one_camera_data_names_the_camera_rule_and_the_flag_that_turns_it_off(tmp_path, mlflow_store):
+    import json
+
+    from click.testing import CliRunner
+
+    from domainfm.backbones import create_backbone, save_backbone
+    from domainfm.cli import main
+    from domainfm.errors import DomainFMError
+    from domainfm.metrics import retrieval_metrics
+
+    root = make_data.make_generic(tmp_path / "one_cam", train_players=2, test_players=2, frames=3, one_camera=True)
+    torch.manual_seed(0)
+    model = save_backbone(create_backbone("test_resnet", img_size=16, init="random"), tmp_path / "m.safetensors")
+    args = ["evaluate", "--plugin", "sports-reid", "--data", str(root), "--model", str(model), "--zero-shot", "none",
+            "--accelerator", "cpu"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2
+    assert res.stderr == ("error: the same-camera rule removed every match: every crop comes from one camera (1), "
+                          "and gallery crops of a query's player taken by the query's camera do not count. Fix: "
+                          "turn the rule off with --no-same-camera-rule, or add gallery crops from other "
+                          "cameras.\n")
+    out = tmp_path / "m.json"
+    res = CliRunner().invoke(main, args + ["--no-same-camera-rule", "--json", str(out)])
+    assert res.exit_code == 0, res.stderr[-2000:]
+    m = json.loads(out.read_text())
+    # 2 queries, each with 2 gallery crops of its player among 4: every query has its matches back
+    # (the worst ranking, matches 3rd and 4th, has AP (1/3 + 2/4) / 2)
+    assert m["skipped_queries"] == 0 and (1 / 3 + 2 / 4) / 2 <= m["mAP"] <= 1.0
+    # the ids themselves not matching is still reported as such
+    with pytest.raises(DomainFMError, match="none of the 2 queries has a matching gallery item.*same players"):
+        retrieval_metrics(np.zeros((2, 2)), [1, 2], [3, 4], [1, 1], [1, 1])

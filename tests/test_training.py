@@ -40,3 +40,45 @@ def test_param_groups_layer_decay_and_no_decay():
     assert lr_of[id(m.norm.weight)] == (1.0, 0.0)
     n_params = sum(1 for p in bb.parameters() if p.requires_grad)
     assert sum(len(g["params"]) for g in groups) == n_params
+
+
+# ---------------------------------------------------------------- progress bar (issue 9, item 17)
+
+class _Tiny:
+    """A real LightningModule on a real DataLoader: 8 samples in batches of 4 = 2 steps an epoch."""
+
+    @staticmethod
+    def fit(**cfg_changes):
+        import lightning as L
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from domainfm.config import RunConfig
+        from domainfm.training import build_trainer
+
+        class Module(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.layer = torch.nn.Linear(2, 1)
+
+            def training_step(self, batch, batch_idx):
+                return self.layer(batch[0]).pow(2).mean()
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        cfg = RunConfig(accelerator="cpu", checkpoint_every=0, **cfg_changes)
+        trainer = build_trainer(cfg, logger=False)
+        loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
+        trainer.fit(Module(), train_dataloaders=loader)
+        bar = trainer.progress_bar_callback
+        return trainer, bar.progress.tasks[bar.train_progress_bar_id].description.strip()
+
+
+def test_progress_bar_counts_steps_when_only_max_steps_bounds_the_run():
+    trainer, description = _Tiny.fit(max_steps=5)
+    assert trainer.global_step == 5 and trainer.max_epochs == -1  # Lightning's "no epoch limit"
+    assert description == "Step 5/5 (epoch 2)"
+    # with an epoch limit, epochs are what bounds the run and what the bar counts
+    trainer, description = _Tiny.fit(max_epochs=2)
+    assert trainer.global_step == 4 and description == "Epoch 1/1"

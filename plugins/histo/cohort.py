@@ -163,27 +163,55 @@ def load_cohort(features_dir: str | Path, labels_csv: str | Path, target: str | 
 
 
 def patient_folds(labels: np.ndarray, patients: list[str], n_folds: int, seed: int = 0,
-                  labels_csv: str | Path | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+                  labels_csv: str | Path | None = None,
+                  class_names: list[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified K folds where all slides of a patient fall in the same fold.
 
-    Every validation fold must hold every class, else its AUC and early stopping mean nothing.
+    Every validation fold must hold every class, else its AUC and early stopping mean nothing:
+    each class needs at least ``n_folds`` patients, checked here before any split or training
+    (the error names the class and the largest ``--folds`` the cohort allows).
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
     n_patients = len(set(patients))
     if n_folds < 2:
-        raise DomainFMError(f"--folds must be at least 2, got {n_folds}")
+        raise DomainFMError(f"--folds must be at least 2, got {n_folds}", fix="use --folds 2 or more")
+    n_classes = int(labels.max()) + 1
+    names = class_names or [str(c) for c in range(n_classes)]
+    per_class = [len({p for p, lab in zip(patients, labels) if lab == c}) for c in range(n_classes)]
+    fewest = int(np.argmin(per_class))
+    allowed = per_class[fewest]
+    if allowed < n_folds:
+        n_slides = int((labels == fewest).sum())
+        fix = (f"use --folds {allowed} (the most this cohort allows), or add patients of class {names[fewest]}"
+               if allowed >= 2 else
+               f"add patients of class {names[fewest]}: cross-validation needs at least 2 patients per class")
+        raise DomainFMError(f"class {names[fewest]} has {allowed} patient(s) ({n_slides} slide(s)) but --folds "
+                            f"{n_folds} needs at least {n_folds}, one in each validation fold", path=labels_csv,
+                            fix=fix)
     if n_patients < n_folds:
         raise DomainFMError(f"{n_patients} patients cannot fill {n_folds} folds", path=labels_csv,
                             fix="lower --folds")
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     folds = list(splitter.split(np.zeros(len(labels)), labels, groups=np.asarray(patients)))
-    n_classes = int(labels.max()) + 1
     for k, (train_idx, val_idx) in enumerate(folds):
         for part, idx in (("validation", val_idx), ("training", train_idx)):
             present = np.unique(labels[idx])
             if len(present) < n_classes:
                 raise DomainFMError(f"fold {k + 1} of {n_folds} has a {part} part with only class(es) "
-                                    f"{', '.join(map(str, present))}", path=labels_csv,
+                                    f"{', '.join(names[int(c)] for c in present)} (patients with slides of "
+                                    f"several classes cannot be spread evenly)", path=labels_csv,
                                     fix="lower --folds, or add slides of the rare class")
     return folds
+
+
+def check_external(external: Cohort, class_names: list[str], labels_csv: str | Path | None = None) -> None:
+    """An external cohort is scored by AUC against every training class: it must hold them all."""
+    present = sorted(set(int(c) for c in external.labels))
+    if len(present) < len(class_names):
+        absent = [class_names[c] for c in range(len(class_names)) if c not in present]
+        only = ", ".join(class_names[c] for c in present)
+        raise DomainFMError(f"the external cohort has only class(es) {only} (none of {', '.join(absent)}): "
+                            f"its AUC is undefined", path=labels_csv,
+                            fix=f"add external slides of class {', '.join(absent)}, or drop --external-features "
+                                f"and --external-labels")

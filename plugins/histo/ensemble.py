@@ -153,14 +153,11 @@ def _train_one(bags, labels, train_idx, n_classes, settings, seed, *, val_idx, e
 
 
 def slide_auc(y: np.ndarray, probs: np.ndarray) -> float:
-    """Binary AUC of the positive class, or macro one-vs-rest AUC for several classes."""
-    from sklearn.metrics import roc_auc_score
+    """AUC of class probabilities [N, C] (the core's ``roc_auc``: the positive class, or macro
+    one-vs-rest; noise-level differences tied); NaN when ``y`` holds one class."""
+    from domainfm.metrics import roc_auc
 
-    if len(np.unique(y)) < 2:
-        return float("nan")
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(y, probs[:, 1]))
-    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=np.arange(probs.shape[1])))
+    return roc_auc(y, probs)
 
 
 def ensemble_from_states(model: str, in_dim: int, n_classes: int, states: list[dict]) -> MILEnsemble:

@@ -4,32 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from plugins.histo.ensemble import slide_auc
-
 
 def auc_ci(y: np.ndarray, probs: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """AUC and its 95% percentile-bootstrap interval (binary: the core's ``roc_auc_ci``;
-    several classes: macro one-vs-rest AUC, resamples missing a class redrawn)."""
-    if probs.shape[1] == 2:
-        from domainfm.metrics import roc_auc_ci
+    """AUC and its 95% percentile-bootstrap interval of class probabilities [N, C]: the core's
+    ``roc_auc_ci`` (binary: the positive column; several classes: macro one-vs-rest; differences
+    below floating-point noise are ties, so constant predictions score 0.5)."""
+    from domainfm.metrics import roc_auc_ci
 
-        return roc_auc_ci(y, probs[:, 1], n_boot=n_boot, seed=seed)
-    auc = slide_auc(y, probs)
-    rng = np.random.default_rng(seed)
-    stats, n, k = [], len(y), probs.shape[1]
-    while len(stats) < n_boot:
-        idx = rng.integers(0, n, n)
-        if len(np.unique(y[idx])) < k:
-            continue
-        stats.append(slide_auc(y[idx], probs[idx]))
-    lo, hi = np.quantile(stats, [0.025, 0.975])
-    return auc, float(lo), float(hi)
+    return roc_auc_ci(y, probs, n_boot=n_boot, seed=seed)
 
 
 def balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
     from sklearn.metrics import balanced_accuracy_score
 
-    return float(balanced_accuracy_score(y, probs.argmax(1)))
+    from domainfm.metrics import tie_scores
+
+    # noise-level differences between slides are ties here too: constant predictions name one class
+    return float(balanced_accuracy_score(y, tie_scores(probs).argmax(1)))
 
 
 def roc_figure(curves: list[tuple[str, np.ndarray, np.ndarray, dict]], title: str):
@@ -38,12 +29,15 @@ def roc_figure(curves: list[tuple[str, np.ndarray, np.ndarray, dict]], title: st
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
+
+    from domainfm.metrics import roc_auc, tie_scores
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for label, y, score, style in curves:
-        fpr, tpr, _ = roc_curve(y, score)
-        text = f"{label} (AUC {roc_auc_score(y, score):.3f})" if label else None
+        # the same tied scores as the reported AUC: noise draws no staircase
+        fpr, tpr, _ = roc_curve(y, tie_scores(score))
+        text = f"{label} (AUC {roc_auc(y, score):.3f})" if label else None
         ax.plot(fpr, tpr, label=text, **style)
     ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))

@@ -50,7 +50,9 @@ class SGDFinetunePlugin(Plugin):
             click.Option(["--compare"], is_flag=True, default=False,
                          help="Run SGD with frozen embedding, plain SGD and AdamW on the same budget and write "
                               "a table (score, trainable params, optimizer state, peak memory), printed and "
-                              "logged to MLflow as tables/compare.csv and .md."),
+                              "logged to MLflow as tables/compare.csv and .md. The result (--json, the saved "
+                              "weights) is the arm that won on validation, named in `arm`; every arm's numbers "
+                              "are there as ARM/KEY."),
             click.Option(["--patience"], type=click.IntRange(min=0), default=5, show_default=True,
                          help="Early stopping: validations without improvement before stopping (0: off)."),
             click.Option(["--val-every"], type=click.IntRange(min=1), default=None,

@@ -162,11 +162,10 @@ def train_one(cfg, dm, arm: Arm, lr: float, meter: MemoryMeter) -> tuple[dict[st
     import lightning as L
     import mlflow
     import torch
-    from lightning.pytorch.callbacks import EarlyStopping
 
     from domainfm import tracking
     from domainfm.backbones import backbone_from_config
-    from domainfm.training import build_trainer
+    from domainfm.training import build_trainer, early_stopping
     from plugins.sgd_ft.model import Classifier, apply_freezing
     from plugins.sgd_ft.optim import optimizer_state_bytes, per_parameter_state_bytes
     from plugins.sgd_ft.task import FineTuneTask, KeepBest
@@ -181,7 +180,8 @@ def train_one(cfg, dm, arm: Arm, lr: float, meter: MemoryMeter) -> tuple[dict[st
     keep = KeepBest(monitor)
     callbacks: list[Any] = [keep]
     if cfg.patience and cfg.patience > 0:
-        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience))
+        # checked after validations only: a run shorter than one epoch has none to check
+        callbacks.append(early_stopping(monitor, mode="max", patience=cfg.patience))
     overrides: dict[str, Any] = {}
     if cfg.val_every:
         # counted in training steps across epoch boundaries (Lightning needs the epoch check off)
@@ -198,9 +198,10 @@ def train_one(cfg, dm, arm: Arm, lr: float, meter: MemoryMeter) -> tuple[dict[st
         # the frozen stem's BatchNorm is in eval mode on purpose (see model.Classifier.train)
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         trainer.fit(task, datamodule=dm)
-    if keep.best is None:  # training stopped before any validation: validate the final weights
+    if keep.validated_step != trainer.global_step:
+        # training ended between validations (--max-steps inside an epoch, or not a multiple of
+        # --val-every): the final weights are validated too, so a run always ends with its metrics
         trainer.validate(task, datamodule=dm, verbose=False)
-        keep.on_validation_end(trainer, task)
     peak = torch.cuda.max_memory_allocated(trainer.strategy.root_device) if cuda else meter.cpu_peak(backbone.name, arm)
     optimizer = trainer.optimizers[0]
     keep.restore(model)
@@ -281,15 +282,17 @@ def rows_to_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
+def print_table(rows: list[dict[str, Any]], *, winner: str | None = None, selected_by: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="sgd-ft: three arms on the same budget")
+    caption = f"winner on {selected_by}: {winner} (its numbers and weights are the result)" if winner else None
+    table = Table(title="sgd-ft: three arms on the same budget", caption=caption)
     for col in ("arm", "lr", rows[0]["metric"], "trainable params", "frozen params", "optimizer state", "peak memory"):
         table.add_column(col, justify="left" if col == "arm" else "right", no_wrap=col == "arm")
     for r in rows:
-        table.add_row(r["arm"], f"{r['lr']:g}", f"{r['value']:.4f}", f"{r['trainable_params']:,}",
+        name = r["arm"] + (" (winner)" if r["arm"] == winner else "")
+        table.add_row(name, f"{r['lr']:g}", f"{r['value']:.4f}", f"{r['trainable_params']:,}",
                       f"{r['frozen_params']:,}", _human_bytes(r["optimizer_state_bytes"]),
                       _human_bytes(r["peak_memory_bytes"]))
     Console(stderr=True).print(table)
@@ -333,19 +336,34 @@ def compare(cfg, dm, lrs: list[float], meter: MemoryMeter) -> tuple[dict[str, An
         models[arm.name] = model
     metric = "mAP" if dm.task == "multilabel" else "accuracy"
     rows = compare_rows(results, metric)
-    print_table(rows)
+    out, winner = summarise_compare(results, metric)
+    print_table(rows, winner=winner.name, selected_by=out["winner_selected_by"])
     tracking.log_table_artifact(rows, "tables/compare.csv")
     mlflow.log_text(rows_to_markdown(rows), "tables/compare.md")
     tracking.log_figure(compare_figure(rows), "plots/compare.png")
-    chosen = arm_of(cfg)
-    main_arm, main_metrics = next(((a, m) for a, m in results if a == chosen), results[0])
-    out = dict(main_metrics)
-    out["arm"] = main_arm.name
+    mlflow.set_tag("sgd_ft.winner", winner.name)
+    return out, models[winner.name]
+
+
+def summarise_compare(results: list[tuple[Arm, dict[str, Any]]], metric: str) -> tuple[dict[str, Any], Arm]:
+    """The result of a comparison: the arm that won on validation (``val_<metric>``; the test
+    split only reports, it never chooses; a tie goes to the arm listed first), its numbers as the
+    top-level keys with ``arm`` naming it, and every arm's numbers as ``<arm>/<key>``. The weights
+    saved are the winner's, so every top-level number describes the same model."""
+    val_key = f"val_{metric}"
+    winner, best = results[0]
+    for arm, m in results[1:]:
+        if m.get(val_key) is not None and (best.get(val_key) is None or m[val_key] > best[val_key]):
+            winner, best = arm, m
+    out = dict(best)
+    out["arm"] = winner.name
+    out["winner_selected_by"] = val_key
     for arm, m in results:
-        for k in (metric, "lr", "trainable_params", "frozen_params", "optimizer_state_bytes", "peak_memory_bytes"):
+        for k in (metric, val_key, "lr", "trainable_params", "frozen_params", "optimizer_state_bytes",
+                  "peak_memory_bytes"):
             if m.get(k) is not None:
                 out[f"{arm.name}/{k}"] = m[k]
-    return out, models[main_arm.name]
+    return out, winner
 
 
 # ---------------------------------------------------------------- outputs

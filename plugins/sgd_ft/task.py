@@ -107,12 +107,15 @@ class KeepBest(Callback):
         self.monitor = monitor
         self.best: float | None = None
         self.best_step: int | None = None
+        self.validated_step: int | None = None  # global step of the latest validation
         self.state: dict[str, torch.Tensor] | None = None
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
         value = pl_module.last_metrics.get(self.monitor)
+        if value is not None:
+            self.validated_step = trainer.global_step
         if value is not None and (self.best is None or value >= self.best):  # ties: the more trained
             self.best = value
             self.best_step = trainer.global_step

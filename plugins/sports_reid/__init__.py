@@ -34,6 +34,10 @@ class SportsReIDPlugin(Plugin):
             click.Option(["--rerank/--no-rerank"], default=False, show_default=True,
                          help="k-reciprocal re-ranking of the distances (k1=20, k2=6, lambda=0.3), "
                               "computed in blocks (memory ~ the query x gallery matrix)."),
+            click.Option(["--same-camera-rule/--no-same-camera-rule"], default=True, show_default=True,
+                         help="Market-1501 protocol, when file names carry c<k> cameras: gallery crops of the "
+                              "query's player taken by the query's camera do not count. Turn it off for data "
+                              "filmed by one camera."),
         ]
         if command == "finetune":
             opts.append(click.Option(["--label-smoothing"], type=click.FloatRange(0.0, 1.0, max_open=True),

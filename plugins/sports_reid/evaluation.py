@@ -33,6 +33,7 @@ class EvalSettings:
     precision: str = "32-true"
     device: str = "cpu"
     max_rank: int = 10
+    same_camera_rule: bool = True
 
 
 def pick_device(accelerator: str) -> str:
@@ -131,9 +132,10 @@ def run_retrieval(backbone: torch.nn.Module, root: str | Path, split: str, setti
     metrics = None
     if split == "test":
         # cameras (generic layout, c<k> in the names) turn on the same-camera exclusion
-        with_cams = query.cameras is not None and gallery.cameras is not None
+        with_cams = settings.same_camera_rule and query.cameras is not None and gallery.cameras is not None
         metrics = retrieval_metrics(dist, query.pids, gallery.pids, query.cameras if with_cams else None,
-                                    gallery.cameras if with_cams else None, max_rank=settings.max_rank)
+                                    gallery.cameras if with_cams else None, max_rank=settings.max_rank,
+                                    camera_rule_off="--no-same-camera-rule")
     return RetrievalResult(dist, query, gallery, metrics)
 
 

@@ -38,7 +38,8 @@ RUN_POINTER = "finetune_run.json"
 def eval_settings(cfg: "RunConfig") -> EvalSettings:
     return EvalSettings(distance=cfg.distance, flip_tta=cfg.flip_tta, rerank=cfg.rerank,
                         batch_size=max(1, 2 * cfg.batch_size), num_workers=cfg.num_workers,
-                        precision=cfg.precision, device=pick_device(cfg.accelerator))
+                        precision=cfg.precision, device=pick_device(cfg.accelerator),
+                        same_camera_rule=bool(cfg.options.get("same_camera_rule", True)))
 
 
 def _log_result(result: RetrievalResult, tag: str, *, grid: bool) -> None:

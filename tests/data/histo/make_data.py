@@ -257,8 +257,12 @@ def write_trident_coords(path: str | Path, coords: np.ndarray, *, patch_size_lev
 
 def make_feature_cohort(out: str | Path, *, n_slides: int = 48, n_external: int = 24, dim: int = 32,
                         tiles: tuple[int, int] = (40, 80), n_signal: tuple[int, int] = (3, 6),
-                        signal_strength: float = 3.0, seed: int = 0) -> dict[str, Path]:
+                        signal_strength: float = 3.0, seed: int = 0,
+                        constant_features: bool = False) -> dict[str, Path]:
     """Feature bags where each positive slide has a few tiles shifted along a fixed direction.
+
+    ``constant_features``: every tile of every slide is one and the same vector up to 1e-6 of
+    noise (bags differ only in size), a cohort from which nothing can be learned.
 
     Writes ``train/features/<id>.h5``, ``train/labels.csv``, ``external/features/<id>.h5`` and
     ``external/labels.csv``; every bag's ``planted`` dataset (bool [N]) marks the signal tiles so a
@@ -286,7 +290,9 @@ def make_feature_cohort(out: str | Path, *, n_slides: int = 48, n_external: int 
                 n_tiles = int(rng.integers(tiles[0], tiles[1] + 1))
                 feats = rng.normal(size=(n_tiles, dim)).astype(np.float32)
                 planted = np.zeros(n_tiles, bool)
-                if label:
+                if constant_features:
+                    feats[:] = direction + rng.normal(0, 1e-6, size=feats.shape).astype(np.float32)
+                elif label:
                     k = int(rng.integers(n_signal[0], n_signal[1] + 1))
                     idx = rng.choice(n_tiles, size=k, replace=False)
                     feats[idx] += signal_strength * direction

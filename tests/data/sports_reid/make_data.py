@@ -121,10 +121,11 @@ def make_mmsports(root: str | Path, *, train_players: int = 16, test_players: in
 
 
 def make_generic(root: str | Path, *, train_players: int = 6, test_players: int = 4, frames: int = 5,
-                 cameras: bool = True, seed: int = 1) -> Path:
+                 cameras: bool = True, one_camera: bool = False, seed: int = 1) -> Path:
     """``train/<pid>/*.jpg``, ``query/<pid>/*.jpg``, ``gallery/<pid>/*.jpg``; with ``cameras`` the
     names carry a Market-1501 style camera token (``c<k>``): each query is seen by camera 1 and its
-    gallery crops by cameras 1 and 2, so the same-camera ones are excluded from the evaluation."""
+    gallery crops by cameras 1 and 2, so the same-camera ones are excluded from the evaluation;
+    ``one_camera``: every crop is named camera 1 (a single fixed camera filmed the game)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
 
@@ -137,7 +138,7 @@ def make_generic(root: str | Path, *, train_players: int = 6, test_players: int 
     for p in make_players(test_players, rng, first_pid=50):
         _save(draw_crop(p, rng), root / "query" / f"player{p.pid:02d}" / name(0, 1))
         for f in range(1, frames):
-            _save(draw_crop(p, rng), root / "gallery" / f"player{p.pid:02d}" / name(f, 1 + f % 2))
+            _save(draw_crop(p, rng), root / "gallery" / f"player{p.pid:02d}" / name(f, 1 if one_camera else 1 + f % 2))
     return root
 
 
