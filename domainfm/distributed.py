@@ -158,3 +158,12 @@ def check_launch(*, num_nodes: int = 1, strategy: str = "auto", accelerator: str
         if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
             raise DomainFMError("--strategy fsdp needs GPUs (Lightning's FSDP runs only on a CUDA accelerator)",
                                 fix="use --strategy ddp on CPU, or run on GPUs")
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    """Rank ``rank``'s share of ``items`` out of ``world_size``: every ``world_size``-th item from
+    ``rank`` on. The shares are disjoint, their union is ``items``, and their sizes differ by at most
+    one; the same list in the same order gives every process the same split without talking."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of world size {world_size}")
+    return list(items)[rank::world_size]
