@@ -33,6 +33,11 @@ def main() -> None:
     ap.add_argument("--precision", default="32-true")
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--reps", type=int, default=6, help="Slide size: reps x reps copies of the test tissue.")
+    ap.add_argument("--slide", default=None,
+                    help="A slide made earlier by benchmarks/histo_tiling.py's make_slide (e.g. on a machine "
+                         "without imagecodecs, which writing its JPEG tiles needs); default: make one now.")
+    ap.add_argument("--make-slide", default=None, metavar="DIR",
+                    help="Only write the benchmark slide into DIR and print its path.")
     args = ap.parse_args()
 
     import numpy as np
@@ -45,9 +50,13 @@ def main() -> None:
     spec = importlib.util.spec_from_file_location("histo_tiling_bench", REPO / "benchmarks" / "histo_tiling.py")
     tb = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tb)
+    if args.make_slide:
+        Path(args.make_slide).mkdir(parents=True, exist_ok=True)
+        print(tb.make_slide(Path(args.make_slide), reps=args.reps))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        path = tb.make_slide(tmp, reps=args.reps)
+        path = Path(args.slide) if args.slide else tb.make_slide(tmp, reps=args.reps)
         settings = E.EmbedSettings(out_dir=str(tmp / "out"), backbone=args.backbone, init="random", mpp=args.mpp,
                                    tile_size=args.tile_size, batch_size=args.batch_size, num_workers=args.num_workers,
                                    precision=args.precision, accelerator=args.accelerator, progress=False)

@@ -11,8 +11,9 @@ Where weights come from (``init``):
     Face cache, else the hub. Offline with nothing cached, this fails in seconds (no retry loop)
     with a message naming ``--weights``.
   - a local ``.safetensors`` / ``.pth`` / ``.pt`` file (timm keys, official DINOv2 keys, a
-    Lightning checkpoint of domainfm, or a domainfm export); ``.pth``/``.pt`` load with
-    ``weights_only=True``.
+    Lightning checkpoint of domainfm, a domainfm export, or a training checkpoint that nests the
+    backbone next to heads and optimizer state, e.g. DINOv2's ``teacher_checkpoint.pth``: see
+    :func:`select_backbone_state`); ``.pth``/``.pt`` load with ``weights_only=True``.
   - ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: a backbone logged by domainfm to MLflow.
   - ``torchgeo:ENUM.MEMBER``: a torchgeo weights enum, e.g.
     ``torchgeo:ViTSmall14_DINOv2_Weights.SENTINEL2_ALL_SOFTCON`` (SoftCon's published Sentinel-2
@@ -25,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +43,16 @@ DINOV2_NAMES = ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_larg
 PATCH_EMBED_INITS = ("repeat", "mean", "random")
 PRETRAINED_INITS = ("dinov2", "pretrained")
 HUB_HOST = ("huggingface.co", 443)
-# where a backbone's timm keys sit in checkpoints we know how to read; the EMA teacher comes first
-# because in DINO-style training it is the better encoder
-_NESTED_PREFIXES = ("teacher.backbone.model.", "student.backbone.model.", "backbone.model.")
+# generic wrappers that put every key of a checkpoint under one prefix (DDP, Lightning, timm trainers)
 _WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
+# parts of a training checkpoint that are not the model (their tensors are optimizer moments etc.)
+_NOT_MODEL_PARTS = ("optim", "sched", "scaler", "loops", "callbacks", "hyper_parameters", "rng", "args")
+# heads trained next to a backbone (DINO/iBOT heads, projectors, classifiers): never backbone weights
+_HEAD_NAMES = ("dino_head", "ibot_head", "head", "heads", "projector", "projection_head", "proj_head",
+               "predictor", "prototypes", "classifier", "fc", "mask_token")
+# DINOv2's ViT sizes by embedding width (what an architecture mismatch suggests)
+_DINOV2_BY_DIM = {384: "vit_small_patch14_dinov2", 768: "vit_base_patch14_dinov2",
+                  1024: "vit_large_patch14_dinov2", 1536: "vit_giant_patch14_dinov2"}
 
 
 # ---------------------------------------------------------------- pure weight adaptation
@@ -85,28 +93,115 @@ def adapt_input_conv(weight: "torch.Tensor", in_chans: int, mode: str = "repeat"
 
 
 def strip_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Find the backbone's timm keys inside a checkpoint that nests them under a known prefix."""
-    for prefix in _NESTED_PREFIXES:  # a domainfm Lightning checkpoint: teacher first
-        sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if sub:
-            return sub
+    """Remove the wrappers (``module.``, ``model.``, ``backbone.``, ``encoder.``) that prefix every key."""
     sd = state_dict
-    for prefix in _WRAPPER_PREFIXES:  # DDP / generic wrappers put every key under one prefix
-        if all(k.startswith(prefix) for k in sd):
+    for prefix in _WRAPPER_PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 
 
-# ---------------------------------------------------------------- reading weights
-
-def _is_tensor_dict(obj: Any) -> bool:
+def flatten_checkpoint(obj: Any, prefix: str = "") -> dict[str, "torch.Tensor"]:
+    """Every tensor of a (nested) checkpoint under its dotted path, e.g. DINOv2's
+    ``{"teacher": {"backbone.blocks.0...": t, "dino_head...": t}}`` -> ``teacher.backbone.blocks.0...``.
+    Optimizer, scheduler and trainer state (``optimizer``, ``lr_schedulers``, ``loops``...) and
+    non-tensor values (step counts, hyper-parameters) are left out."""
     import torch
 
-    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(obj, torch.Tensor):
+        out[prefix.rstrip(".")] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            name = str(k)
+            if not prefix and any(part in name.lower() for part in _NOT_MODEL_PARTS):
+                continue
+            out.update(flatten_checkpoint(v, f"{prefix}{name}."))
+    return out
 
+
+def _is_vit_model(model) -> bool:
+    return hasattr(model, "patch_embed") and hasattr(model, "blocks")
+
+
+def select_backbone_state(state_dict: dict[str, "torch.Tensor"], model) -> tuple[dict[str, "torch.Tensor"], str]:
+    """The backbone's own weights out of any checkpoint that nests them: ``(sub_dict, prefix)``.
+
+    The prefix is the one under which most of ``model``'s parameter names are found, so a
+    backbone stored next to heads (DINOv2's ``teacher.backbone.*`` beside ``dino_head.*`` and
+    ``ibot_head.*``), inside wrappers (``model.``, ``state_dict.``, ``module.``) or twice (student and
+    EMA teacher) is found without a list of layouts. Ties go to the EMA teacher, then to the
+    shortest prefix. DINOv2's chunked blocks (``blocks.<chunk>.<i>.``) are renumbered
+    ``blocks.<i>.`` for a ViT. Heads next to the backbone (DINO/iBOT heads, projectors,
+    classifiers the backbone does not have) are dropped; every other key is kept, so a wrong
+    architecture is still reported. With no parameter name found at all, only the common
+    wrappers are stripped (foreign layouts such as OpenAI CLIP are left to timm's converter)."""
+    sd = dict(state_dict)
+    if _is_vit_model(model):
+        sd = {re.sub(r"(^|\.)blocks\.\d+\.(\d+)\.", r"\1blocks.\2.", k): v for k, v in sd.items()}
+    model_keys = set(model.state_dict())
+    counts: dict[str, int] = {}
+    for k in sd:
+        # every split of the key at a dot: the right part may be a parameter of the model
+        cut = 0
+        while True:
+            if k[cut:] in model_keys:
+                counts[k[:cut]] = counts.get(k[:cut], 0) + 1
+            nxt = k.find(".", cut)
+            if nxt < 0:
+                break
+            cut = nxt + 1
+    if not counts:
+        return strip_prefix(sd), ""
+
+    def rank(prefix: str):
+        low = prefix.lower()
+        return (counts[prefix], "teacher" in low or "ema" in low, "student" not in low, -len(prefix))
+
+    prefix = max(counts, key=rank)
+    sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    sub = {k: v for k, v in sub.items() if k in model_keys or k.split(".")[0] not in _HEAD_NAMES
+           or (k == "mask_token" and _is_vit_model(model))}
+    return sub, prefix
+
+
+def _vit_shape(sd: dict[str, Any]) -> dict[str, int] | None:
+    """Depth, width and patch size of a ViT state dict (timm / DINOv2 key names), else None."""
+    w = sd.get("patch_embed.proj.weight")
+    blocks = [int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m]
+    if w is None or w.ndim != 4 or not blocks:
+        return None
+    regs = sd.get("reg_token", sd.get("register_tokens"))
+    return {"depth": max(blocks) + 1, "dim": int(w.shape[0]), "patch": int(w.shape[-1]),
+            "registers": int(regs.shape[-2]) if regs is not None and regs.ndim >= 2 else 0}
+
+
+def _describe_vit(shape: dict[str, int]) -> str:
+    regs = f", {shape['registers']} registers" if shape["registers"] else ""
+    return f"{shape['depth']} blocks of dim {shape['dim']} (patch {shape['patch']}{regs})"
+
+
+def _architecture_mismatch(sd: dict[str, Any], model, source: str) -> None:
+    """One line naming the real cause when a ViT checkpoint's size differs from the model's."""
+    have, want = _vit_shape(sd), _vit_shape(model.state_dict())
+    if have is None or want is None or have == want:
+        return
+    arch = (getattr(model, "pretrained_cfg", {}) or {}).get("architecture") or type(model).__name__
+    guess = _DINOV2_BY_DIM.get(have["dim"]) if have["patch"] == 14 else None
+    if guess and have["registers"]:
+        guess = guess.replace("_dinov2", "_reg4_dinov2")
+    hint = f" (these look like {guess})" if guess and guess != arch else ""
+    raise DomainFMError(f"architecture mismatch: {source} hold {_describe_vit(have)}, --backbone {arch} has "
+                        f"{_describe_vit(want)}",
+                        fix=f"pass the --backbone these weights were trained with{hint}")
+
+
+# ---------------------------------------------------------------- reading weights
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, "torch.Tensor"], dict[str, str]]:
-    """A state dict and its metadata from a local file, never unpickling arbitrary objects."""
+    """Every tensor of a local weights file (nested checkpoints flattened to dotted keys, see
+    :func:`flatten_checkpoint`) and its metadata, never unpickling arbitrary objects. Which of
+    them are the backbone's is decided against the model (:func:`select_backbone_state`)."""
     import torch
 
     p = Path(path)
@@ -130,19 +225,15 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, "torch.Tensor"], dict[s
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DomainFMError(f"cannot be loaded as a weights-only checkpoint ({first[:200]})", path=p,
                                 fix="save a plain state dict with torch.save(model.state_dict(), path)") from None
-        for key in ("state_dict", "model", "teacher", "model_state_dict"):
-            if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-                if key == "state_dict" and isinstance(obj.get("hyper_parameters"), dict):
-                    meta = {k: str(v) for k, v in obj["hyper_parameters"].get("backbone_meta", {}).items()}
-                obj = obj[key]
-                break
-        if not _is_tensor_dict(obj):
+        if isinstance(obj, dict) and isinstance(obj.get("hyper_parameters"), dict):  # a domainfm Lightning ckpt
+            meta = {k: str(v) for k, v in obj["hyper_parameters"].get("backbone_meta", {}).items()}
+        sd = flatten_checkpoint(obj)
+        if not sd:
             raise DomainFMError("is not a state dict (expected a mapping of parameter names to tensors)", path=p,
                                 fix="save it with torch.save(model.state_dict(), path)")
-        sd = obj
     else:
         raise DomainFMError(f"unknown weights format {p.suffix!r}", path=p, fix="use .safetensors, .pth or .pt")
-    return strip_prefix(sd), meta
+    return sd, meta
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
@@ -291,6 +382,11 @@ def _backbone_class():
 
             self.data_config = resolve_data_config({}, model=model)
 
+        @property
+        def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+            """(mean, std) per channel for inputs scaled to [0, 1]: see :func:`input_normalization`."""
+            return input_normalization(self)
+
         def add_mask_token(self) -> None:
             if self.is_vit and self.mask_token is None:
                 self.mask_token = nn.Parameter(torch.zeros(1, 1, self.model.embed_dim))
@@ -355,6 +451,58 @@ def Backbone(*args, **kwargs):  # noqa: N802 - builds the class on first use: no
     return _backbone_class()(*args, **kwargs)
 
 
+IMAGENET_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def input_normalization(source) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The one answer to "how are this backbone's inputs normalised": per-channel ``(mean, std)``
+    for pixel values scaled to [0, 1], as the weights were trained with (``(x - mean) / std``).
+
+    ``source``: a :class:`Backbone`, a timm model, or a timm model name (``arch`` or ``arch.tag``),
+    so that data pipelines built before the model (pretraining) agree with those built after
+    (embedding, evaluation). Read from timm's pretrained config (``pretrained_cfg`` mean/std):
+    OpenAI CLIP's statistics for CLIP architectures, ImageNet's for DINOv2 and most CNNs;
+    ImageNet's when the config names none.
+    """
+    cfg = None
+    if isinstance(source, str):
+        import timm
+
+        for name in (source, source.split(".")[0]):
+            try:
+                cfg = timm.models.get_pretrained_cfg(name)
+            except Exception:  # noqa: BLE001 - an unknown name or tag: try the architecture
+                cfg = None
+            if cfg is not None:
+                break
+        cfg = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else (cfg.__dict__ if cfg is not None else {})
+    else:
+        data_config = getattr(source, "data_config", None)
+        if isinstance(data_config, dict):
+            cfg = data_config
+        else:
+            model = getattr(source, "model", source)
+            cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if not mean or not std:
+        return IMAGENET_NORMALIZATION
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def backbone_name(cfg: "RunConfig") -> str:
+    """The architecture a run builds: the one a ``--weights`` export or ``models:/`` names in its
+    metadata, else ``--backbone`` (as :func:`backbone_from_config` decides)."""
+    if cfg.weights:
+        path = _download_registered(cfg.weights) if cfg.weights.startswith("models:/") else Path(cfg.weights)
+        return _safetensors_meta(path).get("domainfm_name") or cfg.backbone
+    return cfg.backbone
+
+
+def normalization_for_config(cfg: "RunConfig") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """:func:`input_normalization` of the backbone ``cfg`` will build, without building it."""
+    return input_normalization(backbone_name(cfg))
+
+
 def embedding_parameter_names(model, *, with_pos_embed: bool = False) -> list[str]:
     """Parameters of the modules registered before the model's first feature stage that see
     pixels. A ViT's token-level modules before its blocks (CLIP's pre-norm) are not the embedding."""
@@ -399,16 +547,18 @@ def _first_conv_key(model) -> str:
 
 def load_adapted(model, state_dict: dict[str, "torch.Tensor"], *, patch_embed_init: str = "repeat",
                  source: str = "weights") -> None:
-    """Load ``state_dict`` into ``model``, adapting bands and position embedding; all else strict."""
+    """Load the backbone's part of ``state_dict`` (:func:`select_backbone_state`: heads and
+    wrappers dropped) into ``model``, adapting bands and position embedding; all else strict.
+    A ViT checkpoint of another depth, width or patch size fails naming both architectures."""
     import torch
 
-    sd = dict(state_dict)
-    is_vit = hasattr(model, "patch_embed") and hasattr(model, "blocks")
+    sd, _ = select_backbone_state(state_dict, model)
+    is_vit = _is_vit_model(model)
     if is_vit:
         from timm.models.vision_transformer import checkpoint_filter_fn
 
-        # timm maps official DINOv2 keys (register_tokens, mask_token...) and resizes pos_embed
-        sd.pop("mask_token", None)
+        _architecture_mismatch(sd, model, source)
+        # timm maps official DINOv2 keys (register_tokens, mask_token, w12/w3) and resizes pos_embed
         conv_key = "patch_embed.proj.weight"
         w = sd.get(conv_key)
         if w is not None and w.shape[1] != model.patch_embed.proj.weight.shape[1] or patch_embed_init == "random":
@@ -416,6 +566,7 @@ def load_adapted(model, state_dict: dict[str, "torch.Tensor"], *, patch_embed_in
                 sd[conv_key] = adapt_input_conv(w, model.patch_embed.proj.weight.shape[1], patch_embed_init)
         try:
             sd = checkpoint_filter_fn(sd, model)
+            sd.pop("mask_token", None)  # a DINO-style mask token that timm did not consume
         except Exception as e:
             raise DomainFMError(f"{source} do not fit {type(model).__name__} ({e})",
                                 fix="pick the --backbone these weights were trained with") from None
@@ -433,6 +584,11 @@ def load_adapted(model, state_dict: dict[str, "torch.Tensor"], *, patch_embed_in
     missing = sorted(set(model_sd) - set(sd))
     unexpected = sorted(set(sd) - set(model_sd))
     wrong = sorted(k for k in set(sd) & set(model_sd) if tuple(sd[k].shape) != tuple(model_sd[k].shape))
+    if missing and len(missing) == len(model_sd):
+        groups = sorted({k.split(".")[0] for k in state_dict})
+        raise DomainFMError(f"{source} hold no parameter of {type(model).__name__} (their {len(state_dict)} tensors "
+                            f"sit under {', '.join(groups[:8])}{' ...' if len(groups) > 8 else ''})",
+                            fix="pass a backbone's weights and the --backbone they were trained with")
     if missing or unexpected or wrong:
         detail = "; ".join(x for x in (
             f"missing {len(missing)} (e.g. {missing[0]})" if missing else "",

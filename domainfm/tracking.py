@@ -194,6 +194,22 @@ def log_artifacts(local_dir: str | Path, artifact_path: str | None = None) -> No
     mlflow.log_artifacts(str(local_dir), artifact_path)
 
 
+def log_artifact(local_path: str | Path, artifact_path: str | None = None) -> None:
+    """One file into the active run."""
+    import mlflow
+
+    mlflow.log_artifact(str(local_path), artifact_path)
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """A command's parameters (flattened, stringified) on the active run."""
+    import mlflow
+
+    flat = _flatten(params)
+    for i in range(0, len(flat), 100):
+        mlflow.log_params(dict(list(flat.items())[i:i + 100]))
+
+
 def log_backbone(backbone, *, artifact_path: str = "backbone", register: str | None = None,
                  alias: str | None = None, input_size: int | None = None,
                  extra_meta: dict[str, str] | None = None) -> str:

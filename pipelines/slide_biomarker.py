@@ -41,9 +41,12 @@ from domainfm.errors import DomainFMError
 @click.option("--weights", default=None, help="Encoder for --slides from a domainfm export or models:/NAME@ALIAS.")
 @click.option("--mpp", type=float, default=0.5, show_default=True, help="µm/px of the tiles embedded from --slides.")
 @click.option("--tile-size", type=int, default=224, show_default=True, help="Tile side embedded from --slides.")
-@click.option("--slide-mpp", default=None, help="µm/px of slides that carry none (a number or a CSV slide_id,mpp).")
+@click.option("--slide-mpp", default=None,
+              help="µm/px of the slides (a number or a CSV slide_id,mpp); beats a file's own value, needed where "
+                   "a file has none or a placeholder.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Tiles per forward pass when embedding.")
-@click.option("--num-workers", type=int, default=4, show_default=True, help="Slide-reading processes when embedding.")
+@click.option("--num-workers", type=int, default=None,
+              help="Slide-reading processes when embedding [default: min(4, CPUs available)].")
 @click.option("--model", "model_name", type=click.Choice(["abmil", "chowder", "meanpool"]), default="abmil",
               show_default=True, help="Slide model: gated attention MIL, Chowder, or mean pooling.")
 @click.option("--folds", type=int, default=5, show_default=True, help="Cross-validation folds, split by patient.")
@@ -94,6 +97,7 @@ RUN_OPTIONS = {"features_dir", "labels_csv", "target", "external_features", "ext
 def embed_first(opts: dict[str, Any]) -> None:
     """Steps 1-2 (tile + embed) when whole slides are given; slides that fail are reported and the
     labels check then names any labelled slide left without features."""
+    from domainfm.data import default_num_workers
     from plugins.histo import embedding
     from plugins.histo import slides as slides_mod
 
@@ -106,7 +110,8 @@ def embed_first(opts: dict[str, Any]) -> None:
         settings = embedding.EmbedSettings(
             out_dir=feats, backbone=opts["backbone"], init=opts["init"], weights=opts["weights"], mpp=opts["mpp"],
             tile_size=opts["tile_size"], slide_mpp=slides_mod.parse_slide_mpp(opts["slide_mpp"]),
-            batch_size=opts["batch_size"], num_workers=opts["num_workers"])
+            batch_size=opts["batch_size"],
+            num_workers=default_num_workers() if opts.get("num_workers") is None else opts["num_workers"])
         report = embedding.embed_slides(slides_mod.find_slides([slides_dir]), settings)
         for f in report.failed:
             click.echo(f"warning: {f['slide_id']} not embedded: {f['error']}", err=True)

@@ -148,8 +148,11 @@ def test_bad_weights_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(DomainFMError, match="safetensors"):
         read_state_dict(tmp_path / "junk.safetensors")
-    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), tmp_path / "r.pt")
-    with pytest.raises(DomainFMError, match="do not fit"):
+    resnet = timm.create_model("resnet18", num_classes=0).state_dict()
+    torch.save(resnet, tmp_path / "r.pt")
+    # a ResNet's weights hold nothing a ViT has: said so, with where its tensors sit
+    with pytest.raises(DomainFMError, match=rf"hold no parameter of VisionTransformer \(their {len(resnet)} tensors "
+                                            r"sit under bn1, conv1, layer1, layer2, layer3, layer4\)"):
         create_backbone(NAME, init=str(tmp_path / "r.pt"), img_size=56)
     with pytest.raises(DomainFMError, match="unknown backbone"):
         create_backbone("vit_nonexistent_patch99", init="random")
@@ -194,3 +197,130 @@ def test_torchgeo_softcon_weights_from_the_hub_cache(tmp_path, monkeypatch, dino
         create_backbone("vit_base_patch14_dinov2", init=SOFTCON)
     with pytest.raises(DomainFMError, match="unknown torchgeo weights"):
         create_backbone(NAME, init="torchgeo:ViTSmall14_DINOv2_Weights.NOPE")
+
+
+# ---------------------------------------------------------------- training checkpoints (issue 9, item 4)
+
+def _dinov2_heads(seed: int) -> dict[str, torch.Tensor]:
+    """DINO and iBOT heads as DINOv2 saves them: a 3-layer MLP and a weight-normed last layer."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for head in ("dino_head", "ibot_head"):
+        for i, (o, n) in enumerate([(64, 384), (64, 64), (32, 64)]):
+            out[f"{head}.mlp.{2 * i}.weight"] = torch.randn(o, n, generator=g)
+            out[f"{head}.mlp.{2 * i}.bias"] = torch.randn(o, generator=g)
+        out[f"{head}.last_layer.weight_g"] = torch.ones(128, 1)
+        out[f"{head}.last_layer.weight_v"] = torch.randn(128, 32, generator=g)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vits14_teacher():
+    """A real ViT-S/14 (12 blocks, dim 384; random init at 28 px) with its weights under DINOv2's
+    key names: the backbone's own names plus the [1, 384] mask token."""
+    torch.manual_seed(1)
+    model = timm.create_model(NAME, num_classes=0, img_size=28)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["mask_token"] = torch.randn(1, 384)
+    return sd
+
+
+def _chunked(backbone: dict[str, torch.Tensor], chunks: int = 4) -> dict[str, torch.Tensor]:
+    """DINOv2 with block_chunks=4: block i lives at blocks.<i // 3>.<i>."""
+    import re
+
+    per = 12 // chunks
+    return {re.sub(r"^blocks\.(\d+)\.", lambda m: f"blocks.{int(m.group(1)) // per}.{m.group(1)}.", k): v
+            for k, v in backbone.items()}
+
+
+def _under(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def _checkpoint(layout: str, teacher: dict[str, torch.Tensor]) -> dict:
+    student = {k: v + 1.0 for k, v in teacher.items()}  # the student differs from the EMA teacher
+    if layout == "dinov2_teacher_checkpoint":
+        return {"teacher": {**_under("backbone.", teacher), **_dinov2_heads(0)}}
+    if layout == "dinov2_chunked_blocks":
+        return {"teacher": {**_under("backbone.", _chunked(teacher)), **_dinov2_heads(0)}}
+    if layout == "dinov2_training_checkpoint":
+        model = {**_under("student.backbone.", student), **_under("student.", _dinov2_heads(1)),
+                 **_under("teacher.backbone.", teacher), **_under("teacher.", _dinov2_heads(0))}
+        optimizer = {"state": {i: {"exp_avg": torch.randn(3), "exp_avg_sq": torch.rand(3)} for i in range(4)},
+                     "param_groups": [{"lr": 1e-4, "params": [0, 1, 2, 3]}]}
+        return {"model": model, "optimizer": optimizer, "iteration": 12499}
+    if layout == "ddp_state_dict_with_projector":
+        return {"state_dict": {**_under("module.backbone.", teacher),
+                               "module.projector.0.weight": torch.randn(64, 384),
+                               "module.projector.0.bias": torch.randn(64)}, "epoch": 3}
+    raise AssertionError(layout)
+
+
+LAYOUTS = ["dinov2_teacher_checkpoint", "dinov2_chunked_blocks", "dinov2_training_checkpoint",
+           "ddp_state_dict_with_projector"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backbone_is_found_inside_training_checkpoints(tmp_path, vits14_teacher, layout):
+    path = tmp_path / "teacher_checkpoint.pth"
+    torch.save(_checkpoint(layout, vits14_teacher), path)
+    # the file loads with weights_only=True: nothing but tensors, dicts, lists and numbers
+    torch.load(path, weights_only=True)
+    b = create_backbone(NAME, in_chans=3, img_size=28, init=str(path))
+    got = b.model.state_dict()
+    expected = {k: v for k, v in vits14_teacher.items() if k != "mask_token"}
+    assert sorted(got) == sorted(expected)
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_training_checkpoint_through_weights_flag(tmp_path, vits14_teacher):
+    from domainfm.backbones import backbone_from_config
+    from domainfm.config import RunConfig
+
+    path = tmp_path / "teacher_checkpoint.pth"
+    torch.save(_checkpoint("dinov2_teacher_checkpoint", vits14_teacher), path)
+    cfg = RunConfig(backbone=NAME, weights=str(path), img_size=28, in_chans=3)
+    b = backbone_from_config(cfg)
+    for k, v in b.model.state_dict().items():
+        assert torch.equal(v, vits14_teacher[k]), k
+
+
+def test_architecture_mismatch_names_both_architectures(tmp_path, vits14_teacher):
+    path = tmp_path / "teacher_checkpoint.pth"
+    torch.save(_checkpoint("dinov2_teacher_checkpoint", vits14_teacher), path)
+    with pytest.raises(DomainFMError) as e:
+        create_backbone("vit_base_patch14_dinov2", img_size=28, init=str(path), depth=2)
+    assert str(e.value) == (
+        f"architecture mismatch: weights {path} hold 12 blocks of dim 384 (patch 14), --backbone "
+        "vit_base_patch14_dinov2 has 2 blocks of dim 768 (patch 14). Fix: pass the --backbone these weights "
+        "were trained with (these look like vit_small_patch14_dinov2).")
+
+
+def test_dinov2_teacher_checkpoint_through_the_cli(tmp_path, vits14_teacher, mlflow_store):
+    """``--weights teacher_checkpoint.pth`` as a user passes it: an sgd-ft run at learning rate 0
+    exports exactly the teacher's backbone weights (and none of its DINO/iBOT heads)."""
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from conftest import load_make_data
+    from domainfm.cli import main
+
+    ckpt = tmp_path / "teacher_checkpoint.pth"
+    torch.save(_checkpoint("dinov2_teacher_checkpoint", vits14_teacher), ckpt)
+    data = load_make_data("sgd_ft").write_imagefolder(tmp_path / "data", train=2, val=1, size=28)
+    out = tmp_path / "metrics.json"
+    res = CliRunner().invoke(main, ["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", NAME,
+                                    "--weights", str(ckpt), "--img-size", "28", "--batch-size", "6",
+                                    "--accelerator", "cpu", "--max-steps", "1", "--lr", "0", "--no-measure-memory",
+                                    "--json", str(out)])
+    assert res.exit_code == 0, (res.stderr[-3000:], res.exception)
+    exported = load_file(json.loads(out.read_text())["weights"])
+    backbone = {k[len("backbone.model."):]: v for k, v in exported.items() if k.startswith("backbone.model.")}
+    expected = {k: v for k, v in vits14_teacher.items() if k != "mask_token"}
+    assert sorted(backbone) == sorted(expected)
+    for k, v in expected.items():
+        assert torch.equal(backbone[k], v), k

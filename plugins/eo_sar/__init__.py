@@ -147,9 +147,9 @@ class EOSARPlugin(Plugin):
         return run_evaluation(cfg, self)
 
     def commands(self) -> list:
-        from plugins.eo_sar.commands import check_command, plot_command, sample_command
+        from plugins.eo_sar.commands import check_command, embed_command, plot_command, sample_command
 
-        return [check_command, plot_command, sample_command]
+        return [check_command, plot_command, sample_command, embed_command]
 
 
 def layout_options(command: str) -> list:

@@ -206,3 +206,80 @@ def sample_command(out: str, patches: int, seed: int) -> None:
         click.echo(f"wrote {patches} patches to {root}/s2, s1, landcover")
 
     run_cli_command(run)
+
+
+@click.command("embed", short_help="Embedding maps of whole scenes: a georeferenced GeoTIFF per scene.",
+               context_settings={"max_content_width": 110})
+@click.argument("scenes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--model", required=True, help="The frozen backbone: a domainfm export (.safetensors) or models:/NAME@ALIAS; "
+                                             "its recorded bands and statistics decide how the scene is normalised.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder: <scene>_embedding.tif (or _dense.tif), .preview.png, .pca.npz/.json with --dims.")
+@click.option("--window", type=int, default=224, show_default=True, help="Window side in scene pixels (the model's input).")
+@click.option("--stride", type=int, default=None, help="Step between windows in scene pixels: one output pixel per "
+                                                       "window position  [default: the window]")
+@click.option("--dense", is_flag=True, help="Write the ViT patch-token features (one output pixel per patch) instead "
+                                            "of one pooled feature per window.")
+@click.option("--dims", type=int, default=None, help="Project to this many principal components, fitted on a seeded "
+                                                     "sample of windows (saved beside the output).")
+@click.option("--pca-windows", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Windows sampled to fit --dims.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Windows per forward pass.")
+@click.option("--tome-r", type=int, default=0, show_default=True,
+              help="Token merging (ToMe): tokens merged in every ViT block; faster, features approximate.")
+@click.option("--modality", type=click.Choice(("s2", "s2-l2a", "s1")), default=None,
+              help="How to read the scenes  [default: from their band names, else the model's]")
+@_s2_harmonize
+@_s1_units
+@click.option("--precision", type=click.Choice(("32-true", "bf16-mixed", "16-mixed")), default="32-true",
+              show_default=True, help="bf16-mixed autocasts on CPU or GPU; 16-mixed on GPU only.")
+@click.option("--accelerator", type=click.Choice(("auto", "cpu", "gpu")), default="auto", show_default=True)
+@click.option("--nodata-fraction", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="A window (dense: a patch) with more nodata pixels than this is nodata in the output.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --dims sample.")
+@click.option("--stop-after-rows", type=int, default=None, hidden=True)  # tests: stop as if killed
+def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windows, batch_size, tome_r, modality,
+                  s2_harmonize, s1_units, precision, accelerator, nodata_fraction, seed, stop_after_rows) -> None:
+    """Embed whole scenes (any size, any CRS) window by window with a frozen backbone.
+
+    Each SCENE gives OUT/<scene>_embedding.tif: one pixel per window position, one float32 band per
+    feature (or per principal component with --dims), the scene's CRS, pixels `--stride` scene pixels
+    wide centred on their windows, NaN nodata where a window is mostly nodata; tiled and compressed,
+    written a tile row at a time. A killed run resumes where it stopped (same result, bit for bit).
+    A preview PNG (first three principal components over the scene's RGB) is logged to MLflow.
+    """
+
+    def run():
+        from plugins.eo_sar.scene_embedding import SceneEmbedSettings, prepare, run_embedding
+
+        settings = SceneEmbedSettings(out_dir=out_dir, model=model, window=window, stride=stride, dense=dense,
+                                      dims=dims, batch_size=batch_size, tome_r=tome_r, modality=modality,
+                                      s2_harmonize=s2_harmonize, s1_units=s1_units, precision=precision,
+                                      accelerator=accelerator, nodata_fraction=nodata_fraction, pca_windows=pca_windows,
+                                      seed=seed, stop_after_rows=stop_after_rows)
+        job = prepare(scenes, settings)  # every check before a run opens or a file is written
+        for line in job.messages:
+            click.echo(f"eo-sar: {line.replace('; --stats data recomputes them from the data', '')}", err=True)
+
+        from domainfm import tracking
+
+        with tracking.start_run(experiment="domainfm-eo-sar", run_name="eo-sar embed") as run:
+            tracking.log_params({"scenes": ",".join(scenes)[:5000],
+                                 **{k: v for k, v in vars(settings).items() if k != "stop_after_rows"}})
+            tracking.set_tags({"domainfm.command": "eo-sar embed", "domainfm.plugin": "eo-sar",
+                               "domainfm.model_source": model, **job.record()})
+            results = run_embedding(job, log=lambda m: click.echo(f"eo-sar: {m}", err=True))
+            tracking.log_metrics({"scenes": len(results), "windows": sum(r.windows for r in results),
+                                  "windows_embedded": sum(r.embedded for r in results),
+                                  "windows_nodata": sum(r.skipped_nodata for r in results)})
+            for r in results:
+                if r.preview:
+                    tracking.log_artifact(r.preview, "previews")
+                if r.projection:
+                    tracking.log_artifact(r.projection, "projections")
+            click.echo(f"eo-sar: MLflow run {run.info.run_id}", err=True)
+        for r in results:
+            state = "already done" if r.already_done else "done" if r.complete else "stopped (rerun to resume)"
+            click.echo(f"{r.path}\t{r.shape[0]} bands x {r.shape[1]} x {r.shape[2]} px\t{state}")
+
+    run_cli_command(run)

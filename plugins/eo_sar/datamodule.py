@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from domainfm.data import loader_kwargs
 from plugins.eo_sar.datasets import EOSARPatches
 from plugins.eo_sar.transforms import TwoViews
 
@@ -59,4 +60,4 @@ class EOSARDataModule(L.LightningDataModule):
         # contrastive losses need full batches, unless the whole dataset is smaller than one batch
         drop_last = len(self.dataset) > self.batch_size
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=drop_last,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          **loader_kwargs(self.num_workers, persistent=True))  # never fork a threaded process

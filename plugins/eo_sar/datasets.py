@@ -15,7 +15,6 @@ valid pixels and cached beside the data.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from domainfm.data import read_csv_rows
 from domainfm.errors import DomainFMError
 from plugins.eo_sar.bands import (BANDS, CLASS_NAMES, FILES_CACHE_FILE, LABELS_FILE, LANDCOVER_CACHE_FILE, LANDCOVER_NODATA,
                                   MODALITY_NAMES, S2_RGB, STATS_FILE)
@@ -236,39 +236,33 @@ def read_landcover(path: Path) -> np.ndarray:
 def read_labels_csv(path: Path, patch_ids: Sequence[str], modality_folder: Path) -> dict[str, np.ndarray]:
     """Labels from ``labels.csv``: patch_id plus one 0/1 column per Dynamic World class name."""
     known = set(patch_ids)
-    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheet exports start with a BOM
-        reader = csv.reader(fh)
-        header = [h.strip() for h in next(reader, [])]
-        if not header or header[0] != "patch_id":
-            raise DomainFMError("the first column must be patch_id", path=path,
-                                fix=f"write a header line: patch_id,{','.join(CLASS_NAMES)}")
-        columns = header[1:]
-        unknown = [c for c in columns if c not in CLASS_NAMES]
-        if unknown:
-            raise DomainFMError(f"unknown class column {unknown[0]!r}", path=path,
-                                fix=f"use Dynamic World class names: {', '.join(CLASS_NAMES)}")
-        missing = [c for c in CLASS_NAMES if c not in columns]
-        if missing:
-            raise DomainFMError(f"missing class column(s) {', '.join(missing)}", path=path,
-                                fix="give one 0/1 column per class (0 where absent)")
-        order = [columns.index(c) + 1 for c in CLASS_NAMES]
-        labels: dict[str, np.ndarray] = {}
-        for line_no, row in enumerate(reader, start=2):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) != len(header):
-                raise DomainFMError(f"line {line_no} has {len(row)} fields, the header has {len(header)}", path=path)
-            pid = row[0].strip()
-            if pid not in known:
-                raise DomainFMError(f"patch id {pid!r} (line {line_no}) has no image {modality_folder / (pid + '.tif')}",
-                                    path=path, fix="remove the row or add the image")
-            try:
-                values = [int(row[i].strip()) for i in order]
-            except ValueError:
-                values = [-1]
-            if any(v not in (0, 1) for v in values):
-                raise DomainFMError(f"line {line_no} has a value other than 0 or 1", path=path, fix="use 0/1 per class")
-            labels[pid] = np.asarray(values, dtype=np.float32)
+    rows = read_csv_rows(path, what="labels CSV")  # the core's one CSV reader (BOM, CRLF, spaces)
+    header = rows.columns
+    if not header or header[0] != "patch_id":
+        raise DomainFMError("the first column must be patch_id", path=path,
+                            fix=f"write a header line: patch_id,{','.join(CLASS_NAMES)}")
+    columns = header[1:]
+    unknown = [c for c in columns if c not in CLASS_NAMES]
+    if unknown:
+        raise DomainFMError(f"unknown class column {unknown[0]!r}", path=path,
+                            fix=f"use Dynamic World class names: {', '.join(CLASS_NAMES)}")
+    missing = [c for c in CLASS_NAMES if c not in columns]
+    if missing:
+        raise DomainFMError(f"missing class column(s) {', '.join(missing)}", path=path,
+                            fix="give one 0/1 column per class (0 where absent)")
+    labels: dict[str, np.ndarray] = {}
+    for line_no, row in zip(rows.lines, rows):
+        pid = row["patch_id"]
+        if pid not in known:
+            raise DomainFMError(f"patch id {pid!r} (line {line_no}) has no image {modality_folder / (pid + '.tif')}",
+                                path=path, fix="remove the row or add the image")
+        try:
+            values = [int(row[c]) for c in CLASS_NAMES]
+        except ValueError:
+            values = [-1]
+        if any(v not in (0, 1) for v in values):
+            raise DomainFMError(f"line {line_no} has a value other than 0 or 1", path=path, fix="use 0/1 per class")
+        labels[pid] = np.asarray(values, dtype=np.float32)
     return labels
 
 

@@ -112,8 +112,10 @@ def extract_features(backbone, dataset, *, batch_size: int, device: str, num_wor
     from rich.progress import Progress
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_stack_images)
+    from domainfm.data import loader_kwargs
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_stack_images,
+                        **loader_kwargs(num_workers))  # never fork a threaded process
     backbone = backbone.to(device).eval()
     out = []
     with torch.no_grad(), Progress(transient=True) as progress:

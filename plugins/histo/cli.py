@@ -8,8 +8,9 @@ import click
 
 from domainfm.errors import DomainFMError
 
-_SLIDE_MPP_HELP = ("µm/px of slides whose files carry none (no openslide.mpp-x, no TIFF resolution tags): "
-                   "a number for all, or a CSV with columns slide_id,mpp.")
+_SLIDE_MPP_HELP = ("µm/px of the slides: a number for all, or a CSV with columns slide_id,mpp. Beats the file's "
+                   "own value (a note says so when they differ); needed where a file carries none or only a "
+                   "placeholder outside 0.05-20 µm/px (72 or 300 dpi).")
 
 
 def _tiling_options(fn):
@@ -72,12 +73,12 @@ def tile_command(slides, out_dir, mpp, tile_size, min_tissue, max_tiles, slide_m
                 try:
                     ts = tiling.tile_slide(p, mpp=mpp, tile_size=tile_size, min_tissue=min_tissue,
                                            max_tiles=max_tiles, seed=seed, slide_mpp=override)
-                    tiling.write_coords(ts, out_dir)
-                    tiling.write_thumbnail(ts, out_dir)
+                    tiling.write_outputs(ts, out_dir)  # both files or neither
                     g = ts.geometry
                     progress.console.print(f"{ts.slide_id}: {len(ts.coords)} tiles ({g.tile_size_level0} px "
                                            f"at level 0, read from level {g.level})")
                 except Exception as e:  # noqa: BLE001 - recorded, the batch goes on
+                    tiling.remove_outputs(out_dir, slides_mod.slide_id(p))  # nothing of a failed slide stays
                     failures.append({"slide_id": slides_mod.slide_id(p), "path": str(p),
                                      "error": embedding.one_line_error(e)})
                 progress.advance(task)
@@ -100,8 +101,8 @@ def tile_command(slides, out_dir, mpp, tile_size, min_tissue, max_tiles, slide_m
               help="A domainfm export (.safetensors) or models:/NAME@ALIAS; overrides --init and --backbone.")
 @_tiling_options
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Tiles per forward pass.")
-@click.option("--num-workers", type=int, default=4, show_default=True,
-              help="DataLoader processes reading tiles while the model runs.")
+@click.option("--num-workers", type=int, default=None,
+              help="DataLoader processes reading tiles while the model runs [default: min(4, CPUs available)].")
 @click.option("--precision", default="32-true", show_default=True,
               help="32-true, bf16-mixed (CPU or GPU) or 16-mixed (GPU).")
 @click.option("--accelerator", default="auto", show_default=True, help="cpu, gpu or auto.")
@@ -124,6 +125,10 @@ def embed_command(slides, out_dir, coords_dir, backbone, init, weights, mpp, til
         from plugins.histo import embedding
         from plugins.histo import slides as slides_mod
 
+        from domainfm.data import default_num_workers
+
+        if num_workers is None:
+            num_workers = default_num_workers()
         if batch_size < 1 or num_workers < 0 or devices < 1:
             raise DomainFMError("--batch-size and --devices must be at least 1, --num-workers at least 0")
         from domainfm.distributed import check_launch

@@ -7,12 +7,12 @@ no features, one class only, non-numeric labels for a binary target.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from domainfm.data import read_csv_rows
 from domainfm.errors import DomainFMError
 
 _LIST_MAX = 8
@@ -86,18 +86,13 @@ def read_labels(path: str | Path, target: str | None = None) -> tuple[list[dict[
     path = Path(path)
     if not path.is_file():
         raise DomainFMError("labels CSV not found", path=path, fix="give a CSV with columns slide_id,patient_id,label")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f.strip() for f in (reader.fieldnames or [])]
-        missing = [c for c in ("slide_id", "patient_id") if c not in fields]
-        if missing:
-            raise DomainFMError(f"the labels CSV lacks the column(s) {', '.join(missing)}", path=path,
-                                fix="use the header slide_id,patient_id,label")
-        try:
-            column = _label_column(fields, target)
-        except DomainFMError as e:
-            raise DomainFMError(str(e).rstrip("."), path=path) from None
-        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    # the core's one CSV reader: Excel's BOM, CRLF and spaces around names are read as meant
+    rows = read_csv_rows(path, ("slide_id", "patient_id"), what="labels CSV",
+                         fix="use the header slide_id,patient_id,label")
+    try:
+        column = _label_column(rows.columns, target)
+    except DomainFMError as e:
+        raise DomainFMError(str(e).rstrip("."), path=path) from None
     seen: dict[str, int] = {}
     for r in rows:
         seen[r["slide_id"]] = seen.get(r["slide_id"], 0) + 1

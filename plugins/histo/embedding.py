@@ -121,9 +121,11 @@ class TileEncoder:
         self.backbone = backbone.to(device)
         self.device = device
         self.dtype = autocast_dtype(precision, device)
-        cfg = backbone.data_config
-        self.mean = torch.tensor(cfg["mean"], device=device).view(1, -1, 1, 1) * 255.0
-        self.std = torch.tensor(cfg["std"], device=device).view(1, -1, 1, 1) * 255.0
+        from domainfm.backbones import input_normalization
+
+        mean, std = input_normalization(backbone)  # the same as pretraining used (one source)
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
         self.img_size = backbone.img_size if backbone.is_vit else None
 
     def __call__(self, images) -> np.ndarray:
@@ -147,25 +149,55 @@ class TileEncoder:
             return out.float().cpu().numpy()
 
 
-def slide_tiles(path: Path, s: EmbedSettings, slide) -> tuple[np.ndarray, slides_mod.TileGeometry]:
-    """Coordinates and geometry of a slide: from ``--coords`` when given, else tiled now."""
+def coords_file(s: EmbedSettings, path: Path) -> Path:
+    """``--coords DIR``'s file for this slide: ``DIR/coords/<id>.h5`` (``histo tile``) or ``DIR/<id>.h5``
+    (CLAM's ``patches/`` folder, TRIDENT's ``patches/`` folder given directly)."""
     sid = slides_mod.slide_id(path)
-    if s.coords_dir:
-        cpath = Path(s.coords_dir) / "coords" / f"{sid}.h5"
-        if not cpath.is_file():
-            cpath = Path(s.coords_dir) / f"{sid}.h5"
-        if not cpath.is_file():
-            raise DomainFMError(f"no coordinates for slide {sid!r} in --coords {s.coords_dir}", path=path,
-                                fix="run `domainfm histo tile` on this slide first, or drop --coords")
-        coords, attrs = tiling.read_coords(cpath)
-        smpp = float(attrs["slide_mpp"]) if "slide_mpp" in attrs else slides_mod.resolve_slide_mpp(slide, path, s.slide_mpp)
-        mpp = float(attrs.get("mpp", s.mpp))
-        tile_size = int(attrs.get("tile_size", s.tile_size))
+    for cpath in (Path(s.coords_dir) / "coords" / f"{sid}.h5", Path(s.coords_dir) / f"{sid}.h5"):
+        if cpath.is_file():
+            return cpath
+    raise DomainFMError(f"no coordinates for slide {sid!r} in --coords {s.coords_dir}", path=path,
+                        fix="run `domainfm histo tile` on this slide first, or drop --coords")
+
+
+def coords_geometry(cpath: Path, attrs: dict[str, Any], s: EmbedSettings, slide, path: Path) -> slides_mod.TileGeometry:
+    """The geometry of a coords file's tiles: the file's own wins.
+
+    - ours (``mpp`` and ``tile_size`` attrs): they must equal ``--mpp``/``--tile-size``, else one line
+      naming both (re-tiling is cheap, and a silent change of scale is not);
+    - CLAM's (``patch_size`` at ``patch_level``) or TRIDENT's (``patch_size_level0``): each tile covers
+      the file's level-0 size and is resized to ``--tile-size``; its µm/px follows from the slide's
+      and is announced when it differs from ``--mpp``;
+    - a file that states no tile size: ``--mpp``/``--tile-size``.
+    """
+    if "mpp" in attrs and "tile_size" in attrs:
+        mpp, tile_size = float(attrs["mpp"]), int(attrs["tile_size"])
         if (mpp, tile_size) != (s.mpp, s.tile_size):
             raise DomainFMError(f"the coords were made at {mpp} µm/px, {tile_size} px but embed asks for "
                                 f"{s.mpp} µm/px, {s.tile_size} px", path=cpath,
                                 fix=f"pass --mpp {mpp} --tile-size {tile_size}, or re-tile")
-        return coords, slides_mod.tile_geometry(slide.level_downsamples, smpp, mpp, tile_size)
+        smpp = float(attrs["slide_mpp"]) if "slide_mpp" in attrs else slides_mod.resolve_slide_mpp(slide, path, s.slide_mpp)
+        return slides_mod.tile_geometry(slide.level_downsamples, smpp, mpp, tile_size)
+    smpp = slides_mod.resolve_slide_mpp(slide, path, s.slide_mpp)
+    footprint = tiling.coords_footprint(attrs, slide.level_downsamples)
+    if footprint is None:
+        return slides_mod.tile_geometry(slide.level_downsamples, smpp, s.mpp, s.tile_size)
+    size0, source = footprint
+    geom = slides_mod.footprint_geometry(slide.level_downsamples, smpp, size0, s.tile_size)
+    requested = slides_mod.tile_geometry(slide.level_downsamples, smpp, s.mpp, s.tile_size).tile_size_level0
+    if size0 != requested:
+        slides_mod.notice(f"{cpath}: its tiles are {size0} px at level 0 ({source}), not the {requested} of "
+                          f"--mpp {s.mpp:g} --tile-size {s.tile_size}: each is read whole and resized to "
+                          f"{s.tile_size} px ({geom.mpp:.4g} µm/px)")
+    return geom
+
+
+def slide_tiles(path: Path, s: EmbedSettings, slide) -> tuple[np.ndarray, slides_mod.TileGeometry]:
+    """Coordinates and geometry of a slide: from ``--coords`` when given, else tiled now."""
+    if s.coords_dir:
+        cpath = coords_file(s, path)
+        coords, attrs = tiling.read_coords(cpath)
+        return coords, coords_geometry(cpath, attrs, s, slide, path)
     ts = tiling.tile_slide(path, mpp=s.mpp, tile_size=s.tile_size, min_tissue=s.min_tissue,
                            max_tiles=s.max_tiles, seed=s.seed, slide_mpp=s.slide_mpp, slide=slide)
     return ts.coords, ts.geometry
@@ -193,7 +225,8 @@ def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, A
         with h5py.File(path, "r") as f:
             feats = np.asarray(f["features"][:], np.float32)
             coords = np.asarray(f["coords"][:], np.int64) if "coords" in f else np.zeros((len(feats), 2), np.int64)
-            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            # attrs as they are (arrays stay arrays); TRIDENT/CLAM keep theirs on `coords`
+            attrs = {**(tiling.h5_attrs(f["coords"]) if "coords" in f else {}), **tiling.h5_attrs(f)}
     except (OSError, KeyError) as e:
         raise DomainFMError(f"not a features HDF5 file with a `features` dataset ({e})", path=path,
                             fix="make it with `domainfm histo embed`") from None
@@ -219,15 +252,16 @@ def embed_slide(path: Path, s: EmbedSettings, encoder: "TileEncoder", progress=N
     from torch.utils.data import DataLoader
 
     from domainfm import __version__
+    from domainfm.data import loader_kwargs
     from plugins.histo.datasets import SlideTileDataset
 
     sid = slides_mod.slide_id(path)
     coords, geom = tiles if tiles is not None else locate_tiles(path, s)
     dataset = SlideTileDataset(path, coords, geom)
-    loader = DataLoader(dataset, batch_size=s.batch_size, num_workers=s.num_workers, shuffle=False,
-                        pin_memory=encoder.device.type == "cuda",
-                        prefetch_factor=4 if s.num_workers > 0 else None,
-                        persistent_workers=False)
+    # workers come from a forkserver, never a fork of this process: the thread that prepares the
+    # next slide may be inside an import or a library lock right now
+    loader = DataLoader(dataset, batch_size=s.batch_size, shuffle=False, pin_memory=encoder.device.type == "cuda",
+                        **loader_kwargs(min(s.num_workers, -(-len(dataset) // s.batch_size)), prefetch_factor=4))
     feats, seen = [], []
     task = progress.add_task(sid, total=len(dataset)) if progress is not None else None
     for batch in loader:
@@ -277,18 +311,24 @@ def embed_shard(paths: list[Path], s: EmbedSettings, *, device=None, label: str 
             stale.unlink(missing_ok=True)
     device = device or resolve_device(s.accelerator)
     encoder = TileEncoder(build_encoder(s), device, s.precision)
-    # the next slide's tissue is found in a thread while this one is encoded, so the accelerator
-    # does not wait for thumbnails between slides (OpenSlide and numpy release the GIL)
+    # When slides are tiled now, the next slide's tissue is found in a thread while this one is
+    # encoded, so the accelerator does not wait for thumbnails (OpenSlide and numpy release the
+    # GIL). With --coords there is nothing slow to overlap: files are read here, in this thread
+    # (h5py's global lock must never be left to a helper thread).
+    prefetch = not s.coords_dir and len(todo) > 1
     with progress_bar(s.progress) as progress, ThreadPoolExecutor(max_workers=1) as pool:
         overall = progress.add_task(label, total=len(todo))
-        upcoming = pool.submit(locate_tiles, todo[0], s)
+        upcoming = pool.submit(locate_tiles_safely, todo[0], s) if prefetch else None
         for i, p in enumerate(todo):
             sid = slides_mod.slide_id(p)
             current = upcoming
-            if i + 1 < len(todo):
-                upcoming = pool.submit(locate_tiles, todo[i + 1], s)
+            if prefetch and i + 1 < len(todo):
+                upcoming = pool.submit(locate_tiles_safely, todo[i + 1], s)
             try:
-                report.tiles += embed_slide(p, s, encoder, progress, tiles=current.result())
+                tiles = current.result() if current is not None else locate_tiles(p, s)
+                if isinstance(tiles, BaseException):
+                    raise tiles
+                report.tiles += embed_slide(p, s, encoder, progress, tiles=tiles)
                 report.done.append(sid)
             except KeyboardInterrupt:
                 raise
@@ -298,8 +338,22 @@ def embed_shard(paths: list[Path], s: EmbedSettings, *, device=None, label: str 
     return report
 
 
+def locate_tiles_safely(path: Path, s: EmbedSettings):
+    """:func:`locate_tiles` for the prefetch thread: an exception is returned, not raised, with its
+    traceback dropped, so no frame of the thread (and no library lock one of them holds) outlives it."""
+    try:
+        return locate_tiles(path, s)
+    except Exception as e:  # noqa: BLE001 - re-raised by the caller as this slide's failure
+        return e.with_traceback(None)
+
+
 def one_line_error(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
+    """The one line a failure is reported with: a DomainFMError's text; otherwise the exception's
+    type and first line, and for an error raised in a DataLoader worker, the original error's
+    last line ("ValueError: ...") rather than torch's "Caught ValueError in DataLoader worker"."""
+    text = [line for line in str(e).strip().splitlines() if line.strip()]
+    if len(text) > 1 and text[0].startswith("Caught ") and "Original Traceback" in str(e):
+        return text[-1].strip()
     msg = text[0] if text else ""
     return msg if isinstance(e, DomainFMError) else f"{type(e).__name__}: {msg}"
 

@@ -63,7 +63,8 @@ def save_png(image, path: str | Path) -> Path:
 
 def render_slide_heatmap(coords: np.ndarray, attrs: dict, attention: np.ndarray, *, title: str,
                          slide_path: str | Path | None = None):
-    size0 = int(attrs.get("tile_size_level0") or attrs.get("patch_size") or 256)
+    # ours / TRIDENT's level-0 tile size, else CLAM's patch_size (at level 0 in its default setting)
+    size0 = int(attrs.get("tile_size_level0") or attrs.get("patch_size_level0") or attrs.get("patch_size") or 256)
     bg, ds = slide_background(slide_path or attrs.get("slide_path"), coords, size0)
     img = draw_heatmap(bg, ds, coords, size0, attention)
     from PIL import ImageDraw

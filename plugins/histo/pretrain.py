@@ -10,7 +10,6 @@ drawn from that list and their multi-hot labels drive the soft term.
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -19,29 +18,30 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from domainfm.data import read_csv_rows
 from domainfm.errors import DomainFMError
 from plugins.histo import slides as slides_mod
 from plugins.histo import tiling
 
-# the ImageNet statistics DINOv2/CLIP-style backbones are trained with
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 class HistoViews:
     """Two independent augmentations of one tile: random resized crop, flips and 90° turns
-    (a slide has no up), and colour jitter standing in for stain variation."""
+    (a slide has no up), and colour jitter standing in for stain variation; then the backbone's
+    own input normalisation (``normalization`` = (mean, std), from
+    :func:`domainfm.backbones.input_normalization`: the one ``histo embed`` applies too)."""
 
-    def __init__(self, img_size: int, scale: tuple[float, float] = (0.4, 1.0)):
+    def __init__(self, img_size: int, scale: tuple[float, float] = (0.4, 1.0), normalization=None):
         from torchvision.transforms import v2
 
+        from domainfm.backbones import IMAGENET_NORMALIZATION
+
+        self.mean, self.std = (tuple(map(float, v)) for v in (normalization or IMAGENET_NORMALIZATION))
         self.transform = v2.Compose([
             v2.RandomResizedCrop(img_size, scale=scale, antialias=True),
             v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
             v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)]),
             v2.RandomApply([v2.ColorJitter(0.3, 0.3, 0.2, 0.05)], p=0.8),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            v2.Normalize(self.mean, self.std),
         ])
 
     def __call__(self, tile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,20 +53,18 @@ def read_tile_labels(path: str | Path) -> tuple[list[str], dict[str, list[tuple[
     path = Path(path)
     if not path.is_file():
         raise DomainFMError("tile labels CSV not found", path=path, fix="give a CSV slide_id,x,y,<label columns>")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = list(reader.fieldnames or [])
-        names = [f for f in fields if f not in ("slide_id", "x", "y")]
-        if not {"slide_id", "x", "y"} <= set(fields) or not names:
-            raise DomainFMError("tile labels need the columns slide_id,x,y and at least one label column", path=path,
-                                fix="write a header like slide_id,x,y,tumor,stroma,necrosis")
-        out: dict[str, list] = {}
-        for line, row in enumerate(reader, start=2):
-            try:
-                vec = np.array([float(row[n] or 0) for n in names], np.float32)
-                out.setdefault(row["slide_id"], []).append((int(float(row["x"])), int(float(row["y"])), vec))
-            except ValueError:
-                raise DomainFMError(f"line {line}: x, y and labels must be numbers", path=path) from None
+    fix = "write a header like slide_id,x,y,tumor,stroma,necrosis"
+    rows = read_csv_rows(path, ("slide_id", "x", "y"), what="tile labels CSV", fix=fix)
+    names = [f for f in rows.columns if f not in ("slide_id", "x", "y")]
+    if not names:
+        raise DomainFMError("tile labels need at least one label column besides slide_id,x,y", path=path, fix=fix)
+    out: dict[str, list] = {}
+    for line, row in zip(rows.lines, rows):
+        try:
+            vec = np.array([float(row[n] or 0) for n in names], np.float32)
+            out.setdefault(row["slide_id"], []).append((int(float(row["x"])), int(float(row["y"])), vec))
+        except ValueError:
+            raise DomainFMError(f"line {line}: x, y and labels must be numbers", path=path) from None
     return names, out
 
 
@@ -76,10 +74,10 @@ class SlideTileSampler(Dataset):
 
     def __init__(self, slide_paths: list[Path], *, mpp: float, tile_size: int, img_size: int,
                  min_tissue: float = 0.6, slide_mpp=None, tile_labels: str | None = None,
-                 samples_per_epoch: int = 1024, seed: int = 0):
+                 samples_per_epoch: int = 1024, seed: int = 0, normalization=None):
         self.mpp, self.tile_size, self.seed = mpp, tile_size, seed
         self.samples_per_epoch = samples_per_epoch
-        self.views = HistoViews(img_size)
+        self.views = HistoViews(img_size, normalization=normalization)
         self.label_names: list[str] = []
         labelled = None
         if tile_labels:
@@ -162,7 +160,7 @@ class SlideTileSampler(Dataset):
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
-        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        mean, std = torch.tensor(self.views.mean).view(3, 1, 1), torch.tensor(self.views.std).view(3, 1, 1)
         fig, axes = plt.subplots(1, 2, figsize=(5, 2.6))
         for ax, key in zip(axes, ("view_teacher", "view_student")):
             ax.imshow((sample[key] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
@@ -172,28 +170,36 @@ class SlideTileSampler(Dataset):
 
 
 class HistoPretrainDataModule(L.LightningDataModule):
-    """Batches ``{"view_teacher", "view_student": float[B, 3, S, S], "labels": float[B, K]}``."""
+    """Batches ``{"view_teacher", "view_student": float[B, 3, S, S], "labels": float[B, K]}``.
+
+    ``normalization``: the backbone's (mean, std); :meth:`from_config` asks the core for the one
+    of the backbone the run builds (ImageNet's when None)."""
 
     def __init__(self, data: str | Path, *, mpp: float = 0.5, tile_size: int = 256, img_size: int = 224,
                  min_tissue: float = 0.6, slide_mpp=None, tile_labels: str | None = None,
-                 tiles_per_epoch: int = 1024, batch_size: int = 32, num_workers: int = 0, seed: int = 0):
+                 tiles_per_epoch: int = 1024, batch_size: int = 32, num_workers: int = 0, seed: int = 0,
+                 normalization=None):
         super().__init__()
         if data is None:
             raise DomainFMError("histo pretraining needs --data SLIDES_DIR", fix="give a folder of whole-slide images")
         self.paths = slides_mod.find_slides([str(data)])
         self.kwargs = dict(mpp=mpp, tile_size=tile_size, img_size=img_size, min_tissue=min_tissue,
                            slide_mpp=slides_mod.parse_slide_mpp(slide_mpp) if isinstance(slide_mpp, str) else slide_mpp,
-                           tile_labels=tile_labels, samples_per_epoch=tiles_per_epoch, seed=seed)
+                           tile_labels=tile_labels, samples_per_epoch=tiles_per_epoch, seed=seed,
+                           normalization=normalization)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.dataset: SlideTileSampler | None = None
 
     @classmethod
     def from_config(cls, cfg) -> "HistoPretrainDataModule":
+        from domainfm.backbones import normalization_for_config
+
         opts = cfg.options
         return cls(cfg.data, mpp=opts.get("mpp", 0.5), tile_size=opts.get("tile_size", 256), img_size=cfg.img_size,
                    min_tissue=opts.get("min_tissue", 0.6), slide_mpp=opts.get("slide_mpp"),
                    tile_labels=opts.get("tile_labels"), tiles_per_epoch=opts.get("tiles_per_epoch", 1024),
-                   batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed)
+                   batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                   normalization=normalization_for_config(cfg))
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
@@ -201,5 +207,8 @@ class HistoPretrainDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
+        from domainfm.data import loader_kwargs
+
+        # workers from a forkserver: Lightning and MLflow run threads in this process
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          **loader_kwargs(self.num_workers, persistent=True))

@@ -8,12 +8,12 @@ so slides scanned at 40x and 20x give tiles of the same physical size.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from domainfm.data import image_info, read_csv_rows
 from domainfm.errors import DomainFMError
 
 # extensions OpenSlide opens, and plain images read through Pillow
@@ -21,6 +21,10 @@ from domainfm.errors import DomainFMError
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _CM_PER_UNIT = {"centimeter": 1.0, "inch": 2.54}
+# µm per pixel a microscope slide scan can have: 0.05 (beyond a 100x oil objective) to 20 (a 0.5x
+# overview). A file value outside is a placeholder, not a measurement: 72 or 300 dpi written by a
+# converter is 353 or 85 µm/px, 1 pixel per unit is 10,000 or 25,400. Such values count as unknown.
+MPP_RANGE = (0.05, 20.0)
 SLIDE_MPP_FIX = ("pass --slide-mpp 0.25 (the slide's µm per pixel) or --slide-mpp CSV with columns "
                  "slide_id,mpp")
 
@@ -76,23 +80,25 @@ def open_slide(path: str | Path):
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DomainFMError(f"not a slide OpenSlide reads nor an image Pillow decodes ({e})", path=path,
                             fix="check that the file is complete (truncated downloads fail like this)") from None
+    # OpenSlide's ImageSlide converts to 8-bit RGBA, which clips 16-bit and float images to white
+    info = image_info(path)
+    if info.dtype != "uint8":
+        raise DomainFMError(f"is a {info.dtype} image with {info.bands} band(s); slides are read as 8-bit RGB "
+                            "(brightfield), and converting it would clip its values", path=path,
+                            fix="scale it to an 8-bit RGB image first (or give the brightfield scan)")
     return openslide.ImageSlide(str(path))
 
 
 def read_mpp_csv(path: str | Path) -> dict[str, float]:
     path = Path(path)
     out: dict[str, float] = {}
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"slide_id", "mpp"} <= set(reader.fieldnames):
-            raise DomainFMError("a --slide-mpp CSV needs the columns slide_id,mpp", path=path,
-                                fix="add a header line `slide_id,mpp`")
-        for row in reader:
-            try:
-                out[row["slide_id"]] = float(row["mpp"])
-            except ValueError:
-                raise DomainFMError(f"mpp {row['mpp']!r} of slide {row['slide_id']!r} is not a number",
-                                    path=path, fix="write µm per pixel as a decimal number") from None
+    for row in read_csv_rows(path, ("slide_id", "mpp"), what="--slide-mpp CSV",
+                             fix="add a header line `slide_id,mpp`"):
+        try:
+            out[row["slide_id"]] = float(row["mpp"])
+        except ValueError:
+            raise DomainFMError(f"mpp {row['mpp']!r} of slide {row['slide_id']!r} is not a number",
+                                path=path, fix="write µm per pixel as a decimal number") from None
     return out
 
 
@@ -110,37 +116,74 @@ def parse_slide_mpp(value: str | None) -> float | dict[str, float] | None:
     return read_mpp_csv(value)
 
 
-def mpp_from_properties(props) -> float | None:
-    """µm/px from OpenSlide's ``openslide.mpp-x``, else the TIFF resolution tags."""
-    mpp = props.get("openslide.mpp-x")
-    if mpp:
-        try:
-            value = float(mpp)
-            if value > 0:
-                return value
-        except ValueError:
-            pass
+def file_mpp(props) -> tuple[float | None, str]:
+    """µm/px a slide's file states, and where it comes from: OpenSlide's ``openslide.mpp-x`` (the
+    vendor's value), else the TIFF resolution tags. ``(None, "")`` when it states none; the value
+    is returned even when it is outside :data:`MPP_RANGE` (see :func:`mpp_from_properties`)."""
+    tags, tag_source = None, ""
     unit = str(props.get("tiff.ResolutionUnit", "")).lower()
     res = props.get("tiff.XResolution")
     if unit in _CM_PER_UNIT and res:
         try:
             px_per_unit = float(res)
         except ValueError:
-            return None
-        if px_per_unit > 1.0:  # 1 pixel per unit is the writers' "unknown"
-            return _CM_PER_UNIT[unit] * 1e4 / px_per_unit
-    return None
+            px_per_unit = 0.0
+        if px_per_unit > 0:
+            tags, tag_source = _CM_PER_UNIT[unit] * 1e4 / px_per_unit, f"TIFF resolution {px_per_unit:g} px/{unit}"
+    mpp = props.get("openslide.mpp-x")
+    if mpp:
+        try:
+            value = float(mpp)
+        except ValueError:
+            value = 0.0
+        if value > 0:
+            # OpenSlide derives mpp-x from the TIFF tags of generic TIFFs: name the tags then
+            same = tags is not None and abs(tags - value) <= 1e-6 * value
+            return value, tag_source if same else "openslide.mpp-x"
+    return tags, tag_source
+
+
+def plausible_mpp(value: float | None) -> bool:
+    return value is not None and MPP_RANGE[0] <= value <= MPP_RANGE[1]
+
+
+def mpp_from_properties(props) -> float | None:
+    """µm/px of a slide from its file (:func:`file_mpp`), or None when the file states none or a
+    value outside the range of microscopy (:data:`MPP_RANGE`: placeholder dpi, inch units)."""
+    value, _ = file_mpp(props)
+    return value if plausible_mpp(value) else None
+
+
+def notice(message: str) -> None:
+    """One line on stderr that tells the user what the run decided for them."""
+    import sys
+
+    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def resolve_slide_mpp(slide, path: str | Path, override: float | dict[str, float] | None) -> float:
-    mpp = mpp_from_properties(slide.properties)
-    if mpp is not None:
-        return mpp
-    if isinstance(override, dict):
-        if slide_id(path) in override:
-            return override[slide_id(path)]
-    elif override is not None:
-        return float(override)
+    """The slide's µm/px: an explicit ``--slide-mpp`` (a number, or this slide's row of a CSV)
+    beats the file and says so when the file disagrees; else the file's value when plausible;
+    else a one-line error naming ``--slide-mpp``."""
+    value, source = file_mpp(slide.properties)
+    given = override.get(slide_id(path)) if isinstance(override, dict) else override
+    if given is not None:
+        given = float(given)
+        if not plausible_mpp(given):
+            raise DomainFMError(f"--slide-mpp {given:g} is outside the µm/px of microscopy "
+                                f"({MPP_RANGE[0]:g}-{MPP_RANGE[1]:g})", path=path,
+                                fix="give the scan's µm per pixel (0.25 at 40x, 0.5 at 20x)")
+        if value is not None and abs(value - given) > 1e-3 * given:
+            what = "a placeholder outside microscopy's range" if not plausible_mpp(value) else "overridden"
+            notice(f"{path}: --slide-mpp {given:g} µm/px used; the file says {value:.4g} µm/px "
+                   f"({source}, {what})")
+        return given
+    if plausible_mpp(value):
+        return value
+    if value is not None:
+        raise DomainFMError(f"the file's {value:.4g} µm/px ({source}) is outside the µm/px of microscopy "
+                            f"({MPP_RANGE[0]:g}-{MPP_RANGE[1]:g}): a placeholder, not the scan's", path=path,
+                            fix=SLIDE_MPP_FIX)
     raise DomainFMError("the slide has no µm/px (no openslide.mpp-x, no TIFF resolution tags)",
                         path=path, fix=SLIDE_MPP_FIX)
 
@@ -178,6 +221,18 @@ def tile_geometry(level_downsamples, slide_mpp: float, mpp: float, tile_size: in
     level = choose_level(level_downsamples, slide_mpp, mpp)
     ds = float(level_downsamples[level])
     return TileGeometry(slide_mpp, mpp, tile_size, size0, level, ds, max(1, int(round(size0 / ds))))
+
+
+def footprint_geometry(level_downsamples, slide_mpp: float, size0: int, tile_size: int) -> TileGeometry:
+    """The geometry of tiles that cover ``size0`` level-0 pixels (a coords file's own tile size),
+    resized to ``tile_size``: their µm/px is ``size0 * slide_mpp / tile_size``."""
+    if size0 < 1 or tile_size < 1:
+        raise DomainFMError(f"tiles of {size0} level-0 px resized to {tile_size} px are not possible",
+                            fix="check the coords file and --tile-size")
+    mpp = size0 * slide_mpp / tile_size
+    level = choose_level(level_downsamples, slide_mpp, mpp)
+    ds = float(level_downsamples[level])
+    return TileGeometry(slide_mpp, mpp, tile_size, int(size0), level, ds, max(1, int(round(size0 / ds))))
 
 
 def on_white(region):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,22 +87,74 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.partial")
 
 
+def coords_path(out_dir: str | Path, sid: str) -> Path:
+    return Path(out_dir) / "coords" / f"{sid}.h5"
+
+
+def thumbnail_path(out_dir: str | Path, sid: str) -> Path:
+    return Path(out_dir) / "thumbnails" / f"{sid}.png"
+
+
 def write_coords(tiles: TileSet, out_dir: str | Path) -> Path:
     import h5py
 
-    target = Path(out_dir) / "coords" / f"{tiles.slide_id}.h5"
+    target = coords_path(out_dir, tiles.slide_id)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(target)
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("coords", data=tiles.coords.astype(np.int64))
-        f.create_dataset("tissue_fraction", data=tiles.tissue_fraction.astype(np.float32))
-        f.attrs.update(tiles.attrs())
-    os.replace(tmp, target)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("coords", data=tiles.coords.astype(np.int64))
+            f.create_dataset("tissue_fraction", data=tiles.tissue_fraction.astype(np.float32))
+            f.attrs.update(tiles.attrs())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 
+def write_outputs(tiles: TileSet, out_dir: str | Path) -> tuple[Path, Path]:
+    """The slide's thumbnail and coords file, both or neither: a slide that fails part-way leaves
+    no output of its own behind (not even one from an earlier run, which no longer matches)."""
+    try:
+        thumb = write_thumbnail(tiles, out_dir)
+        return write_coords(tiles, out_dir), thumb
+    except BaseException:
+        remove_outputs(out_dir, tiles.slide_id)
+        raise
+
+
+def remove_outputs(out_dir: str | Path, sid: str) -> None:
+    """Remove a slide's coords and thumbnail (after it failed in this run); never raises, so the
+    slide's own error is the one reported."""
+    for p in (coords_path(out_dir, sid), thumbnail_path(out_dir, sid)):
+        try:
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+        except OSError:
+            pass
+
+
+def h5_attrs(obj) -> dict[str, Any]:
+    """Attributes of an h5py file or dataset as they are: numpy scalars become Python numbers,
+    bytes become text, arrays stay arrays (CLAM writes ``downsample`` and ``level_dim`` as arrays
+    of two)."""
+    out: dict[str, Any] = {}
+    for key, value in obj.attrs.items():
+        if isinstance(value, (bytes, np.bytes_)):
+            value = bytes(value).decode("utf-8", "replace")
+        elif isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        out[key] = value
+    return out
+
+
 def read_coords(path: str | Path) -> tuple[np.ndarray, dict]:
-    """Coordinates and attrs of a ``coords/<id>.h5`` (ours, or CLAM's with patch_size/patch_level)."""
+    """Coordinates [N, 2] int64 and attrs of a coords HDF5 file: ours, CLAM's (attrs on the
+    ``coords`` dataset) or TRIDENT's (attrs on the file); the file's attrs win where both have one."""
     import h5py
 
     from domainfm.errors import DomainFMError
@@ -110,15 +163,44 @@ def read_coords(path: str | Path) -> tuple[np.ndarray, dict]:
     try:
         with h5py.File(path, "r") as f:
             coords = np.asarray(f["coords"][:], np.int64)
-            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-            if not attrs and "coords" in f:
-                attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f["coords"].attrs.items()}
+            attrs = {**h5_attrs(f["coords"]), **h5_attrs(f)}
     except (OSError, KeyError) as e:
         raise DomainFMError(f"not a coords HDF5 file with a `coords` dataset ({e})", path=path,
                             fix="make it with `domainfm histo tile`") from None
-    if isinstance(attrs.get("slide_path"), bytes):
-        attrs["slide_path"] = attrs["slide_path"].decode()
-    return coords, attrs
+    if coords.ndim != 2 or coords.shape[1] < 2:
+        raise DomainFMError(f"`coords` must be [N, 2] level-0 (x, y), got shape {coords.shape}", path=path,
+                            fix="make it with `domainfm histo tile`")
+    return coords[:, :2], attrs
+
+
+def _scalar(value) -> float | None:
+    """A number from an attr that may be an array (CLAM's ``downsample`` is [dx, dy])."""
+    arr = np.asarray(value, np.float64).ravel()
+    return float(arr[0]) if arr.size else None
+
+
+def coords_footprint(attrs: dict[str, Any], level_downsamples) -> tuple[int, str] | None:
+    """Level-0 pixels one tile of a coords file covers, and which attrs say so, or None when the
+    file does not say. Ours and TRIDENT's: ``tile_size_level0`` / ``patch_size_level0``; CLAM's:
+    ``patch_size`` pixels at ``patch_level`` (times that level's downsample)."""
+    from domainfm.errors import DomainFMError
+
+    for key in ("tile_size_level0", "patch_size_level0"):
+        if key in attrs:
+            return int(round(_scalar(attrs[key]))), key
+    if "patch_size" in attrs:
+        level = int(_scalar(attrs.get("patch_level", 0)) or 0)
+        if level == 0:
+            ds = 1.0
+        elif "downsample" in attrs:
+            ds = _scalar(attrs["downsample"])
+        elif level < len(level_downsamples):
+            ds = float(level_downsamples[level])
+        else:
+            raise DomainFMError(f"the coords were made at pyramid level {level}, which this slide does not have",
+                                fix="re-tile this slide")
+        return int(round(_scalar(attrs["patch_size"]) * ds)), f"patch_size at patch_level {level}"
+    return None
 
 
 def render_thumbnail(tiles: TileSet, *, tint=(0, 160, 0), outline=(20, 20, 200)) -> "Image.Image":  # noqa: F821
@@ -129,7 +211,7 @@ def render_thumbnail(tiles: TileSet, *, tint=(0, 160, 0), outline=(20, 20, 200))
     img[tiles.mask] = 0.7 * img[tiles.mask] + 0.3 * np.asarray(tint, np.float32)
     im = Image.fromarray(img.astype(np.uint8))
     draw = ImageDraw.Draw(im)
-    side = tiles.geometry.tile_size_level0 / tiles.thumb_downsample
+    side = max(1.0, tiles.geometry.tile_size_level0 / tiles.thumb_downsample)  # a tile under a thumbnail pixel: one pixel
     for x, y in tiles.coords:
         x0, y0 = x / tiles.thumb_downsample, y / tiles.thumb_downsample
         draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], outline=outline)
@@ -137,9 +219,12 @@ def render_thumbnail(tiles: TileSet, *, tint=(0, 160, 0), outline=(20, 20, 200))
 
 
 def write_thumbnail(tiles: TileSet, out_dir: str | Path) -> Path:
-    target = Path(out_dir) / "thumbnails" / f"{tiles.slide_id}.png"
+    target = thumbnail_path(out_dir, tiles.slide_id)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(target)
-    render_thumbnail(tiles).save(tmp, format="PNG", compress_level=1)  # fast; it is a preview
-    os.replace(tmp, target)
+    try:
+        render_thumbnail(tiles).save(tmp, format="PNG", compress_level=1)  # fast; it is a preview
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target

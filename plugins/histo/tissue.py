@@ -1,5 +1,13 @@
 """Tissue detection on a thumbnail: Otsu on HSV saturation, then morphology and hole filling.
 
+Otsu's method always splits a histogram in two, so on its own it calls the paler half of a field
+that is tissue from edge to edge "background", and half of a blank slide "tissue". The threshold is
+therefore kept inside the band where glass ends and stain begins (``min_saturation`` ..
+``max_saturation``), and a field whose two Otsu classes barely differ is one population: all
+glass or all tissue, by which side of that band it lies on. Saturation is box-filtered first
+(5 px), so the noise of glass averages out before it meets a threshold (CLAM blurs for the same
+reason).
+
 Pure numpy/scipy functions on arrays, so each step is tested against numbers.
 """
 
@@ -32,6 +40,30 @@ def otsu_threshold(values: np.ndarray, bins: int = 256, value_range: tuple[float
     return float(edges[int(np.argmax(between)) + 1])
 
 
+def otsu_class_means(values: np.ndarray, threshold: float) -> tuple[float, float]:
+    """Mean of the values at or below ``threshold`` and of those above (NaN for an empty class)."""
+    v = np.asarray(values, np.float64).ravel()
+    lo, hi = v[v <= threshold], v[v > threshold]
+    return (float(lo.mean()) if lo.size else float("nan"), float(hi.mean()) if hi.size else float("nan"))
+
+
+def saturation_threshold(sat: np.ndarray, *, min_saturation: float = 15.0, max_saturation: float = 40.0,
+                         min_contrast: float = 15.0) -> float:
+    """The saturation above which a pixel is tissue (both in [0, 255]).
+
+    Otsu's cut, kept within [``min_saturation``, ``max_saturation``]: glass is never more saturated
+    than ``max_saturation`` (so a cut between pale stroma and dark nuclei falls back to it and keeps
+    both), and stain never less than ``min_saturation``. When the two Otsu classes' means differ by
+    less than ``min_contrast`` there is one population, not two: the cut is put in the middle of the
+    band so that all of it lands on one side (a blank slide: none kept; uniform tissue: all kept).
+    """
+    thr = otsu_threshold(sat)
+    lo, hi = otsu_class_means(sat, thr)
+    if not (hi - lo >= min_contrast):  # NaN (one empty class) counts as one population
+        thr = (min_saturation + max_saturation) / 2
+    return float(np.clip(thr, min_saturation, max_saturation))
+
+
 def remove_small_objects(mask: np.ndarray, min_size: int) -> np.ndarray:
     from scipy import ndimage
 
@@ -57,19 +89,22 @@ def fill_small_holes(mask: np.ndarray, max_hole: int) -> np.ndarray:
     return mask | holes
 
 
-def tissue_mask(rgb: np.ndarray, *, min_saturation: float = 15.0, closing: int = 2, min_object: float = 1e-3,
-                max_hole: float = 5e-3) -> np.ndarray:
-    """Boolean tissue mask of an RGB thumbnail.
+def tissue_mask(rgb: np.ndarray, *, min_saturation: float = 15.0, max_saturation: float = 40.0,
+                smooth: int = 5, closing: int = 2, min_object: float = 1e-3, max_hole: float = 5e-3) -> np.ndarray:
+    """Boolean tissue mask [H, W] of an RGB uint8 thumbnail [H, W, 3].
 
-    Otsu on saturation separates stained tissue from white glass; ``min_saturation`` keeps an
-    empty (all-white) slide from being split in two by its noise. Closing joins nearby tissue,
-    objects under ``min_object`` of the area go (dust), holes under ``max_hole`` are filled (fat,
-    tears). Sizes are fractions of the thumbnail so the result does not depend on its resolution.
+    Saturation (box-filtered over ``smooth`` pixels) above :func:`saturation_threshold` is tissue:
+    Otsu separates stained tissue from glass, bounded so that a slide with no glass is all tissue
+    and a blank slide is empty. Closing joins nearby tissue, objects under ``min_object`` of the
+    area go (dust), holes under ``max_hole`` are filled (fat, tears). Sizes are fractions of the
+    thumbnail so the result does not depend on its resolution.
     """
     from scipy import ndimage
 
     sat = rgb_saturation(rgb)
-    thr = max(otsu_threshold(sat), min_saturation)
+    if smooth > 1:
+        sat = ndimage.uniform_filter(sat, size=smooth, mode="nearest")
+    thr = saturation_threshold(sat, min_saturation=min_saturation, max_saturation=max_saturation)
     mask = sat > thr
     if closing > 0:
         st = np.ones((2 * closing + 1, 2 * closing + 1), bool)

@@ -1,8 +1,10 @@
 """Fine-tuning data in the ImageFolder layout: ordinary images or multi-band GeoTIFFs.
 
-``ROOT/train/<class>/*``, ``ROOT/val/<class>/*`` and optionally ``ROOT/test/<class>/*``. PNG/JPEG
-(and the other formats Pillow reads) become 3-band RGB; ``.tif``/``.tiff`` files are read with
-rasterio, every band kept. Every file's header is read up front, so a bad file, an empty class
+``ROOT/train/<class>/*``, ``ROOT/val/<class>/*`` and optionally ``ROOT/test/<class>/*``. Files are
+read by the core's one image reader (:func:`domainfm.data.read_image`), which keeps bit depth:
+PNG/JPEG (and the other formats Pillow reads) become 3-band RGB scaled by their data type (8-bit
+/ 255, 16-bit / 65535, so a 16-bit PNG is not clipped to white); ``.tif``/``.tiff`` files keep every
+band and their stored values (standardised later with the train split's band statistics). Every file's header is read up front, so a bad file, an empty class
 folder or a band count that disagrees with ``--in-chans`` stops the run before any training, with
 the file named.
 """
@@ -15,14 +17,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from domainfm.data import IMAGE_SUFFIXES, PIL_SUFFIXES, TIFF_SUFFIXES, image_info  # noqa: F401 (re-exported)
+from domainfm.data import read_image as _read_any_image
 from domainfm.errors import DomainFMError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm")
-TIFF_SUFFIXES = (".tif", ".tiff")
-IMAGE_SUFFIXES = PIL_SUFFIXES + TIFF_SUFFIXES
 SPLITS = ("train", "val", "test")
 PROGRESS_MIN_FILES = 2000  # splits this large get a progress bar while their headers are read
 STATS_MAX_FILES = 256  # per-band statistics of GeoTIFF data come from at most this many train files
@@ -35,51 +36,28 @@ class ImageFile:
     channels: int
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
-
-
 def is_image(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def read_channels(path: Path) -> int:
-    """Band count from the file's header; a file that cannot be opened is named in the error."""
-    try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
-            import rasterio
-
-            with rasterio.open(path) as src:
-                return int(src.count)
-        from PIL import Image
-
-        with Image.open(path) as im:
-            im.size  # noqa: B018 - the header is parsed here
-        return 3  # every Pillow image is read as RGB
-    except Exception as e:
-        raise DomainFMError(f"cannot be read as an image ({_first_line(e)})", path=path,
-                            fix="replace or delete the file") from None
+    """Band count from the file's header: every band of a TIFF; 3 for the other formats, which
+    are read as RGB (grey repeated, alpha dropped). A file that cannot be opened is named."""
+    info = image_info(path)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        return info.bands
+    if info.bands > 4:
+        raise DomainFMError(f"has {info.bands} bands; PNG/JPEG images are read as RGB", path=path,
+                            fix="save multi-band data as GeoTIFF")
+    return 3
 
 
 def read_image(path: Path) -> np.ndarray:
-    """float32 [C, H, W]: RGB in 0..1 for Pillow formats, raw band values for GeoTIFFs (NaN where
-    the file declares nodata)."""
-    try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
-            import rasterio
-
-            with rasterio.open(path) as src:
-                data = src.read(masked=True)  # the file's nodata value (if any) becomes a mask
-            return np.ma.filled(data.astype(np.float32), np.nan)
-        from PIL import Image
-
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-        return rgb.transpose(2, 0, 1).copy()
-    except Exception as e:
-        raise DomainFMError(f"cannot be read as an image ({_first_line(e)})", path=path,
-                            fix="replace or delete the file") from None
+    """float32 [C, H, W]: RGB scaled by the data type (0..1 for 8- and 16-bit) for Pillow formats,
+    the stored band values for TIFFs (NaN where the file declares nodata)."""
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        return _read_any_image(path, scale=False)
+    return _read_any_image(path, rgb=True)
 
 
 def class_folders(split_dir: Path) -> list[Path]:

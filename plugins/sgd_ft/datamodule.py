@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from domainfm.data import loader_kwargs
 from domainfm.errors import DomainFMError
 from plugins.sgd_ft.data import (PIL_SUFFIXES, ImageFolderClassification, band_statistics, check_channels,
                                  scan_split)
@@ -44,8 +45,8 @@ class _Loaders(L.LightningDataModule):
         return len(self.classes)
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=_collate, drop_last=False, persistent_workers=self.num_workers > 0)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=_collate, drop_last=False,
+                          **loader_kwargs(self.num_workers, persistent=True))  # never fork a threaded process
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)

@@ -93,16 +93,10 @@ def weights_from_backbone_flag(cfg):
 # ---------------------------------------------------------------- data
 
 def _rgb_stats(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The mean/std timm normalises RGB input with for this architecture (ImageNet's otherwise)."""
-    import timm
+    """The mean/std the backbone normalises RGB input with (the core's one answer)."""
+    from domainfm.backbones import normalization_for_config
 
-    try:
-        pc = timm.models.get_pretrained_cfg(cfg.backbone.split(".")[0])
-    except Exception:
-        pc = None
-    mean = tuple(getattr(pc, "mean", None) or (0.485, 0.456, 0.406))
-    std = tuple(getattr(pc, "std", None) or (0.229, 0.224, 0.225))
-    return mean, std
+    return normalization_for_config(cfg)
 
 
 def build_datamodule(cfg):

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from domainfm.data import loader_kwargs
 from plugins.sports_reid.datasets import DistinctPlayerPairSampler, PairDataset, read_part
 
 
@@ -36,5 +37,5 @@ class ReIDPairDataModule(L.LightningDataModule):
         # use_distributed_sampler=False so Lightning leaves it alone
         sampler = DistinctPlayerPairSampler(self.train_set.pids, self.batch_size, seed=self.seed,
                                             rank=rank, world_size=world)
-        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(self.train_set, batch_sampler=sampler,
+                          **loader_kwargs(self.num_workers, persistent=True))  # never fork a threaded process

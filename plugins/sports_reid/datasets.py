@@ -9,9 +9,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
+from domainfm.data import read_image
 from domainfm.errors import DomainFMError
 # re-exported: the dataset classes and the readers of their folders come from one place
 from plugins.sports_reid.layout import (GENERIC_DIRS, MMSPORTS_DIRS, ReIDRecord, camera_of,  # noqa: F401
@@ -20,29 +21,42 @@ from plugins.sports_reid.layout import (GENERIC_DIRS, MMSPORTS_DIRS, ReIDRecord,
 
 # ------------------------------------------------------------------- images
 
-def letterbox(image: Image.Image, size: int) -> Image.Image:
-    """Resize a PIL image to fit ``size`` x ``size`` keeping its aspect ratio; the rest is black
-    (zero) padding, centred. Tall player crops are not stretched into squares."""
-    w, h = image.size
+def letterbox_array(image: np.ndarray, size: int) -> np.ndarray:
+    """float32 ``[C, H, W]`` resized to fit ``size`` x ``size`` keeping its aspect ratio (bicubic,
+    antialiased, in floating point: no 8-bit rounding or clipping); the rest is black (zero)
+    padding, centred. Tall player crops are not stretched into squares."""
+    c, h, w = image.shape
     scale = size / max(w, h)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    resized = image.convert("RGB").resize((new_w, new_h), Image.Resampling.BICUBIC)
-    canvas = Image.new("RGB", (size, size), (0, 0, 0))
-    canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
-    return canvas
+    out = np.zeros((c, size, size), np.float32)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    for band in range(c):
+        resized = Image.fromarray(np.ascontiguousarray(image[band], np.float32)).resize((new_w, new_h),
+                                                                                       Image.Resampling.BICUBIC)
+        out[band, top:top + new_h, left:left + new_w] = np.asarray(resized)
+    return out
 
 
-def load_crop(path: Path, size: int) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return letterbox(img, size)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DomainFMError(f"cannot read the image ({e.__class__.__name__})", path=path,
-                            fix="replace or remove the file") from None
+def letterbox(image: Image.Image, size: int) -> Image.Image:
+    """:func:`letterbox_array` for an 8-bit PIL image (RGB out)."""
+    x = np.asarray(image.convert("RGB"), np.float32).transpose(2, 0, 1) / 255.0
+    return Image.fromarray((np.clip(letterbox_array(x, size), 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0))
 
 
-def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+def read_crop(path: Path, size: int) -> np.ndarray:
+    """A crop as float32 RGB ``[3, size, size]``, letterboxed. Read by the core's image reader, so a
+    16-bit crop keeps its levels (scaled by 65535) instead of turning white; grey is repeated."""
+    return letterbox_array(read_image(path, rgb=True), size)
+
+
+def load_crop(path: Path, size: int) -> np.ndarray:
+    """A letterboxed crop to show: float ``[size, size, 3]`` in 0..1."""
+    return np.clip(read_crop(path, size), 0, 1).transpose(1, 2, 0)
+
+
+def to_tensor(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """float ``[3, S, S]`` in 0..1 -> normalised tensor."""
+    x = torch.from_numpy(np.ascontiguousarray(image, np.float32))
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
@@ -62,9 +76,9 @@ class ReIDDataset(Dataset):
         return len(self.records)
 
     def image(self, index: int, *, flip: bool = False) -> torch.Tensor:
-        img = load_crop(self.records[index].path, self.img_size)
+        img = read_crop(self.records[index].path, self.img_size)
         if flip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            img = img[:, :, ::-1]
         return to_tensor(img, self.mean, self.std)
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from domainfm.data import loader_kwargs
 from domainfm.errors import DomainFMError
 from domainfm.metrics import retrieval_metrics
 from plugins.sports_reid.datasets import ReIDDataset, ReIDRecord, load_crop, read_eval_split
@@ -60,7 +61,8 @@ def extract_features(backbone: torch.nn.Module, dataset: ReIDDataset, settings: 
 
     was_training = backbone.training
     backbone.eval().to(settings.device)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.num_workers, shuffle=False)
+    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=False,
+                        **loader_kwargs(settings.num_workers))  # never fork a threaded process
     out = []
     with Progress(transient=True, disable=not os.isatty(2)) as progress:
         task = progress.add_task(description, total=len(loader))

@@ -54,7 +54,7 @@ def _score(backbone, root: Path, settings: EvalSettings, *, prefix: str, tag: st
            grid: bool = True) -> dict[str, float]:
     """Test-split metrics of ``backbone`` (keys prefixed), its top-1 table and, with ``grid``, its
     retrieval grid logged to the active MLflow run."""
-    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    mean, std = backbone.normalization
     result = run_retrieval(backbone, root, "test", settings, img_size=img_size, mean=mean, std=std,
                            label=f"{tag} ")
     _log_result(result, tag, grid=grid)
@@ -86,7 +86,7 @@ def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
     settings = eval_settings(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     backbone = backbone_from_config(cfg, in_chans=3)
-    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    mean, std = backbone.normalization
     run_dir = Path(cfg.output_dir) / cfg.experiment_name
     ckpt_path = _resume_checkpoint(cfg, run_dir)
     zero = is_global_zero()
@@ -211,7 +211,7 @@ def run_evaluate(cfg: "RunConfig") -> dict[str, Any]:
 
         apply_token_merging(backbone, tome_r)
     img_size = backbone.img_size
-    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    mean, std = backbone.normalization
     mlflow.set_tags({"domainfm.model": cfg.model, "domainfm.split": split})
     if split == "challenge":
         result = run_retrieval(backbone, root, "challenge", settings, img_size=img_size, mean=mean, std=std)

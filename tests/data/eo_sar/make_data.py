@@ -161,6 +161,57 @@ def write_s1_linear(path: str | Path, *, seed: int = 4, size: int = 32, declared
     return Path(path), linear
 
 
+SCENE_ORIGIN = (500_000.0, 5_000_000.0)
+SCENE_NODATA_BOX = (120, 100)  # rows, cols of the top-left nodata (0) corner of write_scene
+
+
+def write_scene(path: str | Path, *, height: int = 300, width: int = 260, seed: int = 5, crs: str = "EPSG:32632",
+                origin: tuple[float, float] = SCENE_ORIGIN, nodata_box: tuple[int, int] | None = SCENE_NODATA_BOX,
+                tiled: bool = False, block: int = 256) -> Path:
+    """A whole Sentinel-2 L1C "scene": 13 x ``height`` x ``width`` uint16 (reflectance x 10000) on a
+    10 m UTM grid at ``origin`` (west, north), bands named B1..B12/B8A in the band descriptions, a
+    smooth field plus noise per band, and a swath-edge nodata corner (0, the file's nodata) of
+    ``nodata_box`` rows x cols at the top left. ``tiled`` writes it tile by tile (benchmark sizes)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from plugins.eo_sar.synthetic import utm_transform
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    gains = rng.uniform(0.5, 1.5, size=len(S2_L1C_BANDS)).astype(np.float32)
+    fx, fy = rng.uniform(0.005, 0.03, size=2)
+    profile = {"driver": "GTiff", "height": height, "width": width, "count": len(S2_L1C_BANDS), "dtype": "uint16",
+               "crs": crs, "transform": utm_transform(*origin), "nodata": 0, "compress": "deflate"}
+    if tiled:
+        profile.update(tiled=True, blockxsize=block, blockysize=block)
+    tmp = path.with_name(path.name + ".tmp")
+    step = block if tiled else height
+    with rasterio.open(tmp, "w", **profile) as dst:
+        dst.descriptions = tuple(S2_L1C_BANDS)
+        for y0 in range(0, height, step):
+            h = min(step, height - y0)
+            yy, xx = np.mgrid[y0:y0 + h, 0:width].astype(np.float32)
+            field = 1500 + 800 * np.sin(fx * xx) * np.cos(fy * yy)
+            noise = rng.normal(0, 60, size=(len(S2_L1C_BANDS), h, width)).astype(np.float32)
+            data = np.clip(field[None] * gains[:, None, None] + noise, 1, 10000).astype(np.uint16)
+            if nodata_box is not None and y0 < nodata_box[0]:
+                data[:, : nodata_box[0] - y0, : nodata_box[1]] = 0
+            dst.write(data, window=Window(0, y0, width, h))
+    tmp.replace(path)
+    return path
+
+
+def write_s1_scene(path: str | Path, *, height: int = 120, width: int = 100, seed: int = 6) -> Path:
+    """A Sentinel-1 scene (VV, VH in dB, float32, named in the band descriptions)."""
+    rng = np.random.default_rng(seed)
+    data = np.stack([rng.normal(-12, 2, (height, width)), rng.normal(-19, 2, (height, width))]).astype(np.float32)
+    write_geotiff(Path(path), data, crs="EPSG:32632", transform=utm_transform(*SCENE_ORIGIN), nodata=float("nan"),
+                  descriptions=S1_BANDS)
+    return Path(path)
+
+
 def write_bad_roots(out: str | Path) -> dict[str, tuple[Path, Path]]:
     """One broken data root per bad-input case: ``{case: (root, file the error must name)}``."""
     out = Path(out)

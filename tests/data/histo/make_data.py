@@ -12,6 +12,12 @@ that tiles at one µm/px cover the same tissue whatever the scan magnification):
 - ``corrupt_jpeg.svs``  the SVS with damaged level-0 JPEG tiles: opens, then fails while tiles are read
 - ``plain.png``         a plain RGB image (a one-level slide; µm/px must come from --slide-mpp)
 
+Situations from users' bug reports (issue 9), each its own generator:
+- ``make_mixed_batch``  a pyramidal TIFF, a small PNG crop and a blank-glass scan in one folder
+- ``tissue_field``      a field that is tissue over a given fraction of its width (1: edge to edge, 0: blank glass)
+- ``write_generic_tiff(dpi=72)``  placeholder resolution tags (pixels per inch) a converter writes
+- ``write_clam_coords`` / ``write_trident_coords``  coords files laid out as CLAM and TRIDENT write them
+
 Feature cohort (``make_feature_cohort``): bags of random tile features where positive slides carry a
 planted signal in a few tiles, in the HDF5 layout ``histo embed`` writes.
 """
@@ -76,21 +82,27 @@ def write_aperio_svs(path: str | Path, *, mpp: float = 0.25, seed: int = 0, tile
     return path
 
 
-def write_generic_tiff(path: str | Path, *, mpp: float | None = 0.5, seed: int = 0, tile: int = 128) -> Path:
+def write_generic_tiff(path: str | Path, *, mpp: float | None = 0.5, seed: int = 0, tile: int = 128,
+                       dpi: float | None = None, image: np.ndarray | None = None) -> Path:
     """A generic pyramidal tiled TIFF: level 0, then reduced levels as pages with subfiletype=1.
 
     µm/px goes into the TIFF resolution tags (pixels per centimetre); ``mpp=None`` writes none.
+    ``dpi``: write this placeholder instead, in pixels per inch on every level (what converters
+    write when they know nothing: 72 or 300), for a scan whose real µm/px is ``mpp``.
+    ``image``: level 0 (RGB uint8) instead of the synthetic tissue section.
     """
     import tifffile
 
     path = Path(path)
     width, height = round(FIELD_UM[0] / (mpp or 0.5)), round(FIELD_UM[1] / (mpp or 0.5))
-    base = tissue_image(width, height, seed)
+    base = tissue_image(width, height, seed) if image is None else image
     with tifffile.TiffWriter(path) as tif:
         for i, factor in enumerate((1, 4)):
             level = base if factor == 1 else _downsample(base, factor)
             kwargs = {}
-            if mpp is not None:
+            if dpi is not None:
+                kwargs = {"resolution": (dpi, dpi), "resolutionunit": "INCH"}
+            elif mpp is not None:
                 px_per_cm = 1e4 / (mpp * factor)
                 kwargs = {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
             else:
@@ -146,6 +158,98 @@ def make_slides(out: str | Path) -> dict[str, Path]:
         "corrupt": write_corrupt_tiles(svs, out / "corrupt_jpeg.svs"),
         "plain": write_plain_image(out / "plain.png"),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# situations from users' bug reports (issue 9)
+
+# H&E colours: pale pink stroma (HSV saturation about 60/255), purple nuclei (about 127/255), and
+# glass with the faint blue cast of a scanner's white balance (about 13/255, noise reaching 20)
+STROMA = (235, 180, 210)
+NUCLEUS = (120, 80, 160)
+GLASS = (228, 232, 240)
+
+
+def tissue_field(width: int, height: int, tissue_fraction: float = 1.0, seed: int = 0) -> np.ndarray:
+    """RGB uint8 [H, W, 3]: the left ``tissue_fraction`` of the width is tissue (stroma with a
+    quarter of nuclei, in small clusters), the rest glass. 1.0 is a microscopy field with no
+    background at all; 0.0 a blank-glass scan."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((height, width, 3), np.float32)
+    img[:] = GLASS
+    img += rng.normal(0, 2.5, size=(height, width, 3)).astype(np.float32)
+    split = int(round(width * tissue_fraction))
+    if split > 0:
+        # nuclei: a coarse random field (4-px cells) thresholded so a quarter of the area is nuclear
+        coarse = rng.random((height // 4 + 1, split // 4 + 1))
+        nuclei = np.repeat(np.repeat(coarse < 0.25, 4, axis=0), 4, axis=1)[:height, :split]
+        tissue = np.where(nuclei[..., None], np.float32(NUCLEUS), np.float32(STROMA))
+        tissue += rng.normal(0, 6.0, size=tissue.shape).astype(np.float32)
+        img[:, :split] = tissue
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_field_slide(path: str | Path, tissue_fraction: float, *, size: tuple[int, int] = (768, 512),
+                      mpp: float = 0.5, seed: int = 0) -> Path:
+    """A pyramidal TIFF of :func:`tissue_field` at ``mpp`` µm/px."""
+    return write_generic_tiff(path, mpp=mpp, image=tissue_field(size[0], size[1], tissue_fraction, seed))
+
+
+def make_mixed_batch(out: str | Path) -> dict[str, Path]:
+    """The batch of issue 9, item 1: a pyramidal TIFF (0.5 µm/px), a small PNG crop (no µm/px:
+    needs --slide-mpp) and a blank-glass scan (0.5 µm/px). Named so that the PNG is prepared while
+    the TIFF's tiles are read."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "tiff": write_generic_tiff(out / "a_pyramid.tif", mpp=0.5),
+        "png": write_plain_image(out / "b_crop.png", size=(256, 192), seed=3),
+        "blank": write_field_slide(out / "c_blank.tif", 0.0, size=(512, 384)),
+    }
+
+
+def write_clam_coords(path: str | Path, coords: np.ndarray, *, patch_size: int, patch_level: int = 0,
+                      level_dims: list[tuple[int, int]] | None = None,
+                      level_downsamples: list[float] | None = None, name: str = "slide") -> Path:
+    """A coords file as CLAM's ``create_patches_fp.py`` writes it: dataset ``coords`` [N, 2] int64
+    (level 0) whose attrs are ``patch_size`` and ``patch_level`` (ints), ``downsample`` and
+    ``downsampled_level_dim`` and ``level_dim`` (arrays of 2), ``name`` and ``save_path`` (strings);
+    no attrs on the file itself."""
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    level_dims = level_dims or [(1024, 768)]
+    ds = (level_downsamples or [1.0] * len(level_dims))[patch_level]
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("coords", data=np.asarray(coords, np.int64), maxshape=(None, 2), chunks=True)
+        d.attrs["patch_size"] = np.int64(patch_size)
+        d.attrs["patch_level"] = np.int64(patch_level)
+        d.attrs["downsample"] = np.array([ds, ds], np.float64)
+        d.attrs["downsampled_level_dim"] = np.array(level_dims[patch_level], np.int64)
+        d.attrs["level_dim"] = np.array(level_dims[patch_level], np.int64)
+        d.attrs["name"] = name
+        d.attrs["save_path"] = str(path.parent)
+    return path
+
+
+def write_trident_coords(path: str | Path, coords: np.ndarray, *, patch_size_level0: int, patch_size: int = 224,
+                         target_magnification: int = 20, level0_magnification: int = 40,
+                         name: str = "slide") -> Path:
+    """A coords file as TRIDENT writes it: dataset ``coords`` [N, 2] int64 (level 0) and, on the
+    file, ``patch_size`` (at the target magnification), ``patch_size_level0``, ``level0_magnification``,
+    ``target_magnification``, ``overlap`` and ``name`` (bytes, as older h5py versions stored it)."""
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("coords", data=np.asarray(coords, np.int64))
+        f.attrs.update({"patch_size": np.int64(patch_size), "patch_size_level0": np.int64(patch_size_level0),
+                        "level0_magnification": np.int64(level0_magnification),
+                        "target_magnification": np.int64(target_magnification), "overlap": np.int64(0),
+                        "name": np.bytes_(name.encode())})
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

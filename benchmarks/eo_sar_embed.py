@@ -1,0 +1,185 @@
+"""``eo-sar embed`` at scale: peak memory against scene size, and windows/s against the bare model.
+
+For each scene size (default 2048², 4096², 8192² px; 13-band uint16, 256-px tiles, deflate, written
+tile by tile into a temp folder) a FRESH subprocess builds the model, warms it up, resets the
+kernel's RSS high-water mark (``/proc/self/clear_refs`` 5), runs the job (the functions
+``eo-sar embed`` runs, no MLflow: usable on hosts without it), and reports
+
+- ``rss_growth_mb``: RSS high-water mark during the job minus RSS before it (CPU memory the job
+  added), and on CUDA ``cuda_peak_mb`` (``torch.cuda.max_memory_allocated`` during the job);
+- ``job_wps``: windows/s of the whole job (reading, normalising, model, writing, preview);
+- ``model_wps``: windows/s of the same model, batch size and precision on random tensors already
+  on the device (the ceiling);
+
+Targets (ratios): memory growth at the largest size <= 1.2 x at the smallest; job_wps / model_wps
+>= 0.85. The default CPU run (ViT-S/14 with 4 blocks at 112 px windows) takes a few minutes;
+``--depth 12 --window 224 --device cuda`` measures the full model on a GPU.
+
+    python benchmarks/eo_sar_embed.py [--sizes 2048 4096 8192] [--device cpu|cuda] [--window 112]
+                                      [--batch-size 32] [--depth 4] [--precision 32-true] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def _status(key: str) -> float:
+    """VmRSS / VmHWM of this process in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _build(args):
+    import torch
+
+    from domainfm.backbones import InputSpec, create_backbone
+    from plugins.eo_sar.bands import S2_L1C_BANDS
+
+    torch.manual_seed(0)
+    b = create_backbone(args.backbone, in_chans=13, img_size=args.window, init="random", depth=args.depth)
+    b.input_spec = InputSpec(bands=tuple(S2_L1C_BANDS), mean=(1500.0,) * 13, std=(600.0,) * 13, modality="s2",
+                             gsd_m=10.0, units="reflectance x 10000")
+    return b
+
+
+def child(args) -> dict:
+    """One size in this (fresh) process; prints a JSON line."""
+    import numpy as np
+    import torch
+
+    from plugins.eo_sar.scene_embedding import (SceneEmbedSettings, WindowEncoder, embed_scene, prepare,
+                                                resolve_device)
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    out = Path(args.tmp) / f"out_{args.size}"
+    s = SceneEmbedSettings(out_dir=str(out), model=f"benchmark {args.backbone} depth {args.depth}", window=args.window,
+                           batch_size=args.batch_size, precision=args.precision,
+                           accelerator="gpu" if args.device == "cuda" else "cpu", progress=False)
+    job = prepare([args.scene], s, backbone=_build(args))
+    device = resolve_device(s.accelerator)
+    enc = WindowEncoder(job.backbone, device, s.precision)
+    x = torch.randn(args.batch_size, 13, args.window, args.window, device=device)
+    for _ in range(3):  # warm-up: kernels, allocator, rasterio/GDAL opened once
+        enc.forward(x)
+    from concurrent.futures import ThreadPoolExecutor
+
+    sp = job.scenes[0]
+    sp.read_chunk(0, 0, min(args.batch_size, sp.grid.cols), s)
+    import matplotlib.pyplot  # noqa: F401  (the preview's one-off import is not the job's memory)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base = _status("VmRSS")
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        res = embed_scene(sp, s, enc, dim_in=job.dim_in, pool=pool)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    job_s = time.perf_counter() - t0
+    peak = _status("VmHWM")
+    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+
+    # the bare model on tensors already on the device: as many full batches as the job had windows
+    n_batches = max(3, int(np.ceil(res.embedded / args.batch_size)))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        enc.forward(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    model_s = time.perf_counter() - t0
+    return {"size": args.size, "windows": res.embedded, "job_s": round(job_s, 3),
+            "job_wps": res.embedded / job_s, "model_wps": n_batches * args.batch_size / model_s,
+            "rss_before_mb": round(base, 1), "rss_growth_mb": round(peak - base, 1),
+            "cuda_peak_mb": None if cuda_peak is None else round(cuda_peak, 1), "output": res.path}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--backbone", default="vit_small_patch14_dinov2")
+    p.add_argument("--depth", type=int, default=4, help="ViT blocks (12: the full ViT-S)")
+    p.add_argument("--window", type=int, default=112)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", default=None, help="Write the figures here too.")
+    p.add_argument("--tmp", default=None, help="Folder for the scenes (default: a temp folder)")
+    p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--scene", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return {}
+
+    sys.path.insert(0, str(REPO / "tests" / "data" / "eo_sar"))
+    import make_data
+
+    tmp_ctx = tempfile.TemporaryDirectory(prefix="eo_sar_embed_bench_") if args.tmp is None else None
+    tmp = Path(args.tmp or tmp_ctx.name)
+    rows = []
+    try:
+        for size in args.sizes:
+            t0 = time.perf_counter()
+            scene = make_data.write_scene(tmp / f"scene_{size}.tif", height=size, width=size, nodata_box=None,
+                                          tiled=True, seed=size)
+            gen_s = time.perf_counter() - t0
+            cmd = [sys.executable, __file__, "--_child", "--size", str(size), "--scene", str(scene), "--tmp", str(tmp),
+                   "--device", args.device, "--backbone", args.backbone, "--depth", str(args.depth),
+                   "--window", str(args.window), "--batch-size", str(args.batch_size), "--precision", args.precision,
+                   "--threads", str(args.threads)]
+            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+            if r.returncode or not line:
+                sys.exit(f"size {size} failed:\n{r.stderr[-3000:]}")
+            row = json.loads(line[0][7:])
+            row["generate_s"] = round(gen_s, 1)
+            rows.append(row)
+            print(f"{size:>6}² px: {row['windows']:>6} windows, job {row['job_wps']:.1f} win/s, model "
+                  f"{row['model_wps']:.1f} win/s (ratio {row['job_wps'] / row['model_wps']:.2f}), RSS growth "
+                  f"{row['rss_growth_mb']:.1f} MiB" + (f", CUDA peak {row['cuda_peak_mb']:.1f} MiB"
+                                                       if row['cuda_peak_mb'] is not None else ""), flush=True)
+            scene.unlink()
+    finally:
+        if tmp_ctx is not None:
+            tmp_ctx.cleanup()
+    small, large = rows[0], rows[-1]
+    summary = {
+        "device": args.device, "backbone": args.backbone, "depth": args.depth, "window": args.window,
+        "batch_size": args.batch_size, "precision": args.precision, "rows": rows,
+        "rss_growth_ratio_largest_to_smallest": large["rss_growth_mb"] / max(small["rss_growth_mb"], 1e-9),
+        "cuda_peak_ratio_largest_to_smallest": (large["cuda_peak_mb"] / small["cuda_peak_mb"]
+                                                if small["cuda_peak_mb"] else None),
+        "throughput_ratio_min": min(r["job_wps"] / r["model_wps"] for r in rows),
+        "throughput_ratio_largest": large["job_wps"] / large["model_wps"],
+    }
+    print(f"memory: RSS growth {large['size']}² / {small['size']}² = {summary['rss_growth_ratio_largest_to_smallest']:.2f} "
+          "(target <= 1.2)" + (f"; CUDA peak ratio {summary['cuda_peak_ratio_largest_to_smallest']:.2f}"
+                               if summary["cuda_peak_ratio_largest_to_smallest"] else ""))
+    print(f"throughput: job / model windows/s = {summary['throughput_ratio_largest']:.2f} at {large['size']}² "
+          f"(lowest {summary['throughput_ratio_min']:.2f}; target >= 0.85)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

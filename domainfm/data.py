@@ -1,0 +1,363 @@
+"""Data shared by every plugin: the one CSV reader, the one image reader, DataLoader workers.
+
+Every CSV the product reads (labels, tile labels, lists) goes through :func:`read_csv_rows`, and
+every plain image (PNG, JPEG, TIFF...) through :func:`read_image`, so that a file saved by a
+spreadsheet or a microscope camera is read the same way everywhere:
+
+- CSV: a UTF-8 byte-order mark (Excel's "CSV UTF-8"), CRLF line ends, spaces around header names
+  and values, blank rows and empty trailing columns are all tolerated; ``;`` or tab separators
+  (Excel in many locales) are recognised from the header line. A missing column is one line
+  naming the file, the missing columns and the columns found.
+- Images keep their bit depth and range: 8- and 16-bit PNG (16-bit read with imagecodecs, since
+  Pillow reduces 16-bit colour to 8 bits), 8/16-bit and float TIFF (rasterio). Values are scaled by
+  the data type — ``uint8 / 255``, ``uint16 / 65535``, floating point as stored — never by the
+  content of one image, and never clipped; a type without a fixed range (signed or 32-bit
+  integers) stops with one line unless the caller asks for raw values.
+
+DataLoader worker processes (:func:`loader_kwargs`, :func:`worker_context`, :func:`default_num_workers`):
+a process that runs threads (a prefetching thread, MLflow's async logger, Lightning's callbacks,
+a pin-memory thread) must not ``fork`` workers: a child forked while another thread holds a lock
+(an import lock, h5py's global lock, a logging lock) inherits that lock held, with no thread left to
+release it, and waits forever. Workers are therefore started by the ``forkserver`` start method
+(``spawn`` where there is none): a clean single-threaded server process forks them, and each worker
+unpickles its dataset, so a dataset must be picklable (open files lazily, per worker). Every
+``DataLoader`` of the product that may start workers takes its settings from :func:`loader_kwargs`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from domainfm.errors import DomainFMError
+
+# ---------------------------------------------------------------------------------------- CSV
+
+_SEPARATORS = (",", ";", "\t")
+
+
+class CSVRows(list):
+    """``list[dict[str, str]]``, one dict per data row (header name -> stripped value), with the
+    header in ``.columns`` and each row's line number in the file in ``.lines``."""
+
+    columns: list[str]
+    lines: list[int]
+
+
+def _separator(header_line: str) -> str:
+    """``,`` unless the header has none and uses ``;`` or tabs (Excel's export in comma-decimal locales)."""
+    if "," in header_line:
+        return ","
+    for sep in _SEPARATORS[1:]:
+        if sep in header_line:
+            return sep
+    return ","
+
+
+def read_csv_rows(path: str | Path, required: Sequence[str] = (), *, what: str = "CSV",
+                  fix: str | None = None) -> CSVRows:
+    """Rows of a CSV file with a header line.
+
+    Tolerates a UTF-8 byte-order mark, CRLF/CR line ends, spaces around header names and values,
+    blank rows (Excel's ``,,,``), empty trailing columns and ``;``/tab separators. Header names
+    and values are returned stripped; a short row's missing cells are ``""``.
+
+    Errors (one-line :class:`DomainFMError`, naming the file): not found, not UTF-8 text, no header,
+    duplicate column names, a row with more (non-empty) cells than the header, and ``required``
+    columns missing — "lacks the column(s) a, b (columns found: x, y)". ``what`` names the file in
+    messages ("labels CSV"); ``fix`` replaces the default advice for missing columns.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DomainFMError(f"{what} not found", path=p, fix="check the path")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DomainFMError(f"{what} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})",
+                            path=p, fix="save it as 'CSV UTF-8' (Excel: Save As > CSV UTF-8)") from None
+    text = text.lstrip("\ufeff")  # a second BOM left by a tool that added one to a file that had one
+    first_line = next((line for line in text.splitlines() if line.strip()), "")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_separator(first_line))
+    header: list[str] | None = None
+    rows = CSVRows()
+    rows.lines = []
+    for cells in reader:
+        cells = [c.strip() for c in cells]
+        if not any(cells):
+            continue  # blank lines and rows of empty cells
+        if header is None:
+            header = cells
+            while header and header[-1] == "":
+                header.pop()  # empty trailing columns of a spreadsheet export
+            dups = sorted({h for h in header if h and header.count(h) > 1})
+            if dups:
+                raise DomainFMError(f"{what} has the column(s) {', '.join(dups)} more than once", path=p,
+                                    fix="give every column its own name")
+            continue
+        extra = [c for c in cells[len(header):] if c]
+        if extra:
+            raise DomainFMError(f"{what} line {reader.line_num} has {len(header) + len(extra)} cells, "
+                                f"the header has {len(header)}", path=p,
+                                fix="quote values that contain the separator, or add a header name for every column")
+        cells += [""] * (len(header) - len(cells))
+        rows.append({h: c for h, c in zip(header, cells) if h})
+        rows.lines.append(reader.line_num)
+    if header is None:
+        raise DomainFMError(f"{what} is empty (no header line)", path=p,
+                            fix=f"write a header line{': ' + ','.join(required) if required else ''}")
+    rows.columns = [h for h in header if h]
+    missing = [c for c in required if c not in rows.columns]
+    if missing:
+        raise DomainFMError(f"{what} lacks the column(s) {', '.join(missing)} (columns found: "
+                            f"{', '.join(rows.columns) or 'none'})", path=p,
+                            fix=fix or f"add the column(s) {', '.join(missing)} to the header line")
+    return rows
+
+
+# ------------------------------------------------------------------------------------- images
+
+PNG_SUFFIXES = (".png",)
+TIFF_SUFFIXES = (".tif", ".tiff")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm")
+IMAGE_SUFFIXES = PIL_SUFFIXES + TIFF_SUFFIXES
+# Pillow modes by what their pixels are: 8-bit modes are converted to these before reading
+_PIL_8BIT = {"1": "L", "L": "L", "LA": "LA", "P": None, "PA": "RGBA", "RGB": "RGB", "RGBA": "RGBA",
+             "RGBX": "RGB", "RGBa": "RGBA", "La": "LA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
+_PIL_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a file's header says: bands, size and the pixel data type as read."""
+
+    bands: int
+    height: int
+    width: int
+    dtype: str  # numpy name: uint8, uint16, float32...
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _unreadable(path: Path, e: BaseException) -> DomainFMError:
+    return DomainFMError(f"cannot be read as an image ({_first_line(e)})", path=path, fix="replace or delete the file")
+
+
+def _png_bit_depth(path: Path) -> int:
+    """The bit depth in a PNG's IHDR chunk (byte 24 of a PNG file)."""
+    with open(path, "rb") as fh:
+        head = fh.read(25)
+    return head[24] if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" else 8
+
+
+def _pil_target_mode(im) -> str:
+    mode = im.mode
+    if mode == "P":
+        return "RGBA" if "transparency" in im.info else "RGB"
+    return _PIL_8BIT.get(mode) or mode
+
+
+def _pil_dtype(im) -> str:
+    if im.mode in _PIL_8BIT:
+        return "uint8"
+    if im.mode in _PIL_16BIT:
+        return "uint16"
+    if im.mode == "I":
+        # Pillow reads 16-bit greyscale PNG/PGM as 32-bit "I" in some versions: the format's own depth
+        return "uint16" if im.format in ("PNG", "PPM") else "int32"
+    if im.mode == "F":
+        return "float32"
+    return im.mode
+
+
+def image_info(path: str | Path) -> ImageInfo:
+    """Bands, size and data type from the file's header (nothing decoded); unreadable -> one line."""
+    p = Path(path)
+    try:
+        if p.suffix.lower() in TIFF_SUFFIXES:
+            import rasterio
+
+            with _quiet_rasterio(), rasterio.open(p) as src:
+                return ImageInfo(int(src.count), int(src.height), int(src.width), str(src.dtypes[0]))
+        from PIL import Image
+
+        with Image.open(p) as im:
+            w, h = im.size
+            if im.format == "PNG" and _png_bit_depth(p) == 16:
+                bands = {"I;16": 1, "I;16B": 1, "I": 1, "LA": 2, "RGB": 3, "RGBA": 4}.get(im.mode, len(im.getbands()))
+                return ImageInfo(bands, h, w, "uint16")
+            bands = len(Image.new(_pil_target_mode(im), (1, 1)).getbands()) if im.mode in _PIL_8BIT else len(im.getbands())
+            return ImageInfo(bands, h, w, _pil_dtype(im))
+    except DomainFMError:
+        raise
+    except Exception as e:
+        raise _unreadable(p, e) from None
+
+
+class _quiet_rasterio:
+    """A plain (not georeferenced) TIFF is a normal image here: no NotGeoreferencedWarning."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        from rasterio.errors import NotGeoreferencedWarning
+
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def _decode(p: Path) -> tuple[np.ndarray, bool]:
+    """Pixels ``[C, H, W]`` in the file's own data type, and whether nodata was masked (TIFF)."""
+    if p.suffix.lower() in TIFF_SUFFIXES:
+        import rasterio
+
+        with _quiet_rasterio(), rasterio.open(p) as src:
+            data = src.read(masked=True)  # the file's nodata value (if any) becomes a mask
+        if np.ma.is_masked(data):
+            return data, True
+        return np.ma.getdata(data), False
+    if p.suffix.lower() in PNG_SUFFIXES and _png_bit_depth(p) == 16:
+        import imagecodecs
+
+        arr = imagecodecs.png_decode(p.read_bytes())  # keeps 16 bits per sample (Pillow would not)
+    else:
+        from PIL import Image
+
+        with Image.open(p) as im:
+            if im.mode in _PIL_8BIT:
+                arr = np.asarray(im.convert(_pil_target_mode(im)) if im.mode != _pil_target_mode(im) else im)
+            else:
+                arr = np.asarray(im)
+                if _pil_dtype(im) == "uint16" and arr.dtype != np.uint16:
+                    if arr.min() < 0 or arr.max() > 65535:
+                        raise DomainFMError(f"{im.format} image of mode {im.mode} has values outside 0..65535",
+                                            path=p, fix="save it as an 8- or 16-bit PNG or a float TIFF")
+                    arr = arr.astype(np.uint16)
+    arr = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
+    return arr, False
+
+
+def _scale(arr: np.ndarray, path: Path) -> np.ndarray:
+    """float32 by the data type's range: bool 0/1, uint8 / 255, uint16 / 65535, float as stored."""
+    dt = np.dtype(arr.dtype)
+    if dt == np.bool_:
+        return arr.astype(np.float32)
+    if dt == np.uint8:
+        return arr.astype(np.float32) / np.float32(255)
+    if dt == np.uint16:
+        return arr.astype(np.float32) / np.float32(65535)
+    if dt.kind == "f":
+        return arr.astype(np.float32)
+    raise DomainFMError(f"has {dt.name} pixels, whose range is not fixed (only uint8, uint16 and float images "
+                        "are scaled)", path=path, fix="save the images as 8- or 16-bit unsigned or as float TIFF")
+
+
+def read_image(path: str | Path, *, rgb: bool = False, scale: bool = True) -> np.ndarray:
+    """A plain image as ``float32 [C, H, W]``, keeping its bit depth and range.
+
+    ``scale=True``: values by the data type (``uint8 / 255``, ``uint16 / 65535``, float as stored, so
+    0..1 for integer images); other integer types stop with one line. ``scale=False``: the stored
+    values as float32 (multispectral GeoTIFFs, normalised later with their own band statistics).
+    TIFF pixels equal to the file's nodata value become NaN. ``rgb=True`` returns 3 bands: grey
+    is repeated, an alpha band dropped; more bands than RGBA stop with one line.
+    Formats: PNG (8/16-bit), JPEG, BMP, GIF, WebP, PPM/PGM through Pillow (16-bit PNG through
+    imagecodecs), TIFF/GeoTIFF (any band count, integer or float) through rasterio.
+    """
+    p = Path(path)
+    try:
+        arr, masked = _decode(p)
+    except DomainFMError:
+        raise
+    except Exception as e:
+        raise _unreadable(p, e) from None
+    data = np.ma.getdata(arr)
+    out = _scale(data, p) if scale else data.astype(np.float32)
+    if masked:
+        out = np.where(np.ma.getmaskarray(arr), np.float32(np.nan), out)
+    if rgb:
+        out = to_rgb(out, p)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def to_rgb(image: np.ndarray, path: str | Path | None = None) -> np.ndarray:
+    """``[C, H, W]`` -> ``[3, H, W]``: grey (and grey + alpha) repeated, RGBA's alpha dropped."""
+    c = image.shape[0]
+    if c in (1, 2):
+        return np.repeat(image[:1], 3, axis=0)
+    if c in (3, 4):
+        return image[:3]
+    raise DomainFMError(f"has {c} bands; an RGB model reads 1 (grey), 3 (RGB) or 4 (RGBA)", path=path,
+                        fix="give RGB or greyscale images, or a model with as many input bands")
+
+
+# ---------------------------------------------------------------- DataLoader workers
+
+# what the forkserver imports once, so that each worker it forks starts in milliseconds
+_FORKSERVER_PRELOAD = ["torch", "numpy"]
+# a batch that takes longer than this in a worker means the worker is stuck: the DataLoader then
+# raises (one failed item of work) instead of waiting for ever
+WORKER_TIMEOUT_S = 600.0
+
+
+def default_num_workers(cap: int = 4) -> int:
+    """DataLoader workers to use when the user gives none: ``min(cap, CPUs this process may use)``
+    (``os.sched_getaffinity``, which respects cgroup/cpuset limits; ``os.cpu_count`` elsewhere).
+    torch warns when a DataLoader asks for more workers than that; on a 2-core machine this is 2."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(0, min(int(cap), cpus))
+
+
+def worker_start_method() -> str:
+    """``forkserver`` where the platform has it (Linux, macOS), else ``spawn``; never ``fork``."""
+    import multiprocessing as mp
+
+    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
+def worker_context(num_workers: int):
+    """The multiprocessing context for ``DataLoader(multiprocessing_context=...)``: None without
+    workers (nothing is started), else a context that does not fork the calling process."""
+    if num_workers <= 0:
+        return None
+    import multiprocessing as mp
+
+    method = worker_start_method()
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        # takes effect when the server starts (the first worker of this process); later calls are no-ops
+        ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)
+    return ctx
+
+
+def loader_kwargs(num_workers: int, *, persistent: bool = False, prefetch_factor: int | None = None,
+                  timeout: float | None = WORKER_TIMEOUT_S) -> dict[str, Any]:
+    """Keyword arguments for ``torch.utils.data.DataLoader`` about its workers: ``num_workers``, a
+    non-forking ``multiprocessing_context``, ``persistent_workers``, ``prefetch_factor`` and a
+    ``timeout`` (seconds per batch) so that a stuck worker ends in an error, not a hang. With
+    ``num_workers=0`` only ``num_workers`` is set (torch rejects the others then)."""
+    n = max(0, int(num_workers))
+    if n == 0:
+        return {"num_workers": 0}
+    kwargs: dict[str, Any] = {"num_workers": n, "multiprocessing_context": worker_context(n),
+                              "persistent_workers": bool(persistent)}
+    if prefetch_factor is not None:
+        kwargs["prefetch_factor"] = int(prefetch_factor)
+    if timeout:
+        kwargs["timeout"] = float(timeout)
+    return kwargs

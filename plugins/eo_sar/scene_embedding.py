@@ -1,0 +1,777 @@
+"""Embedding maps of whole scenes (``domainfm eo-sar embed``), streamed from disk and resumable.
+
+A scene of any size and CRS is read window by window with rasterio (:func:`plugins.eo_sar.radiometry.read_patch`
+on a rectangle of at most ``batch_size`` windows of one row: memory does not grow with the scene),
+normalised with the backbone's recorded statistics and aligned to its bands by name
+(:func:`plugins.eo_sar.normalization.plan_input`), batched through the frozen backbone and written as a
+georeferenced GeoTIFF:
+
+- pooled (default): one pixel per window position, ``D`` float32 bands (the pooled feature, or its
+  first ``dims`` principal components), same CRS, pixel size = ``stride`` scene pixels, each pixel
+  centred on its window (transform = scene transform x translation((window - stride) / 2) x
+  scale(stride)). Positions: ``ceil((H - window) / stride) + 1`` rows (the last window may run past the
+  scene edge; the missing pixels count as nodata).
+- ``dense``: the ViT patch-token features, one pixel per patch (pixel size = the patch size); with
+  ``stride < window`` each window contributes its central ``stride`` x ``stride`` pixels.
+
+Nodata (NaN) where more than ``nodata_fraction`` of a window's (dense: a patch's) pixels are nodata;
+such windows never reach the model. Invalid pixels inside a kept window are set to the band mean (0
+after normalisation), as bands the data lacks are.
+
+The GeoTIFF is tiled (16-row tiles), deflate-compressed and written one tile row at a time to
+``<name>.tif.partial`` as results come; ``<name>.progress.json`` records the tile rows done and a
+fingerprint of the inputs. A killed run resumes at the first unfinished tile row; batches never span
+tile rows, so the result is bit-identical to an uninterrupted run. The partial file is renamed when
+complete. ``dims`` fits a PCA (scikit-learn, full SVD) on a seeded sample of windows first and saves
+it as ``<name>.pca.npz`` / ``.pca.json`` before streaming; a resumed run reuses the saved projection.
+
+No mlflow here: the command opens the MLflow run; this module runs without it (benchmarks, GPU hosts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from domainfm.errors import DomainFMError
+
+TILE_ROWS = 16  # GeoTIFF tile height (and the unit of progress)
+NODATA = float("nan")
+PREVIEW_MAX_PX = 512
+
+
+@dataclass
+class SceneEmbedSettings:
+    """What ``eo-sar embed`` needs besides the scenes; plain values."""
+
+    out_dir: str
+    model: str
+    window: int = 224
+    stride: int | None = None  # default: the window (no overlap)
+    dense: bool = False
+    dims: int | None = None
+    batch_size: int = 16
+    tome_r: int = 0
+    modality: str | None = None  # default: the scene's band names, else the model's modality, else s2
+    s2_harmonize: str = "auto"
+    s1_units: str = "db"
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    nodata_fraction: float = 0.5
+    pca_windows: int = 256
+    seed: int = 0
+    progress: bool = True
+    preview: bool = True
+    stop_after_rows: int | None = None  # tests only: stop (as if killed) after this many tile rows
+
+    @property
+    def step(self) -> int:
+        return int(self.stride or self.window)
+
+
+@dataclass
+class SceneResult:
+    scene: str
+    path: str
+    shape: tuple[int, int, int]  # bands, rows, cols of the output
+    windows: int = 0  # window positions in the grid
+    embedded: int = 0  # windows that went through the model in this call
+    skipped_nodata: int = 0
+    resumed_from_row: int = 0
+    complete: bool = False
+    preview: str | None = None
+    projection: str | None = None
+    already_done: bool = False
+
+
+# ---------------------------------------------------------------- geometry (pure)
+
+@dataclass(frozen=True)
+class SceneGrid:
+    """Window positions over a ``height`` x ``width`` scene, and the output raster they give.
+
+    ``k``: output pixels per window side (1 pooled; ``stride / patch`` dense); ``crop``: the first
+    token kept on each side of a window (dense, ``(window - stride) / 2 / patch``).
+    """
+
+    height: int
+    width: int
+    window: int
+    stride: int
+    patch: int | None = None  # dense: the ViT patch size
+
+    @property
+    def rows(self) -> int:
+        return math.ceil((self.height - self.window) / self.stride) + 1
+
+    @property
+    def cols(self) -> int:
+        return math.ceil((self.width - self.window) / self.stride) + 1
+
+    @property
+    def k(self) -> int:
+        return 1 if self.patch is None else self.stride // self.patch
+
+    @property
+    def crop(self) -> int:
+        return 0 if self.patch is None else (self.window - self.stride) // 2 // self.patch
+
+    @property
+    def out_shape(self) -> tuple[int, int]:
+        return self.rows * self.k, self.cols * self.k
+
+    @property
+    def pixel(self) -> int:
+        """Output pixel size in scene pixels."""
+        return self.stride if self.patch is None else self.patch
+
+    def out_transform(self, transform):
+        """The output's affine transform from the scene's (an ``affine.Affine``)."""
+        from affine import Affine
+
+        off = (self.window - self.stride) / 2
+        return transform @ Affine.translation(off, off) @ Affine.scale(self.pixel)
+
+    @property
+    def window_rows_per_tile_row(self) -> int:
+        """Window rows whose output rows fill whole 16-row tiles."""
+        return TILE_ROWS // math.gcd(TILE_ROWS, self.k)
+
+    @property
+    def tile_rows(self) -> int:
+        g = self.window_rows_per_tile_row
+        return math.ceil(self.rows / g)
+
+
+def check_geometry(path: Path, height: int, width: int, window: int, stride: int, patch: int | None,
+                   dense: bool) -> SceneGrid:
+    """The :class:`SceneGrid`, or a one-line DomainFMError naming ``path`` for a window larger than
+    the scene, a stride of 0 or larger than the window, or a dense grid the patches do not tile."""
+    if window < 1 or stride < 1:
+        raise DomainFMError(f"--window {window} and --stride {stride} must be at least 1", fix="pass positive sizes")
+    if stride > window:
+        raise DomainFMError(f"--stride {stride} is larger than --window {window}: pixels between windows would be skipped",
+                            fix=f"pass --stride {window} or less")
+    if window > height or window > width:
+        raise DomainFMError(f"the scene is {height} x {width} px, smaller than --window {window}", path=path,
+                            fix=f"pass --window {min(height, width)} or less")
+    if dense:
+        if patch is None:
+            raise DomainFMError("--dense needs a ViT (patch tokens), and the model is not one",
+                                fix="drop --dense or use a ViT backbone")
+        if window % patch or stride % patch or (window - stride) % (2 * patch):
+            raise DomainFMError(f"--dense needs --window and --stride in whole {patch}-px patches, and an overlap "
+                                f"(window - stride = {window - stride}) of an even number of patches",
+                                fix=f"pass --window {max(patch, window // patch * patch)} --stride "
+                                    f"{max(patch, window // patch * patch)}")
+    return SceneGrid(height, width, window, stride, patch if dense else None)
+
+
+# ---------------------------------------------------------------- device, precision
+
+def resolve_device(accelerator: str):
+    import torch
+
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise DomainFMError("--accelerator gpu but no CUDA device is visible", fix="use --accelerator cpu")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device) -> Any:
+    import torch
+
+    p = str(precision)
+    if p.startswith("bf16"):
+        return torch.bfloat16
+    if p.startswith("16"):
+        if device.type != "cuda":
+            raise DomainFMError("--precision 16-mixed needs a GPU", fix="use bf16-mixed or 32-true on CPU")
+        return torch.float16
+    if p.startswith("32"):
+        return None
+    raise DomainFMError(f"unknown --precision {precision!r}", fix="use 32-true, bf16-mixed or 16-mixed")
+
+
+class WindowEncoder:
+    """Normalised windows [B, C, w, w] (numpy float32) in, float32 features out: pooled [B, D], or
+    dense [B, k, k, D] (the central ``k`` x ``k`` patch tokens from token ``crop``)."""
+
+    def __init__(self, backbone, device, precision: str = "32-true", *, dense: bool = False, crop: int = 0,
+                 k: int = 1) -> None:
+        self.backbone = backbone.to(device).eval().requires_grad_(False)
+        self.device = device
+        self.dtype = autocast_dtype(precision, device)
+        self.dense, self.crop, self.k = dense, crop, k
+
+    def forward(self, x):
+        """``x``: a torch tensor already on the device; returns a torch tensor on the device."""
+        import contextlib
+
+        import torch
+
+        ctx = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            if not self.dense:
+                return self.backbone(x).float()
+            m = self.backbone.model
+            tokens = m.forward_features(x)[:, m.num_prefix_tokens:]
+            g = int(math.isqrt(tokens.shape[1]))
+            grid = tokens.reshape(tokens.shape[0], g, g, tokens.shape[-1])
+            c, k = self.crop, self.k
+            return grid[:, c:c + k, c:c + k].float()
+
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(windows).to(self.device, non_blocking=True)
+        return self.forward(x).cpu().numpy()
+
+
+# ---------------------------------------------------------------- reading
+
+@dataclass
+class ScenePlan:
+    """One scene checked against the model: its grid, modality and how its bands are prepared."""
+
+    path: Path
+    modality: str
+    grid: SceneGrid
+    plan: Any  # normalization.InputPlan
+    crs: Any
+    transform: Any
+    mean: np.ndarray  # [C_data, 1, 1]
+    std: np.ndarray
+
+    def read_chunk(self, row: int, c0: int, c1: int, s: SceneEmbedSettings) -> tuple[np.ndarray, np.ndarray]:
+        """Windows ``(row, c0..c1-1)``: normalised, model-band pixels [n, C_model, w, w] float32 and
+        their invalid masks [n, w, w] bool. One rasterio read of the rectangle covering them; pixels
+        beyond the scene edge are invalid."""
+        from rasterio.windows import Window
+
+        from plugins.eo_sar.radiometry import read_patch
+
+        g = self.grid
+        w, st = g.window, g.stride
+        y0, x0 = row * st, c0 * st
+        span = (c1 - 1 - c0) * st + w
+        h_in, w_in = min(w, g.height - y0), min(span, g.width - x0)
+        image, names, info = read_patch(self.path, modality=self.modality, s2_harmonize=s.s2_harmonize,
+                                        s1_units=s.s1_units, window=Window(x0, y0, w_in, h_in))
+        if tuple(names) != self.plan.data_bands:
+            raise DomainFMError(f"bands changed while reading ({', '.join(names)})", path=self.path)
+        invalid = np.ones((w, span), dtype=bool)
+        invalid[:h_in, :w_in] = ~info.valid
+        data = np.zeros((image.shape[0], w, span), dtype=np.float32)
+        data[:, :h_in, :w_in] = (image - self.mean) / self.std
+        data[:, invalid] = 0.0  # nodata -> the band mean
+        data = self.plan.alignment.apply(data)
+        n = c1 - c0
+        out = np.empty((n, data.shape[0], w, w), dtype=np.float32)
+        masks = np.empty((n, w, w), dtype=bool)
+        for i in range(n):
+            out[i] = data[:, :, i * st:i * st + w]
+            masks[i] = invalid[:, i * st:i * st + w]
+        return out, masks
+
+
+def _scene_modality(path: Path, requested: str | None, spec) -> tuple[str, tuple]:
+    """The modality to read ``path`` with: ``requested``, else what its band descriptions name
+    (Sentinel-1 names -> s1), else the model's, else s2."""
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    from plugins.eo_sar.bands import S1_BANDS, try_normalize_band_name
+
+    try:
+        with rasterio.open(path) as src:
+            header = (src.height, src.width, src.count, src.crs, src.transform, src.descriptions)
+    except RasterioError as e:
+        raise DomainFMError(f"cannot read the scene ({str(e).splitlines()[0][:200]})", path=path,
+                            fix="give a GeoTIFF rasterio can open") from None
+    if requested:
+        return requested, header
+    names = {try_normalize_band_name(d) for d in header[5] if d}
+    if names and names <= set(S1_BANDS):
+        return "s1", header
+    model_modality = getattr(spec, "modality", None)
+    if names and any(n and n not in S1_BANDS for n in names):
+        return (model_modality if model_modality in ("s2", "s2-l2a") else "s2"), header
+    return model_modality or "s2", header
+
+
+def plan_scene(path: str | Path, s: SceneEmbedSettings, spec, patch: int | None) -> ScenePlan:
+    """Check one scene against the model before anything is written: readable, bands alignable to
+    the model's (by name), window not larger than the scene. One-line DomainFMError naming the scene."""
+    from rasterio.windows import Window
+
+    from plugins.eo_sar.normalization import plan_input
+    from plugins.eo_sar.radiometry import read_patch
+
+    path = Path(path)
+    if not path.is_file():
+        raise DomainFMError("no such scene", path=path, fix="give an existing GeoTIFF")
+    modality, (height, width, _count, crs, transform, _desc) = _scene_modality(path, s.modality, spec)
+    grid = check_geometry(path, height, width, s.window, s.step, patch, s.dense)
+    _, names, _ = read_patch(path, modality=modality, s2_harmonize=s.s2_harmonize, s1_units=s.s1_units,
+                             window=Window(0, 0, 1, 1))
+    try:
+        plan = plan_input(modality, spec, "backbone", data_bands=names)
+    except DomainFMError as e:
+        message = str(e).split(". Fix: ")[0].rstrip(".")
+        raise DomainFMError(f"cannot align the scene's bands to the model: {message}", path=path, fix=e.fix) from None
+    if plan.mean is None:
+        raise DomainFMError("the model records no normalisation statistics (input_mean/input_std)",
+                            path=s.model, fix="use a backbone exported by `domainfm pretrain --plugin eo-sar`, "
+                                              "which records its bands and statistics")
+    mean = np.asarray(plan.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(plan.std, dtype=np.float32)[:, None, None]
+    return ScenePlan(path, modality, grid, plan, crs, transform, mean, std)
+
+
+def _prefetched(jobs: Sequence[Callable[[], Any]], pool) -> Iterator[Any]:
+    """Results of ``jobs`` in order, the next one read by ``pool`` while the caller works."""
+    if not jobs:
+        return
+    pending = pool.submit(jobs[0])
+    for nxt in list(jobs[1:]) + [None]:
+        result = pending.result()
+        pending = pool.submit(nxt) if nxt is not None else None
+        yield result
+
+
+# ---------------------------------------------------------------- the job
+
+def output_paths(out_dir: str | Path, scene: str | Path, dense: bool) -> dict[str, Path]:
+    stem = Path(scene).stem + ("_dense" if dense else "_embedding")
+    out = Path(out_dir)
+    return {"tif": out / f"{stem}.tif", "partial": out / f"{stem}.tif.partial",
+            "progress": out / f"{stem}.progress.json", "pca": out / f"{stem}.pca.npz",
+            "pca_json": out / f"{stem}.pca.json", "preview": out / f"{stem}.preview.png"}
+
+
+def _fingerprint(sp: ScenePlan, s: SceneEmbedSettings) -> str:
+    st = sp.path.stat()
+    model = Path(s.model)
+    model_id = f"{model.resolve()}:{model.stat().st_size}:{model.stat().st_mtime_ns}" if model.is_file() else s.model
+    keys = {k: v for k, v in asdict(s).items() if k not in ("out_dir", "progress", "preview", "stop_after_rows",
+                                                          "accelerator", "model")}
+    record = {"scene": str(sp.path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns, "model": model_id,
+              "modality": sp.modality, **keys}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _valid_windows(masks: np.ndarray, s: SceneEmbedSettings, grid: SceneGrid) -> np.ndarray:
+    """Which windows reach the model: those not mostly nodata (dense: with a valid patch in the
+    kept centre). Returns a bool per window."""
+    if grid.patch is None:
+        return masks.mean(axis=(1, 2)) <= s.nodata_fraction
+    return _patch_nodata(masks, grid, s).reshape(len(masks), -1).sum(axis=1) < grid.k * grid.k
+
+
+def _patch_nodata(masks: np.ndarray, grid: SceneGrid, s: SceneEmbedSettings) -> np.ndarray:
+    """[n, k, k] True where a kept patch is mostly nodata (dense)."""
+    p, k, c = grid.patch, grid.k, grid.crop
+    n = len(masks)
+    frac = masks.reshape(n, grid.window // p, p, grid.window // p, p).mean(axis=(2, 4))
+    return frac[:, c:c + k, c:c + k] > s.nodata_fraction
+
+
+def fit_projection(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, dim_in: int) -> dict[str, np.ndarray]:
+    """PCA (scikit-learn, full SVD: deterministic, signs fixed by ``svd_flip``) of the features of
+    up to ``pca_windows`` windows drawn with ``seed`` (dense: of their valid patch tokens, at most
+    50 000). Returns ``mean`` [D_in], ``components`` [dims, D_in], ``explained_variance_ratio``."""
+    from sklearn.decomposition import PCA
+
+    g = sp.grid
+    if s.dims > dim_in:
+        raise DomainFMError(f"--dims {s.dims} is more than the model's {dim_in} features",
+                            fix=f"pass --dims {dim_in} or less")
+    rng = np.random.default_rng(s.seed)
+    total = g.rows * g.cols
+    picks = np.sort(rng.choice(total, size=min(s.pca_windows, total), replace=False))
+    feats = []
+    for chunk in np.array_split(picks, max(1, math.ceil(len(picks) / s.batch_size))):
+        wins, masks = [], []
+        for idx in chunk:
+            r, c = divmod(int(idx), g.cols)
+            w, m = sp.read_chunk(r, c, c + 1, s)
+            wins.append(w[0])
+            masks.append(m[0])
+        wins, masks = np.stack(wins), np.stack(masks)
+        keep = _valid_windows(masks, s, g)
+        if not keep.any():
+            continue
+        f = encoder(wins[keep])
+        if g.patch is not None:
+            f = f[~_patch_nodata(masks[keep], g, s)]
+        feats.append(f.reshape(-1, f.shape[-1]))
+    x = np.concatenate(feats) if feats else np.zeros((0, dim_in), np.float32)
+    if len(x) > 50_000:
+        x = x[np.sort(rng.choice(len(x), 50_000, replace=False))]
+    if len(x) < s.dims:
+        raise DomainFMError(f"only {len(x)} valid sample(s) to fit {s.dims} principal components", path=sp.path,
+                            fix="pass a smaller --dims or a larger --pca-windows")
+    pca = PCA(n_components=s.dims, svd_solver="full").fit(x.astype(np.float64))
+    return {"mean": pca.mean_, "components": pca.components_,
+            "explained_variance_ratio": pca.explained_variance_ratio_, "n_samples": np.int64(len(x))}
+
+
+def _open_partial(paths: dict[str, Path], sp: ScenePlan, s: SceneEmbedSettings, bands: int, fp: str,
+                  log: Callable[[str], None]) -> int:
+    """The tile row to start at: a matching progress record and readable partial file resume;
+    otherwise a new partial file is created. Returns the number of tile rows already written."""
+    import rasterio
+
+    if paths["progress"].is_file() and paths["partial"].is_file():
+        try:
+            rec = json.loads(paths["progress"].read_text())
+            if rec.get("fingerprint") == fp:
+                with rasterio.open(paths["partial"]) as src:
+                    ok = (src.count, src.height, src.width) == (bands, *sp.grid.out_shape)
+                if ok:
+                    done = int(rec["tile_rows_done"])
+                    log(f"resuming {paths['tif'].name} at tile row {done}/{sp.grid.tile_rows}")
+                    return done
+            log(f"{paths['partial'].name} was made with other inputs or settings: starting over")
+        except Exception:  # an unreadable leftover of a killed run: start over
+            log(f"{paths['partial'].name} is unreadable: starting over")
+    for key in ("partial", "progress"):
+        paths[key].unlink(missing_ok=True)
+    out_h, out_w = sp.grid.out_shape
+    profile = {"driver": "GTiff", "height": out_h, "width": out_w, "count": bands, "dtype": "float32",
+               "crs": sp.crs, "transform": sp.grid.out_transform(sp.transform), "nodata": NODATA,
+               "tiled": True, "blockysize": TILE_ROWS, "blockxsize": 256 if out_w > 256 else 16 * math.ceil(out_w / 16),
+               "compress": "deflate", "predictor": 3, "interleave": "pixel", "BIGTIFF": "IF_SAFER"}
+    tmp = paths["partial"].with_name(paths["partial"].name + ".new")
+    with rasterio.open(tmp, "w", **profile):
+        pass
+    os.replace(tmp, paths["partial"])
+    _write_json(paths["progress"], {"fingerprint": fp, "tile_rows_done": 0, "tile_rows": sp.grid.tile_rows})
+    return 0
+
+
+def embed_scene(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, *, dim_in: int, pool,
+                progress=None, log: Callable[[str], None] = lambda m: None) -> SceneResult:
+    """Embed one checked scene (see the module docstring). Writes the GeoTIFF, the projection
+    (``dims``) and the preview PNG; returns a :class:`SceneResult`."""
+    import rasterio
+    from rasterio.windows import Window
+
+    g = sp.grid
+    paths = output_paths(s.out_dir, sp.path, s.dense)
+    bands = s.dims or dim_in
+    res = SceneResult(str(sp.path), str(paths["tif"]), (bands, *g.out_shape), windows=g.rows * g.cols)
+    if paths["tif"].is_file():
+        log(f"{paths['tif']} exists: skipped (delete it to compute it again)")
+        res.complete = res.already_done = True
+        res.preview = str(paths["preview"]) if paths["preview"].is_file() else None
+        return res
+    Path(s.out_dir).mkdir(parents=True, exist_ok=True)
+    fp = _fingerprint(sp, s)
+    start = _open_partial(paths, sp, s, bands, fp, log)
+    res.resumed_from_row = start
+
+    proj = None
+    if s.dims:
+        if start and paths["pca"].is_file():
+            with np.load(paths["pca"]) as z:
+                proj = {k: z[k] for k in z.files}
+        else:
+            proj = fit_projection(sp, s, encoder, dim_in)
+            tmp = paths["pca"].with_name(paths["pca"].name + ".tmp.npz")
+            np.savez(tmp, **proj)
+            os.replace(tmp, paths["pca"])
+            _write_json(paths["pca_json"], {"dims": s.dims, "input_features": dim_in, "seed": s.seed,
+                                            "pca_windows": s.pca_windows, "n_samples": int(proj["n_samples"]),
+                                            "explained_variance_ratio": proj["explained_variance_ratio"].tolist(),
+                                            "projection": "(feature - mean) @ components.T",
+                                            "file": paths["pca"].name})
+        res.projection = str(paths["pca"])
+        p_mean = proj["mean"].astype(np.float64)
+        p_comp = proj["components"].astype(np.float64).T
+
+    def project(f: np.ndarray) -> np.ndarray:
+        if proj is None:
+            return f
+        return ((f.astype(np.float64) - p_mean) @ p_comp).astype(np.float32)
+
+    G = g.window_rows_per_tile_row
+    out_w = g.out_shape[1]
+    task = progress.add_task(sp.path.name, total=g.rows * g.cols, completed=min(start * G, g.rows) * g.cols) \
+        if progress is not None else None
+    for t in range(start, g.tile_rows):
+        r0, r1 = t * G, min((t + 1) * G, g.rows)
+        buf = np.full(((r1 - r0) * g.k, out_w, bands), NODATA, dtype=np.float32)
+        chunks = [(r, c0, min(c0 + s.batch_size, g.cols)) for r in range(r0, r1)
+                  for c0 in range(0, g.cols, s.batch_size)]
+        reads = [lambda a=a: sp.read_chunk(*a, s) for a in chunks]
+        pend_w, pend_pos, pend_mask = [], [], []
+
+        def flush():
+            if not pend_w:
+                return
+            f = encoder(np.stack(pend_w))
+            for (r, c), feat, mask in zip(pend_pos, f, pend_mask):
+                y, x = (r - r0) * g.k, c * g.k
+                if g.patch is None:
+                    buf[y, x] = project(feat)
+                else:
+                    block = project(feat.reshape(-1, feat.shape[-1])).reshape(g.k, g.k, bands)
+                    block[mask] = NODATA
+                    buf[y:y + g.k, x:x + g.k] = block
+            res.embedded += len(pend_w)
+            pend_w.clear(), pend_pos.clear(), pend_mask.clear()
+
+        for (r, c0, c1), (wins, masks) in zip(chunks, _prefetched(reads, pool)):
+            keep = _valid_windows(masks, s, g)
+            pmask = _patch_nodata(masks, g, s) if g.patch is not None else None
+            res.skipped_nodata += int((~keep).sum())
+            for i in np.flatnonzero(keep):
+                pend_w.append(wins[i])
+                pend_pos.append((r, c0 + int(i)))
+                pend_mask.append(pmask[i] if pmask is not None else None)
+                if len(pend_w) == s.batch_size:
+                    flush()
+            if progress is not None:
+                progress.advance(task, c1 - c0)
+        flush()  # batches never span tile rows: a resumed run batches exactly as an uninterrupted one
+        with rasterio.open(paths["partial"], "r+") as dst:
+            dst.write(np.moveaxis(buf, -1, 0), window=Window(0, r0 * g.k, out_w, buf.shape[0]))
+        _write_json(paths["progress"], {"fingerprint": fp, "tile_rows_done": t + 1, "tile_rows": g.tile_rows})
+        if s.stop_after_rows is not None and t + 1 - start >= s.stop_after_rows and t + 1 < g.tile_rows:
+            log(f"stopped after {t + 1 - start} tile row(s) (--stop-after-rows)")
+            if progress is not None:
+                progress.remove_task(task)
+            return res
+    if progress is not None:
+        progress.remove_task(task)
+    os.replace(paths["partial"], paths["tif"])
+    paths["progress"].unlink(missing_ok=True)
+    res.complete = True
+    if s.preview:
+        res.preview = str(write_preview(sp, paths["tif"], paths["preview"]))
+    return res
+
+
+# ---------------------------------------------------------------- preview
+
+def _stretch(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    out = np.zeros(x.shape, dtype=np.float32)
+    for i in range(x.shape[-1]):
+        v = x[..., i][valid]
+        if v.size:
+            lo, hi = np.percentile(v, [2, 98])
+            out[..., i] = np.clip((x[..., i] - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    return out
+
+
+def decimated_read(path: Path, max_px: int = PREVIEW_MAX_PX, *, masked: bool = False) -> np.ndarray:
+    """All bands of ``path`` resampled (nearest) so that the longer side is at most ``max_px``:
+    [C, h, w]. Read in pieces of about 512 x 2048 scene pixels, the file reopened for each, so GDAL's
+    block cache never holds more than a piece (memory does not grow with the scene). ``masked``: a
+    masked array (the file's nodata masked)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(path) as src:
+        H, W, C = src.height, src.width, src.count
+    f = min(1.0, max_px / max(H, W))
+    h, w = max(1, round(H * f)), max(1, round(W * f))
+    step_y, step_x = max(1, round(512 * h / H)), max(1, round(2048 * w / W))  # output px per piece
+    rows = []
+    for y0 in range(0, h, step_y):
+        y1 = min(h, y0 + step_y)
+        top, bottom = round(y0 * H / h), round(y1 * H / h)
+        row = []
+        for x0 in range(0, w, step_x):
+            x1 = min(w, x0 + step_x)
+            left, right = round(x0 * W / w), round(x1 * W / w)
+            with rasterio.open(path) as src:
+                row.append(src.read(window=Window(left, top, right - left, bottom - top),
+                                    out_shape=(C, y1 - y0, x1 - x0), masked=masked))
+        rows.append(np.ma.concatenate(row, axis=2) if masked else np.concatenate(row, axis=2))
+    return np.ma.concatenate(rows, axis=1) if masked else np.concatenate(rows, axis=1)
+
+
+def scene_thumbnail(sp: ScenePlan, max_px: int = PREVIEW_MAX_PX) -> np.ndarray:
+    """An RGB thumbnail [h, w, 3] in 0..1 (S2 B4/B3/B2, S1 VV/VH/VV-VH), read decimated by rasterio
+    (overviews when the file has them); 2-98 % stretch."""
+    import rasterio
+
+    from plugins.eo_sar.bands import MODALITY_BANDS
+    from plugins.eo_sar.radiometry import band_names_from_descriptions
+
+    with rasterio.open(sp.path) as src:
+        names = band_names_from_descriptions(sp.path, src.descriptions, sp.modality) or MODALITY_BANDS[sp.modality]
+    data = decimated_read(sp.path, max_px, masked=True).astype(np.float32)
+    valid = ~np.ma.getmaskarray(data).any(axis=0)
+    data = np.ma.getdata(data)
+    if "B4" in names and "B3" in names and "B2" in names:
+        rgb = np.stack([data[names.index(b)] for b in ("B4", "B3", "B2")], axis=-1)
+    elif "VV" in names and "VH" in names:
+        vv, vh = data[names.index("VV")], data[names.index("VH")]
+        rgb = np.stack([vv, vh, vv - vh], axis=-1)
+    else:
+        rgb = np.repeat(data[0][..., None], 3, axis=-1)
+    return _stretch(rgb, valid) * valid[..., None]
+
+
+def preview_components(tif: Path, max_px: int = PREVIEW_MAX_PX) -> tuple[np.ndarray, np.ndarray]:
+    """The first three principal components of an embedding GeoTIFF, read decimated, as RGB
+    [h, w, 3] in 0..1, and its valid mask."""
+    x = np.moveaxis(decimated_read(tif, max_px), 0, -1).astype(np.float64)
+    shape = x.shape[:2]
+    valid = np.isfinite(x).all(axis=-1)
+    pcs = np.zeros((*shape, 3))
+    v = x[valid]
+    if len(v) >= 2:
+        v = v - v.mean(axis=0)
+        _, _, vt = np.linalg.svd(v, full_matrices=False)
+        n = min(3, vt.shape[0])
+        pcs[valid, :n] = v @ vt[:n].T
+    return _stretch(pcs, valid), valid
+
+
+def write_preview(sp: ScenePlan, tif: Path, png: Path, alpha: float = 0.65) -> Path:
+    """The preview PNG: the embedding's first three principal components as RGB (nodata clear)
+    over the scene's own RGB thumbnail, in scene pixel coordinates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = preview_figure(sp, tif, alpha)
+    tmp = png.with_name(png.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
+
+
+def preview_figure(sp: ScenePlan, tif: Path, alpha: float = 0.65):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = sp.grid
+    thumb = scene_thumbnail(sp)
+    pcs, valid = preview_components(tif)
+    rgba = np.concatenate([pcs, (valid * alpha)[..., None]], axis=-1)
+    off = (g.window - g.stride) / 2
+    out_h, out_w = g.out_shape
+    fig, ax = plt.subplots(figsize=(6, 6 * g.height / g.width + 0.4))
+    ax.imshow(thumb, extent=(0, g.width, g.height, 0), interpolation="bilinear")
+    ax.imshow(rgba, extent=(off, off + out_w * g.pixel, off + out_h * g.pixel, off), interpolation="nearest")
+    ax.set_xlim(0, g.width)
+    ax.set_ylim(g.height, 0)
+    ax.set_title(f"{sp.path.name}: first 3 principal components of the embedding", fontsize=9)
+    ax.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- entry point
+
+@dataclass
+class EmbedJob:
+    """The model and checked scenes of one ``eo-sar embed`` call (everything checked, nothing written)."""
+
+    settings: SceneEmbedSettings
+    backbone: Any
+    scenes: list[ScenePlan]
+    dim_in: int
+    messages: list[str] = field(default_factory=list)
+
+    def record(self) -> dict[str, str]:
+        tags = {"eo_sar.embed.model_source": self.settings.model}
+        if self.scenes:
+            tags.update(self.scenes[0].plan.record())
+        return tags
+
+
+def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings, *, backbone=None) -> EmbedJob:
+    """Load the model and check every scene and setting before anything is written (one-line
+    DomainFMError for: bands not alignable, a window larger than a scene, a bad --tome-r,
+    --dense on a non-ViT or with token merging, --dims out of range). ``backbone``: an already
+    built Backbone carrying ``input_spec`` instead of loading ``s.model``."""
+    from domainfm.backbones import load_backbone
+
+    if not scenes:
+        raise DomainFMError("no scene given", fix="pass one or more GeoTIFF scenes")
+    if s.batch_size < 1:
+        raise DomainFMError(f"--batch-size {s.batch_size} must be at least 1", fix="pass --batch-size 1 or more")
+    if s.dims is not None and s.dims < 1:
+        raise DomainFMError(f"--dims {s.dims} must be at least 1", fix="pass --dims 1 or more, or drop it")
+    if not 0.0 <= s.nodata_fraction <= 1.0:
+        raise DomainFMError("--nodata-fraction must be within 0..1")
+    if backbone is None:  # benchmarks pass one already built (e.g. fewer blocks)
+        backbone = load_backbone(s.model, img_size=s.window)
+    spec = getattr(backbone, "input_spec", None)
+    patch = backbone.patch_size if backbone.is_vit else None
+    if s.tome_r:
+        from domainfm.inference import apply_token_merging, check_token_merging
+
+        check_token_merging(backbone, s.tome_r, where=f"{s.model} at --window {s.window}")
+        if s.dense:
+            raise DomainFMError("--dense cannot run with --tome-r: merged tokens no longer sit on the patch grid",
+                                fix="drop --tome-r for dense features")
+    plans = [plan_scene(p, s, spec, patch) for p in scenes]
+    for sp in plans:
+        if len(sp.plan.model_bands) != backbone.in_chans:
+            raise DomainFMError(f"the model takes {backbone.in_chans} bands but records {len(sp.plan.model_bands)} "
+                                "band names", path=s.model, fix="re-export the backbone")
+    if s.tome_r:
+        apply_token_merging(backbone, s.tome_r)
+    messages = list(plans[0].plan.messages) if plans else []
+    return EmbedJob(s, backbone, plans, int(backbone.embed_dim), messages)
+
+
+def run_embedding(job: EmbedJob, log: Callable[[str], None] = lambda m: None) -> list[SceneResult]:
+    """Embed every scene of a prepared job, one after the other (see :func:`embed_scene`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = job.settings
+    device = resolve_device(s.accelerator)
+    g0 = job.scenes[0].grid
+    encoder = WindowEncoder(job.backbone, device, s.precision, dense=s.dense, crop=g0.crop, k=g0.k)
+    results = []
+    with _progress_bar(s.progress) as progress, ThreadPoolExecutor(max_workers=1) as pool:
+        for sp in job.scenes:
+            results.append(embed_scene(sp, s, encoder, dim_in=job.dim_in, pool=pool, progress=progress, log=log))
+    return results
+
+
+class _NoProgress:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress_bar(enabled: bool):
+    """Rich progress bars over windows, on stderr (stdout stays clean for pipes)."""
+    if not enabled:
+        return _NoProgress()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
+                    TimeRemainingColumn(), console=Console(stderr=True), transient=True)

@@ -1,0 +1,183 @@
+"""``domainfm eo-sar embed``: geometry against hand-computed values, one window against the backbone
+run by hand, dense features, PCA projection, resume bit for bit, and each bad input as one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from click.testing import CliRunner
+
+from tests.conftest import load_make_data
+
+make_data = load_make_data("eo_sar")
+
+MEAN = tuple(1000.0 + 50 * i for i in range(13))
+STD = tuple(500.0 + 10 * i for i in range(13))
+W = 28  # window: 2 x 2 patches of 14 px
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A 13 x 300 x 260 scene (nodata corner rows 0-119, cols 0-99), a Sentinel-1 scene, and a
+    random-init ViT-S/14 export that records its 13 bands and statistics."""
+    import torch
+
+    from domainfm.backbones import InputSpec, create_backbone, save_backbone
+    from plugins.eo_sar.bands import S2_L1C_BANDS
+
+    root = tmp_path_factory.mktemp("embed")
+    torch.manual_seed(0)
+    b = create_backbone("vit_small_patch14_dinov2", in_chans=13, img_size=W, init="random")
+    b.input_spec = InputSpec(bands=tuple(S2_L1C_BANDS), mean=MEAN, std=STD, modality="s2", gsd_m=10.0,
+                             units="reflectance x 10000")
+    model = save_backbone(b, root / "model.safetensors")
+    return {"scene": make_data.write_scene(root / "scene.tif"), "s1": make_data.write_s1_scene(root / "s1.tif"),
+            "model": model, "root": root}
+
+
+def _embed(args, files, out: Path):
+    from domainfm.cli import main
+
+    return CliRunner().invoke(main, ["eo-sar", "embed", str(files["scene"]), "--model", str(files["model"]),
+                                     "--out", str(out), "--window", str(W), "--batch-size", "8", *args])
+
+
+def _window_by_hand(files, row_off, col_off, *, dense=False):
+    """Read and normalise one window directly, invalid pixels at the mean (0), and run the backbone."""
+    import torch
+    from rasterio.windows import Window
+
+    from domainfm.backbones import load_backbone
+    from plugins.eo_sar.radiometry import read_patch
+
+    img, names, info = read_patch(files["scene"], modality="s2", window=Window(col_off, row_off, W, W))
+    x = (img - np.asarray(MEAN, np.float32)[:, None, None]) / np.asarray(STD, np.float32)[:, None, None]
+    x[:, ~info.valid] = 0.0
+    b = load_backbone(files["model"], img_size=W).eval()
+    with torch.no_grad():
+        t = torch.from_numpy(x[None])
+        if dense:
+            return b.model.forward_features(t)[0, b.model.num_prefix_tokens:].reshape(2, 2, -1).numpy()
+        return b(t)[0].numpy()
+
+
+def test_pooled_map_geometry_nodata_and_one_window(files, tmp_path, mlflow_store):
+    import mlflow
+
+    out = tmp_path / "out"
+    r = _embed([], files, out)
+    assert r.exit_code == 0, r.output
+    tif = out / "scene_embedding.tif"
+    with rasterio.open(tif) as src:
+        # ceil((300 - 28) / 28) + 1 = 11 rows, ceil((260 - 28) / 28) + 1 = 10 cols, 384 features
+        assert (src.count, src.height, src.width) == (384, 11, 10)
+        assert src.crs.to_epsg() == 32632
+        assert src.transform == Affine(280.0, 0.0, 500_000.0, 0.0, -280.0, 5_000_000.0)
+        assert np.isnan(src.nodata) and src.dtypes[0] == "float32"
+        assert src.profile["tiled"] and src.block_shapes[0] == (16, 16)
+        assert src.compression.name == "deflate"
+        data = src.read()
+    nodata = np.isnan(data).all(axis=0)
+    assert not (np.isnan(data).any(axis=0) & ~nodata).any()
+    expected = np.zeros((11, 10), bool)
+    expected[0:4, 0:4] = True   # corner rows 0-119 x cols 0-99: windows 0-3 wholly, col 3 16/28 of it (> 0.5)
+    expected[:, 9] = True       # cols 252-279 of a 260 px scene: 20/28 past the edge
+    np.testing.assert_array_equal(nodata, expected)
+    # row 4 (px 112-139) has 8/28 nodata rows: kept, the nodata pixels at the band mean
+    np.testing.assert_allclose(data[:, 5, 4], _window_by_hand(files, 140, 112), atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(data[:, 4, 3], _window_by_hand(files, 112, 84), atol=2e-4, rtol=1e-4)
+
+    preview = out / "scene_embedding.preview.png"
+    assert preview.stat().st_size > 1000 and not list(out.glob("*.partial")) and not list(out.glob("*.progress.json"))
+    run = mlflow.search_runs(experiment_names=["domainfm-eo-sar"], output_format="list")[0]
+    assert run.data.params["window"] == str(W) and run.data.params["dense"] == "False"
+    assert run.data.tags["domainfm.model_source"] == str(files["model"])
+    arts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "previews")]
+    assert arts == ["previews/scene_embedding.preview.png"]
+
+
+def test_dense_patch_features(files, tmp_path, mlflow_store):
+    out = tmp_path / "dense"
+    r = _embed(["--dense"], files, out)
+    assert r.exit_code == 0, r.output
+    with rasterio.open(out / "scene_dense.tif") as src:
+        assert (src.count, src.height, src.width) == (384, 22, 20)  # 2 x 2 patches per window
+        assert src.transform == Affine(140.0, 0.0, 500_000.0, 0.0, -140.0, 5_000_000.0)
+        block = src.read(window=((10, 12), (8, 10)))  # window (5, 4): scene rows 140-167, cols 112-139
+    np.testing.assert_allclose(np.moveaxis(block, 0, -1), _window_by_hand(files, 140, 112, dense=True),
+                               atol=2e-4, rtol=1e-4)
+
+
+def test_overlapping_windows_centre_their_pixels(files, tmp_path, mlflow_store):
+    out = tmp_path / "overlap"
+    r = _embed(["--stride", "14"], files, out)
+    assert r.exit_code == 0, r.output
+    with rasterio.open(out / "scene_embedding.tif") as src:
+        # ceil(272 / 14) + 1 = 21 rows, ceil(232 / 14) + 1 = 18 cols; pixels 14 px, shifted by (28 - 14) / 2 = 7 px
+        assert (src.height, src.width) == (21, 18)
+        assert src.transform == Affine(140.0, 0.0, 500_070.0, 0.0, -140.0, 4_999_930.0)
+        px = src.read(window=((10, 11), (8, 9)))[:, 0, 0]  # window at rows 140-167, cols 112-139
+    np.testing.assert_allclose(px, _window_by_hand(files, 140, 112), atol=2e-4, rtol=1e-4)
+
+
+def test_dims_projection_saved_reproducible_and_resume_bit_identical(files, tmp_path, mlflow_store):
+    full = tmp_path / "full"
+    r = _embed(["--dense", "--dims", "4", "--pca-windows", "40"], files, full)
+    assert r.exit_code == 0, r.output
+    with np.load(full / "scene_dense.pca.npz") as z:
+        mean, comp = z["mean"], z["components"]
+    assert comp.shape == (4, 384)
+    meta = json.loads((full / "scene_dense.pca.json").read_text())
+    assert meta["dims"] == 4 and meta["seed"] == 0 and len(meta["explained_variance_ratio"]) == 4
+
+    # the projection is the saved PCA applied to the dense features (a run without --dims)
+    plain = tmp_path / "plain"
+    assert _embed(["--dense"], files, plain).exit_code == 0
+    with rasterio.open(plain / "scene_dense.tif") as a, rasterio.open(full / "scene_dense.tif") as b:
+        feats, proj = a.read(), b.read()
+    want = np.einsum("dhw,kd->khw", feats.astype(np.float64) - mean[:, None, None], comp)
+    np.testing.assert_allclose(proj, want, atol=1e-4, equal_nan=True)
+
+    # killed after the first of its two tile rows (11 window rows, 8 per 16-row tile row), then resumed
+    part = tmp_path / "part"
+    r = _embed(["--dense", "--dims", "4", "--pca-windows", "40", "--stop-after-rows", "1"], files, part)
+    assert r.exit_code == 0, r.output
+    assert not (part / "scene_dense.tif").exists() and (part / "scene_dense.tif.partial").exists()
+    assert json.loads((part / "scene_dense.progress.json").read_text())["tile_rows_done"] == 1
+    r = _embed(["--dense", "--dims", "4", "--pca-windows", "40"], files, part)
+    assert r.exit_code == 0, r.output
+    assert "resuming scene_dense.tif at tile row 1/2" in r.stderr
+    for name in ("scene_dense.tif", "scene_dense.pca.npz", "scene_dense.pca.json"):
+        assert (part / name).read_bytes() == (full / name).read_bytes(), name
+    assert not (part / "scene_dense.progress.json").exists()
+
+
+def _one_line_error(r, *fragments):
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_bad_inputs_are_one_line_and_leave_nothing(files, tmp_path, mlflow_store):
+    from domainfm.cli import main
+
+    out = tmp_path / "bad"
+    r = CliRunner().invoke(main, ["eo-sar", "embed", str(files["s1"]), "--model", str(files["model"]),
+                                  "--out", str(out), "--window", str(W)])
+    _one_line_error(r, f"{files['s1']}: cannot align the scene's bands to the model", "(VV, VH)",
+                    "have no band in common")
+    r = _embed(["--window", "308"], files, out)
+    _one_line_error(r, f"{files['scene']}: the scene is 300 x 260 px, smaller than --window 308",
+                    "Fix: pass --window 260 or less")
+    r = _embed(["--tome-r", "3"], files, out)  # 4 patch tokens: at most 2 merged
+    _one_line_error(r, "--tome-r 3 is too large", "it has 4 patch tokens")
+    r = _embed(["--dense", "--stride", "14"], files, out)
+    _one_line_error(r, "--dense needs --window and --stride in whole 14-px patches")
+    assert not out.exists()
