@@ -173,6 +173,10 @@ def _validate(cfg: RunConfig) -> None:
         raise DomainFMError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.strategy not in ("auto", "ddp", "fsdp", "ddp_spawn", "ddp_find_unused_parameters_true"):
         raise DomainFMError(f"unknown --strategy {cfg.strategy!r}", fix="use auto, ddp or fsdp")
+    if cfg.num_nodes != 1 or cfg.strategy == "fsdp":
+        from domainfm.distributed import check_launch
+
+        check_launch(num_nodes=cfg.num_nodes, strategy=cfg.strategy, accelerator=cfg.accelerator)
 
 
 def save_yaml(cfg: RunConfig, path: str | Path) -> Path:

@@ -95,3 +95,75 @@ def all_gather_with_grad(x: "torch.Tensor") -> "torch.Tensor":
     if not is_distributed():
         return x
     return _gather_function().apply(x)
+
+
+# ---------------------------------------------------------------- launching across machines
+
+#: What Lightning's plain environment reads on every node of a job started without a scheduler
+#: (``lightning.fabric.plugins.environments.LightningEnvironment``); the world size is
+#: ``--num-nodes x --devices``.
+PLAIN_LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
+
+
+def launcher_environment() -> str | None:
+    """The cluster environment Lightning will find for a multi-node job, or None.
+
+    One of ``"slurm"`` (``srun`` inside an allocation: SLURM_NTASKS, SLURM_PROCID, ...),
+    ``"torchelastic"`` (``torchrun``), ``"lsf"`` (``jsrun``), ``"mpi"`` (``mpirun`` with mpi4py), or
+    ``"env"`` (MASTER_ADDR, MASTER_PORT and NODE_RANK set by hand on each node). Uses Lightning's
+    own detectors, so the answer is the environment Lightning's launcher will then use.
+    """
+    import os
+
+    from lightning.fabric.plugins.environments import (LSFEnvironment, MPIEnvironment, SLURMEnvironment,
+                                                       TorchElasticEnvironment)
+
+    for name, env in (("slurm", SLURMEnvironment), ("torchelastic", TorchElasticEnvironment),
+                      ("lsf", LSFEnvironment), ("mpi", MPIEnvironment)):
+        try:
+            if env.detect():
+                return name
+        except Exception:  # a detector that cannot run here (MPI without mpi4py) detects nothing
+            continue
+    if all(os.environ.get(v) for v in PLAIN_LAUNCH_VARS):
+        return "env"
+    return None
+
+
+def check_launch(*, num_nodes: int = 1, strategy: str = "auto", accelerator: str = "auto") -> None:
+    """Refuse, before anything runs, a job that could only fail or hang once launched.
+
+    - ``num_nodes > 1`` with no launcher environment (see :func:`launcher_environment`): every node
+      would take itself for node 0 and wait for peers on 127.0.0.1 forever.
+    - ``strategy == "fsdp"`` without a GPU: Lightning (and torch's FSDP) run only on CUDA.
+
+    Raises :class:`~domainfm.errors.DomainFMError` naming what is missing and how to launch.
+    """
+    from domainfm.errors import DomainFMError
+
+    if num_nodes < 1:
+        raise DomainFMError(f"--num-nodes must be at least 1, got {num_nodes}")
+    if num_nodes > 1 and launcher_environment() is None:
+        import os
+
+        missing = [v for v in PLAIN_LAUNCH_VARS if not os.environ.get(v)]
+        raise DomainFMError(
+            f"--num-nodes {num_nodes} needs a launcher's environment, and none is set "
+            f"(no SLURM_NTASKS/SLURM_PROCID from srun, no torchrun variables, missing {', '.join(missing)})",
+            fix="start the command on every node with srun inside a SLURM allocation (one task per device), "
+                "or set MASTER_ADDR, MASTER_PORT and NODE_RANK on each node (see README, Running on a cluster)")
+    if strategy == "fsdp":
+        import torch
+
+        if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+            raise DomainFMError("--strategy fsdp needs GPUs (Lightning's FSDP runs only on a CUDA accelerator)",
+                                fix="use --strategy ddp on CPU, or run on GPUs")
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    """Rank ``rank``'s share of ``items`` out of ``world_size``: every ``world_size``-th item from
+    ``rank`` on. The shares are disjoint, their union is ``items``, and their sizes differ by at most
+    one; the same list in the same order gives every process the same split without talking."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of world size {world_size}")
+    return list(items)[rank::world_size]

@@ -51,16 +51,22 @@ def ema_momentum(step: int, total: int, base: float) -> float:
 
 # ---------------------------------------------------------------- parameter groups
 
-def _no_decay(name: str, param) -> bool:
-    return param.ndim <= 1 or name.endswith(".bias") or any(
+_FSDP_PREFIX = "_fsdp_wrapped_module."
+
+def _no_decay(name: str, param, ndim: int | None = None) -> bool:
+    ndim = param.ndim if ndim is None else ndim
+    return ndim <= 1 or name.endswith(".bias") or any(
         t in name for t in ("pos_embed", "cls_token", "reg_token", "mask_token", "logit_scale"))
 
 
 def param_groups(module, weight_decay: float, *, lr: float, layer_decay: float | None = None,
-                 vit=None) -> list[dict[str, Any]]:
+                 vit=None, ndims: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """AdamW groups: no decay on norms, biases and tokens; optional layer-wise LR decay for a ViT
     (``vit`` is the timm VisionTransformer inside ``module``; block i gets
-    ``lr * layer_decay ** (depth + 1 - (i + 1))``, embeddings the deepest decay, the rest 1)."""
+    ``lr * layer_decay ** (depth + 1 - (i + 1))``, embeddings the deepest decay, the rest 1).
+
+    ``ndims``: each parameter's number of dimensions recorded before FSDP wrapped the module
+    (FSDP shows a sharded parameter as a 1-d slice, which would otherwise read as a bias)."""
     depth = len(vit.blocks) if (layer_decay is not None and vit is not None and hasattr(vit, "blocks")) else None
     vit_names = {id(p): n for n, p in vit.named_parameters()} if depth is not None else {}
     groups: dict[tuple[float, float], dict[str, Any]] = {}
@@ -69,7 +75,7 @@ def param_groups(module, weight_decay: float, *, lr: float, layer_decay: float |
             continue
         scale = 1.0
         if depth is not None and id(p) in vit_names:
-            vname = vit_names[id(p)]
+            vname = vit_names[id(p)].replace(_FSDP_PREFIX, "")
             if vname.startswith("blocks."):
                 layer = int(vname.split(".")[1]) + 1
             elif vname.startswith(("patch_embed", "pos_embed", "cls_token", "reg_token")):
@@ -77,7 +83,8 @@ def param_groups(module, weight_decay: float, *, lr: float, layer_decay: float |
             else:
                 layer = depth + 1
             scale = layer_decay ** (depth + 1 - layer)
-        wd = 0.0 if _no_decay(name, p) else weight_decay
+        clean = name.replace(_FSDP_PREFIX, "")
+        wd = 0.0 if _no_decay(clean, p, (ndims or {}).get(clean)) else weight_decay
         g = groups.setdefault((wd, scale), {"params": [], "weight_decay": wd, "lr": lr * scale, "lr_scale": scale})
         g["params"].append(p)
     return list(groups.values())
@@ -172,9 +179,11 @@ def _step_progress_bar_class():
 
 
 def build_trainer(cfg: "RunConfig", *, callbacks: Iterable[Any] = (), ckpt_dir: str | Path | None = None,
-                  logger: Any = True, run_id: str | None = None, **overrides: Any):
+                  logger: Any = True, run_id: str | None = None, fsdp_wrap: Iterable[type] = (), **overrides: Any):
     """A Lightning Trainer for ``cfg``; ``logger=True`` binds Lightning's MLFlowLogger to ``run_id``
-    (or to the active MLflow run)."""
+    (or to the active MLflow run). ``fsdp_wrap``: module classes that ``--strategy fsdp`` shards as
+    units of their own (a task whose EMA pairs two copies of a module must name that module, so both
+    copies are cut into shards the same way); checkpoints hold the full, gathered state."""
     import lightning as L
 
     from domainfm import tracking
@@ -209,6 +218,16 @@ def build_trainer(cfg: "RunConfig", *, callbacks: Iterable[Any] = (), ckpt_dir: 
             accelerator = "cpu"
             # gloo is the CPU backend; Lightning picks it, but say it explicitly for clarity
             strategy = DDPStrategy(process_group_backend="gloo", find_unused_parameters=False)
+    if strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        wrap = set(fsdp_wrap)
+        if wrap:
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            strategy = FSDPStrategy(auto_wrap_policy=ModuleWrapPolicy(wrap), state_dict_type="full")
+        else:
+            strategy = FSDPStrategy(state_dict_type="full")
     kwargs: dict[str, Any] = dict(
         accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
         precision=cfg.precision, max_steps=max_steps, max_epochs=max_epochs, callbacks=cbs, logger=logger,

@@ -214,3 +214,63 @@ def test_registered_encoder_gives_the_same_features(slides, weights, tmp_path, m
     f2, _, a2 = read_h5(tmp_path / "registry" / "features" / "generic_20x.h5")
     np.testing.assert_allclose(f1, f2, rtol=1e-5, atol=1e-5)
     assert a2["encoder"] == "models:/histo-encoder@champion"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sharded_run_equals_one_process_exactly_and_resumes_only_what_is_missing(slides, weights, tmp_path):
+    """Two CPU ranks under Lightning's DDP launcher share the slides; the union of their files is
+    bit-identical to one process's. A rerun after a rank died mid-slide (its stale partial file
+    left behind) redoes that slide only and never touches a finished one."""
+    import shutil
+
+    from conftest import run_cli
+
+    # one thread everywhere: the same arithmetic in every process, so equality can be exact
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    files = [str(slides["svs"]), str(slides["tiff"]), str(slides["no_mpp"])]
+    base = ["--weights", str(weights), "--num-workers", "0", "--accelerator", "cpu", "--slide-mpp", "0.5", *COMMON]
+    r = run_cli(["histo", "embed", *files, "--out", str(tmp_path / "one"), *base], cwd=tmp_path, env=env, timeout=400)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli(["histo", "embed", *files, "--out", str(tmp_path / "two"), *base, "--devices", "2"], cwd=tmp_path,
+                env=env, timeout=400)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "3 slides embedded" in r.stderr and "0 already done" in r.stderr
+    sids = ["aperio_40x", "generic_20x", "no_mpp"]
+    for sid in sids:
+        f1, c1, a1 = read_h5(tmp_path / "one" / "features" / f"{sid}.h5")
+        f2, c2, a2 = read_h5(tmp_path / "two" / "features" / f"{sid}.h5")
+        assert len(f1) > 0
+        np.testing.assert_array_equal(c1, c2)
+        np.testing.assert_array_equal(f1, f2)
+        assert a1 == a2
+    # the shares were disjoint: each slide's progress bar appeared under exactly one rank
+    assert sorted(p.name for p in (tmp_path / "two" / "features").iterdir()) == [f"{s}.h5" for s in sids]
+
+    # resume: aperio finished, generic_20x died mid-write (stale partial), no_mpp not started
+    resume = tmp_path / "resume" / "features"
+    resume.mkdir(parents=True)
+    shutil.copy2(tmp_path / "one" / "features" / "aperio_40x.h5", resume / "aperio_40x.h5")
+    stale = resume / ".generic_20x.h5.4242.partial"
+    stale.write_bytes(b"half an HDF5 file")
+    stamp = (resume / "aperio_40x.h5").stat().st_mtime_ns
+    r = run_cli(["histo", "embed", *files, "--out", str(tmp_path / "resume"), *base, "--devices", "2"],
+                cwd=tmp_path, env=env, timeout=400)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 slides embedded" in r.stderr and "1 already done" in r.stderr
+    assert (resume / "aperio_40x.h5").stat().st_mtime_ns == stamp  # the finished slide was not redone
+    assert not stale.exists() and not list(resume.glob("*.partial"))
+    for sid in ("generic_20x", "no_mpp"):
+        np.testing.assert_array_equal(read_h5(resume / f"{sid}.h5")[0], read_h5(tmp_path / "one" / "features" / f"{sid}.h5")[0])
+
+
+def test_num_nodes_without_launcher_is_one_line(slides, weights, tmp_path, monkeypatch):
+    for v in [v for v in __import__("os").environ if v.startswith("SLURM_")] + [
+            "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_RANK", "TORCHELASTIC_RUN_ID", "LSB_JOBID"]:
+        monkeypatch.delenv(v, raising=False)
+    res = embed([slides["tiff"], "--out", tmp_path / "x", "--weights", weights, "--num-nodes", "2", *COMMON])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --num-nodes 2 needs a launcher's environment"), res.output
+    assert "MASTER_ADDR, MASTER_PORT and NODE_RANK" in lines[0] and "srun" in lines[0]
+    assert not (tmp_path / "x").exists()

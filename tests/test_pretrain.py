@@ -216,3 +216,58 @@ def test_artifacts_live_beside_a_sqlite_store_whatever_folder_the_command_runs_f
     assert not (c / "mlruns").exists()
     got = client.download_artifacts(second, "config.yaml", str(tmp_path))
     assert "command: evaluate" in Path(got).read_text()
+
+
+EO_TINY = ["--plugin", "eo-sar", "--init", "random", "--backbone", "vit_small_patch14_dinov2", "--img-size", "28",
+           "--batch-size", "8", "--proj-dim", "32"]
+
+
+def _lightning_fsdp_on_cpu() -> str | None:
+    """None if Lightning builds an FSDP Trainer on CPU here, else Lightning's own reason."""
+    import lightning as L
+
+    try:
+        L.Trainer(strategy="fsdp", accelerator="cpu", devices=2, logger=False, enable_checkpointing=False)
+    except (ValueError, RuntimeError) as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+@pytest.mark.timeout(900)
+def test_fsdp_two_cpu_processes_resume_and_export(tmp_path, monkeypatch):
+    reason = _lightning_fsdp_on_cpu()
+    if reason is not None:
+        pytest.skip(f"Lightning {__import__('lightning').__version__} refuses FSDP on CPU: {reason} "
+                    "(torch's FSDP also needs a non-CPU accelerator); the same path runs on a GPU machine: "
+                    "PYTHONPATH=. python benchmarks/gpu/fsdp_pretrain.py --devices 1")
+    import torch
+    from safetensors.torch import load_file
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "fsdp.json"
+    args = ["pretrain", *EO_TINY, "--strategy", "fsdp", "--devices", "2", "--accelerator", "cpu",
+            "--checkpoint-every", "2", "--json", str(out)]
+    r = run_cli([*args, "--max-steps", "2"], cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = json.loads(out.read_text())
+    r = run_cli([*args, "--max-steps", "4", "--resume"], cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = json.loads(out.read_text())
+    assert second["mlflow_run_id"] == first["mlflow_run_id"] and second["global_step"] == 4
+    # the export holds the full teacher, equal to the teacher in the last (full-state) checkpoint
+    saved = load_file(second["backbone_path"])
+    ckpt = torch.load(Path(second["backbone_path"]).parent / "checkpoints" / "last.ckpt", weights_only=True)
+    prefix = "teacher.backbone.model."
+    teacher = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    assert sorted(saved) == sorted(teacher)
+    assert all(torch.equal(saved[k], teacher[k]) for k in teacher)
+
+
+def test_fsdp_on_cpu_is_one_line_before_any_run(tmp_path, toy_env):
+    r = run_cli(["pretrain", "--plugin", "toy", *TINY, "--max-steps", "1", "--strategy", "fsdp", "--devices", "2",
+                 "--accelerator", "cpu"], cwd=tmp_path, env=toy_env, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert lines == ["error: --strategy fsdp needs GPUs (Lightning's FSDP runs only on a CUDA accelerator). "
+                     "Fix: use --strategy ddp on CPU, or run on GPUs."], r.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()

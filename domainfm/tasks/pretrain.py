@@ -62,6 +62,9 @@ class ContinualPretrainingTask(L.LightningModule):
         self._backbone = backbone
         self.configure_models()
         self._t_last: float | None = None
+        # FSDP shows each shard of a parameter as a flat slice: the weight-decay rule needs the real ndim
+        self._param_ndims = {n: p.ndim for n, p in self.student.named_parameters()}
+        self.full_teacher_state: dict[str, torch.Tensor] | None = None
 
     # torchgeo's habit: models, losses and metrics are configured in named hooks
     def configure_models(self) -> None:
@@ -115,10 +118,22 @@ class ContinualPretrainingTask(L.LightningModule):
             for pt, ps in zip(self.teacher.parameters(), self.student.parameters()):
                 pt.mul_(m).add_(ps.detach(), alpha=1.0 - m)
 
+    def on_train_end(self) -> None:
+        """Under FSDP every rank holds a shard of the teacher: gather its full weights here, while the
+        process group is alive (a collective, so every rank calls it; rank 0 keeps the result)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            full = self.trainer.strategy.lightning_module_state_dict()  # full state, on rank 0 only
+            if self.trainer.is_global_zero:
+                prefix = "teacher.backbone.model."
+                self.full_teacher_state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+
     def configure_optimizers(self):
         c = self.cfg
         vit = self.student.backbone.model if self.student.backbone.is_vit else None
-        groups = param_groups(self.student, c["weight_decay"], lr=c["lr"], layer_decay=c["layer_decay"], vit=vit)
+        groups = param_groups(self.student, c["weight_decay"], lr=c["lr"], layer_decay=c["layer_decay"], vit=vit,
+                              ndims=self._param_ndims)
         opt = torch.optim.AdamW(groups, lr=c["lr"], betas=(0.9, 0.999))
         total = int(self.trainer.estimated_stepping_batches)
         warmup = min(c["warmup_steps"], max(0, total // 2))
@@ -149,6 +164,36 @@ def _resume_target(cfg: "RunConfig") -> tuple[str | None, Path | None]:
     return info["mlflow_run_id"], ckpt
 
 
+#: The units ``--strategy fsdp`` shards on their own: student and teacher encoders are cut alike, so
+#: the EMA update pairs each teacher shard with the student shard of the same elements (a timm
+#: ViT's blocks become units of their own inside them, to bound the memory of one all-gather).
+def _fsdp_units() -> set[type]:
+    units: set[type] = {Encoder}
+    try:
+        from timm.models.vision_transformer import Block
+
+        units.add(Block)
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    return units
+
+
+FSDP_UNITS = _fsdp_units()
+
+
+def exportable_teacher(task: ContinualPretrainingTask, cfg: "RunConfig"):
+    """The teacher backbone with its full weights, ready for :func:`save_backbone`.
+
+    Without FSDP that is ``task.teacher.backbone`` itself. Under FSDP the module on rank 0 holds only
+    its shard, so a fresh backbone of the same architecture receives the full state gathered in
+    :meth:`ContinualPretrainingTask.on_train_end` (every key must match: ``strict=True``)."""
+    if task.full_teacher_state is None:
+        return task.teacher.backbone
+    fresh = backbone_from_config(cfg, in_chans=task.in_chans)  # the same architecture and metadata as trained
+    fresh.model.load_state_dict(task.full_teacher_state, strict=True)
+    return fresh
+
+
 def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
     """``domainfm pretrain``: returns the final metrics on global rank 0, None on other ranks."""
     import os
@@ -174,7 +219,7 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
         run_id, ckpt_path = _resume_target(cfg)
     if not zero:
         ckpt_dir = Path(os.environ.get("DOMAINFM_CKPT_DIR", run_dir(cfg) / "checkpoints"))
-        trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, logger=False)
+        trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, logger=False, fsdp_wrap=FSDP_UNITS)
         trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
         return None
 
@@ -191,14 +236,14 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
                                                             "checkpoint_dir": str(ckpt_dir.resolve())}))
         os.environ["DOMAINFM_RUN_ID"] = run_id
         os.environ["DOMAINFM_CKPT_DIR"] = str(ckpt_dir)
-        trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, run_id=run_id)
+        trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, run_id=run_id, fsdp_wrap=FSDP_UNITS)
         t0 = time.perf_counter()
         trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
         elapsed = time.perf_counter() - t0
         if not trainer.is_global_zero:  # pragma: no cover - guarded above
             return None
         # the EMA teacher is the encoder we ship (DINO/SoftCon practice)
-        final = task.teacher.backbone
+        final = exportable_teacher(task, cfg)
         input_meta = plugin.export_metadata(cfg, datamodule)  # bands and statistics travel with the weights
         export = save_backbone(final, run_dir(cfg) / run_id / "backbone.safetensors",
                                extra_meta={"mlflow_run_id": run_id, "plugin": str(cfg.plugin), **input_meta})

@@ -108,10 +108,12 @@ def tile_command(slides, out_dir, mpp, tile_size, min_tissue, max_tiles, slide_m
 @click.option("--accelerator", default="auto", show_default=True, help="cpu, gpu or auto.")
 @click.option("--devices", type=int, default=1, show_default=True,
               help="Processes (one per GPU, or CPU processes) sharing the slides between them.")
+@click.option("--num-nodes", type=int, default=1, show_default=True,
+              help="Machines: start the command on each with srun (SLURM) or MASTER_ADDR/MASTER_PORT/NODE_RANK.")
 @click.option("--tome-r", type=int, default=0, show_default=True,
               help="Token merging (ToMe): merge this many tokens in every ViT block; faster, features approximate.")
 def embed_command(slides, out_dir, coords_dir, backbone, init, weights, mpp, tile_size, min_tissue, max_tiles,
-                  slide_mpp, seed, batch_size, num_workers, precision, accelerator, devices, tome_r):
+                  slide_mpp, seed, batch_size, num_workers, precision, accelerator, devices, num_nodes, tome_r):
     """Encode every tissue tile of whole-slide images with a frozen backbone.
 
     Writes OUT/features/<slide_id>.h5 with `features` [N, D] and `coords` [N, 2] (level 0) and attrs
@@ -129,17 +131,22 @@ def embed_command(slides, out_dir, coords_dir, backbone, init, weights, mpp, til
             num_workers = default_num_workers()
         if batch_size < 1 or num_workers < 0 or devices < 1:
             raise DomainFMError("--batch-size and --devices must be at least 1, --num-workers at least 0")
+        from domainfm.distributed import check_launch
+
+        check_launch(num_nodes=num_nodes)  # before any slide is read: a node alone would wait forever
         paths = slides_mod.find_slides(slides)
         settings = embedding.EmbedSettings(
             out_dir=out_dir, backbone=backbone, init=init, weights=weights, mpp=mpp, tile_size=tile_size,
             min_tissue=min_tissue, max_tiles=max_tiles, seed=seed, slide_mpp=slides_mod.parse_slide_mpp(slide_mpp),
             coords_dir=coords_dir, batch_size=batch_size, num_workers=num_workers, precision=precision,
-            accelerator=accelerator, devices=devices, tome_r=tome_r)
+            accelerator=accelerator, devices=devices, num_nodes=num_nodes, tome_r=tome_r)
         if tome_r:  # a wrong --tome-r is one error before any slide is read
             embedding.build_encoder(settings)
         report = embedding.embed_slides(paths, settings)
     except DomainFMError as e:
         _fail(e)
+    if report is None:  # another rank of a multi-process run: global rank 0 reports for the job
+        return
     click.echo(f"{len(report.done)} slides embedded ({report.tiles} tiles), {len(report.skipped)} already done, "
                f"{len(report.failed)} failed -> {out_dir}/features", err=True)
     _finish("embed", len(paths), report.failed, out_dir)

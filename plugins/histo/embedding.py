@@ -44,6 +44,7 @@ class EmbedSettings:
     precision: str = "32-true"
     accelerator: str = "auto"
     devices: int = 1
+    num_nodes: int = 1
     progress: bool = True
     tome_r: int = 0  # token merging: tokens merged per ViT block (0: off)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (tests: depth=2)
@@ -304,6 +305,10 @@ def embed_shard(paths: list[Path], s: EmbedSettings, *, device=None, label: str 
         return report
     from concurrent.futures import ThreadPoolExecutor
 
+    for p in todo:  # half-written files of a run that died on these slides: redone from scratch
+        target = features_path(s.out_dir, slides_mod.slide_id(p))
+        for stale in target.parent.glob(f".{target.name}.*.partial"):
+            stale.unlink(missing_ok=True)
     device = device or resolve_device(s.accelerator)
     encoder = TileEncoder(build_encoder(s), device, s.precision)
     # When slides are tiled now, the next slide's tissue is found in a thread while this one is
@@ -369,23 +374,40 @@ def write_failures(out_dir: str | Path, failures: list[dict[str, str]]) -> Path 
     return target
 
 
-def _shard_worker(fabric, paths: list[Path], s: EmbedSettings) -> dict[str, Any]:
-    mine = paths[fabric.global_rank::fabric.world_size]
+def _shard_worker(fabric, paths: list[Path], s: EmbedSettings) -> dict[str, Any] | None:
+    """One rank's part: rank 0 lists the slides still to do and broadcasts the list, so every rank
+    splits the same list (a slide another rank finishes meanwhile cannot move between shares)."""
+    from domainfm.distributed import shard
+
+    todo = [str(p) for p in paths if not features_path(s.out_dir, slides_mod.slide_id(p)).is_file()]
+    todo = fabric.broadcast(todo, src=0)
+    mine = [Path(p) for p in shard(todo, fabric.global_rank, fabric.world_size)]
     report = embed_shard(mine, s, device=fabric.device, label=f"slides (rank {fabric.global_rank})")
     reports = [None] * fabric.world_size
     import torch.distributed as dist
 
     dist.all_gather_object(reports, report.__dict__)
-    return {k: sum((r[k] for r in reports), [] if k != "tiles" else 0) for k in report.__dict__}
+    if fabric.global_rank != 0:
+        return None
+    merged = {k: sum((r[k] for r in reports), [] if k != "tiles" else 0) for k in report.__dict__}
+    merged["skipped"] = sorted(slides_mod.slide_id(p) for p in paths if str(p) not in set(todo))
+    return merged
 
 
-def embed_slides(paths: list[Path], s: EmbedSettings) -> EmbedReport:
-    """Embed every slide (sharded over ``s.devices`` processes), then write ``failures.csv``."""
-    if s.devices > 1:
+def embed_slides(paths: list[Path], s: EmbedSettings) -> EmbedReport | None:
+    """Embed every slide, then write ``failures.csv``; returns the report on global rank 0 only.
+
+    ``s.devices * s.num_nodes > 1`` runs under Lightning's DDP launcher (gloo on CPU, NCCL on GPU):
+    started once per node it starts the node's other processes itself, started by ``srun``/``torchrun``
+    it uses theirs. Each rank embeds a disjoint share of the slides not yet done and writes each
+    slide's file atomically, so a rerun redoes only what is missing."""
+    if s.devices * s.num_nodes > 1:
         import lightning as L
 
+        from domainfm.training import is_global_zero
+
         # a bad --weights/--init must be one clear error here, not a traceback from each process
-        if any(not features_path(s.out_dir, slides_mod.slide_id(p)).is_file() for p in paths):
+        if is_global_zero() and any(not features_path(s.out_dir, slides_mod.slide_id(p)).is_file() for p in paths):
             build_encoder(s)
 
         accelerator = s.accelerator
@@ -393,8 +415,10 @@ def embed_slides(paths: list[Path], s: EmbedSettings) -> EmbedReport:
             import torch
 
             accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-        fabric = L.Fabric(accelerator=accelerator, devices=s.devices, strategy="ddp_spawn")
+        fabric = L.Fabric(accelerator=accelerator, devices=s.devices, num_nodes=s.num_nodes, strategy="ddp")
         merged = fabric.launch(_shard_worker, list(paths), s)
+        if merged is None:  # not global rank 0: rank 0 reports for the job
+            return None
         report = EmbedReport(**merged)
     else:
         report = embed_shard(list(paths), s)
