@@ -35,12 +35,12 @@ bench pretrain_throughput 75 python3 benchmarks/pretrain_throughput.py --device 
   --backbone vit_base_patch14_dinov2 --img-size 224 --in-chans 13 --batch-size 64 --steps 8 --repeats 2
 bench contrastive_memory 50 python3 benchmarks/contrastive_memory.py --device cuda --sizes 16384 65536
 bench sgd_memory 60 python3 benchmarks/sgd_memory.py --device cuda
-bench tome 85 python3 benchmarks/tome.py --device cuda --skip-auc --rs 4,8,12,16,20 --json "$out/tome.json"
+bench tome 80 python3 benchmarks/tome.py --device cuda --skip-auc --rs 4,8,12,16,20 --json "$out/tome.json"
 if [ -n "$slide" ]; then
   bench histo_embed 50 python3 benchmarks/histo_embed.py --accelerator cuda --slide "$slide" --mpp 0.25 \
     --backbone vit_base_patch14_dinov2 --batch-size 64 --num-workers 6 --precision bf16-mixed
 fi
-bench eo_sar_embed 110 python3 benchmarks/eo_sar_embed.py --device cuda --sizes 2048 4096 8192 --depth 12 \
+bench eo_sar_embed 100 python3 benchmarks/eo_sar_embed.py --device cuda --sizes 2048 4096 8192 --depth 12 \
   --window 224 --batch-size 64 --precision bf16-mixed --json "$out/eo_sar_embed.json"
-[ -f benchmarks/gpu/fsdp_pretrain.py ] && bench fsdp_pretrain 45 python3 benchmarks/gpu/fsdp_pretrain.py --devices 1
+[ -f benchmarks/gpu/fsdp_pretrain.py ] && [ "${WITH_FSDP:-0}" = 1 ] && bench fsdp_pretrain 45 python3 benchmarks/gpu/fsdp_pretrain.py --devices 1
 exit 0
