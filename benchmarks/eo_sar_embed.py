@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
                    "--device", args.device, "--backbone", args.backbone, "--depth", str(args.depth),
                    "--window", str(args.window), "--batch-size", str(args.batch_size), "--precision", args.precision,
                    "--threads", str(args.threads)]
-            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
             line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
             if r.returncode or not line:
                 sys.exit(f"size {size} failed:\n{r.stderr[-3000:]}")

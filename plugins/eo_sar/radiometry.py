@@ -167,7 +167,8 @@ def band_names_from_descriptions(path: Path, descriptions: Sequence[str | None],
 
 
 def read_patch(path: str | Path, *, modality: str, s2_harmonize: str = "auto", s1_units: str = "db",
-               window: Any = None, nodata: float | None = None) -> tuple[np.ndarray, tuple[str, ...], PatchInfo]:
+               window: Any = None, nodata: float | None = None,
+               src: Any = None) -> tuple[np.ndarray, tuple[str, ...], PatchInfo]:
     """float32 [C, H, W] pixels of ``path`` in model units, their band names, and a :class:`PatchInfo`.
 
     ``modality``: ``s2`` (L1C, 13 bands), ``s2-l2a`` (L2A, 12 bands) or ``s1`` (VV, VH). When the
@@ -180,7 +181,9 @@ def read_patch(path: str | Path, *, modality: str, s2_harmonize: str = "auto", s
     ``off`` never subtracts. Values below the offset clip to 0 (ESA's harmonisation).
     ``s1_units``: ``db`` (files must hold dB) or ``linear`` (10 * log10 is applied).
     ``window``: a rasterio ``Window`` to read part of the file. ``nodata`` overrides the file's tag.
-    Invalid pixels keep their values; ``info.valid`` marks them.
+    Invalid pixels keep their values; ``info.valid`` marks them. ``src``: an already open rasterio
+    dataset of ``path`` to read from (window after window of one scene: GDAL's block cache then
+    keeps the tiles a window shares with the previous one, instead of decompressing them again).
     Raises DomainFMError (one line, naming the file) on unreadable files and on each case above.
     """
     import rasterio
@@ -194,8 +197,10 @@ def read_patch(path: str | Path, *, modality: str, s2_harmonize: str = "auto", s
     if s1_units not in S1_UNITS:
         raise DomainFMError(f"--s1-units {s1_units!r} is not one of {', '.join(S1_UNITS)}")
     sensor = sensor_of(modality)
+    import contextlib
+
     try:
-        with rasterio.open(path) as src:
+        with (contextlib.nullcontext(src) if src is not None else rasterio.open(path)) as src:
             raw = src.read(window=window)
             descriptions = src.descriptions
             scales = tuple(float(s) if s is not None else 1.0 for s in src.scales)

@@ -251,6 +251,21 @@ class ScenePlan:
     transform: Any
     mean: np.ndarray  # [C_data, 1, 1]
     std: np.ndarray
+    # one open dataset for all windows of the scene (GDAL's block cache keeps the tiles that
+    # neighbouring windows share; reopening decompressed them again), decoded by GDAL's threads
+    _src: Any = field(default=None, repr=False, compare=False)
+
+    def dataset(self):
+        if self._src is None:
+            import rasterio
+
+            self._src = rasterio.open(self.path, NUM_THREADS="ALL_CPUS")
+        return self._src
+
+    def close(self) -> None:
+        if self._src is not None:
+            self._src.close()
+            self._src = None
 
     def read_chunk(self, row: int, c0: int, c1: int, s: SceneEmbedSettings) -> tuple[np.ndarray, np.ndarray]:
         """Windows ``(row, c0..c1-1)``: normalised, model-band pixels [n, C_model, w, w] float32 and
@@ -266,7 +281,8 @@ class ScenePlan:
         span = (c1 - 1 - c0) * st + w
         h_in, w_in = min(w, g.height - y0), min(span, g.width - x0)
         image, names, info = read_patch(self.path, modality=self.modality, s2_harmonize=s.s2_harmonize,
-                                        s1_units=s.s1_units, window=Window(x0, y0, w_in, h_in))
+                                        s1_units=s.s1_units, window=Window(x0, y0, w_in, h_in),
+                                        src=self.dataset())
         if tuple(names) != self.plan.data_bands:
             raise DomainFMError(f"bands changed while reading ({', '.join(names)})", path=self.path)
         invalid = np.ones((w, span), dtype=bool)
@@ -754,7 +770,11 @@ def run_embedding(job: EmbedJob, log: Callable[[str], None] = lambda m: None) ->
     results = []
     with _progress_bar(s.progress) as progress, ThreadPoolExecutor(max_workers=1) as pool:
         for sp in job.scenes:
-            results.append(embed_scene(sp, s, encoder, dim_in=job.dim_in, pool=pool, progress=progress, log=log))
+            try:
+                results.append(embed_scene(sp, s, encoder, dim_in=job.dim_in, pool=pool, progress=progress,
+                                           log=log))
+            finally:
+                sp.close()
     return results
 
 
