@@ -567,6 +567,7 @@ def embed_scene(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, *,
             if progress is not None:
                 progress.advance(task, c1 - c0)
         flush()  # batches never span tile rows: a resumed run batches exactly as an uninterrupted one
+        sp.close()  # GDAL caches the blocks of an open dataset: closing once per tile row bounds that memory
         with rasterio.open(paths["partial"], "r+") as dst:
             dst.write(np.moveaxis(buf, -1, 0), window=Window(0, r0 * g.k, out_w, buf.shape[0]))
         _write_json(paths["progress"], {"fingerprint": fp, "tile_rows_done": t + 1, "tile_rows": g.tile_rows})
