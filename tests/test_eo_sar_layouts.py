@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -226,6 +227,8 @@ def test_pretrain_and_evaluate_every_layout(roots, tmp_path, monkeypatch):
         assert "recognised as layout" in r.output
         pre = json.loads(out.read_text())
         assert pre["global_step"] == 2 and math.isfinite(pre["loss/total"])
+        # the rank-0 -> worker hand-off is not left behind for the next job of this process
+        assert "DOMAINFM_RUN_ID" not in os.environ and "DOMAINFM_CKPT_DIR" not in os.environ
         out = tmp_path / f"{key}_eval.json"
         r = runner.invoke(main, ["evaluate", "--plugin", "eo-sar", "--data", str(roots[key]), "--modality", modality,
                                  "--model", f"models:/{name}@candidate", "--batch-size", "8", "--knn-k", "3",

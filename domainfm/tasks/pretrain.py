@@ -234,12 +234,22 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (run_dir(cfg) / RUN_POINTER).write_text(json.dumps({"mlflow_run_id": run_id,
                                                             "checkpoint_dir": str(ckpt_dir.resolve())}))
-        os.environ["DOMAINFM_RUN_ID"] = run_id
-        os.environ["DOMAINFM_CKPT_DIR"] = str(ckpt_dir)
-        trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, run_id=run_id, fsdp_wrap=FSDP_UNITS)
-        t0 = time.perf_counter()
-        trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-        elapsed = time.perf_counter() - t0
+        # set only while the workers start: a process that runs a second job (a notebook, a test
+        # session) must not hand that job this run's id
+        handoff = {"DOMAINFM_RUN_ID": run_id, "DOMAINFM_CKPT_DIR": str(ckpt_dir)}
+        saved = {k: os.environ.get(k) for k in handoff}
+        os.environ.update(handoff)
+        try:
+            trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, run_id=run_id, fsdp_wrap=FSDP_UNITS)
+            t0 = time.perf_counter()
+            trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+            elapsed = time.perf_counter() - t0
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         if not trainer.is_global_zero:  # pragma: no cover - guarded above
             return None
         # the EMA teacher is the encoder we ship (DINO/SoftCon practice)
