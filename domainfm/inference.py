@@ -242,3 +242,35 @@ def apply_token_merging(model, r: int, *, prop_attn: bool = True) -> TokenMergin
         vit.pool = pool
         handle._undo.append(lambda: vit.__dict__.pop("pool", None))
     return handle
+
+
+# ---------------------------------------------------------------- device and precision
+
+def resolve_device(accelerator: str):
+    """``torch.device`` for ``--accelerator`` (auto|cpu|gpu|cuda): CUDA when asked for or, with
+    ``auto``, when one is visible. Raises DomainFMError when a GPU is asked for and none is visible."""
+    import torch
+
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise DomainFMError("--accelerator gpu but no CUDA device is visible", fix="use --accelerator cpu")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device) -> Any:
+    """The autocast dtype of a Lightning ``--precision`` string for frozen-feature inference:
+    bfloat16 for ``bf16*``, float16 for ``16*`` (CUDA only), None (no autocast) for ``32*``/``64*``.
+    Raises DomainFMError for 16-bit on CPU and for unknown strings."""
+    import torch
+
+    p = str(precision)
+    if p.startswith("bf16"):
+        return torch.bfloat16
+    if p.startswith("16"):
+        if device.type != "cuda":
+            raise DomainFMError("--precision 16-mixed needs a GPU", fix="use bf16-mixed or 32-true on CPU")
+        return torch.float16
+    if p.startswith("32") or p.startswith("64"):
+        return None
+    raise DomainFMError(f"unknown --precision {precision!r}", fix="use 32-true, bf16-mixed or 16-mixed")

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from domainfm.errors import DomainFMError
+from domainfm.inference import autocast_dtype, resolve_device  # noqa: F401  (re-exported for callers)
 
 TILE_ROWS = 16  # GeoTIFF tile height (and the unit of progress)
 NODATA = float("nan")
@@ -177,29 +178,6 @@ def check_geometry(path: Path, height: int, width: int, window: int, stride: int
 
 # ---------------------------------------------------------------- device, precision
 
-def resolve_device(accelerator: str):
-    import torch
-
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise DomainFMError("--accelerator gpu but no CUDA device is visible", fix="use --accelerator cpu")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def autocast_dtype(precision: str, device) -> Any:
-    import torch
-
-    p = str(precision)
-    if p.startswith("bf16"):
-        return torch.bfloat16
-    if p.startswith("16"):
-        if device.type != "cuda":
-            raise DomainFMError("--precision 16-mixed needs a GPU", fix="use bf16-mixed or 32-true on CPU")
-        return torch.float16
-    if p.startswith("32"):
-        return None
-    raise DomainFMError(f"unknown --precision {precision!r}", fix="use 32-true, bf16-mixed or 16-mixed")
 
 
 class WindowEncoder:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from domainfm.errors import DomainFMError
+from domainfm.inference import autocast_dtype, resolve_device  # noqa: F401  (re-exported for callers)
 from plugins.histo import slides as slides_mod
 from plugins.histo import tiling
 
@@ -87,29 +88,6 @@ def build_encoder(s: EmbedSettings):
     return backbone.eval().requires_grad_(False)
 
 
-def resolve_device(accelerator: str):
-    import torch
-
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise DomainFMError("--accelerator gpu but no CUDA device is visible", fix="use --accelerator cpu")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def autocast_dtype(precision: str, device) -> Any:
-    import torch
-
-    p = str(precision)
-    if p.startswith("bf16"):
-        return torch.bfloat16
-    if p.startswith("16"):
-        if device.type != "cuda":
-            raise DomainFMError("--precision 16-mixed needs a GPU", fix="use bf16-mixed or 32-true on CPU")
-        return torch.float16
-    if p.startswith("32") or p.startswith("64"):
-        return None
-    raise DomainFMError(f"unknown --precision {precision!r}", fix="use 32-true, bf16-mixed or 16-mixed")
 
 
 class TileEncoder:
