@@ -279,11 +279,16 @@ def log_raw_pixels_model(safetensors_path: str | Path, spec, size: int, *, artif
 
     import mlflow
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+    from mlflow.types.schema import Array
 
-    # any batch and patch size: the model resizes to its input size itself
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1), name=b) for b in spec.bands]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
+    # one OPTIONAL column per band, each an [N, H, W] array (any batch and patch size: the model
+    # resizes to its input size itself), so that a band the input lacks (B10 of L2A data) passes
+    # MLflow's schema check and is filled with its mean by the model. TensorSpec cannot be
+    # optional (mlflow 3.x: TensorSpec.required is always True), a ColSpec can (required=False).
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(Array(Array(Array(DataType.double))), name=b, required=False) for b in spec.bands]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*type hint.*")
         info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(Path(raw_pixels_model.__file__)),

@@ -151,3 +151,28 @@ def test_statistics_travel_from_pretraining_to_evaluate_and_the_registered_pyfun
     # band names, not positions: the same bands handed over in another order
     shuffled = {b: raw[i][None] for i, b in reversed(list(enumerate(S2_L1C_BANDS)))}
     np.testing.assert_allclose(model.predict(shuffled), expected, rtol=1e-4, atol=1e-5)
+
+    # a band the model expects and the input lacks (L2A: no B10) passes MLflow's schema check (the
+    # band columns are optional) and is filled with its mean: the embedding of B10 set to the mean
+    schema = model.metadata.get_input_schema()
+    assert not any(c.required for c in schema.inputs)
+    b10 = S2_L1C_BANDS.index("B10")
+    without_b10 = {b: raw[i][None] for i, b in enumerate(S2_L1C_BANDS) if b != "B10"}
+    at_mean = raw.copy()
+    at_mean[b10] = np.float32(backbone.input_spec.mean[b10])
+    got = model.predict(without_b10)
+    np.testing.assert_allclose(got, model.predict({b: at_mean[i][None] for i, b in enumerate(S2_L1C_BANDS)}),
+                               rtol=1e-5, atol=1e-6)
+    # ... and independently: normalise with the recorded statistics, B10 = 0, resize, embed
+    import torch.nn.functional as F
+
+    x = (raw.astype(np.float64) - np.array(backbone.input_spec.mean)[:, None, None]) / np.array(backbone.input_spec.std)[:, None, None]
+    x[b10] = 0.0
+    t = F.interpolate(torch.from_numpy(x.astype(np.float32))[None], size=(backbone.img_size,) * 2, mode="bilinear",
+                      align_corners=False, antialias=backbone.img_size < raw.shape[-1])
+    with torch.no_grad():
+        np.testing.assert_allclose(got, backbone.eval()(t).float().numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got, expected, rtol=1e-4, atol=1e-5)  # B10 at its mean is not the real B10
+    # an input with none of the model's bands is one clear error
+    with pytest.raises(Exception, match=r"the input has none of the model bands \(B1, B2, B3"):
+        model.predict({"VV": raw[0][None], "VH": raw[1][None]})

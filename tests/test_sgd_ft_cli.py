@@ -213,6 +213,35 @@ def test_multilabel_on_the_eo_sar_layout_reports_map(tmp_path, mlflow_store):
     assert _mlflow_client().get_run(m["mlflow_run_id"]).data.metrics["mAP"] == pytest.approx(m["mAP"])
 
 
+@pytest.mark.timeout(600)
+def test_multilabel_on_bigearthnet_uses_its_official_splits_and_the_backbones_bands(tmp_path, mlflow_store):
+    """--layout bigearthnet: the archive's own train/val/test CSVs decide the splits, its 12 L2A
+    band files are aligned by name to a 13-band Sentinel-2 export (B10 filled) and normalised with
+    the export's statistics; the run reports macro mAP on val and test."""
+    from conftest import load_make_data
+    from plugins.eo_sar.bands import S2_L2A_BANDS
+
+    root = tmp_path / "ben"
+    rows = load_make_data("bigearthnet").write_dataset(root, splits={"train": 6, "val": 3, "test": 4})
+    official = {s: (root / f"bigearthnet-{s}.csv").read_text().splitlines() for s in ("train", "val", "test")}
+    assert {s: len(v) for s, v in official.items()} == {s: len(rows[s]) for s in rows} == {"train": 6, "val": 3, "test": 4}
+    init = _s2_backbone(tmp_path, named=True)
+    out = tmp_path / "m.json"
+    res = _invoke(["finetune", "--plugin", "sgd-ft", "--task", "multilabel", "--data", str(root), "--layout", "bigearthnet",
+                   "--modality", "s2-l2a", "--backbone", str(init), *TINY, "--max-steps", "3", "--no-measure-memory",
+                   "--json", str(out)])
+    m = json.loads(out.read_text())
+    assert (m["n_train"], m["n_val"], m["n_test"]) == tuple(len(official[s]) for s in ("train", "val", "test"))
+    assert 0.0 < m["mAP"] <= 1.0 and 0.0 < m["val_mAP"] <= 1.0 and m["steps"] == 3
+    # the data's band names and the backbone's statistics, said on stderr
+    assert f"the data's {', '.join(S2_L2A_BANDS)} are aligned by name" in res.stderr
+    assert "filled with the band mean: B10" in res.stderr
+    assert f"normalising the eo-sar patches with the backbone's own statistics (metadata of {init})" in res.stderr
+    run = _mlflow_client().get_run(m["mlflow_run_id"])
+    assert run.data.tags["sgd_ft.data_bands"] == ",".join(S2_L2A_BANDS) and run.data.tags["sgd_ft.in_chans"] == "13"
+    assert run.data.metrics["mAP"] == pytest.approx(m["mAP"])
+
+
 def _broken_empty_class(root: Path) -> str:
     (root / "train" / "desert").mkdir()
     return "train/desert: class folder holds no images"

@@ -259,6 +259,13 @@ class LayoutPatches(Dataset):
         self._mean = torch.tensor(self.stats.mean, dtype=torch.float32)[:, None, None]
         self._std = torch.tensor(self.stats.std, dtype=torch.float32)[:, None, None]
 
+    def use_stats(self, stats) -> None:
+        """Normalise with ``stats`` (a BandStats in :attr:`bands` order, model units) from now on,
+        e.g. a backbone's recorded statistics (sgd-ft fine-tuning on a standard layout)."""
+        self.stats = stats
+        self._mean = torch.tensor(stats.mean, dtype=torch.float32)[:, None, None]
+        self._std = torch.tensor(stats.std, dtype=torch.float32)[:, None, None]
+
     # -- subclass hooks --------------------------------------------------------------------------
 
     def _index(self) -> list[Record]:  # pragma: no cover - abstract

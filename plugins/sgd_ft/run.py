@@ -416,4 +416,7 @@ def finetune(cfg) -> dict[str, Any]:
         metrics["registered_model_uri"] = tracking.log_backbone(model.backbone, register=cfg.register,
                                                                 alias=cfg.alias)
     metrics["weights"] = str(out)
+    # how many samples each split held (a standard layout's official splits, or the seeded 60/20/20)
+    metrics.update({f"n_{s}": len(getattr(dm, f"{s}_set")) for s in ("train", "val", "test")
+                    if getattr(dm, f"{s}_set", None) is not None})
     return metrics
