@@ -160,8 +160,8 @@ def check_token_merging(model, r: int, *, where: str = "the model") -> int:
         depth = len(vit.blocks)
         raise DomainFMError(f"--tome-r {r} is too large for {where}: it has {n} patch tokens, and a block can "
                             f"merge at most half of them ({n // 2})",
-                            fix=f"pass --tome-r {n // 2} or less ({n // (depth + 1)} or less merges r tokens in every "
-                                f"one of its {depth} blocks)")
+                            fix=f"pass --tome-r {n // 2} or less (up to {n // (depth + 1)}, every one of its {depth} "
+                                f"blocks merges the full r tokens; above that, later blocks merge fewer)")
     return n
 
 

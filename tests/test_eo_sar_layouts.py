@@ -253,3 +253,16 @@ def test_pretrain_and_evaluate_every_layout(roots, tmp_path, monkeypatch):
     arts = {a.path for a in client.list_artifacts(ev["mlflow_run_id"], "plots")}
     assert "plots/confusion_matrix.png" in arts
     (tmp_path / "layout_metrics.json").write_text(json.dumps(results, indent=1))
+
+
+@pytest.mark.timeout(300)
+def test_a_dataset_layout_without_data_is_refused_before_any_run(tmp_path):
+    # found by trying it: `--layout bigearthnet` with no --data silently evaluated the embedded sample
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    r = run_cli(["evaluate", "--plugin", "eo-sar", "--model", str(tmp_path / "unused.safetensors"),
+                 "--layout", "bigearthnet"], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: --layout bigearthnet names a downloaded dataset, but no --data was given. Fix: pass --data ROOT "
+        "(the bigearthnet download), or drop --layout to use the embedded sample."]
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any MLflow run opened

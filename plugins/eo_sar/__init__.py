@@ -93,10 +93,25 @@ class EOSARPlugin(Plugin):
 
     # -- data -------------------------------------------------------------------------------------
 
+    def check(self, cfg) -> None:
+        """Before any MLflow run: a dataset --layout without --data is a mistake, not the sample."""
+        if not cfg.data:
+            self._require_data_for_layout(cfg)
+
+    @staticmethod
+    def _require_data_for_layout(cfg) -> None:
+        layout = getattr(cfg, "layout", "auto") or "auto"
+        if layout not in ("auto", "domainfm"):
+            from domainfm.errors import DomainFMError
+
+            raise DomainFMError(f"--layout {layout} names a downloaded dataset, but no --data was given",
+                                fix=f"pass --data ROOT (the {layout} download), or drop --layout to use the embedded sample")
+
     def data_root(self, cfg) -> Path:
         """``--data``, or the embedded sample (generated on first use) with a line saying so."""
         if cfg.data:
             return Path(cfg.data)
+        self._require_data_for_layout(cfg)
         import click
 
         from plugins.eo_sar.sample import SAMPLE_PATCHES, ensure_sample
