@@ -16,6 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from domainfm.errors import DomainFMError
+
 from conftest import load_make_data, run_cli
 from plugins.eo_sar.layouts import LAYOUTS, detect_layout, open_layout, resolve_layout
 
@@ -51,7 +53,9 @@ def test_auto_detection_names_each_layout(roots, tmp_path):
         assert detect_layout(roots[key]) == layout
         chosen, line = resolve_layout(roots[key], "auto")
         assert chosen == layout and f"recognised as layout {layout}" in line
-    assert resolve_layout(roots["ben"], "eurosat") == ("eurosat", None)  # explicit wins, nothing said
+    assert resolve_layout(roots["ben"], "bigearthnet") == ("bigearthnet", None)  # explicit: nothing said
+    with pytest.raises(DomainFMError, match="not in layout eurosat"):  # but a folder of another dataset is named
+        resolve_layout(roots["ben"], "eurosat")
     # the domainfm layout: s2/ holding GeoTIFFs
     make = load_make_data("eo_sar")
     own = make.write_dataset(tmp_path / "own", n_patches=2, modalities=("s2",))
@@ -266,3 +270,13 @@ def test_a_dataset_layout_without_data_is_refused_before_any_run(tmp_path):
         "error: --layout bigearthnet names a downloaded dataset, but no --data was given. Fix: pass --data ROOT "
         "(the bigearthnet download), or drop --layout to use the embedded sample."]
     assert not (tmp_path / "mlflow.db").exists()  # refused before any MLflow run opened
+
+
+@pytest.mark.timeout(300)
+def test_a_folder_of_another_layout_is_named_as_such(roots):
+    # found by trying it: the domainfm sample with --layout bigearthnet was told to change --modality
+    r = run_cli(["eo-sar", "check", "--data", str(roots["eurosat"]), "--layout", "bigearthnet", "--modality", "s2-l2a"])
+    assert r.returncode == 2, r.stderr
+    line = _one_line_error(r.stderr, str(roots["eurosat"]))
+    assert "the folder is not in layout bigearthnet (it looks like eurosat;" in line
+    assert line.endswith("Fix: pass --layout eurosat.")

@@ -107,9 +107,17 @@ def resolve_layout(root: str | Path, layout: str = "auto") -> tuple[str, str | N
     the domainfm layout's own checks (their errors say what is missing there)."""
     if layout not in LAYOUTS:
         raise DomainFMError(f"unknown layout {layout!r}", fix=f"use --layout {'|'.join(LAYOUTS)}")
-    if layout != "auto":
-        return layout, None
     root = Path(root)
+    if layout != "auto":
+        # a folder of another dataset must not be blamed on its modality or missing files
+        if layout != "domainfm" and root.is_dir() and any(root.iterdir()):
+            found = layout_signatures(root)
+            if layout not in found:
+                looks = f"it looks like {' and '.join(found)}" if found else "it holds none of its folders or files"
+                raise DomainFMError(f"the folder is not in layout {layout} ({looks}; {layout} expects {EXPECTS[layout]})",
+                                    path=root, fix=f"pass --layout {found[0]}" if len(found) == 1 else
+                                    "point --data at the dataset's root folder, or pass --layout auto")
+        return layout, None
     if not root.is_dir() or not any(root.iterdir()) or (
             not layout_signatures(root) and any((root / m).is_dir() for m in ("s2", "s1"))):
         return "domainfm", None
