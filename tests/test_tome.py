@@ -218,6 +218,12 @@ def test_eo_sar_evaluate_refuses_tome_on_a_cnn(tmp_path, mlflow_store):
     assert err == ["error: token merging needs a ViT, and the model is not one (ResNet). "
                    "Fix: drop --tome-r, or use a ViT backbone (DINOv2, CLIP)."]
     assert "Traceback" not in r.stderr
+    db = tmp_path / "mlflow.db"  # refused in the plugin's check, before any MLflow run was opened
+    if db.exists():
+        import sqlite3
+
+        with sqlite3.connect(db) as con:
+            assert con.execute("select count(*) from runs").fetchone()[0] == 0
 
 
 def test_histo_embed_with_tome_writes_merged_features(plain_slide, tmp_path):

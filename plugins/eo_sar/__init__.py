@@ -97,6 +97,12 @@ class EOSARPlugin(Plugin):
         """Before any MLflow run: a dataset --layout without --data is a mistake, not the sample."""
         if not cfg.data:
             self._require_data_for_layout(cfg)
+        if getattr(cfg, "tome_r", 0) and cfg.command == "evaluate" and cfg.model:
+            # a --tome-r the model cannot take is refused before a run is opened, not inside it
+            from domainfm.backbones import load_backbone
+            from domainfm.inference import check_token_merging
+
+            check_token_merging(load_backbone(cfg.model, cfg=cfg), int(cfg.tome_r), where="the model")
 
     @staticmethod
     def _require_data_for_layout(cfg) -> None:
