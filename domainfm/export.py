@@ -55,16 +55,21 @@ def require_onnx() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
+def _as_list(value: Any) -> Any:
+    """A metadata value as a sequence: JSON text, or comma/semicolon-separated text, as it is."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return [v for v in value.replace(";", ",").split(",") if v.strip()]
+    return value
+
+
 def _floats(value: Any) -> list[float] | None:
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            value = [v for v in value.replace(";", ",").split(",") if v.strip()]
     try:
-        return [float(v) for v in value]
+        return [float(v) for v in _as_list(value)]
     except (TypeError, ValueError):
         return None
 
@@ -72,11 +77,7 @@ def _floats(value: Any) -> list[float] | None:
 def _names(value: Any) -> list[str] | None:
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            value = value.replace(";", ",").split(",")
+    value = _as_list(value)
     if isinstance(value, str):
         value = [value]
     out = [str(v).strip() for v in value if str(v).strip()]

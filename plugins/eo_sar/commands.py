@@ -43,13 +43,30 @@ def _layout_dataset(data: str | None, modality: str, label_threshold: float, lay
     return dataset_for(cfg, Path(data), purpose="check", echo=lambda m: click.echo(m, err=True))[0]
 
 
+def _print_summary_tables(console, class_names, known_labels, bands, stats) -> None:
+    """``eo-sar check``'s two tables: labelled patches per class, and per-band mean/std."""
+    from rich.table import Table
+
+    table = Table(title="patches per class")
+    table.add_column("class")
+    table.add_column("patches", justify="right")
+    for k, name in enumerate(class_names):
+        table.add_row(name, str(sum(int(lab[k]) for lab in known_labels)))
+    console.print(table)
+    band_table = Table(title="band statistics")
+    for col in ("band", "mean", "std"):
+        band_table.add_column(col, justify="right")
+    for name, m, s in zip(bands, stats.mean, stats.std):
+        band_table.add_row(name, f"{m:.2f}", f"{s:.2f}")
+    console.print(band_table)
+
+
 def _check_layout(ds) -> None:
     """``eo-sar check`` on a standard dataset: patches per split, sizes, CRSs, labels per class,
     band statistics (opens every band file)."""
     from collections import Counter
 
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=max(110, Console().width))
     headers = ds.headers()
@@ -60,18 +77,7 @@ def _check_layout(ds) -> None:
     known = [lab for lab in labelled if lab is not None]
     click.echo(f"{ds.root}: layout {ds.layout}, {len(ds)} {ds.modality} patches ({', '.join(f'{k} {v}' for k, v in splits.items())}), "
                f"{len(ds.bands)} bands {','.join(ds.bands)}, sizes {dict(sizes)}, CRS {dict(crss)}, {len(known)} with labels")
-    table = Table(title="patches per class")
-    table.add_column("class")
-    table.add_column("patches", justify="right")
-    for k, name in enumerate(ds.class_names):
-        table.add_row(name, str(sum(int(lab[k]) for lab in known)))
-    console.print(table)
-    bands = Table(title="band statistics")
-    for col in ("band", "mean", "std"):
-        bands.add_column(col, justify="right")
-    for name, m, s in zip(ds.bands, ds.stats.mean, ds.stats.std):
-        bands.add_row(name, f"{m:.2f}", f"{s:.2f}")
-    console.print(bands)
+    _print_summary_tables(console, ds.class_names, known, ds.bands, ds.stats)
     infos = [ds.read_raw(r, 0)[2] for r in ds.records]
     option = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in ds.radiometry.items())
     click.echo(f"radiometry of {ds.root} ({len(infos)} patches, {option}):")
@@ -118,7 +124,6 @@ def check_command(data: str | None, modality: str, label_threshold: float, s2_ha
         from collections import Counter
 
         from rich.console import Console
-        from rich.table import Table
 
         layout_ds = _layout_dataset(data, modality, label_threshold, {**layout_kw, "s2_harmonize": s2_harmonize,
                                                                        "s1_units": s1_units})
@@ -132,18 +137,7 @@ def check_command(data: str | None, modality: str, label_threshold: float, s2_ha
         known = [lab for lab in labelled if lab is not None]
         click.echo(f"{ds.root}: {len(ds)} {modality} patches, sizes {dict(sizes)}, CRS {dict(crss)}, "
                    f"{len(known)} with labels")
-        table = Table(title="patches per class")
-        table.add_column("class")
-        table.add_column("patches", justify="right")
-        for k, name in enumerate(CLASS_NAMES):
-            table.add_row(name, str(sum(int(lab[k]) for lab in known)))
-        console.print(table)
-        bands = Table(title="band statistics")
-        for col in ("band", "mean", "std"):
-            bands.add_column(col, justify="right")
-        for name, m, s in zip(ds.bands, ds.stats.mean, ds.stats.std):
-            bands.add_row(name, f"{m:.2f}", f"{s:.2f}")
-        console.print(bands)
+        _print_summary_tables(console, CLASS_NAMES, known, ds.bands, ds.stats)
         from plugins.eo_sar.radiometry import radiometry_summary
 
         for line in radiometry_summary([f.path for f in ds.files], modality=modality, s2_harmonize=s2_harmonize,
