@@ -1,4 +1,9 @@
-"""Frozen-feature inference helpers: token merging for timm ViTs.
+"""Frozen-feature inference: device and precision, feature extraction (+ flip TTA), token merging.
+
+:func:`extract_features` is the one loop that turns a dataset of images into a feature matrix for
+every frozen-feature job (probes, retrieval, embeddings): device from :func:`resolve_device`,
+autocast from :func:`autocast_dtype`, optional horizontal-flip test-time augmentation and optional
+token merging (below).
 
 Token Merging (ToMe; Bolya, Fu, Dai, Zhang, Feichtenhofer & Hoffman, "Token Merging: Your ViT But
 Faster", ICLR 2023): between the attention and the MLP of every block, the ``r`` most similar
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from domainfm.errors import DomainFMError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
     from torch import nn
 
@@ -274,3 +280,89 @@ def autocast_dtype(precision: str, device) -> Any:
     if p.startswith("32") or p.startswith("64"):
         return None
     raise DomainFMError(f"unknown --precision {precision!r}", fix="use 32-true, bf16-mixed or 16-mixed")
+
+
+# ---------------------------------------------------------------- frozen-feature extraction
+
+def _stack_key(samples, key: str = "image"):
+    """Collate only ``sample[key]`` of dict samples (or the samples themselves when they are
+    tensors): strings, tuples of band names and the like never reach ``default_collate``. A
+    module-level function, so it pickles for spawned workers (with ``functools.partial``)."""
+    import torch
+
+    return torch.stack([s[key] if isinstance(s, dict) else s for s in samples])
+
+
+def extract_features(backbone, data, *, device="cpu", precision: str = "32-true", image_key: str = "image",
+                     flip_tta: bool = False, tome_r: int = 0, batch_size: int = 64, num_workers: int = 0,
+                     progress: str | None = "extracting features") -> "np.ndarray":
+    """Pooled features ``float32 [N, D]`` of every image of ``data``, in order, under
+    ``torch.inference_mode`` with the backbone in eval mode (its train/eval state is restored after).
+
+    - ``backbone``: a module mapping ``float [B, C, H, W]`` to ``[B, D]`` (a domainfm ``Backbone``).
+    - ``data``: a ``DataLoader`` (used as is; its batches are dicts holding ``image_key`` or image
+      tensors), or a ``Dataset`` of such samples, read in order by a DataLoader of ``batch_size``
+      with ``num_workers`` workers (:func:`domainfm.data.loader_kwargs`) that collates only the images.
+    - ``device``: a ``torch.device`` or a name ("cpu", "cuda"); use :func:`resolve_device` for an
+      ``--accelerator`` value. ``precision``: a Lightning ``--precision`` string, through
+      :func:`autocast_dtype` (features are returned in float32 whatever the autocast dtype).
+    - ``flip_tta``: the feature of an image is the mean of the features of the image and of its
+      horizontal mirror (flip of the last axis, W).
+    - ``tome_r``: token merging (:func:`apply_token_merging`) with ``r`` tokens per block, applied
+      for this call only and removed after it (0: none).
+    - ``progress``: the description of a transient rich progress bar on stderr (shown only when
+      stderr is a terminal); None: no bar.
+
+    Raises DomainFMError when a feature is NaN or infinite (a diverged model), and those of
+    :func:`autocast_dtype` / :func:`apply_token_merging` for a bad precision or ``tome_r``.
+    """
+    import contextlib
+    import functools
+    import sys
+
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from domainfm.data import loader_kwargs
+
+    device = torch.device(device)
+    dtype = autocast_dtype(precision, device)
+    if isinstance(data, DataLoader):
+        loader = data
+    else:
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False,
+                            collate_fn=functools.partial(_stack_key, key=image_key),
+                            **loader_kwargs(num_workers))  # never fork a threaded process
+    was_training = backbone.training
+    backbone = backbone.to(device).eval()
+    show = progress is not None and sys.stderr.isatty()
+    out = []
+    try:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        with contextlib.ExitStack() as stack:
+            if tome_r:
+                stack.enter_context(apply_token_merging(backbone, tome_r))  # removed on leaving
+            stack.enter_context(torch.inference_mode())
+            bar = stack.enter_context(Progress(transient=True, disable=not show, console=Console(stderr=True)))
+            task = bar.add_task(progress or "", total=len(loader))
+            for batch in loader:
+                x = batch[image_key] if isinstance(batch, dict) else batch
+                x = x.to(device, non_blocking=True)
+                autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+                with autocast:
+                    f = backbone(x).float()
+                    if flip_tta:
+                        f = (f + backbone(torch.flip(x, dims=[-1])).float()) / 2
+                out.append(f.cpu())
+                bar.advance(task)
+    finally:
+        backbone.train(was_training)
+    if not out:
+        return np.zeros((0, int(getattr(backbone, "embed_dim", 0))), dtype=np.float32)
+    feats = torch.cat(out).numpy()
+    if not np.isfinite(feats).all():
+        raise DomainFMError("the model produced NaN or infinite features", fix="check the weights (a diverged run?)")
+    return feats
