@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     import rasterio
     import torch
 
-    from plugins.eo_sar.datasets import EOSARPatches, _tiffs, read_header, read_image
+    from plugins.eo_sar.band_stats import read_image
+    from plugins.eo_sar.datasets import EOSARPatches
+    from plugins.eo_sar.files import read_header, tiff_files
 
     torch.set_num_threads(1)
     from plugins.eo_sar.synthetic import write_sample
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="eo_sar_bench_"))
     try:
         root = write_sample(tmp / "root", n_patches=args.patches)
-        files = _tiffs(root / "s2")
+        files = tiff_files(root / "s2")
         print(f"{len(files)} Sentinel-2 patches (64 and 48 px, 13 bands) in {root}")
 
         def header_only():

@@ -1,4 +1,6 @@
-"""Data shared by every plugin: the one CSV reader, the one image reader, DataLoader workers.
+"""Data shared by every plugin: the one CSV reader, the one image reader, DataLoader workers, and
+:class:`DictBatchDataModule`, the base of the plugins' datamodules (built on first access, so this
+module imports no lightning until a datamodule is wanted).
 
 Every CSV the product reads (labels, tile labels, lists) goes through :func:`read_csv_rows`, and
 every plain image (PNG, JPEG, TIFF...) through :func:`read_image`, so that a file saved by a
@@ -361,3 +363,88 @@ def loader_kwargs(num_workers: int, *, persistent: bool = False, prefetch_factor
     if timeout:
         kwargs["timeout"] = float(timeout)
     return kwargs
+
+
+# ------------------------------------------------------------------------- dict-batch datamodule
+
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
+def _datamodule_base():
+    """Build :class:`DictBatchDataModule` on first use: it subclasses Lightning's
+    ``LightningDataModule``, and importing lightning here at module level would slow down every
+    light import of this module (the CLI's ``--help``, the CSV and image readers)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    class DictBatchDataModule(L.LightningDataModule):
+        """Base of the plugins' datamodules, in the manner of torchgeo's ``NonGeoDataModule``:
+        datasets yield dict samples, :meth:`setup` builds the datasets a stage needs, and one
+        dataloader factory makes every loader.
+
+        A subclass sets ``splits`` (the splits it has, default ``("train",)``) and implements
+        ``build_dataset(split) -> Dataset``. ``setup(stage)`` builds each split of the stage
+        (``fit``: train and val; ``validate``: val; ``test``; ``predict``) that is in ``splits``,
+        once: it is idempotent, so a caller may run it before handing the module to a Trainer to
+        surface every data error before a model is built; ``self.datasets[split]`` then holds it.
+
+        :meth:`train_dataloader` is defined here; a subclass with more splits exposes them with one
+        line each (``def val_dataloader(self): return self.dataloader("val")``) — Lightning runs
+        a validation loop whenever ``val_dataloader`` is defined, so the base does not define it.
+
+        :meth:`dataloader` (the factory): ``batch_size``; shuffled for ``train`` only;
+        ``drop_last_train`` drops the last partial training batch unless the whole training set
+        is smaller than one batch (contrastive losses want full batches); ``collate_fn`` (None:
+        torch's default collate of the dicts); workers from :func:`loader_kwargs` (never a fork
+        of a threaded process; ``persistent_workers`` kept between epochs).
+        """
+
+        splits: tuple[str, ...] = ("train",)
+
+        def __init__(self, *, batch_size: int = 32, num_workers: int = 0, collate_fn=None,
+                     drop_last_train: bool = False, persistent_workers: bool = True) -> None:
+            super().__init__()
+            self.batch_size = int(batch_size)
+            self.num_workers = int(num_workers)
+            self.collate_fn = collate_fn
+            self.drop_last_train = bool(drop_last_train)
+            self.persistent_workers = bool(persistent_workers)
+            self.datasets: dict[str, Any] = {}
+
+        def build_dataset(self, split: str):
+            """The dataset of ``split`` (one of ``self.splits``); implemented by each subclass."""
+            raise NotImplementedError(f"{type(self).__name__}.build_dataset")
+
+        def setup(self, stage: str | None = None) -> None:
+            for split in _STAGE_SPLITS.get(stage or "fit", ()):
+                if split in self.splits and split not in self.datasets:
+                    self.datasets[split] = self.build_dataset(split)
+
+        def dataloader(self, split: str) -> DataLoader:
+            """The one dataloader factory (see the class doc)."""
+            if split not in self.splits:
+                raise ValueError(f"{type(self).__name__} has no {split!r} split (it has {', '.join(self.splits)})")
+            if split not in self.datasets:
+                self.setup({"train": "fit", "val": "validate"}.get(split, split))
+            dataset = self.datasets[split]
+            train = split == "train"
+            drop_last = train and self.drop_last_train and len(dataset) > self.batch_size
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=drop_last,
+                              collate_fn=self.collate_fn,
+                              **loader_kwargs(self.num_workers, persistent=self.persistent_workers))
+
+        def train_dataloader(self) -> DataLoader:
+            return self.dataloader("train")
+
+    DictBatchDataModule.__module__ = __name__
+    DictBatchDataModule.__qualname__ = "DictBatchDataModule"  # pickles by reference, via __getattr__
+    return DictBatchDataModule
+
+
+def __getattr__(name: str):
+    # DictBatchDataModule is built (lightning imported) only when someone asks for it
+    if name == "DictBatchDataModule":
+        cls = _datamodule_base()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

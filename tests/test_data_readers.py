@@ -73,7 +73,7 @@ def test_every_csv_the_product_reads_takes_the_excel_export(tmp_path):
     """The readers of histo labels, --slide-mpp, tile labels and eo-sar labels all go through the
     core reader: the same Excel file gives the values written."""
     from plugins.eo_sar.bands import CLASS_NAMES
-    from plugins.eo_sar.datasets import read_labels_csv
+    from plugins.eo_sar.labels import read_labels_csv
     from plugins.histo.cohort import read_labels
     from plugins.histo.pretrain import read_tile_labels
     from plugins.histo.slides import read_mpp_csv

@@ -13,7 +13,9 @@ import rasterio
 import torch
 
 from plugins.eo_sar.bands import CLASS_NAMES, S2_BANDS
-from plugins.eo_sar.datasets import EOSARPatches, landcover_fractions, percentile_stretch
+from plugins.eo_sar.datasets import EOSARPatches
+from plugins.eo_sar.labels import landcover_fractions
+from plugins.eo_sar.plots import percentile_stretch
 from plugins.eo_sar.transforms import TwoViews, crop_box, random_flip_rotate, random_resized_crop, resize
 
 _spec = importlib.util.spec_from_file_location("eo_sar_make_data", Path(__file__).parent / "data" / "eo_sar" / "make_data.py")
@@ -290,3 +292,27 @@ def test_plot_s2_true_colour_and_s1_false_colour(eo_root, tmp_path):
     assert "predicted: water" in fig.axes[0].get_title()
     fig.savefig(tmp_path / "s1.png")
     assert (tmp_path / "s1.png").stat().st_size > 1000
+
+
+def test_percentile_stretch_by_hand_ignores_invalid_pixels():
+    """torchgeo's percentile_normalization per band over the valid pixels only: the nodata fill
+    (-9999) must not move the 2 % point, and invalid pixels are black."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(100.0, 3000.0, size=(3, 20, 20))
+    valid = np.ones((20, 20), bool)
+    valid[:4] = False
+    image[:, ~valid] = -9999.0
+    got = percentile_stretch(image, valid)
+    for b in range(3):
+        values = np.sort(image[b][valid])
+        # numpy's default (linear) percentile, by hand: position p/100 * (n - 1) between order statistics
+        def pct(p):
+            pos = p / 100 * (len(values) - 1)
+            lo = int(np.floor(pos))
+            return values[lo] + (pos - lo) * (values[min(lo + 1, len(values) - 1)] - values[lo])
+        lo, hi = pct(2.0), pct(98.0)
+        expected = np.clip((image[b] - lo) / (hi - lo), 0.0, 1.0)
+        np.testing.assert_allclose(got[b][valid], expected[valid], atol=1e-5)
+    assert (got[:, ~valid] == 0).all() and got.dtype == np.float32
+    assert got[:, valid].max() == 1.0 and got[:, valid].min() == 0.0
+    assert (percentile_stretch(image, np.zeros((20, 20), bool)) == 0).all()  # nothing valid: black

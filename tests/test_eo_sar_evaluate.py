@@ -19,7 +19,7 @@ import torch
 
 from domainfm.metrics import multilabel_average_precision
 from plugins.eo_sar.bands import CLASS_NAMES
-from plugins.eo_sar.evaluation import knn_scores, linear_probe_scores, split_indices
+from plugins.eo_sar.probes import knn_scores, linear_probe_scores, split_indices
 
 _spec = importlib.util.spec_from_file_location("eo_sar_make_data", Path(__file__).parent / "data" / "eo_sar" / "make_data.py")
 make_data = importlib.util.module_from_spec(_spec)
@@ -53,7 +53,7 @@ def test_split_is_seeded_disjoint_and_complete():
 
 
 def test_per_class_figure_marks_missing_classes_and_chance():
-    from plugins.eo_sar.evaluation import per_class_ap_figure
+    from plugins.eo_sar.plots import per_class_ap_figure
 
     fig = per_class_ap_figure(["a", "b", "c"], {"linear": [0.9, math.nan, 0.5], "knn": [0.7, math.nan, 0.6]},
                               chance=[0.25, 0.0, 0.5])

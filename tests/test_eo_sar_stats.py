@@ -132,7 +132,7 @@ def test_statistics_travel_from_pretraining_to_evaluate_and_the_registered_pyfun
 
     from domainfm.backbones import load_backbone
     from plugins.eo_sar.datasets import BandStats, EOSARPatches
-    from plugins.eo_sar.evaluation import extract_features
+    from domainfm.inference import extract_features
     from plugins.eo_sar.transforms import ResizeWhole
 
     backbone = load_backbone("models:/eo-stats@candidate")

@@ -103,6 +103,10 @@ class EOSARPlugin(Plugin):
             from domainfm.inference import check_token_merging
 
             check_token_merging(load_backbone(cfg.model, cfg=cfg), int(cfg.tome_r), where="the model")
+        if cfg.command == "evaluate":  # a GPU that is not there, or 16-bit on a CPU: refused before the run
+            from domainfm.inference import autocast_dtype, resolve_device
+
+            autocast_dtype(cfg.precision, resolve_device(cfg.accelerator))
 
     @staticmethod
     def _require_data_for_layout(cfg) -> None:
@@ -138,7 +142,7 @@ class EOSARPlugin(Plugin):
         radiometry = {"s2_harmonize": getattr(cfg, "s2_harmonize", "auto"), "s1_units": getattr(cfg, "s1_units", "db")}
         dataset = None
         if cfg.data:  # a standard dataset (SSL4EO-S12, BigEarthNet, EuroSAT) by its root path
-            from plugins.eo_sar.datasets import BandStats
+            from plugins.eo_sar.band_stats import BandStats
             from plugins.eo_sar.layouts import dataset_for, resolve_layout
 
             if resolve_layout(root, getattr(cfg, "layout", "auto"))[0] != "domainfm":
@@ -163,7 +167,7 @@ class EOSARPlugin(Plugin):
     # -- evaluation and extra commands ------------------------------------------------------------
 
     def evaluate(self, cfg) -> dict[str, Any]:
-        from plugins.eo_sar.evaluation import run_evaluation
+        from plugins.eo_sar.jobs import run_evaluation
 
         return run_evaluation(cfg, self)
 

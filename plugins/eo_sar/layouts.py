@@ -155,7 +155,7 @@ def read_bands(files: Sequence[Path], names: Sequence[str], *, modality: str, s2
     from rasterio.errors import RasterioError
 
     from plugins.eo_sar import radiometry as rad
-    from plugins.eo_sar.datasets import _unreadable
+    from plugins.eo_sar.files import unreadable
 
     names = tuple(normalize_band_name(n) for n in names)
     sensor = sensor_of(modality)
@@ -170,7 +170,7 @@ def read_bands(files: Sequence[Path], names: Sequence[str], *, modality: str, s2
                 with rasterio.open(p) as src:
                     shapes.append((src.height, src.width))
             except RasterioError as e:
-                raise _unreadable(Path(p), e) from None
+                raise unreadable(Path(p), e) from None
         size = max(shapes)
     for p in files:
         try:
@@ -188,7 +188,7 @@ def read_bands(files: Sequence[Path], names: Sequence[str], *, modality: str, s2
                 dtype = dtype or src.dtypes[0]
                 nodata = nd if nodata is None else nodata
         except RasterioError as e:
-            raise _unreadable(Path(p), e) from None
+            raise unreadable(Path(p), e) from None
         image = data.astype(np.float32)
         bad = ~np.isfinite(image)
         if nd is not None and np.isfinite(nd):
@@ -348,7 +348,8 @@ class LayoutPatches(Dataset):
     def _stats(self):
         """Per-band mean/std (model units) over the valid pixels of the training patches (a seeded
         sample of :data:`MAX_STATS_SAMPLES` for large sets), cached beside the data."""
-        from plugins.eo_sar.datasets import BandStats, _read_cache, _write_cache
+        from plugins.eo_sar.band_stats import BandStats
+        from plugins.eo_sar.files import read_cache, write_cache
 
         pool = [r for r in self.all_records if r.split == "train"] or self.all_records
         if len(pool) > MAX_STATS_SAMPLES:
@@ -360,7 +361,7 @@ class LayoutPatches(Dataset):
 
         fingerprint = hashlib.sha256(fingerprint.encode()).hexdigest()
         path = self.root / STATS_CACHE.format(layout=self.layout, modality=self.modality)
-        cached = _read_cache(path, fingerprint)
+        cached = read_cache(path, fingerprint)
         if cached is not None and len(cached.get("mean", [])) == len(self.bands):
             return BandStats(tuple(cached["mean"]), tuple(cached["std"]), int(cached.get("valid_pixels", 0)))
         total = np.zeros(len(self.bands))
@@ -379,7 +380,7 @@ class LayoutPatches(Dataset):
         std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
         std = np.where(std > 0, std, 1.0)
         stats = BandStats(tuple(float(x) for x in mean), tuple(float(x) for x in std), int(count))
-        _write_cache(path, {"version": 1, "fingerprint": fingerprint, "layout": self.layout, "modality": self.modality,
+        write_cache(path, {"version": 1, "fingerprint": fingerprint, "layout": self.layout, "modality": self.modality,
                             "bands": list(self.bands), "n_patches": len(pool), "mean": list(stats.mean),
                             "std": list(stats.std), "valid_pixels": stats.valid_pixels})
         return stats
@@ -389,7 +390,7 @@ class LayoutPatches(Dataset):
         import rasterio
         from rasterio.errors import RasterioError
 
-        from plugins.eo_sar.datasets import _unreadable
+        from plugins.eo_sar.files import unreadable
 
         out = []
         for r in self.records:
@@ -402,7 +403,7 @@ class LayoutPatches(Dataset):
                                 best = {"height": src.height, "width": src.width,
                                         "crs": src.crs.to_string() if src.crs else None, "dtype": src.dtypes[0]}
                     except RasterioError as e:
-                        raise _unreadable(Path(p), e) from None
+                        raise unreadable(Path(p), e) from None
             out.append(best)
         return out
 
@@ -419,7 +420,7 @@ class LayoutPatches(Dataset):
         the sample's classes (and ``prediction``'s, scores above 0.5)."""
         from matplotlib.figure import Figure
 
-        from plugins.eo_sar.datasets import percentile_stretch
+        from plugins.eo_sar.plots import percentile_stretch
 
         images = [sample["image"]] + ([sample["image_other"]] if "image_other" in sample else [])
         fig = Figure(figsize=(4 * len(images), 4.4))
@@ -506,8 +507,8 @@ class SSL4EOS12Patches(LayoutPatches):
         return records
 
     def _load_labels(self) -> None:
-        from plugins.eo_sar.datasets import (fractions_from_counts, labels_from_fractions, landcover_counts, read_labels_csv,
-                                             read_landcover)
+        from plugins.eo_sar.labels import (fractions_from_counts, labels_from_fractions, landcover_counts, read_labels_csv,
+                                           read_landcover)
 
         ids = [r.patch_id for r in self.all_records]
         if self.labels_csv is not None:
@@ -722,14 +723,14 @@ def labels_from_reference_map(path: Path, threshold: float) -> np.ndarray:
     from rasterio.errors import RasterioError
     from torchgeo.datasets import BigEarthNetV2
 
-    from plugins.eo_sar.datasets import _unreadable
+    from plugins.eo_sar.files import unreadable
 
     _need(path, "reference map", "extract Reference_Maps.tar.gz, or pass --label-source metadata")
     try:
         with rasterio.open(path) as src:
             codes = src.read(1).astype(np.int64)
     except RasterioError as e:
-        raise _unreadable(path, e) from None
+        raise unreadable(path, e) from None
     counts = np.zeros(19)
     for code, k in BigEarthNetV2.clc_codes.items():
         counts[k] += np.count_nonzero(codes == code)

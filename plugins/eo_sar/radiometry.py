@@ -212,9 +212,9 @@ def read_patch(path: str | Path, *, modality: str, s2_harmonize: str = "auto", s
             crs = src.crs.to_string() if src.crs else None
             dtype = src.dtypes[0]
     except RasterioError as e:
-        from plugins.eo_sar.datasets import _unreadable
+        from plugins.eo_sar.files import unreadable
 
-        raise _unreadable(path, e) from None
+        raise unreadable(path, e) from None
 
     count = raw.shape[0]
     named = band_names_from_descriptions(path, descriptions, modality)
