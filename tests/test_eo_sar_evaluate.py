@@ -158,3 +158,28 @@ def test_pretrain_on_embedded_sample_then_evaluate_registered_model(tmp_path, mo
                 assert metrics[f"{probe}_AP_{r['class']}"] == pytest.approx(float(r[f"{probe}_AP"]))
             else:
                 assert f"{probe}_AP_{r['class']}" not in metrics
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a visible GPU")
+def test_evaluate_refuses_a_missing_gpu_and_16_bit_on_cpu_before_any_run(tmp_path, mlflow_store):
+    """The device and precision of the frozen features (domainfm.inference) are checked in the
+    plugin's check: one line, exit 2, and no MLflow run left behind."""
+    from conftest import run_cli
+    from domainfm.backbones import create_backbone, save_backbone
+
+    model = save_backbone(create_backbone("test_resnet", in_chans=13, img_size=32, init="random"),
+                          tmp_path / "cnn.safetensors")
+    cases = {("--accelerator", "gpu"): "error: --accelerator gpu but no CUDA device is visible. Fix: use --accelerator cpu.",
+             ("--precision", "16-mixed"): "error: --precision 16-mixed needs a GPU. Fix: use bf16-mixed or 32-true on CPU."}
+    for flag, line in cases.items():
+        r = run_cli(["evaluate", "--plugin", "eo-sar", "--model", str(model), *flag], cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert [l for l in r.stderr.strip().splitlines() if l.startswith("error:")] == [line]
+        assert "Traceback" not in r.stderr
+    db = tmp_path / "mlflow.db"
+    if db.exists():
+        import sqlite3
+
+        with sqlite3.connect(db) as con:
+            assert con.execute("select count(*) from runs").fetchone()[0] == 0

@@ -107,6 +107,6 @@ def load_or_compute_stats(root: str | Path, modality: str, files: Sequence[Patch
         pass  # a damaged cache is recomputed and overwritten
     stats = compute_band_stats(files, modality, **radiometry)
     write_cache(path, {"version": STATS_VERSION, "modality": modality, "bands": list(BANDS[modality]),
-                        "n_files": len(files), "fingerprint": fingerprint, "mean": list(stats.mean),
-                        "std": list(stats.std), "valid_pixels": stats.valid_pixels})
+                       "n_files": len(files), "fingerprint": fingerprint, "mean": list(stats.mean),
+                       "std": list(stats.std), "valid_pixels": stats.valid_pixels})
     return stats

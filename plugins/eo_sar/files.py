@@ -37,8 +37,8 @@ class PatchFile:
     nodata: float | None
 
 
-
 def tiff_files(folder: Path) -> list[Path]:
+    """The ``*.tif``/``*.tiff`` files of ``folder``, sorted by name."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES)
 
 
@@ -150,8 +150,8 @@ def scan_patches(root: str | Path, modality: str, *, use_cache: bool = True) -> 
         seen[f.patch_id] = f.path
     if use_cache:
         write_cache(cache_path, {"version": STATS_VERSION, "modality": modality, "fingerprint": fingerprint,
-                                  "files": [[f.path.name, f.height, f.width, f.count, f.dtype, f.crs, f.nodata]
-                                            for f in files]})
+                                 "files": [[f.path.name, f.height, f.width, f.count, f.dtype, f.crs, f.nodata]
+                                           for f in files]})
     return files
 
 

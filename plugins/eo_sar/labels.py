@@ -106,5 +106,5 @@ def load_or_compute_landcover_counts(root: str | Path) -> dict[str, np.ndarray]:
         return {pid: np.asarray(c, dtype=np.int64) for pid, c in cached["counts"].items()}
     counts = {p.stem: landcover_counts(read_landcover(p)) for p in track_progress(paths, "counting land-cover classes")}
     write_cache(path, {"version": STATS_VERSION, "classes": list(CLASS_NAMES), "n_files": len(paths),
-                        "fingerprint": fingerprint, "counts": {k: v.tolist() for k, v in counts.items()}})
+                       "fingerprint": fingerprint, "counts": {k: v.tolist() for k, v in counts.items()}})
     return counts

@@ -381,8 +381,8 @@ class LayoutPatches(Dataset):
         std = np.where(std > 0, std, 1.0)
         stats = BandStats(tuple(float(x) for x in mean), tuple(float(x) for x in std), int(count))
         write_cache(path, {"version": 1, "fingerprint": fingerprint, "layout": self.layout, "modality": self.modality,
-                            "bands": list(self.bands), "n_patches": len(pool), "mean": list(stats.mean),
-                            "std": list(stats.std), "valid_pixels": stats.valid_pixels})
+                           "bands": list(self.bands), "n_patches": len(pool), "mean": list(stats.mean),
+                           "std": list(stats.std), "valid_pixels": stats.valid_pixels})
         return stats
 
     def headers(self) -> list[dict[str, Any]]:
