@@ -176,3 +176,22 @@ def test_statistics_travel_from_pretraining_to_evaluate_and_the_registered_pyfun
     # an input with none of the model's bands is one clear error
     with pytest.raises(Exception, match=r"the input has none of the model bands \(B1, B2, B3"):
         model.predict({"VV": raw[0][None], "VH": raw[1][None]})
+
+
+def test_band_stats_of_by_hand():
+    """The one per-band statistics accumulator (domainfm layout and standard layouts alike):
+    numpy's mean/std over the valid pixels of all images pooled; a constant band gets std 1."""
+    from plugins.eo_sar.band_stats import band_stats_of
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(100.0, 7.0, (3, 5, 6)), rng.normal(90.0, 3.0, (3, 4, 4))
+    a[2], b[2] = 5.0, 5.0  # constant band
+    va, vb = rng.random((5, 6)) > 0.3, np.ones((4, 4), bool)
+    vb[0] = False
+    stats = band_stats_of([(a, va), (b, vb)], 3)
+    pooled = np.concatenate([a[:, va], b[:, vb]], axis=1)
+    assert stats.valid_pixels == int(va.sum() + vb.sum()) == pooled.shape[1]
+    np.testing.assert_allclose(stats.mean, pooled.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(stats.std[:2], pooled.std(axis=1)[:2], rtol=1e-9)
+    assert stats.std[2] == 1.0 and stats.mean[2] == 5.0
+    assert band_stats_of([(a, np.zeros((5, 6), bool))], 3).valid_pixels == 0

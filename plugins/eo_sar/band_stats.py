@@ -7,7 +7,7 @@ file list and the radiometry settings.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,24 +71,34 @@ def read_image(path: Path, nodata: float | None = None, *, modality: str | None 
     return image, ~invalid.any(axis=0)
 
 
-def compute_band_stats(files: Sequence[PatchFile], modality: str | None = None, **radiometry: str) -> BandStats:
-    """Mean and std per band over all valid pixels (float64 sums: exact enough for 1e9 pixels)."""
-    total = np.zeros(files[0].count)
-    total_sq = np.zeros(files[0].count)
+def band_stats_of(images: Iterable[tuple[np.ndarray, np.ndarray]], n_bands: int) -> BandStats:
+    """Mean and (population) std per band over the valid pixels of ``images``: pairs of float
+    [C, H, W] pixels and a bool [H, W] valid mask (float64 sums: exact enough for 1e9 pixels).
+    A constant band gets std 1 (left centred, never divided by zero). No valid pixel at all:
+    ``valid_pixels == 0`` (zeros and ones), for the caller to refuse in its own words."""
+    total = np.zeros(n_bands)
+    total_sq = np.zeros(n_bands)
     count = 0
-    for f in track_progress(files, "computing band statistics"):
-        image, valid = read_image(f.path, f.nodata, modality=modality, **radiometry)
+    for image, valid in images:
         pixels = image[:, valid].astype(np.float64)
         total += pixels.sum(axis=1)
         total_sq += (pixels**2).sum(axis=1)
         count += pixels.shape[1]
-    if count == 0:
-        raise DomainFMError("every pixel of every image is nodata", path=files[0].path.parent,
-                            fix="check the nodata value of the GeoTIFFs")
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean**2, 0.0))
     std = np.where(std > 0, std, 1.0)  # a constant band: leave it centred, do not divide by zero
     return BandStats(tuple(float(x) for x in mean), tuple(float(x) for x in std), int(count))
+
+
+def compute_band_stats(files: Sequence[PatchFile], modality: str | None = None, **radiometry: str) -> BandStats:
+    """Mean and std per band over all valid pixels of ``files`` (:func:`band_stats_of`)."""
+    images = (read_image(f.path, f.nodata, modality=modality, **radiometry)
+              for f in track_progress(files, "computing band statistics"))
+    stats = band_stats_of(images, files[0].count)
+    if stats.valid_pixels == 0:
+        raise DomainFMError("every pixel of every image is nodata", path=files[0].path.parent,
+                            fix="check the nodata value of the GeoTIFFs")
+    return stats
 
 
 def load_or_compute_stats(root: str | Path, modality: str, files: Sequence[PatchFile], **radiometry: str) -> BandStats:

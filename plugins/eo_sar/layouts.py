@@ -348,7 +348,7 @@ class LayoutPatches(Dataset):
     def _stats(self):
         """Per-band mean/std (model units) over the valid pixels of the training patches (a seeded
         sample of :data:`MAX_STATS_SAMPLES` for large sets), cached beside the data."""
-        from plugins.eo_sar.band_stats import BandStats
+        from plugins.eo_sar.band_stats import BandStats, band_stats_of
         from plugins.eo_sar.files import read_cache, write_cache
 
         pool = [r for r in self.all_records if r.split == "train"] or self.all_records
@@ -364,22 +364,15 @@ class LayoutPatches(Dataset):
         cached = read_cache(path, fingerprint)
         if cached is not None and len(cached.get("mean", [])) == len(self.bands):
             return BandStats(tuple(cached["mean"]), tuple(cached["std"]), int(cached.get("valid_pixels", 0)))
-        total = np.zeros(len(self.bands))
-        total_sq = np.zeros(len(self.bands))
-        count = 0
-        for r in pool:
-            raw, _, info = self.read_raw(r, 0)
-            pixels = raw[:, info.valid].astype(np.float64)
-            total += pixels.sum(axis=1)
-            total_sq += (pixels**2).sum(axis=1)
-            count += pixels.shape[1]
-        if count == 0:
+        def images():
+            for r in pool:
+                raw, _, info = self.read_raw(r, 0)
+                yield raw, info.valid
+
+        stats = band_stats_of(images(), len(self.bands))
+        if stats.valid_pixels == 0:
             raise DomainFMError("every pixel of every patch is nodata", path=self.root,
                                 fix="check the download and the nodata value of the GeoTIFFs")
-        mean = total / count
-        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-        std = np.where(std > 0, std, 1.0)
-        stats = BandStats(tuple(float(x) for x in mean), tuple(float(x) for x in std), int(count))
         write_cache(path, {"version": 1, "fingerprint": fingerprint, "layout": self.layout, "modality": self.modality,
                            "bands": list(self.bands), "n_patches": len(pool), "mean": list(stats.mean),
                            "std": list(stats.std), "valid_pixels": stats.valid_pixels})
