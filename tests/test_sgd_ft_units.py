@@ -163,7 +163,7 @@ def test_bad_folders_are_named(tmp_path):
 # ---------------------------------------------------------------- plugin surface
 
 def test_lr_sweep_parsing():
-    from plugins.sgd_ft.run import parse_lr_sweep
+    from plugins.sgd_ft.arms import parse_lr_sweep
 
     assert parse_lr_sweep("1e-4, 3e-4,1e-3,1e-4") == [1e-4, 3e-4, 1e-3]
     assert parse_lr_sweep(None) == []
@@ -191,7 +191,7 @@ def test_plugin_is_registered_and_imports_without_torch():
 def test_backbone_flag_may_name_weights(tmp_path):
     from domainfm.backbones import save_backbone
     from domainfm.config import RunConfig
-    from plugins.sgd_ft.run import weights_from_backbone_flag
+    from plugins.sgd_ft.jobs import weights_from_backbone_flag
 
     plain = RunConfig(backbone="resnet18")
     assert weights_from_backbone_flag(plain) is plain

@@ -47,7 +47,8 @@ class FineTuneTask(L.LightningModule):
         return self.model(x)
 
     def _target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return batch["label"].float() if self.task == MULTILABEL else batch["label"].long()
+        # multi-label batches (another plugin's finetune_datamodule) carry "labels": float [B, K]
+        return batch["labels"].float() if self.task == MULTILABEL else batch["label"].long()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.criterion(self(batch["image"]), self._target(batch))
@@ -60,7 +61,7 @@ class FineTuneTask(L.LightningModule):
         loss = self.criterion(logits, self._target(batch))
         self.log(f"{stage}/loss", loss, batch_size=batch["image"].shape[0])
         scores = torch.sigmoid(logits) if self.task == MULTILABEL else logits
-        self._outputs.append((scores.detach().cpu().numpy(), batch["label"].cpu().numpy()))
+        self._outputs.append((scores.detach().cpu().numpy(), self._target(batch).cpu().numpy()))
 
     def _eval_end(self, stage: str) -> None:
         if not self._outputs:
