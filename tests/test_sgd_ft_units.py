@@ -225,3 +225,65 @@ def test_geotiff_nodata_is_left_out_of_statistics_and_becomes_zero(tmp_path):
     image = ImageFolderClassification(files, classes, img_size=2, mean=mean, std=std)[0]["image"]
     assert image[0, 1, 1] == 0 and image[1, 1, 1] == 0
     np.testing.assert_allclose(image[0, 0, 0], (1 - 2.0) / std[0], rtol=1e-6)
+
+
+# ---------------------------------------------------------------- the eo-sar finetune_datamodule hook
+
+def test_eo_sar_finetune_datamodule_hook_keeps_the_batch_contract(tmp_path):
+    """sgd-ft's multi-label data comes through ``plugins.load("eo-sar")``: batches, class and band
+    names, the seeded 60/20/20 split of the labelled patches and renormalisation, on real GeoTIFFs."""
+    from domainfm import plugins
+    from domainfm.config import RunConfig
+    from plugins.eo_sar.bands import CLASS_NAMES, S1_BANDS
+    from plugins.eo_sar.datasets import EOSARPatches
+    from plugins.eo_sar.synthetic import write_sample
+
+    root = write_sample(tmp_path / "eo", n_patches=10)
+    cfg = RunConfig(data=str(root), options={"modality": "s1", "layout": "auto", "label_threshold": 0.01})
+    eo = plugins.load("eo-sar")
+    dm = eo.finetune_datamodule(cfg, img_size=16, batch_size=4, seed=0)
+    assert (dm.task, dm.classes, dm.num_outputs, dm.in_chans, dm.bands) == ("multilabel", list(CLASS_NAMES), 9, 2,
+                                                                            S1_BANDS)
+    independent = EOSARPatches(root, "s1")
+    labelled = [i for i in range(len(independent)) if independent.labels_of(i) is not None]
+    n_val = n_test = max(1, round(0.2 * len(labelled)))
+    sizes = [len(dm.train_set), len(dm.val_set), len(dm.test_set)]
+    assert sizes == [len(labelled) - n_val - n_test, n_val, n_test] and dm.has_test
+    parts = [set(s.indices) for s in (dm.train_set, dm.val_set, dm.test_set)]
+    assert set().union(*parts) == set(labelled) and sum(map(len, parts)) == len(labelled)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"image", "labels"}
+    assert batch["image"].dtype == torch.float32 and tuple(batch["image"].shape) == (4, 2, 16, 16)
+    assert batch["labels"].dtype == torch.float32 and tuple(batch["labels"].shape) == (4, 9)
+    assert set(batch["labels"].unique().tolist()) <= {0.0, 1.0}
+    i = dm.val_set.indices[0]
+    np.testing.assert_array_equal(dm.val_set[0]["labels"].numpy(), independent.labels_of(i))
+    # renormalising: the same patch, re-standardised by hand from the old statistics
+    before, (m0, s0) = dm.patches[i], (np.asarray(dm.mean), np.asarray(dm.std))
+    dm.use_statistics((-10.0, -20.0), (5.0, 4.0))
+    assert dm.mean == (-10.0, -20.0) and dm.std == (5.0, 4.0)
+    valid = before["valid"].numpy()
+    raw = before["image"].numpy() * s0[:, None, None] + m0[:, None, None]
+    expected = np.where(valid, (raw - np.array([-10.0, -20.0])[:, None, None]) / np.array([5.0, 4.0])[:, None, None], 0)
+    np.testing.assert_allclose(dm.patches[i]["image"].numpy(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(DomainFMError, match="--in-chans 3 does not match the data: s1 patches have 2 bands"):
+        eo.finetune_datamodule(cfg, img_size=16, batch_size=4, in_chans=3)
+    with pytest.raises(DomainFMError, match="3 means and 2 stds for 2 bands"):
+        dm.use_statistics((0.0, 0.0, 0.0), (1.0, 1.0))
+
+
+def test_band_names_come_from_the_band_plugin_and_the_base_plugin_offers_no_data():
+    from domainfm import plugins
+    from domainfm.config import RunConfig
+
+    plan = plugins.load("eo-sar").band_alignment(("B4", "B3", "B2"), ("B02", "B03", "B04", "B08"))
+    assert (plan.have, plan.want, plan.changed) == (("B4", "B3", "B2"), ("B2", "B3", "B4", "B8"), True)
+    rgb = torch.arange(3.0)[:, None, None].expand(3, 2, 2)  # red 0, green 1, blue 2
+    np.testing.assert_array_equal(plan.apply(rgb)[:, 0, 0].numpy(), [2.0, 1.0, 0.0, 0.0])
+    assert "filled with the band mean: B8" in plan.summary()
+    base = plugins.Plugin()
+    base.name = "bare"
+    with pytest.raises(DomainFMError, match="plugin 'bare' offers no fine-tuning data"):
+        base.finetune_datamodule(RunConfig(), img_size=8, batch_size=1)
+    with pytest.raises(DomainFMError, match="plugin 'bare' names no bands to align"):
+        base.band_alignment(("B1",), ("B1",))
