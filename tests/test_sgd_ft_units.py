@@ -12,7 +12,7 @@ import torch
 
 from domainfm.backbones import create_backbone
 from domainfm.errors import DomainFMError
-from plugins.sgd_ft.data import ImageFolderClassification, band_statistics, check_channels, scan_split
+from plugins.sgd_ft.data import ImageFolderClassification, check_channels, scan_split, split_statistics
 from plugins.sgd_ft.model import Classifier, apply_freezing
 from plugins.sgd_ft.optim import build_optimizer, optimizer_state_bytes, per_parameter_state_bytes
 
@@ -127,7 +127,7 @@ def test_geotiff_bands_are_standardised_with_train_statistics(tmp_path):
     root = make_data.write_imagefolder(tmp_path / "g", fmt="tif", bands=5, train=3, val=1, size=16)
     classes, files = scan_split(root, "train")
     assert check_channels(files, 5) == 5
-    mean, std = band_statistics(files)
+    mean, std = split_statistics(files)
     stack = []
     for f in files:
         with rasterio.open(f.path) as src:
@@ -140,6 +140,28 @@ def test_geotiff_bands_are_standardised_with_train_statistics(tmp_path):
     assert images.shape == (9, 5, 16, 16)
     np.testing.assert_allclose(images.mean(dim=(0, 2, 3)).numpy(), 0, atol=1e-4)
     np.testing.assert_allclose(images.std(dim=(0, 2, 3), unbiased=False).numpy(), 1, atol=1e-3)
+
+
+def test_core_band_statistics_leave_nan_out_and_match_numpy():
+    from domainfm.data import band_statistics
+
+    rng = np.random.default_rng(0)
+    images = [rng.normal(5, 3, (3, 4, 6)), rng.normal(-2, 1, (3, 7, 2)).astype(np.float32)]
+    images[0][1, :2, :3] = np.nan  # band 1 nodata in a corner of the first image only
+    images[1][2] = 4.0
+    stack = np.concatenate([im.reshape(3, -1).astype(np.float64) for im in images], axis=1)
+    stats = band_statistics(iter(images))  # a generator: streamed, one image at a time
+    np.testing.assert_allclose(stats.mean, np.nanmean(stack, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(stats.std, np.nanstd(stack, axis=1), rtol=1e-9)
+    assert stats.count.tolist() == [38, 32, 38]
+    constant = band_statistics([np.full((2, 3, 3), 7.0), np.full((2, 1, 1), np.nan)])
+    assert constant.mean.tolist() == [7.0, 7.0] and constant.std.tolist() == [1.0, 1.0]  # never divide by 0
+    empty = band_statistics([np.full((1, 2, 2), np.nan)])
+    assert (empty.mean.tolist(), empty.std.tolist(), empty.count.tolist()) == ([0.0], [1.0], [0])
+    with pytest.raises(DomainFMError, match="an image has 2 bands where the others have 3"):
+        band_statistics([np.zeros((3, 2, 2)), np.zeros((2, 2, 2))])
+    with pytest.raises(DomainFMError, match="no images to compute band statistics from"):
+        band_statistics([])
 
 
 def test_bad_folders_are_named(tmp_path):
@@ -219,7 +241,7 @@ def test_geotiff_nodata_is_left_out_of_statistics_and_becomes_zero(tmp_path):
     with rasterio.open(folder / "x.tif", "w", **profile) as dst:
         dst.write(data)
     classes, files = scan_split(tmp_path / "d", "train")
-    mean, std = band_statistics(files)
+    mean, std = split_statistics(files)
     np.testing.assert_allclose(mean, [2.0, 20.0])
     np.testing.assert_allclose(std, [np.std([1, 2, 3]), np.std([10, 20, 30])], rtol=1e-6)
     image = ImageFolderClassification(files, classes, img_size=2, mean=mean, std=std)[0]["image"]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from domainfm.data import IMAGE_SUFFIXES, PIL_SUFFIXES, TIFF_SUFFIXES, image_info  # noqa: F401 (re-exported)
+from domainfm.data import band_statistics
 from domainfm.data import read_image as _read_any_image
 from domainfm.errors import DomainFMError
 
@@ -121,24 +122,13 @@ def check_channels(files: Sequence[ImageFile], in_chans: int | None) -> int:
     return first.channels
 
 
-def band_statistics(files: Sequence[ImageFile]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-band mean and std over every valid (not nodata) pixel of (at most STATS_MAX_FILES,
-    evenly spaced) files."""
+def split_statistics(files: Sequence[ImageFile]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean and std (float32 [C]) over every valid (not nodata) pixel of (at most
+    STATS_MAX_FILES, evenly spaced) files, by the core's :func:`domainfm.data.band_statistics`."""
     step = max(1, len(files) // STATS_MAX_FILES)
     chosen = list(files)[::step][:STATS_MAX_FILES]
-    total = sq = None
-    count = 0
-    for f in chosen:
-        x = read_image(f.path).astype(np.float64).reshape(f.channels, -1)
-        valid = ~np.isnan(x)
-        x = np.where(valid, x, 0.0)
-        total = x.sum(1) if total is None else total + x.sum(1)
-        sq = (x ** 2).sum(1) if sq is None else sq + (x ** 2).sum(1)
-        count = valid.sum(1) + count
-    count = np.maximum(count, 1)
-    mean = total / count
-    std = np.sqrt(np.maximum(sq / count - mean ** 2, 0.0))
-    return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
+    stats = band_statistics(read_image(f.path) for f in chosen)
+    return stats.mean.astype(np.float32), stats.std.astype(np.float32)
 
 
 class ImageFolderClassification:

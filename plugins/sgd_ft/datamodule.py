@@ -15,8 +15,7 @@ from torch.utils.data import DataLoader
 
 from domainfm.data import loader_kwargs
 from domainfm.errors import DomainFMError
-from plugins.sgd_ft.data import (PIL_SUFFIXES, ImageFolderClassification, band_statistics, check_channels,
-                                 scan_split)
+from plugins.sgd_ft.data import PIL_SUFFIXES, ImageFolderClassification, check_channels, scan_split, split_statistics
 
 MULTICLASS, MULTILABEL = "multiclass", "multilabel"
 
@@ -79,7 +78,7 @@ class ImageFolderDataModule(_Loaders):
         if all(f.path.suffix.lower() in PIL_SUFFIXES for f in train):
             mean, std = np.asarray(rgb_mean, np.float32), np.asarray(rgb_std, np.float32)
         else:
-            mean, std = band_statistics(train)
+            mean, std = split_statistics(train)
         self.mean, self.std = mean, std
         kw = dict(img_size=img_size, mean=mean, std=std)
         self.train_set = ImageFolderClassification(train, self.classes, augment=True, **kw)
