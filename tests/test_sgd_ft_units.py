@@ -101,6 +101,39 @@ def test_every_parameter_frozen_is_a_clear_error():
         build_optimizer(model.parameters(), "sgd", lr=0.1)
 
 
+# ---------------------------------------------------------------- metrics (torchmetrics, synced across ranks)
+
+def test_task_metrics_equal_sklearn_map_and_hand_accuracy_over_several_batches():
+    from sklearn.metrics import average_precision_score
+
+    from plugins.sgd_ft.task import compute_score, configure_metrics
+
+    rng = np.random.default_rng(0)
+    scores = rng.random((23, 6)).astype(np.float32)
+    scores[:, 1] = np.round(scores[:, 1], 1)  # tied scores
+    targets = (rng.random((23, 6)) > 0.6).astype(np.int64)
+    targets[:, 3] = 0  # a class without positives: no AP, left out of the mean
+    targets[:, 5] = 1
+    metrics = configure_metrics("multilabel", 6)
+    for lo, hi in ((0, 10), (10, 11), (11, 23)):  # batches of uneven sizes, as a split ends
+        for m in metrics.values():
+            m.update(torch.from_numpy(scores[lo:hi]), torch.from_numpy(targets[lo:hi]))
+    expected = np.mean([average_precision_score(targets[:, k], scores[:, k]) for k in (0, 1, 2, 4, 5)])
+    assert compute_score("multilabel", metrics) == pytest.approx(expected, abs=1e-6)
+    for m in metrics.values():
+        m.reset()
+        m.update(torch.rand(4, 6), torch.zeros(4, 6, dtype=torch.long))
+    with pytest.raises(DomainFMError, match="no class has a positive sample"):
+        compute_score("multilabel", metrics)
+
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 1.0, 5.0], [4.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 2, 2, 1, 1])  # hits: rows 0, 2, 4
+    acc = configure_metrics("multiclass", 3)
+    acc["accuracy"].update(logits[:2], labels[:2])
+    acc["accuracy"].update(logits[2:], labels[2:])
+    assert compute_score("multiclass", acc) == pytest.approx(3 / 5)
+
+
 # ---------------------------------------------------------------- data
 
 def test_imagefolder_png_reads_back_what_was_written(tmp_path):
@@ -176,6 +209,11 @@ def test_bad_folders_are_named(tmp_path):
     make_data.write_png(root / "val" / "desert" / "0.png", np.zeros((3, 8, 8), np.float32))
     with pytest.raises(DomainFMError, match=r"val: classes desert are not in train/"):
         scan_split(root, "val", scan_split(root, "train")[0])
+    from plugins.sgd_ft.datamodule import ImageFolderDataModule
+
+    single = make_data.write_imagefolder(tmp_path / "one", train=1, val=1, size=8, classes=("a",))
+    with pytest.raises(DomainFMError, match=r"one/train: holds one class folder \(a\); classification needs at least two"):
+        ImageFolderDataModule(single, img_size=8, batch_size=1)
     bad = root / "train" / "forest" / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(DomainFMError, match=r"broken\.png: cannot be read as an image"):

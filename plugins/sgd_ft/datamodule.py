@@ -72,6 +72,9 @@ class ImageFolderDataModule(_Loaders):
         if not self.root.is_dir():
             raise DomainFMError("data folder not found", path=self.root, fix="give --data an existing folder")
         self.classes, train = scan_split(self.root, "train")
+        if len(self.classes) < 2:  # accuracy (torchmetrics) and cross-entropy need two classes
+            raise DomainFMError(f"holds one class folder ({self.classes[0]}); classification needs at least two",
+                                path=self.root / "train", fix="add a train/<class>/ folder for every class")
         _, val = scan_split(self.root, "val", self.classes)
         test = scan_split(self.root, "test", self.classes)[1] if (self.root / "test").is_dir() else None
         self.in_chans = check_channels(train + val + (test or []), in_chans)
