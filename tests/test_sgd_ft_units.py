@@ -197,6 +197,32 @@ def test_core_band_statistics_leave_nan_out_and_match_numpy():
         band_statistics([])
 
 
+def test_class_folders_are_walked_by_torchvision_and_read_by_the_core_reader(tmp_path):
+    from PIL import Image
+
+    from plugins.sgd_ft.data import ClassFolders
+
+    root = make_data.write_imagefolder(tmp_path / "d", train=2, val=1, size=8)
+    first = sorted((root / "train" / make_data.CLASSES[0]).iterdir())
+    # skipped: a hidden folder, a hidden file, a class folder's sub-folder
+    for extra in (root / "train" / ".ipynb_checkpoints" / "x.png", root / "train" / make_data.CLASSES[0] / ".x.png",
+                  root / "train" / make_data.CLASSES[0] / "sub" / "x.png"):
+        extra.parent.mkdir(exist_ok=True)
+        make_data.write_png(extra, np.zeros((3, 8, 8), np.float32))
+    train = ClassFolders(root / "train")
+    assert train.classes == list(make_data.CLASSES) and len(train) == 2 * len(make_data.CLASSES)
+    assert [Path(p) for p, _ in train.samples[:2]] == first and train.targets == [0, 0, 1, 1, 2, 2]
+    image, label = train[0]
+    raw = np.asarray(Image.open(first[0]).convert("RGB"), np.float32).transpose(2, 0, 1) / 255
+    assert label == 0 and image.dtype == np.float32
+    np.testing.assert_allclose(image, raw, atol=1e-7)
+    # val/test take train's class indices, whatever classes they hold
+    reordered = [make_data.CLASSES[2], "extra", make_data.CLASSES[0], make_data.CLASSES[1]]
+    val = ClassFolders(root / "val", reordered)
+    assert val.classes == reordered
+    assert [(Path(p).parent.name, i) for p, i in val.samples] == [(c, reordered.index(c)) for c in sorted(make_data.CLASSES)]
+
+
 def test_bad_folders_are_named(tmp_path):
     root = make_data.write_imagefolder(tmp_path / "d", train=1, val=1, size=8)
     (root / "train" / "empty").mkdir()
