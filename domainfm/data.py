@@ -448,3 +448,42 @@ def __getattr__(name: str):
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# ------------------------------------------------------------------------------ band statistics
+
+@dataclass(frozen=True)
+class BandStatistics:
+    """Per-band statistics of a set of images: ``mean`` and ``std`` float64 [C] (std 1 for a band
+    that is constant or has no valid pixel, so standardising never divides by zero; mean 0 for a
+    band with no valid pixel) and ``count`` int64 [C], the valid pixels each band was computed on."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    count: np.ndarray
+
+
+def band_statistics(images) -> BandStatistics:
+    """Mean and (population) standard deviation per band over every valid pixel of ``images``, an
+    iterable of arrays [C, H, W] (any sizes, one band count); NaN marks an invalid (nodata) pixel
+    of a band, so a caller with a nodata value or a validity mask sets those pixels to NaN first.
+    Sums in float64 (exact enough for 1e9 pixels); streams, so one image is in memory at a time.
+    DomainFMError when ``images`` is empty or the band counts differ."""
+    total = sq = count = None
+    for image in images:
+        x = np.asarray(image, dtype=np.float64)
+        x = x.reshape(x.shape[0], -1)
+        if total is None:
+            total, sq, count = np.zeros(x.shape[0]), np.zeros(x.shape[0]), np.zeros(x.shape[0], np.int64)
+        elif x.shape[0] != total.shape[0]:
+            raise DomainFMError(f"an image has {x.shape[0]} bands where the others have {total.shape[0]}",
+                                fix="give every image the same bands")
+        valid = ~np.isnan(x)
+        x = np.where(valid, x, 0.0)
+        total += x.sum(1)
+        sq += (x ** 2).sum(1)
+        count += valid.sum(1)
+    if total is None:
+        raise DomainFMError("no images to compute band statistics from", fix="give at least one image")
+    n = np.maximum(count, 1)
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean ** 2, 0.0))
+    return BandStatistics(mean, np.where(std > 0, std, 1.0), count)

@@ -37,11 +37,13 @@ class Plugin:
       values reach the plugin as ``cfg.<name>``.
     - ``defaults(command)``: overrides of core defaults (e.g. a smaller learning rate).
     - ``commands()``: extra click commands, shown as ``domainfm <plugin-name> <command>``.
+    - ``finetune_datamodule(cfg, ...)`` / ``band_alignment(have, want)``: this domain's labelled
+      data and band names for another plugin's fine-tuning (``plugins.load(name).finetune_datamodule``),
+      so that no plugin imports another.
     """
 
     name: str = ""
     description: str = ""
-    label_names: tuple[str, ...] = ()
 
     def in_chans(self, cfg: "RunConfig") -> int:
         return 3
@@ -66,6 +68,36 @@ class Plugin:
 
     def finetune(self, cfg: "RunConfig") -> dict[str, Any]:
         raise DomainFMError(f"plugin {self.name!r} does not support finetune")
+
+    def finetune_datamodule(self, cfg: "RunConfig", *, img_size: int, batch_size: int, num_workers: int = 0,
+                            in_chans: int | None = None, seed: int = 0):
+        """This domain's labelled data for another plugin's fine-tuning (sgd-ft asks
+        ``plugins.load("eo-sar")``): a LightningDataModule, set up on return (every data mistake a
+        DomainFMError now, before any model is built).
+
+        ``cfg``: the run's config; the plugin reads its data options from it (``cfg.data``, None for
+        the plugin's own sample, and the options it documents, e.g. eo-sar's ``modality``,
+        ``layout``, ``label_threshold``). ``img_size``: every image is resized to [S, S];
+        ``in_chans``: the band count the caller expects (DomainFMError when the data disagrees);
+        ``seed``: fixes any split the plugin draws itself.
+
+        Batches are dicts ``{"image": float [B, C, S, S] (normalised), "labels": float [B, K]
+        (multi-hot)}``. Attributes: ``task`` ("multilabel"), ``classes`` (K class names),
+        ``num_outputs`` (K), ``in_chans`` (C), ``bands`` (C band names, or None), ``mean``/``std``
+        (the C per-band statistics the images are normalised with, in the data's units),
+        ``train_set``/``val_set``/``test_set`` (map-style datasets of single samples, ``test_set``
+        may be None), ``has_test``; ``use_statistics(mean, std)`` normalises with other statistics
+        (e.g. a backbone's) from then on.
+        """
+        raise DomainFMError(f"plugin {self.name!r} offers no fine-tuning data")
+
+    def band_alignment(self, have, want):
+        """How data bands ``have`` map onto a model's bands ``want`` by name, in this domain's band
+        vocabulary: an object with ``have``/``want`` (the names, normalised), ``changed``,
+        ``summary()`` (one line) and ``apply(image)`` ([C, H, W] or [B, C, H, W] in ``have`` order ->
+        ``want`` order, missing bands filled with 0, the mean after normalisation). DomainFMError
+        when the two lists share no band, or when the plugin names no bands."""
+        raise DomainFMError(f"plugin {self.name!r} names no bands to align")
 
     def evaluate(self, cfg: "RunConfig") -> dict[str, Any]:
         raise DomainFMError(f"plugin {self.name!r} does not support evaluate")

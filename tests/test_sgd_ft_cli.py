@@ -357,7 +357,8 @@ def test_a_run_shorter_than_an_epoch_ends_with_a_validation_and_its_metrics(tmp_
 
 
 def test_compare_summary_names_the_arm_that_won_and_reports_its_numbers():
-    from plugins.sgd_ft.run import COMPARE_ARMS, summarise_compare
+    from plugins.sgd_ft.arms import COMPARE_ARMS
+    from plugins.sgd_ft.reports import summarise_compare
 
     def arm_metrics(val, test, trainable):
         return {"accuracy": test, "val_accuracy": val, "lr": 1e-3, "trainable_params": trainable,

@@ -12,7 +12,7 @@ import torch
 
 from domainfm.backbones import create_backbone
 from domainfm.errors import DomainFMError
-from plugins.sgd_ft.data import ImageFolderClassification, band_statistics, check_channels, scan_split
+from plugins.sgd_ft.data import ImageFolderClassification, check_channels, scan_split, split_statistics
 from plugins.sgd_ft.model import Classifier, apply_freezing
 from plugins.sgd_ft.optim import build_optimizer, optimizer_state_bytes, per_parameter_state_bytes
 
@@ -101,6 +101,39 @@ def test_every_parameter_frozen_is_a_clear_error():
         build_optimizer(model.parameters(), "sgd", lr=0.1)
 
 
+# ---------------------------------------------------------------- metrics (torchmetrics, synced across ranks)
+
+def test_task_metrics_equal_sklearn_map_and_hand_accuracy_over_several_batches():
+    from sklearn.metrics import average_precision_score
+
+    from plugins.sgd_ft.task import compute_score, configure_metrics
+
+    rng = np.random.default_rng(0)
+    scores = rng.random((23, 6)).astype(np.float32)
+    scores[:, 1] = np.round(scores[:, 1], 1)  # tied scores
+    targets = (rng.random((23, 6)) > 0.6).astype(np.int64)
+    targets[:, 3] = 0  # a class without positives: no AP, left out of the mean
+    targets[:, 5] = 1
+    metrics = configure_metrics("multilabel", 6)
+    for lo, hi in ((0, 10), (10, 11), (11, 23)):  # batches of uneven sizes, as a split ends
+        for m in metrics.values():
+            m.update(torch.from_numpy(scores[lo:hi]), torch.from_numpy(targets[lo:hi]))
+    expected = np.mean([average_precision_score(targets[:, k], scores[:, k]) for k in (0, 1, 2, 4, 5)])
+    assert compute_score("multilabel", metrics) == pytest.approx(expected, abs=1e-6)
+    for m in metrics.values():
+        m.reset()
+        m.update(torch.rand(4, 6), torch.zeros(4, 6, dtype=torch.long))
+    with pytest.raises(DomainFMError, match="no class has a positive sample"):
+        compute_score("multilabel", metrics)
+
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 1.0, 5.0], [4.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 2, 2, 1, 1])  # hits: rows 0, 2, 4
+    acc = configure_metrics("multiclass", 3)
+    acc["accuracy"].update(logits[:2], labels[:2])
+    acc["accuracy"].update(logits[2:], labels[2:])
+    assert compute_score("multiclass", acc) == pytest.approx(3 / 5)
+
+
 # ---------------------------------------------------------------- data
 
 def test_imagefolder_png_reads_back_what_was_written(tmp_path):
@@ -127,7 +160,7 @@ def test_geotiff_bands_are_standardised_with_train_statistics(tmp_path):
     root = make_data.write_imagefolder(tmp_path / "g", fmt="tif", bands=5, train=3, val=1, size=16)
     classes, files = scan_split(root, "train")
     assert check_channels(files, 5) == 5
-    mean, std = band_statistics(files)
+    mean, std = split_statistics(files)
     stack = []
     for f in files:
         with rasterio.open(f.path) as src:
@@ -142,6 +175,54 @@ def test_geotiff_bands_are_standardised_with_train_statistics(tmp_path):
     np.testing.assert_allclose(images.std(dim=(0, 2, 3), unbiased=False).numpy(), 1, atol=1e-3)
 
 
+def test_core_band_statistics_leave_nan_out_and_match_numpy():
+    from domainfm.data import band_statistics
+
+    rng = np.random.default_rng(0)
+    images = [rng.normal(5, 3, (3, 4, 6)), rng.normal(-2, 1, (3, 7, 2)).astype(np.float32)]
+    images[0][1, :2, :3] = np.nan  # band 1 nodata in a corner of the first image only
+    images[1][2] = 4.0
+    stack = np.concatenate([im.reshape(3, -1).astype(np.float64) for im in images], axis=1)
+    stats = band_statistics(iter(images))  # a generator: streamed, one image at a time
+    np.testing.assert_allclose(stats.mean, np.nanmean(stack, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(stats.std, np.nanstd(stack, axis=1), rtol=1e-9)
+    assert stats.count.tolist() == [38, 32, 38]
+    constant = band_statistics([np.full((2, 3, 3), 7.0), np.full((2, 1, 1), np.nan)])
+    assert constant.mean.tolist() == [7.0, 7.0] and constant.std.tolist() == [1.0, 1.0]  # never divide by 0
+    empty = band_statistics([np.full((1, 2, 2), np.nan)])
+    assert (empty.mean.tolist(), empty.std.tolist(), empty.count.tolist()) == ([0.0], [1.0], [0])
+    with pytest.raises(DomainFMError, match="an image has 2 bands where the others have 3"):
+        band_statistics([np.zeros((3, 2, 2)), np.zeros((2, 2, 2))])
+    with pytest.raises(DomainFMError, match="no images to compute band statistics from"):
+        band_statistics([])
+
+
+def test_class_folders_are_walked_by_torchvision_and_read_by_the_core_reader(tmp_path):
+    from PIL import Image
+
+    from plugins.sgd_ft.data import ClassFolders
+
+    root = make_data.write_imagefolder(tmp_path / "d", train=2, val=1, size=8)
+    first = sorted((root / "train" / make_data.CLASSES[0]).iterdir())
+    # skipped: a hidden folder, a hidden file, a class folder's sub-folder
+    for extra in (root / "train" / ".ipynb_checkpoints" / "x.png", root / "train" / make_data.CLASSES[0] / ".x.png",
+                  root / "train" / make_data.CLASSES[0] / "sub" / "x.png"):
+        extra.parent.mkdir(exist_ok=True)
+        make_data.write_png(extra, np.zeros((3, 8, 8), np.float32))
+    train = ClassFolders(root / "train")
+    assert train.classes == list(make_data.CLASSES) and len(train) == 2 * len(make_data.CLASSES)
+    assert [Path(p) for p, _ in train.samples[:2]] == first and train.targets == [0, 0, 1, 1, 2, 2]
+    image, label = train[0]
+    raw = np.asarray(Image.open(first[0]).convert("RGB"), np.float32).transpose(2, 0, 1) / 255
+    assert label == 0 and image.dtype == np.float32
+    np.testing.assert_allclose(image, raw, atol=1e-7)
+    # val/test take train's class indices, whatever classes they hold
+    reordered = [make_data.CLASSES[2], "extra", make_data.CLASSES[0], make_data.CLASSES[1]]
+    val = ClassFolders(root / "val", reordered)
+    assert val.classes == reordered
+    assert [(Path(p).parent.name, i) for p, i in val.samples] == [(c, reordered.index(c)) for c in sorted(make_data.CLASSES)]
+
+
 def test_bad_folders_are_named(tmp_path):
     root = make_data.write_imagefolder(tmp_path / "d", train=1, val=1, size=8)
     (root / "train" / "empty").mkdir()
@@ -154,6 +235,11 @@ def test_bad_folders_are_named(tmp_path):
     make_data.write_png(root / "val" / "desert" / "0.png", np.zeros((3, 8, 8), np.float32))
     with pytest.raises(DomainFMError, match=r"val: classes desert are not in train/"):
         scan_split(root, "val", scan_split(root, "train")[0])
+    from plugins.sgd_ft.datamodule import ImageFolderDataModule
+
+    single = make_data.write_imagefolder(tmp_path / "one", train=1, val=1, size=8, classes=("a",))
+    with pytest.raises(DomainFMError, match=r"one/train: holds one class folder \(a\); classification needs at least two"):
+        ImageFolderDataModule(single, img_size=8, batch_size=1)
     bad = root / "train" / "forest" / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(DomainFMError, match=r"broken\.png: cannot be read as an image"):
@@ -163,7 +249,7 @@ def test_bad_folders_are_named(tmp_path):
 # ---------------------------------------------------------------- plugin surface
 
 def test_lr_sweep_parsing():
-    from plugins.sgd_ft.run import parse_lr_sweep
+    from plugins.sgd_ft.arms import parse_lr_sweep
 
     assert parse_lr_sweep("1e-4, 3e-4,1e-3,1e-4") == [1e-4, 3e-4, 1e-3]
     assert parse_lr_sweep(None) == []
@@ -191,7 +277,7 @@ def test_plugin_is_registered_and_imports_without_torch():
 def test_backbone_flag_may_name_weights(tmp_path):
     from domainfm.backbones import save_backbone
     from domainfm.config import RunConfig
-    from plugins.sgd_ft.run import weights_from_backbone_flag
+    from plugins.sgd_ft.jobs import weights_from_backbone_flag
 
     plain = RunConfig(backbone="resnet18")
     assert weights_from_backbone_flag(plain) is plain
@@ -219,9 +305,71 @@ def test_geotiff_nodata_is_left_out_of_statistics_and_becomes_zero(tmp_path):
     with rasterio.open(folder / "x.tif", "w", **profile) as dst:
         dst.write(data)
     classes, files = scan_split(tmp_path / "d", "train")
-    mean, std = band_statistics(files)
+    mean, std = split_statistics(files)
     np.testing.assert_allclose(mean, [2.0, 20.0])
     np.testing.assert_allclose(std, [np.std([1, 2, 3]), np.std([10, 20, 30])], rtol=1e-6)
     image = ImageFolderClassification(files, classes, img_size=2, mean=mean, std=std)[0]["image"]
     assert image[0, 1, 1] == 0 and image[1, 1, 1] == 0
     np.testing.assert_allclose(image[0, 0, 0], (1 - 2.0) / std[0], rtol=1e-6)
+
+
+# ---------------------------------------------------------------- the eo-sar finetune_datamodule hook
+
+def test_eo_sar_finetune_datamodule_hook_keeps_the_batch_contract(tmp_path):
+    """sgd-ft's multi-label data comes through ``plugins.load("eo-sar")``: batches, class and band
+    names, the seeded 60/20/20 split of the labelled patches and renormalisation, on real GeoTIFFs."""
+    from domainfm import plugins
+    from domainfm.config import RunConfig
+    from plugins.eo_sar.bands import CLASS_NAMES, S1_BANDS
+    from plugins.eo_sar.datasets import EOSARPatches
+    from plugins.eo_sar.synthetic import write_sample
+
+    root = write_sample(tmp_path / "eo", n_patches=10)
+    cfg = RunConfig(data=str(root), options={"modality": "s1", "layout": "auto", "label_threshold": 0.01})
+    eo = plugins.load("eo-sar")
+    dm = eo.finetune_datamodule(cfg, img_size=16, batch_size=4, seed=0)
+    assert (dm.task, dm.classes, dm.num_outputs, dm.in_chans, dm.bands) == ("multilabel", list(CLASS_NAMES), 9, 2,
+                                                                            S1_BANDS)
+    independent = EOSARPatches(root, "s1")
+    labelled = [i for i in range(len(independent)) if independent.labels_of(i) is not None]
+    n_val = n_test = max(1, round(0.2 * len(labelled)))
+    sizes = [len(dm.train_set), len(dm.val_set), len(dm.test_set)]
+    assert sizes == [len(labelled) - n_val - n_test, n_val, n_test] and dm.has_test
+    parts = [set(s.indices) for s in (dm.train_set, dm.val_set, dm.test_set)]
+    assert set().union(*parts) == set(labelled) and sum(map(len, parts)) == len(labelled)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"image", "labels"}
+    assert batch["image"].dtype == torch.float32 and tuple(batch["image"].shape) == (4, 2, 16, 16)
+    assert batch["labels"].dtype == torch.float32 and tuple(batch["labels"].shape) == (4, 9)
+    assert set(batch["labels"].unique().tolist()) <= {0.0, 1.0}
+    i = dm.val_set.indices[0]
+    np.testing.assert_array_equal(dm.val_set[0]["labels"].numpy(), independent.labels_of(i))
+    # renormalising: the same patch, re-standardised by hand from the old statistics
+    before, (m0, s0) = dm.patches[i], (np.asarray(dm.mean), np.asarray(dm.std))
+    dm.use_statistics((-10.0, -20.0), (5.0, 4.0))
+    assert dm.mean == (-10.0, -20.0) and dm.std == (5.0, 4.0)
+    valid = before["valid"].numpy()
+    raw = before["image"].numpy() * s0[:, None, None] + m0[:, None, None]
+    expected = np.where(valid, (raw - np.array([-10.0, -20.0])[:, None, None]) / np.array([5.0, 4.0])[:, None, None], 0)
+    np.testing.assert_allclose(dm.patches[i]["image"].numpy(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(DomainFMError, match="--in-chans 3 does not match the data: s1 patches have 2 bands"):
+        eo.finetune_datamodule(cfg, img_size=16, batch_size=4, in_chans=3)
+    with pytest.raises(DomainFMError, match="3 means and 2 stds for 2 bands"):
+        dm.use_statistics((0.0, 0.0, 0.0), (1.0, 1.0))
+
+
+def test_band_names_come_from_the_band_plugin_and_the_base_plugin_offers_no_data():
+    from domainfm import plugins
+    from domainfm.config import RunConfig
+
+    plan = plugins.load("eo-sar").band_alignment(("B4", "B3", "B2"), ("B02", "B03", "B04", "B08"))
+    assert (plan.have, plan.want, plan.changed) == (("B4", "B3", "B2"), ("B2", "B3", "B4", "B8"), True)
+    rgb = torch.arange(3.0)[:, None, None].expand(3, 2, 2)  # red 0, green 1, blue 2
+    np.testing.assert_array_equal(plan.apply(rgb)[:, 0, 0].numpy(), [2.0, 1.0, 0.0, 0.0])
+    assert "filled with the band mean: B8" in plan.summary()
+    base = plugins.Plugin()
+    base.name = "bare"
+    with pytest.raises(DomainFMError, match="plugin 'bare' offers no fine-tuning data"):
+        base.finetune_datamodule(RunConfig(), img_size=8, batch_size=1)
+    with pytest.raises(DomainFMError, match="plugin 'bare' names no bands to align"):
+        base.band_alignment(("B1",), ("B1",))

@@ -15,14 +15,13 @@ from typing import Any
 
 from domainfm.errors import DomainFMError
 from domainfm.plugins import Plugin
-from plugins.eo_sar.bands import BANDS, CLASS_NAMES, MODALITY_BANDS, MODALITY_NAMES
+from plugins.eo_sar.bands import BANDS, MODALITY_BANDS, MODALITY_NAMES
 
 
 class EOSARPlugin(Plugin):
     name = "eo-sar"
     description = ("Sentinel-2 (13 bands) / Sentinel-1 (VV, VH) GeoTIFF patches with Dynamic World "
                    "land-cover multi-labels; linear-probe and kNN mAP evaluation")
-    label_names = CLASS_NAMES
 
     # -- flags ------------------------------------------------------------------------------------
 
@@ -163,6 +162,21 @@ class EOSARPlugin(Plugin):
 
         ds = datamodule.dataset
         return export_metadata(datamodule.plan, ds.stats.mean, ds.stats.std, cfg.modality)
+
+    def finetune_datamodule(self, cfg, *, img_size: int, batch_size: int, num_workers: int = 0,
+                            in_chans: int | None = None, seed: int = 0):
+        """Multi-label land-cover patches for another plugin's fine-tuning: see
+        :mod:`plugins.eo_sar.finetune_data`."""
+        from plugins.eo_sar.finetune_data import finetune_datamodule
+
+        return finetune_datamodule(cfg, img_size=img_size, batch_size=batch_size, num_workers=num_workers,
+                                   in_chans=in_chans, seed=seed)
+
+    def band_alignment(self, have, want):
+        """Sentinel-1/2 band names aligned by name: :func:`plugins.eo_sar.bands.plan_band_alignment`."""
+        from plugins.eo_sar.bands import plan_band_alignment
+
+        return plan_band_alignment(have, want)
 
     # -- evaluation and extra commands ------------------------------------------------------------
 

@@ -80,12 +80,12 @@ class SGDFinetunePlugin(Plugin):
         return {"weight_decay": 0.0, "warmup_steps": 0, "lr": 1e-3}
 
     def in_chans(self, cfg) -> int:
-        from plugins.sgd_ft.run import build_datamodule
+        from plugins.sgd_ft.datamodule import build_datamodule
 
         return build_datamodule(cfg).in_chans
 
     def finetune(self, cfg) -> dict[str, Any]:
-        from plugins.sgd_ft.run import finetune
+        from plugins.sgd_ft.jobs import finetune
 
         return finetune(cfg)
 

@@ -1,11 +1,11 @@
 """Fine-tuning data in the ImageFolder layout: ordinary images or multi-band GeoTIFFs.
 
-``ROOT/train/<class>/*``, ``ROOT/val/<class>/*`` and optionally ``ROOT/test/<class>/*``. Files are
-read by the core's one image reader (:func:`domainfm.data.read_image`), which keeps bit depth:
+``ROOT/train/<class>/*``, ``ROOT/val/<class>/*`` and optionally ``ROOT/test/<class>/*``, walked by
+torchvision's ``DatasetFolder`` (:class:`ClassFolders`). Files are read by the core's one image reader (:func:`domainfm.data.read_image`), which keeps bit depth:
 PNG/JPEG (and the other formats Pillow reads) become 3-band RGB scaled by their data type (8-bit
 / 255, 16-bit / 65535, so a 16-bit PNG is not clipped to white); ``.tif``/``.tiff`` files keep every
-band and their stored values (standardised later with the train split's band statistics). Every file's header is read up front, so a bad file, an empty class
-folder or a band count that disagrees with ``--in-chans`` stops the run before any training, with
+band and their stored values (standardised later with the train split's band statistics). Every
+file's header is read up front, so a bad file, an empty class folder or a band count that disagrees with ``--in-chans`` stops the run before any training, with
 the file named.
 """
 
@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+from torchvision.datasets import DatasetFolder
 
 from domainfm.data import IMAGE_SUFFIXES, PIL_SUFFIXES, TIFF_SUFFIXES, image_info  # noqa: F401 (re-exported)
+from domainfm.data import band_statistics
 from domainfm.data import read_image as _read_any_image
 from domainfm.errors import DomainFMError
 
@@ -52,9 +54,10 @@ def read_channels(path: Path) -> int:
     return 3
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: str | Path) -> np.ndarray:
     """float32 [C, H, W]: RGB scaled by the data type (0..1 for 8- and 16-bit) for Pillow formats,
     the stored band values for TIFFs (NaN where the file declares nodata)."""
+    path = Path(path)
     if path.suffix.lower() in TIFF_SUFFIXES:
         return _read_any_image(path, scale=False)
     return _read_any_image(path, rgb=True)
@@ -64,33 +67,53 @@ def class_folders(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+class ClassFolders(DatasetFolder):
+    """One split's ``<class>/<image>`` files, walked by torchvision's ``DatasetFolder`` with the
+    core's :func:`domainfm.data.read_image` as its loader (bit depth kept; ``dataset[i]`` is
+    ``(float32 [C, H, W], class index)``). Class folders and images whose names start with "." are
+    skipped, and only a class folder's own images count (not those of its sub-folders).
+    ``train_classes`` (from train) fixes the class indices of val/test, whose classes must all
+    exist in train. Every mistake is a DomainFMError naming the folder."""
+
+    def __init__(self, split_dir: Path, train_classes: Sequence[str] | None = None) -> None:
+        self.split_dir = Path(split_dir)
+        self.train_classes = None if train_classes is None else list(train_classes)
+        super().__init__(str(split_dir), loader=read_image, is_valid_file=self._is_own_image, allow_empty=True)
+        self.classes = self.train_classes if self.train_classes is not None else self.classes
+        found = {index for _, index in self.samples}
+        for name in sorted(self.class_to_idx):  # the first empty class folder, by name
+            if self.class_to_idx[name] not in found:
+                raise DomainFMError(f"class folder holds no images ({', '.join(IMAGE_SUFFIXES)})",
+                                    path=self.split_dir / name, fix="add images to it or remove the folder")
+
+    def _is_own_image(self, path: str) -> bool:
+        p = Path(path)
+        return p.parent.parent == self.split_dir and is_image(p)
+
+    def find_classes(self, directory) -> tuple[list[str], dict[str, int]]:
+        folders = class_folders(Path(directory))
+        if not folders:
+            raise DomainFMError("holds no class folders", path=directory, fix="put the images in <class>/ sub-folders")
+        names = [f.name for f in folders]
+        classes = names if self.train_classes is None else self.train_classes
+        unknown = [n for n in names if n not in classes]
+        if unknown:
+            split = Path(directory).name
+            raise DomainFMError(f"classes {', '.join(unknown)} are not in train/", path=directory,
+                                fix="add those classes to train/ or remove them from " + split + "/")
+        return names, {n: classes.index(n) for n in names}
+
+
 def scan_split(root: Path, split: str, classes: Sequence[str] | None = None) -> tuple[list[str], list[ImageFile]]:
-    """Class names and files of one split. ``classes`` (from train) fixes the label indices of
-    val/test, whose classes must all exist in train."""
+    """Class names and files of one split (:class:`ClassFolders`), each file's header read. ``classes``
+    (from train) fixes the label indices of val/test, whose classes must all exist in train."""
     split_dir = root / split
     if not split_dir.is_dir():
         raise DomainFMError(f"no {split}/ folder (the ImageFolder layout needs {split}/<class>/<image>)",
                             path=root, fix=f"create {split_dir}/<class>/ folders of images")
-    folders = class_folders(split_dir)
-    if not folders:
-        raise DomainFMError("holds no class folders", path=split_dir, fix="put the images in <class>/ sub-folders")
-    names = [f.name for f in folders]
-    if classes is None:
-        classes = names
-    else:
-        unknown = [n for n in names if n not in classes]
-        if unknown:
-            raise DomainFMError(f"classes {', '.join(unknown)} are not in train/", path=split_dir,
-                                fix="add those classes to train/ or remove them from " + split + "/")
-    index = {c: i for i, c in enumerate(classes)}
-    labelled: list[tuple[Path, int]] = []
-    for folder in folders:
-        images = sorted(p for p in folder.iterdir() if is_image(p))
-        if not images:
-            raise DomainFMError(f"class folder holds no images ({', '.join(IMAGE_SUFFIXES)})", path=folder,
-                                fix="add images to it or remove the folder")
-        labelled += [(p, index[folder.name]) for p in images]
-    return list(classes), [ImageFile(p, label, read_channels(p)) for p, label in _progress(labelled, split)]
+    folder = ClassFolders(split_dir, classes)
+    labelled = [(Path(p), label) for p, label in folder.samples]
+    return list(folder.classes), [ImageFile(p, label, read_channels(p)) for p, label in _progress(labelled, split)]
 
 
 def _progress(items: list, split: str):
@@ -121,24 +144,13 @@ def check_channels(files: Sequence[ImageFile], in_chans: int | None) -> int:
     return first.channels
 
 
-def band_statistics(files: Sequence[ImageFile]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-band mean and std over every valid (not nodata) pixel of (at most STATS_MAX_FILES,
-    evenly spaced) files."""
+def split_statistics(files: Sequence[ImageFile]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean and std (float32 [C]) over every valid (not nodata) pixel of (at most
+    STATS_MAX_FILES, evenly spaced) files, by the core's :func:`domainfm.data.band_statistics`."""
     step = max(1, len(files) // STATS_MAX_FILES)
     chosen = list(files)[::step][:STATS_MAX_FILES]
-    total = sq = None
-    count = 0
-    for f in chosen:
-        x = read_image(f.path).astype(np.float64).reshape(f.channels, -1)
-        valid = ~np.isnan(x)
-        x = np.where(valid, x, 0.0)
-        total = x.sum(1) if total is None else total + x.sum(1)
-        sq = (x ** 2).sum(1) if sq is None else sq + (x ** 2).sum(1)
-        count = valid.sum(1) + count
-    count = np.maximum(count, 1)
-    mean = total / count
-    std = np.sqrt(np.maximum(sq / count - mean ** 2, 0.0))
-    return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
+    stats = band_statistics(read_image(f.path) for f in chosen)
+    return stats.mean.astype(np.float32), stats.std.astype(np.float32)
 
 
 class ImageFolderClassification:

@@ -1,6 +1,7 @@
-"""LightningDataModules of the fine-tuning data: ImageFolder (single-label) and the eo-sar layout
-(multi-label). Both are set up eagerly in ``__init__`` so every data mistake surfaces before a
-model is built, and both give batches ``{"image": float [B, C, S, S], "label": ...}``."""
+"""The ImageFolder LightningDataModule (single-label): set up eagerly in ``__init__`` so every data
+mistake surfaces before a model is built; batches ``{"image": float [B, C, S, S], "label": long [B]}``.
+Multi-label data comes from the eo-sar plugin's ``finetune_datamodule`` hook (batches
+``{"image", "labels": float [B, K]}``), asked for through ``domainfm.plugins.load("eo-sar")``."""
 
 from __future__ import annotations
 
@@ -14,19 +15,13 @@ from torch.utils.data import DataLoader
 
 from domainfm.data import loader_kwargs
 from domainfm.errors import DomainFMError
-from plugins.sgd_ft.data import (PIL_SUFFIXES, ImageFolderClassification, band_statistics, check_channels,
-                                 scan_split)
+from plugins.sgd_ft.data import PIL_SUFFIXES, ImageFolderClassification, check_channels, scan_split, split_statistics
 
 MULTICLASS, MULTILABEL = "multiclass", "multilabel"
-# eo-sar roots have no split folders: labelled patches are split by a seeded shuffle
-EOSAR_SPLIT = (0.6, 0.2, 0.2)
 
 
 def _collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    images = torch.stack([s["image"] for s in samples])
-    labels = [s["label"] for s in samples]
-    label = torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.as_tensor(labels)
-    return {"image": images, "label": label}
+    return {"image": torch.stack([s["image"] for s in samples]), "label": torch.as_tensor([s["label"] for s in samples])}
 
 
 class _Loaders(L.LightningDataModule):
@@ -77,13 +72,16 @@ class ImageFolderDataModule(_Loaders):
         if not self.root.is_dir():
             raise DomainFMError("data folder not found", path=self.root, fix="give --data an existing folder")
         self.classes, train = scan_split(self.root, "train")
+        if len(self.classes) < 2:  # accuracy (torchmetrics) and cross-entropy need two classes
+            raise DomainFMError(f"holds one class folder ({self.classes[0]}); classification needs at least two",
+                                path=self.root / "train", fix="add a train/<class>/ folder for every class")
         _, val = scan_split(self.root, "val", self.classes)
         test = scan_split(self.root, "test", self.classes)[1] if (self.root / "test").is_dir() else None
         self.in_chans = check_channels(train + val + (test or []), in_chans)
         if all(f.path.suffix.lower() in PIL_SUFFIXES for f in train):
             mean, std = np.asarray(rgb_mean, np.float32), np.asarray(rgb_std, np.float32)
         else:
-            mean, std = band_statistics(train)
+            mean, std = split_statistics(train)
         self.mean, self.std = mean, std
         kw = dict(img_size=img_size, mean=mean, std=std)
         self.train_set = ImageFolderClassification(train, self.classes, augment=True, **kw)
@@ -91,73 +89,24 @@ class ImageFolderDataModule(_Loaders):
         self.test_set = ImageFolderClassification(test, self.classes, **kw) if test else None
 
 
-class _EOSARSubset:
-    """Labelled eo-sar patches resized to the model's input, as ``{"image", "label": multi-hot}``."""
-
-    def __init__(self, patches, indices: Sequence[int], img_size: int) -> None:
-        self.patches = patches
-        self.indices = list(indices)
-        self.img_size = img_size
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        import torch.nn.functional as F
-
-        sample = self.patches[self.indices[i]]
-        image = sample["image"]
-        if tuple(image.shape[1:]) != (self.img_size, self.img_size):
-            image = F.interpolate(image[None], size=(self.img_size, self.img_size), mode="bilinear",
-                                  align_corners=False, antialias=True)[0]
-        return {"image": image.contiguous(), "label": sample["labels"].float()}
+MULTILABEL_PLUGIN = "eo-sar"  # the plugin whose finetune_datamodule hook gives --task multilabel its data
 
 
-class EOSARMultilabelDataModule(_Loaders):
-    """The eo-sar layout (``ROOT/s2|s1/*.tif`` with ``landcover/`` or ``labels.csv``) read by the
-    eo-sar plugin's own dataset; the labelled patches are split 60/20/20 by a seeded shuffle."""
+def build_datamodule(cfg):
+    """The run's data: an ImageFolder (``--task multiclass``), or the eo-sar plugin's multi-label
+    patches through its ``finetune_datamodule`` hook (``--task multilabel``; without --data, its
+    embedded sample)."""
+    if cfg.task == MULTILABEL:
+        from domainfm import plugins
 
-    task = MULTILABEL
+        return plugins.load(MULTILABEL_PLUGIN).finetune_datamodule(
+            cfg, img_size=cfg.img_size, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+            in_chans=cfg.in_chans, seed=cfg.seed)
+    if cfg.data is None:
+        raise DomainFMError("sgd-ft needs --data ROOT with train/<class>/ and val/<class>/ image folders",
+                            fix="pass --data, or --task multilabel for the eo-sar sample")
+    from domainfm.backbones import normalization_for_config
 
-    def __init__(self, root: str | Path, *, modality: str = "s2", label_threshold: float = 0.01, img_size: int,
-                 batch_size: int, num_workers: int = 0, in_chans: int | None = None, seed: int = 0,
-                 layout: str = "domainfm") -> None:
-        super().__init__(batch_size, num_workers)
-        from plugins.eo_sar.bands import CLASS_NAMES, MODALITY_BANDS
-        from plugins.eo_sar.datasets import EOSARPatches
-        from plugins.eo_sar.layouts import open_layout, resolve_layout
-
-        self.root = Path(root)
-        bands = len(MODALITY_BANDS[modality])
-        if in_chans is not None and in_chans != bands:
-            raise DomainFMError(f"--in-chans {in_chans} does not match the data: {modality} patches have {bands} bands",
-                                path=self.root / modality, fix=f"pass --in-chans {bands} or drop --in-chans")
-        layout = resolve_layout(self.root, layout)[0]
-        if layout != "domainfm":  # a standard dataset: its official splits and classes
-            patches = open_layout(self.root, layout, modality, purpose="evaluate", label_threshold=label_threshold)
-            self.classes = list(patches.class_names)
-            self.in_chans = bands
-            parts = {s: [i for i in patches.indices_of(s) if patches.labels_of(i) is not None] for s in ("train", "val", "test")}
-            if not parts["train"] or not (parts["val"] or parts["test"]):
-                raise DomainFMError(f"layout {layout} needs labelled patches in its train and val/test splits", path=self.root,
-                                    fix="check the download")
-            self.train_set = _EOSARSubset(patches, parts["train"], img_size)
-            self.val_set = _EOSARSubset(patches, parts["val"] or parts["test"], img_size)
-            self.test_set = _EOSARSubset(patches, parts["test"], img_size) if parts["test"] else None
-            self.patches = patches
-            return
-        patches = EOSARPatches(self.root, modality, label_threshold=label_threshold)
-        labelled = [i for i in range(len(patches)) if patches.labels_of(i) is not None]
-        if len(labelled) < 3:
-            raise DomainFMError(f"only {len(labelled)} patches have land-cover labels; fine-tuning needs at least 3",
-                                path=self.root, fix="add landcover/ rasters or a labels.csv")
-        order = np.random.default_rng(seed).permutation(labelled)
-        n_val = max(1, round(EOSAR_SPLIT[1] * len(order)))
-        n_test = max(1, round(EOSAR_SPLIT[2] * len(order)))
-        n_train = len(order) - n_val - n_test
-        self.classes = list(CLASS_NAMES)
-        self.in_chans = bands
-        self.train_set = _EOSARSubset(patches, order[:n_train], img_size)
-        self.val_set = _EOSARSubset(patches, order[n_train:n_train + n_val], img_size)
-        self.test_set = _EOSARSubset(patches, order[n_train + n_val:], img_size)
-        self.patches = patches
+    mean, std = normalization_for_config(cfg)  # the mean/std the backbone normalises RGB input with
+    return ImageFolderDataModule(cfg.data, img_size=cfg.img_size, batch_size=cfg.batch_size,
+                                 num_workers=cfg.num_workers, in_chans=cfg.in_chans, rgb_mean=mean, rgb_std=std)

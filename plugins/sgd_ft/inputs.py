@@ -4,6 +4,8 @@
   :class:`domainfm.backbones.InputSpec`) keeps them: 3-band RGB images feed a Sentinel-2 model's
   B4, B3, B2 by name, every other band is filled with its mean (0 after normalisation); the
   patch embedding is not touched. eo-sar patches are normalised with the backbone's statistics.
+  Band names are the eo-sar plugin's vocabulary, asked for through
+  ``domainfm.plugins.load("eo-sar").band_alignment`` (a plugin never imports another).
 - A backbone whose weights have another band count and no band names gets its patch embedding
   re-adapted (``--patch-embed-init``), announced in one line.
 Each decision is one line on stderr and a tag on the MLflow run.
@@ -14,6 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 RGB_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# Sentinel-2's true-colour bands: red, green, blue. An RGB image fed to a Sentinel-2 model carries these names.
+S2_RGB_BANDS = ("B4", "B3", "B2")
+BAND_PLUGIN = "eo-sar"  # the plugin whose band vocabulary (Sentinel-1/2 names) aligns bands by name
 
 
 class AlignedSplit:
@@ -66,9 +71,9 @@ def match_backbone_bands(cfg, dm) -> dict[str, str]:
     lines: list[str] = []
     data_names = _data_band_names(dm, spec)
     if spec is not None and spec.bands and data_names is not None:
-        from plugins.eo_sar.bands import plan_band_alignment
+        from domainfm import plugins
 
-        alignment = plan_band_alignment(data_names, spec.bands)
+        alignment = plugins.load(BAND_PLUGIN).band_alignment(data_names, spec.bands)
         tags["sgd_ft.data_bands"] = ",".join(alignment.have)
         if alignment.changed:
             for split in ("train_set", "val_set", "test_set"):
@@ -95,23 +100,21 @@ def match_backbone_bands(cfg, dm) -> dict[str, str]:
 
 
 def _data_band_names(dm, spec) -> tuple[str, ...] | None:
-    """Names of the data's bands when known: eo-sar patches carry theirs; 3-band RGB images are
-    B4, B3, B2 for a Sentinel-2 backbone (red, green, blue)."""
-    patches = getattr(dm, "patches", None)
-    if patches is not None and getattr(patches, "bands", None):
-        _use_backbone_stats(dm, patches, spec)
-        return tuple(patches.bands)
+    """Names of the data's bands when known: a plugin's finetune datamodule (eo-sar patches)
+    carries them as ``dm.bands``; 3-band RGB images are B4, B3, B2 for a Sentinel-2 backbone
+    (red, green, blue)."""
+    if getattr(dm, "bands", None):
+        _use_backbone_stats(dm, spec)
+        return tuple(dm.bands)
     train = getattr(dm, "train_set", None)
     files = getattr(train, "files", None) or []
     if (spec is not None and spec.bands and all(str(b).startswith("B") for b in spec.bands) and int(dm.in_chans) == 3
             and files and all(str(f.path).lower().endswith(RGB_SUFFIXES) for f in files)):
-        from plugins.eo_sar.bands import S2_RGB_BANDS
-
         return S2_RGB_BANDS
     return None
 
 
-def _use_backbone_stats(dm, patches, spec) -> None:
+def _use_backbone_stats(dm, spec) -> None:
     """eo-sar patches are normalised with the backbone's recorded statistics, when it has them."""
     import click
 
@@ -119,10 +122,8 @@ def _use_backbone_stats(dm, patches, spec) -> None:
         click.echo("sgd-ft: the backbone records no normalisation statistics: the eo-sar patches are normalised "
                    "with the data's own", err=True)
         return
-    from plugins.eo_sar.datasets import BandStats
-
     by_band = dict(zip(spec.bands, zip(spec.mean, spec.std)))
-    mean = tuple(float(by_band[b][0]) if b in by_band else m for b, m in zip(patches.bands, patches.stats.mean))
-    std = tuple(float(by_band[b][1]) if b in by_band else s for b, s in zip(patches.bands, patches.stats.std))
-    patches.use_stats(BandStats(mean, std))
+    mean = tuple(float(by_band[b][0]) if b in by_band else m for b, m in zip(dm.bands, dm.mean))
+    std = tuple(float(by_band[b][1]) if b in by_band else s for b, s in zip(dm.bands, dm.std))
+    dm.use_statistics(mean, std)
     click.echo(f"sgd-ft: normalising the eo-sar patches with the backbone's own statistics ({spec.source})", err=True)

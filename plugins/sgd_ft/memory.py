@@ -10,7 +10,8 @@ per spec because measuring specs one after another in one process drifted by up 
 that one spec frees is partly reused or trimmed under the next one's baseline).
 
 Weights are random (their values do not change the memory); the architecture, bands, input size,
-batch size, head, freezing, optimizer and precision are those of the run.
+batch size, head, freezing, optimizer and precision are those of the run. :class:`MemoryMeter`
+measures each (architecture, arm) of a run once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import os
 import resource
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from plugins.sgd_ft.arms import Arm
 
 PROBE_STEPS = 2  # the first step allocates the optimizer state; the second runs with it in place
 
@@ -163,6 +167,36 @@ def measure_many(specs: list[dict[str, Any]], *, timeout: float = 1800.0, parall
 
 def measure(spec: dict[str, Any], *, timeout: float = 1800.0) -> dict[str, Any]:
     return measure_many([spec], timeout=timeout)[0]
+
+
+# ---------------------------------------------------------------- per-run meter
+
+class MemoryMeter:
+    """Peak memory of a training step per (architecture, arm) on CPU, measured once and
+    remembered, so a sweep does not repeat it for every learning rate. The first request measures
+    every arm in ``planned`` at once (separate processes side by side)."""
+
+    def __init__(self, cfg, dm, planned=()) -> None:
+        self.cfg = cfg
+        self.dm = dm
+        self.planned = list(planned)
+        self.cache: dict[str, dict[str, Any]] = {}
+
+    def spec(self, backbone_name: str, arm: Arm) -> dict[str, Any]:
+        return probe_spec(backbone=backbone_name, in_chans=self.dm.in_chans, img_size=self.cfg.img_size,
+                          batch_size=self.cfg.batch_size, num_outputs=self.dm.num_outputs, task=self.dm.task,
+                          optimizer=arm.optimizer, momentum=self.cfg.momentum, freeze_embed=arm.freeze_embed,
+                          freeze_pos_embed=bool(self.cfg.freeze_pos_embed), precision=self.cfg.precision)
+
+    def cpu_peak(self, backbone_name: str, arm: Arm) -> int | None:
+        if not self.cfg.measure_memory:
+            return None
+        key = json.dumps(self.spec(backbone_name, arm), sort_keys=True)
+        if key not in self.cache:
+            specs = [self.spec(backbone_name, a) for a in dict.fromkeys([arm] + self.planned)]
+            for s, r in zip(specs, measure_many(specs)):
+                self.cache[json.dumps(s, sort_keys=True)] = r
+        return int(self.cache[key]["peak_memory_bytes"])
 
 
 if __name__ == "__main__":  # the child process of measure_many()

@@ -1,30 +1,63 @@
 """The fine-tuning LightningModule: one loss (cross-entropy, or BCE for multi-label), SGD or AdamW
 on the parameters left trainable, a per-step warm-up + cosine schedule, and validation/test
-accuracy (single-label) or macro mAP (multi-label)."""
+accuracy (single-label) or macro mAP (multi-label), kept by torchmetrics metrics that sync their
+state across ranks when they compute (every rank gets the score of the whole split, so best-weight
+tracking and early stopping agree)."""
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
+from domainfm.errors import DomainFMError
 from domainfm.training import warmup_cosine
 from plugins.sgd_ft.model import MULTILABEL, Classifier, loss_fn
 from plugins.sgd_ft.optim import build_optimizer
 
+# torchmetrics' notes on a class without positives (its AP is left out below) and on keeping every
+# score in memory (a validation split is small): expected here, not worth a line on every validation
+_QUIET = (r".*No positive samples found in target.*", r".*will save all targets and predictions in .*buffer.*")
 
-def accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
-    return float((logits.argmax(1) == targets).mean())
+
+@contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        for message in _QUIET:
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
-def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Macro mAP over the classes that have at least one positive (others have no defined AP)."""
-    from domainfm.metrics import multilabel_average_precision
+def configure_metrics(task: str, num_outputs: int) -> nn.ModuleDict:
+    """The metrics of one stage. Multi-label: per-class average precision (exact, no binning: ties
+    as sklearn) and the per-class statistics whose support says which classes have a positive.
+    Single-label: top-1 accuracy over every sample (micro)."""
+    from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision, MultilabelStatScores
 
-    return float(multilabel_average_precision(scores, targets)["macro"])
+    with _quiet():
+        if task == MULTILABEL:
+            return nn.ModuleDict({"ap": MultilabelAveragePrecision(num_outputs, average="none"),
+                                  "stats": MultilabelStatScores(num_outputs, average="none")})
+        return nn.ModuleDict({"accuracy": MulticlassAccuracy(num_outputs, average="micro")})
+
+
+def compute_score(task: str, metrics: nn.ModuleDict) -> float:
+    """The stage's score from its metrics (synced across ranks): accuracy, or macro mAP over the
+    classes that have at least one positive (the others have no defined AP)."""
+    with _quiet():
+        if task != MULTILABEL:
+            return float(metrics["accuracy"].compute())
+        per_class = metrics["ap"].compute()
+        support = metrics["stats"].compute()[:, 4]  # tp, fp, tn, fn, support
+    if not bool((support > 0).any()):
+        raise DomainFMError("no class has a positive sample: average precision is undefined",
+                            fix="evaluate on data with labels")
+    return float(per_class[support > 0].double().mean())
 
 
 class FineTuneTask(L.LightningModule):
@@ -40,14 +73,16 @@ class FineTuneTask(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.criterion = loss_fn(task)
         self.metric_name = "mAP" if task == MULTILABEL else "accuracy"
-        self._outputs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.stage_metrics = nn.ModuleDict({stage: configure_metrics(task, model.head.out_features)
+                                            for stage in ("val", "test")})
         self.last_metrics: dict[str, float] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def _target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return batch["label"].float() if self.task == MULTILABEL else batch["label"].long()
+        # multi-label batches (another plugin's finetune_datamodule) carry "labels": float [B, K]
+        return batch["labels"].float() if self.task == MULTILABEL else batch["label"].long()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.criterion(self(batch["image"]), self._target(batch))
@@ -57,23 +92,23 @@ class FineTuneTask(L.LightningModule):
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         logits = self(batch["image"]).float()
-        loss = self.criterion(logits, self._target(batch))
+        target = self._target(batch)
+        loss = self.criterion(logits, target)
         self.log(f"{stage}/loss", loss, batch_size=batch["image"].shape[0])
-        scores = torch.sigmoid(logits) if self.task == MULTILABEL else logits
-        self._outputs.append((scores.detach().cpu().numpy(), batch["label"].cpu().numpy()))
+        if self.task == MULTILABEL:
+            scores, target = torch.sigmoid(logits).detach(), target.long()
+        else:
+            scores = logits.detach()
+        for metric in self.stage_metrics[stage].values():
+            metric.update(scores, target)
 
     def _eval_end(self, stage: str) -> None:
-        if not self._outputs:
+        metrics = self.stage_metrics[stage]
+        if not next(iter(metrics.values())).update_count:
             return
-        scores = np.concatenate([o[0] for o in self._outputs])
-        targets = np.concatenate([o[1] for o in self._outputs])
-        self._outputs.clear()
-        if self.trainer.world_size > 1:
-            # every rank scores the whole split (DistributedSampler gives each the same count), so
-            # best-weight tracking and early stopping agree across ranks
-            scores, targets = (self.all_gather(torch.from_numpy(a)).flatten(0, 1).cpu().numpy()
-                               for a in (scores, targets))
-        value = mean_average_precision(scores, targets) if self.task == MULTILABEL else accuracy(scores, targets)
+        value = compute_score(self.task, metrics)
+        for metric in metrics.values():
+            metric.reset()
         self.last_metrics[f"{stage}/{self.metric_name}"] = value
         # the value is already the same on every rank; sync_dist only keeps Lightning's bookkeeping happy
         self.log(f"{stage}/{self.metric_name}", value, prog_bar=True, sync_dist=self.trainer.world_size > 1)
