@@ -193,7 +193,7 @@ def test_pipeline_ensemble_finds_and_looks_at_the_planted_tiles(cohort_dir, tmp_
     assert hits / total >= 0.7, f"only {hits}/{total} top-attention tiles are planted ones"
 
     # one slide's heatmap through the plugin command, from the registered model
-    from plugins.histo.cli import heatmap_command
+    from plugins.histo.commands import heatmap_command
 
     sid = next(r["slide_id"] for r in preds if r["label"] == "1")
     png = tmp_path / "one.png"
