@@ -179,9 +179,9 @@ def _tracked_run(train, external, folds_idx, bags, ext_bags, settings, out: Path
                              "classes": ",".join(train.class_names)})
         members = jobs.train_members(bags, y, folds_idx, n_classes, settings, seeds, seed, experiment,
                                      ext_bags=ext_bags, ext_y=external.labels if external else None)
-        metrics = jobs.evaluate_cv(train, members, target=target, n_boot=n_boot, seed=seed, out=out)
+        metrics, oof_probs, oof_fold = jobs.evaluate_cv(train, members, target=target, n_boot=n_boot, seed=seed,
+                                                        out=out)
         constant = metrics.pop("constant_predictions")
-        oof_probs, oof_fold = metrics.pop("oof_probs"), metrics.pop("oof_fold")
         oneshot_state, metrics["oneshot_epochs"] = jobs.train_oneshot(bags, y, members, n_classes, settings, seed,
                                                                       experiment)
         states = [m.state for m in members]

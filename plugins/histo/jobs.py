@@ -88,12 +88,13 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def evaluate_cv(train, members, *, target: str, n_boot: int, seed: int, out: Path) -> dict[str, Any]:
+def evaluate_cv(train, members, *, target: str, n_boot: int, seed: int,
+                out: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Internal cross-validation: member AUCs, the out-of-fold ensemble's AUC with its bootstrap CI
     and balanced accuracy, the ROC plot (binary), and the out-of-fold predictions saved as
     ``OUT/tables/cv_predictions.csv`` and logged (the CSV under ``tables/`` and an MLflow table
-    ``tables/cv_predictions.json``). The returned metrics hold ``oof_probs`` [N, C], ``oof_fold``
-    [N] and ``constant_predictions`` for the caller to take out."""
+    ``tables/cv_predictions.json``). Returns (metrics with ``constant_predictions`` for the caller
+    to take out, out-of-fold probabilities [N, C], fold per slide [N])."""
     from domainfm import tracking
     from domainfm.metrics import is_constant, roc_auc_ci
     from plugins.histo.slide_metrics import balanced_accuracy
@@ -111,11 +112,11 @@ def evaluate_cv(train, members, *, target: str, n_boot: int, seed: int, out: Pat
                    {"c": "lightgrey", "lw": 0.8}) for i, m in enumerate(members)]
         curves.append(("ensemble, out of fold", y, oof_mean[:, 1], {"c": "C0", "lw": 2}))
         log_roc(curves, f"{target}: internal cross-validation", out, "plots/roc_cv.png")
-    return {"constant_predictions": ["out-of-fold ensemble"] if is_constant(oof_mean) else [],
-            "oof_probs": oof_mean, "oof_fold": fold,
-            "cv_auc_mean": float(np.nanmean(cv_aucs)), "cv_auc_std": float(np.nanstd(cv_aucs)),
-            "cv_auc_ensemble": auc, "cv_auc_ensemble_ci": [lo, hi],
-            "cv_balanced_accuracy_ensemble": balanced_accuracy(y, oof_mean)}
+    metrics = {"constant_predictions": ["out-of-fold ensemble"] if is_constant(oof_mean) else [],
+               "cv_auc_mean": float(np.nanmean(cv_aucs)), "cv_auc_std": float(np.nanstd(cv_aucs)),
+               "cv_auc_ensemble": auc, "cv_auc_ensemble_ci": [lo, hi],
+               "cv_balanced_accuracy_ensemble": balanced_accuracy(y, oof_mean)}
+    return metrics, oof_mean, fold
 
 
 def train_oneshot(bags, y, members, n_classes, settings, seed, experiment) -> tuple[dict, int]:
