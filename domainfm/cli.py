@@ -94,7 +94,7 @@ def _resolve_config(ctx: click.Context, command: str, params: dict[str, Any]):
     return cfg, plugin
 
 
-def _write_json(path: str | None, metrics: dict[str, Any]) -> None:
+def write_json(path: str | None, metrics: dict[str, Any]) -> None:
     if not path:
         return
     p = Path(path)
@@ -104,7 +104,7 @@ def _write_json(path: str | None, metrics: dict[str, Any]) -> None:
     tmp.replace(p)
 
 
-def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
+def print_metrics(title: str, metrics: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -137,8 +137,8 @@ def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
             metrics = plugin_run(cfg, plugin, getattr(plugin, command))
         if metrics is None:  # a non-zero rank of a multi-process run reports nothing
             return
-        _write_json(cfg.json, metrics)
-        _print_metrics(f"{command} --plugin {cfg.plugin}", metrics)
+        write_json(cfg.json, metrics)
+        print_metrics(f"{command} --plugin {cfg.plugin}", metrics)
     except DomainFMError as e:
         _fail(e)
     except KeyboardInterrupt:

@@ -314,9 +314,16 @@ def roc_auc(y_true, y_score) -> float:
 
 
 def roc_auc_ci(y_true, y_score, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """ROC AUC (as :func:`roc_auc`: [N] scores or [N, C] probabilities, noise-level differences
-    tied) with a percentile bootstrap confidence interval (resampling cases with replacement;
-    resamples missing a class are redrawn, since AUC is undefined there).
+    """ROC AUC with a percentile bootstrap confidence interval (Efron & Tibshirani 1993, ch. 13):
+    the one AUC-with-CI of domainfm, for every plugin and pipeline.
+
+    ``y_true`` [N] integer labels; ``y_score`` [N] scores of label 1 (binary), or class
+    probabilities [N, C] (two columns: the second ranks; more: macro one-vs-rest AUC, as
+    ``sklearn.metrics.roc_auc_score(multi_class="ovr", average="macro")``). Scores that differ by
+    less than floating-point noise are ties (:func:`tie_scores`). The interval: ``n_boot`` resamples
+    of the cases with replacement (``numpy.random.default_rng(seed)``; a resample missing a class is
+    redrawn, since AUC is undefined there), the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles
+    of their AUCs (numpy's linear interpolation). Returns ``(auc, lo, hi)``, floats in [0, 1].
 
     Raises DomainFMError when the cases hold a single class."""
     import numpy as np

@@ -418,3 +418,20 @@ def lightning_logger(run_id: str, experiment: str):
     from lightning.pytorch.loggers import MLFlowLogger
 
     return MLFlowLogger(experiment_name=experiment, tracking_uri=configure(), run_id=run_id, log_model=False)
+
+
+def log_table(rows: list[dict[str, Any]], artifact_file: str) -> None:
+    """Rows as an MLflow table (``mlflow.log_table``: a JSON artifact the MLflow UI shows and
+    ``mlflow.load_table`` reads back); ``artifact_file`` ends in ``.json``."""
+    import mlflow
+
+    if rows:
+        mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, artifact_file)
+
+
+def load_pyfunc_model(model_uri: str):
+    """An MLflow pyfunc model (``models:/NAME@ALIAS``, ``runs:/ID/PATH`` or a model folder) from the
+    store :func:`configure` points at; MLflow's own exception when it cannot be loaded."""
+    import mlflow
+
+    return mlflow.pyfunc.load_model(str(model_uri))

@@ -75,7 +75,7 @@ def test_every_csv_the_product_reads_takes_the_excel_export(tmp_path):
     from plugins.eo_sar.bands import CLASS_NAMES
     from plugins.eo_sar.labels import read_labels_csv
     from plugins.histo.cohort import read_labels
-    from plugins.histo.pretrain import read_tile_labels
+    from plugins.histo.datamodule import read_tile_labels
     from plugins.histo.slides import read_mpp_csv
 
     labels = readers_data.excel_csv(tmp_path / "labels.csv", ["slide_id", "patient_id", "msi"],

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from plugins.histo.cli import embed_command, tile_command
+from plugins.histo.commands import embed_command, tile_command
 from conftest import load_make_data
 
 COMMON = ["--mpp", "2", "--tile-size", "32", "--batch-size", "8"]

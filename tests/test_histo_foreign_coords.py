@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from conftest import load_make_data, run_cli
 from plugins.histo import tiling
-from plugins.histo.cli import embed_command
+from plugins.histo.commands import embed_command
 from test_histo_embed import expected_features
 
 COMMON = ["--mpp", "2", "--tile-size", "32", "--batch-size", "8"]

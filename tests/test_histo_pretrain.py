@@ -11,7 +11,7 @@ import torch
 
 from conftest import run_cli
 from plugins.histo import slides as S
-from plugins.histo.pretrain import HistoPretrainDataModule, read_tile_labels
+from plugins.histo.datamodule import HistoPretrainDataModule, read_tile_labels
 from plugins.histo.tissue import tile_tissue_fractions
 from conftest import load_make_data
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from conftest import load_make_data
 from plugins.histo import slides as S
-from plugins.histo.cli import tile_command
+from plugins.histo.commands import tile_command
 
 TILING = ["--mpp", "2", "--tile-size", "32"]
 

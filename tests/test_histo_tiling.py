@@ -17,7 +17,7 @@ from domainfm.errors import DomainFMError
 from plugins.histo import slides as S
 from plugins.histo import tiling as T
 from plugins.histo import tissue as TI
-from plugins.histo.cli import tile_command
+from plugins.histo.commands import tile_command
 from conftest import load_make_data
 
 

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from conftest import DOMAINFM, load_make_data
 from domainfm.data import default_num_workers, loader_kwargs, worker_start_method
-from plugins.histo.cli import embed_command, tile_command
+from plugins.histo.commands import embed_command, tile_command
 
 TILING = ["--mpp", "2", "--tile-size", "32", "--slide-mpp", "0.5"]
 COMMON = [*TILING, "--batch-size", "4"]

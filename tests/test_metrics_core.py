@@ -1,4 +1,4 @@
-"""multilabel_average_precision and roc_auc_ci against values computed by hand and by sklearn."""
+"""multilabel_average_precision and roc_auc_ci (binary and macro one-vs-rest) against values computed by hand and by sklearn."""
 
 from __future__ import annotations
 
@@ -40,3 +40,58 @@ def test_auc_ci_contains_auc_and_is_seeded():
 def test_auc_one_class_is_clear():
     with pytest.raises(DomainFMError, match="both classes"):
         roc_auc_ci([1, 1, 1], [0.2, 0.3, 0.4])
+
+
+def _hand_bootstrap(y, p, n_boot, seed, level=0.95):
+    """The percentile bootstrap written out: sklearn's AUC of each resample, numpy's percentile."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    n, k = len(y), len(np.unique(y))
+    stats = []
+    while len(stats) < n_boot:
+        idx = rng.integers(0, n, n)
+        if len(np.unique(y[idx])) < k:
+            continue
+        if p.ndim == 1:
+            stats.append(roc_auc_score(y[idx], p[idx]))
+        else:
+            stats.append(roc_auc_score(y[idx], p[idx], multi_class="ovr", average="macro",
+                                       labels=np.arange(p.shape[1])))
+    return np.percentile(stats, [50 * (1 - level), 50 * (1 + level)])
+
+
+def test_binary_auc_ci_against_sklearn_and_a_hand_run_bootstrap():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(7)
+    y = (rng.random(50) < 0.3).astype(int)  # unbalanced: resamples with one class get redrawn
+    p = rng.normal(0, 1, 50) + y
+    auc, lo, hi = roc_auc_ci(y, p, n_boot=200, seed=5)
+    assert auc == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    exp_lo, exp_hi = _hand_bootstrap(y, p, 200, 5)
+    assert (lo, hi) == (pytest.approx(exp_lo, abs=1e-12), pytest.approx(exp_hi, abs=1e-12))
+    # two-column probabilities rank by the second column: the same numbers
+    probs = np.stack([1 - 1 / (1 + np.exp(-p)), 1 / (1 + np.exp(-p))], 1)
+    assert roc_auc_ci(y, probs, n_boot=200, seed=5) == pytest.approx((auc, lo, hi), abs=1e-12)
+    # another level: the 5% and 95% quantiles of the same resamples
+    _, lo90, hi90 = roc_auc_ci(y, p, n_boot=200, seed=5, level=0.9)
+    assert (lo90, hi90) == pytest.approx(tuple(_hand_bootstrap(y, p, 200, 5, level=0.9)), abs=1e-12)
+    assert lo <= lo90 <= hi90 <= hi
+
+
+def test_multiclass_auc_ci_is_macro_one_vs_rest():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 60)
+    p = rng.dirichlet([1, 1, 1], 60)
+    p[np.arange(60), y] += 0.5
+    p /= p.sum(1, keepdims=True)
+    auc, lo, hi = roc_auc_ci(y, p, n_boot=100, seed=0)
+    assert auc == pytest.approx(roc_auc_score(y, p, multi_class="ovr"), abs=1e-12)
+    # macro one-vs-rest by hand: the mean of the three binary AUCs
+    assert auc == pytest.approx(np.mean([roc_auc_score(y == c, p[:, c]) for c in range(3)]), abs=1e-12)
+    exp_lo, exp_hi = _hand_bootstrap(y, p, 100, 0)
+    assert (lo, hi) == (pytest.approx(exp_lo, abs=1e-12), pytest.approx(exp_hi, abs=1e-12))
+    assert lo < auc < hi

@@ -19,7 +19,6 @@ from click.testing import CliRunner
 from domainfm.errors import DomainFMError
 from pipelines.slide_biomarker import command
 from plugins.histo import cohort as C
-from plugins.histo.evaluation import auc_ci
 from plugins.histo.mil import Chowder, GatedAttentionMIL, MeanPoolMIL
 from conftest import load_make_data
 
@@ -86,19 +85,6 @@ def test_patient_folds_keep_patients_together_and_stratify():
     for tr, va in folds:
         assert not {patients[i] for i in tr} & {patients[i] for i in va}
         assert set(labels[va]) == {0, 1}
-
-
-def test_multiclass_auc_ci_against_sklearn():
-    from sklearn.metrics import roc_auc_score
-
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 60)
-    p = rng.dirichlet([1, 1, 1], 60)
-    p[np.arange(60), y] += 0.5
-    p /= p.sum(1, keepdims=True)
-    auc, lo, hi = auc_ci(y, p, n_boot=100, seed=0)
-    assert auc == pytest.approx(roc_auc_score(y, p, multi_class="ovr"))
-    assert lo < auc < hi
 
 
 # ---------------------------------------------------------------- label errors
@@ -207,7 +193,7 @@ def test_pipeline_ensemble_finds_and_looks_at_the_planted_tiles(cohort_dir, tmp_
     assert hits / total >= 0.7, f"only {hits}/{total} top-attention tiles are planted ones"
 
     # one slide's heatmap through the plugin command, from the registered model
-    from plugins.histo.cli import heatmap_command
+    from plugins.histo.commands import heatmap_command
 
     sid = next(r["slide_id"] for r in preds if r["label"] == "1")
     png = tmp_path / "one.png"
@@ -286,21 +272,20 @@ def test_auc_of_scores_equal_up_to_float_noise_is_a_tie():
     from sklearn.metrics import roc_auc_score
 
     from domainfm.metrics import roc_auc, roc_auc_ci
-    from plugins.histo.ensemble import slide_auc
 
     # the reported situation: every slide at 0.43964 +- 1e-7, positives a hair below the negatives
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     p1 = np.float32(0.43964) + np.array([1, 1, 0, 1, -1, 0, -1, -1]) * np.float32(1e-7)
     probs = np.stack([1 - p1, p1], 1).astype(np.float32)
     assert roc_auc_score(y, probs[:, 1]) < 0.2  # the raw ranking rewards noise
-    assert slide_auc(y, probs) == 0.5
+    assert roc_auc(y, probs) == 0.5
     assert roc_auc(y, probs[:, 1]) == 0.5
-    assert auc_ci(y, probs, n_boot=50, seed=0) == (0.5, 0.5, 0.5)
+    assert roc_auc_ci(y, probs, n_boot=50, seed=0) == (0.5, 0.5, 0.5)
     assert roc_auc_ci(y, probs[:, 1], n_boot=50) == (0.5, 0.5, 0.5)
     # three classes, constant up to noise: every one-vs-rest AUC is 0.5
     y3 = np.array([0, 1, 2, 0, 1, 2])
     p3 = np.tile([0.2, 0.3, 0.5], (6, 1)) + np.random.default_rng(0).normal(0, 1e-8, (6, 3))
-    assert slide_auc(y3, p3) == 0.5 and auc_ci(y3, p3, n_boot=20)[0] == 0.5
+    assert roc_auc(y3, p3) == 0.5 and roc_auc_ci(y3, p3, n_boot=20)[0] == 0.5
     # real differences (1e-4) still rank
     assert roc_auc(y, np.r_[np.zeros(4), np.ones(4)] * 1e-4 + 0.4) == 1.0
 
@@ -359,3 +344,76 @@ def test_split_preconditions_are_checked_before_training(cohort_dir, tmp_path, m
                           "undefined. Fix: add external slides of class 1, or drop --external-features and "
                           "--external-labels.\n")
     assert not list(tmp_path.glob("mlruns")) and not (tmp_path / "mlflow.db").exists()
+
+
+# ---------------------------------------------------------------- cross-validation outputs (issue 13, item 5)
+
+def test_confidence_extremes_and_summary_by_hand():
+    from plugins.histo.jobs import confidence_extremes
+    from plugins.histo.slide_metrics import summary
+
+    # confidence = the largest class probability: 0.9, 0.55, 0.8, 0.6, 0.95
+    p = np.array([[0.1, 0.9], [0.55, 0.45], [0.2, 0.8], [0.6, 0.4], [0.95, 0.05]])
+    most, least = confidence_extremes(p, 3)
+    assert list(most) == [4, 0] and list(least) == [1]
+    most, least = confidence_extremes(p, 10)  # more than the cohort: every slide once
+    assert sorted(np.r_[most, least]) == [0, 1, 2, 3, 4]
+    assert [len(x) for x in confidence_extremes(p, 0)] == [0, 0]
+    s = summary({"cv_auc_ensemble": 0.81254, "cv_auc_ensemble_ci": [0.7, 0.9104], "n_members": 4,
+                 "constant_predictions": [], "ensemble_gain_auc": None})
+    assert s == {"cv_auc_ensemble": "0.8125 (95% CI 0.700-0.910)", "n_members": 4, "ensemble_gain_auc": None}
+
+
+def test_cross_validation_without_external_saves_out_of_fold_predictions_and_heatmaps(cohort_dir, tmp_path,
+                                                                                       mlflow_store):
+    import mlflow
+    from mlflow import MlflowClient
+    from sklearn.metrics import roc_auc_score
+
+    feats = cohort_dir / "train"
+    out_json = tmp_path / "m.json"
+    res = CliRunner().invoke(command, [
+        "--features", str(feats), "--labels", str(feats / "labels.csv"), "--target", "msi", "--folds", "3",
+        "--seeds", "2", "--epochs", "2", "--n-boot", "50", "--max-heatmaps", "3", "--max-tiles-per-slide", "20",
+        "--out", str(tmp_path / "out"), "--json", str(out_json)])
+    assert res.exit_code == 0, res.output
+    m = json.loads(out_json.read_text())
+
+    # one row per training slide, in the fold the patient split gave it, with its label
+    rows = list(csv.DictReader(open(tmp_path / "out" / "tables" / "cv_predictions.csv")))
+    labels = {r["slide_id"]: r for r in csv.DictReader(open(feats / "labels.csv"))}
+    assert sorted(r["slide_id"] for r in rows) == sorted(labels)
+    assert list(rows[0]) == ["slide_id", "patient_id", "fold", "label", "prob_0", "prob_1"]
+    co = C.load_cohort(feats, feats / "labels.csv", "msi")
+    folds = C.patient_folds(co.labels, co.patient_ids, 3, 0, feats / "labels.csv", class_names=co.class_names)
+    fold_of = {co.slide_ids[i]: k for k, (_, va) in enumerate(folds) for i in va}
+    for r in rows:
+        assert int(r["fold"]) == fold_of[r["slide_id"]]
+        assert r["label"] == labels[r["slide_id"]]["label"] and r["patient_id"] == labels[r["slide_id"]]["patient_id"]
+        assert float(r["prob_0"]) + float(r["prob_1"]) == pytest.approx(1.0, abs=1e-5)
+    # the reported CV AUC is the AUC of these probabilities (sklearn, independently)
+    y = [int(r["label"]) for r in rows]
+    p1 = [float(r["prob_1"]) for r in rows]
+    assert roc_auc_score(y, p1) == pytest.approx(m["cv_auc_ensemble"])
+    lo, hi = m["cv_auc_ensemble_ci"]
+    assert lo <= m["cv_auc_ensemble"] <= hi
+
+    # MLflow: the same CSV as an artifact, and as an MLflow table
+    run_id = m["mlflow_run_id"]
+    logged = mlflow.artifacts.download_artifacts(run_id=run_id, tracking_uri=mlflow_store,
+                                                 artifact_path="tables/cv_predictions.csv")
+    assert list(csv.DictReader(open(logged))) == rows
+    client = MlflowClient(tracking_uri=mlflow_store)
+    table = client.load_table(client.get_run(run_id).info.experiment_id, "tables/cv_predictions.json", [run_id])
+    assert list(table["slide_id"]) == [r["slide_id"] for r in rows]
+    np.testing.assert_allclose(table["prob_1"].to_numpy(), p1, rtol=1e-6)
+
+    # heatmaps of the 2 most and the 1 least confident slides (largest class probability)
+    conf = np.array([max(float(r["prob_0"]), float(r["prob_1"])) for r in rows])
+    order = np.argsort(-conf, kind="stable")  # rows are in cohort order: ties go to the first listed
+    drawn = {Path(a.path).stem for a in client.list_artifacts(run_id, "heatmaps")}
+    assert drawn == {rows[i]["slide_id"] for i in (order[0], order[1], order[-1])}
+    assert {p.stem for p in (tmp_path / "out" / "heatmaps").glob("*.png")} == drawn
+
+    # the printed summary carries the interval of the CV AUC
+    assert f"{m['cv_auc_ensemble']:.4f} (95% CI {lo:.3f}-{hi:.3f})" in res.stderr

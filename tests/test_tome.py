@@ -181,7 +181,7 @@ def plain_slide(tmp_path_factory):
 
 
 def _embed(args):
-    from plugins.histo.cli import embed_command
+    from plugins.histo.commands import embed_command
 
     return CliRunner().invoke(embed_command, [str(a) for a in args])
 

@@ -48,12 +48,12 @@ class HistoPlugin(Plugin):
         return {}
 
     def pretrain_datamodule(self, cfg):
-        from plugins.histo.pretrain import HistoPretrainDataModule
+        from plugins.histo.datamodule import HistoPretrainDataModule
 
         return HistoPretrainDataModule.from_config(cfg)
 
     def commands(self) -> list[Any]:
-        from plugins.histo.cli import commands
+        from plugins.histo.commands import commands
 
         return commands()
 

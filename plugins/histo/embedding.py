@@ -388,11 +388,8 @@ def embed_slides(paths: list[Path], s: EmbedSettings) -> EmbedReport | None:
         if is_global_zero() and any(not features_path(s.out_dir, slides_mod.slide_id(p)).is_file() for p in paths):
             build_encoder(s)
 
-        accelerator = s.accelerator
-        if accelerator == "auto":
-            import torch
-
-            accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+        # the one device choice of frozen-feature jobs, as the single-process path makes it
+        accelerator = "gpu" if resolve_device(s.accelerator).type == "cuda" else "cpu"
         fabric = L.Fabric(accelerator=accelerator, devices=s.devices, num_nodes=s.num_nodes, strategy="ddp")
         merged = fabric.launch(_shard_worker, list(paths), s)
         if merged is None:  # not global rank 0: rank 0 reports for the job

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from domainfm.metrics import roc_auc
 from plugins.histo.mil import MILEnsemble, build_mil
 
 
@@ -136,7 +137,7 @@ def _train_one(bags, labels, train_idx, n_classes, settings, seed, *, val_idx, e
             val_loss = float(F.nll_loss(torch.log(torch.from_numpy(val_probs).clamp_min(1e-8)),
                                         torch.from_numpy(labels[val_idx]), weight=weights))
             record["val_loss"] = val_loss
-            record["val_auc"] = slide_auc(labels[val_idx], val_probs)
+            record["val_auc"] = roc_auc(labels[val_idx], val_probs)
             if val_loss < best[0] - 1e-5:
                 best = (val_loss, epoch, copy.deepcopy(model.state_dict()), val_probs)
                 bad = 0
@@ -150,14 +151,6 @@ def _train_one(bags, labels, train_idx, n_classes, settings, seed, *, val_idx, e
     if val_idx is None:
         return model.state_dict(), n_epochs - 1, None, history
     return best[2], best[1], best[3], history
-
-
-def slide_auc(y: np.ndarray, probs: np.ndarray) -> float:
-    """AUC of class probabilities [N, C] (the core's ``roc_auc``: the positive class, or macro
-    one-vs-rest; noise-level differences tied); NaN when ``y`` holds one class."""
-    from domainfm.metrics import roc_auc
-
-    return roc_auc(y, probs)
 
 
 def ensemble_from_states(model: str, in_dim: int, n_classes: int, states: list[dict]) -> MILEnsemble:

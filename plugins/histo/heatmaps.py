@@ -90,10 +90,8 @@ def load_predictor(model_uri: str):
         from domainfm import tracking
 
         tracking.configure()
-        import mlflow
-
         try:
-            model = mlflow.pyfunc.load_model(str(model_uri))
+            model = tracking.load_pyfunc_model(model_uri)
         except Exception as e:  # noqa: BLE001 - MLflow raises several types for a bad URI
             raise DomainFMError(f"cannot load the model ({str(e).splitlines()[0]})", path=model_uri,
                                 fix="give models:/NAME@ALIAS, runs:/RUN_ID/ensemble or a model folder") from None
@@ -117,3 +115,25 @@ def heatmap_for_slide(slide: str | Path, features_file: str | Path, model_uri: s
                                slide_path=slide)
     save_png(img, out_file)
     return prob
+
+
+def log_cohort_heatmaps(cohort, slides, out_dir: str | Path) -> list[Path]:
+    """Attention heatmaps of some slides of a cohort (``plugins.histo.cohort.Cohort``), each over
+    the thumbnail of the slide file named in its features' attrs (else a white canvas), written to
+    ``OUT/heatmaps/<slide_id>.png`` and logged to the active MLflow run under ``heatmaps/``.
+
+    ``slides``: ``(index in the cohort, probability shown, tile attention [N], note)`` per slide;
+    the title gives the slide id, its label, the probability and the note (when not empty)."""
+    from domainfm import tracking
+    from plugins.histo.embedding import read_features
+
+    hdir = Path(out_dir) / "heatmaps"
+    written = []
+    for i, prob, attention, note in slides:
+        _, coords, attrs = read_features(cohort.feature_files[i])
+        sid = cohort.slide_ids[i]
+        title = f"{sid}  label={cohort.class_names[cohort.labels[i]]}  p={prob:.3f}" + (f"  ({note})" if note else "")
+        written.append(save_png(render_slide_heatmap(coords, attrs, attention, title=title), hdir / f"{sid}.png"))
+    if written:
+        tracking.log_artifacts(hdir, "heatmaps")
+    return written

@@ -1,17 +1,9 @@
-"""Slide-level metrics and plots: AUC with a bootstrap CI, balanced accuracy, ROC curves."""
+"""Slide-level metrics beside the core's AUC (``domainfm.metrics.roc_auc`` / ``roc_auc_ci``):
+balanced accuracy with noise-level ties, the ROC figure, and the printed summary."""
 
 from __future__ import annotations
 
 import numpy as np
-
-
-def auc_ci(y: np.ndarray, probs: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """AUC and its 95% percentile-bootstrap interval of class probabilities [N, C]: the core's
-    ``roc_auc_ci`` (binary: the positive column; several classes: macro one-vs-rest; differences
-    below floating-point noise are ties, so constant predictions score 0.5)."""
-    from domainfm.metrics import roc_auc_ci
-
-    return roc_auc_ci(y, probs, n_boot=n_boot, seed=seed)
 
 
 def balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
@@ -44,3 +36,18 @@ def roc_figure(curves: list[tuple[str, np.ndarray, np.ndarray, dict]], title: st
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def summary(metrics: dict) -> dict:
+    """The printed summary of slide-biomarker metrics: every scalar, an AUC followed by its interval
+    (``"0.8125 (95% CI 0.700-0.910)"`` when ``<key>_ci`` holds ``[lo, hi]``); other lists and dicts
+    (the constant-prediction names) left out."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, (list, dict)):
+            continue
+        ci = metrics.get(f"{key}_ci")
+        if isinstance(value, float) and isinstance(ci, list) and len(ci) == 2:
+            value = f"{value:.4f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+        out[key] = value
+    return out
