@@ -418,3 +418,32 @@ def lightning_logger(run_id: str, experiment: str):
     from lightning.pytorch.loggers import MLFlowLogger
 
     return MLFlowLogger(experiment_name=experiment, tracking_uri=configure(), run_id=run_id, log_model=False)
+
+
+def active_run_id() -> str | None:
+    """The id of the active MLflow run, None outside one."""
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
+
+
+def model_run_tag(model_uri: str, key: str) -> str | None:
+    """Tag ``key`` of the run that logged the registered version ``models:/NAME@ALIAS`` or
+    ``models:/NAME/VERSION``; None when the URI names no version, the version has no run, the run
+    lacks the tag, or the registry does not know the URI (the model loader reports that one)."""
+    from mlflow import MlflowClient
+
+    ref = model_uri[len("models:/"):] if model_uri.startswith("models:/") else None
+    if not ref or ("@" not in ref and "/" not in ref):
+        return None
+    configure()
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            version = client.get_model_version_by_alias(*ref.split("@", 1))
+        else:
+            version = client.get_model_version(*ref.split("/", 1))
+        return client.get_run(version.run_id).data.tags.get(key) if version.run_id else None
+    except Exception:
+        return None
