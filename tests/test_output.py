@@ -55,7 +55,9 @@ def test_stalled_warning_only_when_the_total_did_not_move():
 # ---------------------------------------------------------------- silencing at the source
 
 def test_quiet_third_parties_drops_the_known_chatter_and_keeps_other_warnings(monkeypatch):
-    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    # (set first, so that monkeypatch restores the variable's state, whatever quiet_third_parties does)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "unset")
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
     from mlflow.utils.warnings_utils import color_warning
     from torch.utils._pytree import LeafSpec
@@ -133,13 +135,14 @@ def test_start_run_names_runs_in_a_real_store(mlflow_store):
 # ---------------------------------------------------------------- a real run, as a user sees it
 
 @pytest.mark.timeout(900)
-def test_tiny_pretrain_prints_no_third_party_chatter_and_a_loss_span(tmp_path):
+def test_tiny_pretrain_prints_no_third_party_chatter_and_a_loss_span(tmp_path, monkeypatch):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {"MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    env.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-    os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+    # the subprocess starts as a user's shell does: MLflow's progress bars on by default
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "unset")
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     r = run_cli(["pretrain", "--plugin", "eo-sar", "--init", "random", "--img-size", "28", "--max-steps", "2",
                  "--batch-size", "4", "--num-workers", "0", "--json", "out.json"], cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
