@@ -138,7 +138,14 @@ def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
         if metrics is None:  # a non-zero rank of a multi-process run reports nothing
             return
         write_json(cfg.json, metrics)
-        print_metrics(f"{command} --plugin {cfg.plugin}", metrics)
+        shown, warning = metrics, None
+        if command == "pretrain":  # each loss from start to end; one line when the total did not move
+            from domainfm.output import pretrain_summary
+
+            shown, warning = pretrain_summary(metrics)
+        print_metrics(f"{command} --plugin {cfg.plugin}", shown)
+        if warning:
+            click.echo(f"warning: {warning}", err=True)
     except DomainFMError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -197,6 +204,9 @@ def main() -> None:
     Runs go to $MLFLOW_TRACKING_URI, else to sqlite:///mlruns/mlflow.db in the current folder
     (open it with `mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`).
     """
+    from domainfm.output import quiet_third_parties
+
+    quiet_third_parties()
 
 
 def _core_command(command: str, help_text: str):

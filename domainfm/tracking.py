@@ -49,6 +49,9 @@ def configure() -> str:
 
     import mlflow
 
+    from domainfm.output import quiet_third_parties
+
+    quiet_third_parties()  # MLflow's download bars and type-hint advice
     uri = tracking_uri()
     if _is_default_store():
         _local_root().mkdir(parents=True, exist_ok=True)
@@ -113,7 +116,7 @@ def start_run(cfg: "RunConfig | None" = None, *, run_id: str | None = None, nest
         kwargs["run_id"] = run_id
     else:
         kwargs["experiment_id"] = exp_id
-        kwargs["run_name"] = run_name or (cfg.run_name if cfg is not None else None)
+        kwargs["run_name"] = run_name or ((cfg.run_name or default_run_name(cfg)) if cfg is not None else None)
     with mlflow.start_run(**kwargs) as run:
         yield run
 
@@ -435,3 +438,58 @@ def load_pyfunc_model(model_uri: str):
     import mlflow
 
     return mlflow.pyfunc.load_model(str(model_uri))
+def active_run_id() -> str | None:
+    """The id of the active MLflow run, None outside one."""
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
+
+
+def model_run_tag(model_uri: str, key: str) -> str | None:
+    """Tag ``key`` of the run that logged the registered version ``models:/NAME@ALIAS`` or
+    ``models:/NAME/VERSION``; None when the URI names no version, the version has no run, the run
+    lacks the tag, or the registry does not know the URI (the model loader reports that one)."""
+    from mlflow import MlflowClient
+
+    ref = model_uri[len("models:/"):] if model_uri.startswith("models:/") else None
+    if not ref or ("@" not in ref and "/" not in ref):
+        return None
+    configure()
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            version = client.get_model_version_by_alias(*ref.split("@", 1))
+        else:
+            version = client.get_model_version(*ref.split("/", 1))
+        return client.get_run(version.run_id).data.tags.get(key) if version.run_id else None
+    except Exception:
+        return None
+
+
+def metric_spans(run_id: str, keys: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """``{key: (first, last)}``: the values of each metric at its lowest and highest logged step
+    in run ``run_id`` (keys never logged are left out)."""
+    from mlflow import MlflowClient
+
+    configure()
+    client = MlflowClient()
+    out: dict[str, tuple[float, float]] = {}
+    for key in keys:
+        hist = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        if hist:
+            out[key] = (float(hist[0].value), float(hist[-1].value))
+    return out
+
+
+def default_run_name(cfg: "RunConfig") -> str:
+    """A run's name when ``--run-name`` is not given: command, plugin, modality (a plugin option,
+    when it has one) and the backbone, e.g. ``pretrain-eo-sar-s2-vit_small_patch14_dinov2``. For
+    ``evaluate`` the model it scores (``NAME@ALIAS`` of a models:/ URI, else the file's stem)."""
+    model = getattr(cfg, "model", None)
+    if cfg.command == "evaluate" and model:
+        what = model[len("models:/"):] if model.startswith("models:/") else Path(model).stem
+    else:
+        what = cfg.backbone
+    parts = [cfg.command, cfg.plugin, cfg.options.get("modality"), what]
+    return "-".join(str(p) for p in parts if p)[:250]

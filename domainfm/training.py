@@ -187,7 +187,9 @@ def build_trainer(cfg: "RunConfig", *, callbacks: Iterable[Any] = (), ckpt_dir: 
     import lightning as L
 
     from domainfm import tracking
+    from domainfm.output import quiet_third_parties
 
+    quiet_third_parties()  # Lightning's logger tip and the _pytree deprecation warning
     cbs = list(callbacks)
     _after_validation_only(cbs)
     if ckpt_dir is not None and cfg.checkpoint_every > 0:

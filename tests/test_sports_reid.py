@@ -172,3 +172,38 @@ def test_resume_continues_from_the_last_checkpoint(finetuned, workdir):
     history = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(resumed["mlflow_run_id"],
                                                                                   "train/loss")
     assert sorted(m.step for m in history) == list(range(50, 56))
+
+
+def _all_run_ids(uri):
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return {r.info.run_id for r in client.search_runs(ids, max_results=10000)} if ids else set()
+
+
+def test_bad_flags_fail_in_the_plugin_check_before_any_mlflow_run(workdir, finetuned, tmp_path):
+    """Plugin.check refuses what the run would only find out later (after scoring or training):
+    no run is opened in the store for any of these."""
+    work, root, env = workdir
+    model = finetuned["backbone_path"]
+    before = _all_run_ids(env["MLFLOW_TRACKING_URI"])
+    ev = ["evaluate", "--plugin", "sports-reid", "--model", model, "--data", str(root)]
+    # token merging needs a ViT: the test model is a ResNet
+    _one_line_error(_invoke(ev + ["--tome-r", "2"], env), "--tome-r", "ViT")
+    # fp16 autocast exists on CUDA only
+    _one_line_error(_invoke(ev + ["--accelerator", "cpu", "--precision", "16-mixed"], env),
+                    "--precision 16-mixed needs a GPU")
+    _one_line_error(_invoke(ev + ["--zero-shot", str(tmp_path / "start.safetensors")], env),
+                    "start.safetensors: --zero-shot weights file not found")
+    # re-ranking with k1=20 needs 21 crops in query + gallery: 2 players x 2 frames have 4 (2 + 2)
+    small = make_data.make_mmsports(tmp_path / "small", train_players=2, test_players=2, frames=2, challenge_players=1)
+    n_test = sum(1 for _ in (small / "reid_test").rglob("*.jpeg"))
+    line = _one_line_error(_invoke(ev[:-1] + [str(small), "--rerank"], env),
+                           f"needs more than 20 images in query + gallery, got {n_test}", "--no-rerank")
+    assert line.startswith(f"error: {small}: ")
+    # fine-tuning learns that before training, not after it
+    _one_line_error(_invoke(["finetune", "--plugin", "sports-reid", "--data", str(small), "--rerank", *TRAIN_FLAGS,
+                             "--output-dir", str(tmp_path / "out")], env), "got {}".format(n_test))
+    assert not (tmp_path / "out").exists()
+    assert _all_run_ids(env["MLFLOW_TRACKING_URI"]) == before

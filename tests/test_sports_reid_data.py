@@ -12,7 +12,7 @@ from PIL import Image
 
 from domainfm.errors import DomainFMError
 from plugins.sports_reid import datasets as D
-from plugins.sports_reid.evaluation import RetrievalResult, distance_matrix, plot_retrieval_grid, write_submission
+from plugins.sports_reid.retrieval import RetrievalResult, distance_matrix, plot_retrieval_grid, write_submission
 
 MAKE_DATA = Path(__file__).parent / "data" / "sports_reid" / "make_data.py"
 
@@ -199,7 +199,7 @@ def test_generic_layout_trains_and_scores_with_the_camera_protocol(generic):
     from domainfm.backbones import create_backbone
     from domainfm.metrics import retrieval_metrics
     from plugins.sports_reid.datamodule import ReIDPairDataModule
-    from plugins.sports_reid.evaluation import EvalSettings, run_retrieval
+    from plugins.sports_reid.retrieval import EvalSettings, run_retrieval
 
     dm = ReIDPairDataModule(generic, img_size=16, batch_size=2, mean=(0.5,) * 3, std=(0.5,) * 3)
     batch = next(iter(dm.train_dataloader()))

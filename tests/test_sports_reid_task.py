@@ -13,7 +13,7 @@ from domainfm.backbones import create_backbone
 from domainfm.losses import info_nce_loss
 from domainfm.training import warmup_poly
 from plugins.sports_reid.datasets import ReIDDataset, ReIDRecord
-from plugins.sports_reid.evaluation import EvalSettings, extract_features
+from plugins.sports_reid.retrieval import EvalSettings, extract_features
 from plugins.sports_reid.task import DEFAULT_LOGIT_SCALE, ReIDContrastiveTask, initial_logit_scale
 
 

@@ -15,17 +15,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
-import mlflow
 import torch
 
 from domainfm import tracking
 from domainfm.backbones import backbone_from_config, create_backbone, load_backbone, save_backbone
 from domainfm.errors import DomainFMError
+from domainfm.inference import resolve_device
 from domainfm.training import build_trainer, is_global_zero, last_checkpoint
 from plugins.sports_reid.datamodule import ReIDPairDataModule
-from plugins.sports_reid.evaluation import (EvalSettings, RetrievalResult, pick_device, plot_retrieval_grid,
-                                            run_retrieval, summary, write_submission)
-from plugins.sports_reid.inputs import check_evaluate, check_finetune, data_root, has_test_split
+from plugins.sports_reid.inputs import data_root, has_test_split
+from plugins.sports_reid.retrieval import (EvalSettings, RetrievalResult, plot_retrieval_grid, run_retrieval, summary,
+                                           write_submission)
 from plugins.sports_reid.task import ReIDContrastiveTask, initial_logit_scale
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,7 +38,7 @@ RUN_POINTER = "finetune_run.json"
 def eval_settings(cfg: "RunConfig") -> EvalSettings:
     return EvalSettings(distance=cfg.distance, flip_tta=cfg.flip_tta, rerank=cfg.rerank,
                         batch_size=max(1, 2 * cfg.batch_size), num_workers=cfg.num_workers,
-                        precision=cfg.precision, device=pick_device(cfg.accelerator),
+                        precision=cfg.precision, device=resolve_device(cfg.accelerator).type,
                         same_camera_rule=bool(cfg.options.get("same_camera_rule", True)))
 
 
@@ -81,7 +81,7 @@ def _resume_checkpoint(cfg: "RunConfig", run_dir: Path) -> Path | None:
 
 
 def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
-    check_finetune(cfg)
+    """Inside the run the core opened; the plugin's check has vetted the folders and flags."""
     root = data_root(cfg)
     has_test = has_test_split(root)
     settings = eval_settings(cfg)
@@ -104,8 +104,7 @@ def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
                                label_smoothing=cfg.label_smoothing)
     datamodule = ReIDPairDataModule(root, img_size=cfg.img_size, batch_size=cfg.batch_size, mean=mean, std=std,
                                     num_workers=cfg.num_workers, seed=cfg.seed)
-    active = mlflow.active_run()
-    run_id = active.info.run_id if active else "local"
+    run_id = tracking.active_run_id() or "local"
     ckpt_dir = run_dir / run_id / "checkpoints"
     if zero:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -122,12 +121,12 @@ def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
         return None
 
     start = cfg.weights or cfg.init
-    mlflow.set_tag(START_META, start)
+    tracking.set_tags({START_META: start})
     extra = {START_META: start, "plugin": "sports-reid", **task.state_for_export()}
     if run_id != "local":
         extra["mlflow_run_id"] = run_id
     export = save_backbone(backbone, run_dir / run_id / "backbone.safetensors", extra_meta=extra)
-    mlflow.log_artifact(str(export), "export")
+    tracking.log_artifact(export, "export")
     model_uri = tracking.log_backbone(backbone, register=cfg.register, alias=cfg.alias if cfg.register else None)
     train_log = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     metrics.update({"train_loss": train_log.get("train/loss"), "train_pair_acc": train_log.get("train/pair_acc"),
@@ -165,20 +164,7 @@ def start_weights(spec: str) -> str | None:
         return meta[START_META]
     if not spec.startswith("models:/"):
         return None
-    from mlflow import MlflowClient
-
-    ref = spec[len("models:/"):]
-    client = MlflowClient()
-    try:
-        if "@" in ref:
-            version = client.get_model_version_by_alias(*ref.split("@", 1))
-        elif "/" in ref:
-            version = client.get_model_version(*ref.split("/", 1))
-        else:
-            return None
-        return client.get_run(version.run_id).data.tags.get(START_META) if version.run_id else None
-    except Exception:  # an unknown URI is reported by the backbone loader, not here
-        return None
+    return tracking.model_run_tag(spec, START_META)
 
 
 def _zero_shot_backbone(cfg: "RunConfig", name: str, img_size: int):
@@ -200,7 +186,7 @@ def _zero_shot_backbone(cfg: "RunConfig", name: str, img_size: int):
 
 
 def run_evaluate(cfg: "RunConfig") -> dict[str, Any]:
-    check_evaluate(cfg)
+    """Inside the run the core opened; the plugin's check has vetted the folders and flags."""
     root = data_root(cfg)
     split = cfg.split
     settings = eval_settings(cfg)
@@ -213,11 +199,11 @@ def run_evaluate(cfg: "RunConfig") -> dict[str, Any]:
         apply_token_merging(backbone, tome_r)
     img_size = backbone.img_size
     mean, std = backbone.normalization
-    mlflow.set_tags({"domainfm.model": cfg.model, "domainfm.split": split})
+    tracking.set_tags({"domainfm.model": cfg.model, "domainfm.split": split})
     if split == "challenge":
         result = run_retrieval(backbone, root, "challenge", settings, img_size=img_size, mean=mean, std=std)
         path = write_submission(cfg.submission, result.distmat, result.query.records, result.gallery.records)
-        mlflow.log_artifact(str(path), "submission")
+        tracking.log_artifact(path, "submission")
         tracking.log_figure(plot_retrieval_grid(result), "plots/retrieval_grid_challenge.png")
         return {"submission": str(path.resolve()), "num_queries": len(result.query),
                 "num_gallery": len(result.gallery)}

@@ -16,6 +16,20 @@ import numpy as np
 
 from domainfm.errors import DomainFMError
 
+#: The settings ``--rerank`` uses (the paper's Market-1501 values).
+K1, K2, LAMBDA = 20, 6, 0.3
+
+
+def check_rerank(n_items: int, *, k1: int = K1, k2: int = K2, path=None) -> None:
+    """DomainFMError unless re-ranking can run on ``n_items`` query + gallery features with
+    ``k1``/``k2``: ``1 <= k2 <= k1 + 1`` and more than ``k1`` items (each needs k1 + 1 neighbours).
+    Pure and cheap: the plugin calls it on the file counts before any run or model exists."""
+    if not 1 <= k2 <= k1 + 1 or k1 < 1:
+        raise DomainFMError(f"re-ranking needs 1 <= k2 <= k1 + 1, got k1={k1}, k2={k2}", path=path)
+    if n_items < k1 + 1:
+        raise DomainFMError(f"re-ranking with k1={k1} needs more than {k1} images in query + gallery, got {n_items}",
+                            path=path, fix="use --no-rerank on a set this small")
+
 
 def _as_float_tensor(x):
     import torch
@@ -159,11 +173,7 @@ def re_ranking(query_feats, gallery_feats, *, k1: int = 20, k2: int = 6, lambda_
                             f"{tuple(q.shape)} and {tuple(g.shape)}")
     n_q, n_g = len(q), len(g)
     n = n_q + n_g
-    if not 1 <= k2 <= k1 + 1 or k1 < 1:
-        raise DomainFMError(f"re-ranking needs 1 <= k2 <= k1 + 1, got k1={k1}, k2={k2}")
-    if n < k1 + 1:
-        raise DomainFMError(f"re-ranking with k1={k1} needs more than {k1} images in query + gallery, got {n}",
-                            fix="use --no-rerank on a set this small")
+    check_rerank(n, k1=k1, k2=k2)
     feats = torch.cat([q, g])
     # query rows per Jaccard block: keep the dense float64 accumulator near 4M entries
     q_block = max(1, min(block_size, (1 << 22) // max(n_g, 1)))

@@ -1,6 +1,7 @@
-"""Re-identification evaluation: features (optionally with flip test-time augmentation), cosine or
+"""Re-identification retrieval: features (optionally with flip test-time augmentation), cosine or
 Euclidean distances, optional k-reciprocal re-ranking, mAP/CMC/mINP through the core's
-``retrieval_metrics``, the challenge submission CSV and the retrieval grid."""
+``retrieval_metrics``, the challenge submission CSV and the retrieval grid. The device and the
+autocast dtype come from :mod:`domainfm.inference` (``resolve_device``, ``autocast_dtype``)."""
 
 from __future__ import annotations
 
@@ -36,21 +37,12 @@ class EvalSettings:
     same_camera_rule: bool = True
 
 
-def pick_device(accelerator: str) -> str:
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise DomainFMError("--accelerator gpu was asked for but no CUDA device is visible",
-                                fix="use --accelerator cpu")
-        return "cuda"
-    return "cpu"
-
-
 def _autocast(device: str, precision: str):
-    if precision.startswith("bf16"):
-        return torch.autocast(device_type=device, dtype=torch.bfloat16)
-    if precision.startswith("16") and device == "cuda":
-        return torch.autocast(device_type=device, dtype=torch.float16)
-    return contextlib.nullcontext()
+    """Autocast at the core's :func:`domainfm.inference.autocast_dtype` for ``precision`` (none for 32-bit)."""
+    from domainfm.inference import autocast_dtype
+
+    dtype = autocast_dtype(precision, torch.device(device))
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device, dtype=dtype)
 
 
 @torch.inference_mode()
@@ -91,7 +83,7 @@ def distance_matrix(query: torch.Tensor, gallery: torch.Tensor, distance: str = 
 def reranked_distances(query: torch.Tensor, gallery: torch.Tensor, distance: str) -> np.ndarray:
     from rich.progress import Progress
 
-    from plugins.sports_reid.rerank import re_ranking
+    from plugins.sports_reid.rerank import K1, K2, LAMBDA, re_ranking
 
     if distance == "cosine":  # squared Euclidean of unit vectors = 2 - 2 cos: cosine neighbours
         query, gallery = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
@@ -101,7 +93,7 @@ def reranked_distances(query: torch.Tensor, gallery: torch.Tensor, distance: str
         def advance(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        return re_ranking(query, gallery, k1=20, k2=6, lambda_value=0.3, progress=advance)
+        return re_ranking(query, gallery, k1=K1, k2=K2, lambda_value=LAMBDA, progress=advance)
 
 
 @dataclass

@@ -1,0 +1,90 @@
+"""What a command prints: third-party chatter silenced at its source, and the pretrain summary
+(each loss from its first to its last logged value, one warning line when the total did not move).
+
+Only the standard library at import time: the CLI calls :func:`quiet_third_parties` before any
+command runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any, Mapping
+
+#: Relative change of ``loss/total`` (|last - first| / |first|) below which a run "did not move".
+STALLED_REL_CHANGE = 1e-3
+LOSS_PREFIX = "loss/"
+
+# (category, regex matched against the start of the message; MLflow colours its warnings, so the
+# pattern allows the ANSI escape before the text)
+_WARNINGS = (
+    # lightning/pytorch/utilities/_pytree.py builds torch's deprecated LeafSpec (torch >= 2.10)
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # MLflow's advice on models-from-code without type hints; our pyfuncs log an explicit signature
+    (UserWarning, r".*Add type hints to the `predict` method"),
+    (UserWarning, r".*An input example was not provided when logging the model"),
+)
+# Lightning's rank_zero_info logs to whichever of these loggers was bound last (fabric or pytorch)
+_LIGHTNING_RANK_ZERO = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+class _DropLightningTips(logging.Filter):
+    """Drops Lightning's advertising lines ("💡 Tip: ... litlogger ..."), keeps its other messages."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("💡 Tip") or "litlogger" in msg)
+
+
+def quiet_third_parties() -> None:
+    """Silence, in this process, the third-party output that tells the user nothing about the run:
+    Lightning's third-party logger tip, torch's ``_pytree`` deprecation warning raised from inside
+    Lightning, MLflow's type-hint and input-example advice, and MLflow's "Downloading artifacts"
+    progress bars (``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``, unless the user set it). Idempotent;
+    other warnings and Lightning's own messages are left alone."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for category, message in _WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in _LIGHTNING_RANK_ZERO:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningTips) for f in logger.filters):
+            logger.addFilter(_DropLightningTips())
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3e}"
+
+
+def loss_rows(metrics: Mapping[str, Any], spans: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
+    """``metrics`` with each ``loss/*`` value shown as ``"first → last"`` from ``spans`` (the first
+    and last logged value of that loss); keys without a span keep their value."""
+    return {k: (f"{_fmt(spans[k][0])} → {_fmt(spans[k][1])}" if k.startswith(LOSS_PREFIX) and k in spans else v)
+            for k, v in metrics.items()}
+
+
+def stalled_loss_warning(spans: Mapping[str, tuple[float, float]], *, key: str = "loss/total",
+                         rel_tol: float = STALLED_REL_CHANGE) -> str | None:
+    """One line when ``key`` moved by less than ``rel_tol`` of its first value (None otherwise, or
+    when it was not logged): a run whose loss never moved looks like any other in a table."""
+    if key not in spans:
+        return None
+    first, last = spans[key]
+    change = abs(last - first) / max(abs(first), 1e-12)
+    if change >= rel_tol:
+        return None
+    return (f"{key} did not move ({_fmt(first)} → {_fmt(last)}, a relative change of {change:.1e} < {rel_tol:g}): "
+            f"check --lr, --warmup-steps and --max-steps, and that the data's labels and views vary")
+
+
+def pretrain_summary(metrics: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """What ``domainfm pretrain`` prints: the metrics with each loss from start to end (read back
+    from the run's MLflow history) and the stalled-loss warning line, if any."""
+    from domainfm import tracking
+
+    run_id = metrics.get("mlflow_run_id")
+    keys = tuple(k for k in metrics if k.startswith(LOSS_PREFIX))
+    if not run_id or not keys:
+        return metrics, None
+    spans = tracking.metric_spans(run_id, keys)
+    return loss_rows(metrics, spans), stalled_loss_warning(spans)

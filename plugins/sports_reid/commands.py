@@ -1,0 +1,47 @@
+"""sports-reid's flags on the core ``finetune`` and ``evaluate`` commands (click only at import
+time: ``domainfm --help`` reads them without torch). The plugin has no commands of its own."""
+
+from __future__ import annotations
+
+import click
+
+
+def options(command: str) -> list[click.Option]:
+    """The extra flags of ``command`` ("finetune" or "evaluate"; none for the others)."""
+    if command not in ("finetune", "evaluate"):
+        return []
+    opts = [
+        click.Option(["--distance"], type=click.Choice(("cosine", "euclidean")), default="cosine",
+                     show_default=True, help="Distance between query and gallery features."),
+        click.Option(["--flip-tta/--no-flip-tta"], default=True, show_default=True,
+                     help="Add the features of each crop's mirror image (test-time augmentation)."),
+        click.Option(["--rerank/--no-rerank"], default=False, show_default=True,
+                     help="k-reciprocal re-ranking of the distances (k1=20, k2=6, lambda=0.3), "
+                          "computed in blocks (memory ~ the query x gallery matrix)."),
+        click.Option(["--same-camera-rule/--no-same-camera-rule"], default=True, show_default=True,
+                     help="Market-1501 protocol, when file names carry c<k> cameras: gallery crops of the "
+                          "query's player taken by the query's camera do not count. Turn it off for data "
+                          "filmed by one camera."),
+    ]
+    if command == "finetune":
+        opts.append(click.Option(["--label-smoothing"], type=click.FloatRange(0.0, 1.0, max_open=True),
+                                 default=0.1, show_default=True,
+                                 help="Label smoothing of the InfoNCE cross-entropy."))
+    else:
+        opts += [
+            click.Option(["--split"], type=click.Choice(("test", "challenge")), default="test",
+                         show_default=True,
+                         help="test: score reid_test (or query/ + gallery/); challenge: rank "
+                              "reid_challenge and write --submission."),
+            click.Option(["--submission"], type=click.Path(dir_okay=False), default=None,
+                         help="Challenge CSV to write: gallery ids in the first row, query ids in the "
+                              "first column, distances between."),
+            click.Option(["--zero-shot"], default="auto", show_default=True,
+                         help="Baseline scored next to --model: auto (the weights fine-tuning started "
+                              "from, recorded in the export; else timm's pretrained weights), pretrained, "
+                              "random (seeded by --seed), a weights file, or none."),
+            click.Option(["--tome-r"], type=int, default=0, show_default=True,
+                         help="Token merging (ToMe): tokens merged in every ViT block of the model and "
+                              "the zero-shot baseline."),
+        ]
+    return opts
