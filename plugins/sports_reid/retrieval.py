@@ -5,7 +5,6 @@ autocast dtype come from :mod:`domainfm.inference` (``resolve_device``, ``autoca
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from domainfm.data import loader_kwargs
 from domainfm.errors import DomainFMError
 from domainfm.metrics import retrieval_metrics
 from plugins.sports_reid.datasets import ReIDDataset, ReIDRecord, load_crop, read_eval_split
@@ -37,38 +34,16 @@ class EvalSettings:
     same_camera_rule: bool = True
 
 
-def _autocast(device: str, precision: str):
-    """Autocast at the core's :func:`domainfm.inference.autocast_dtype` for ``precision`` (none for 32-bit)."""
-    from domainfm.inference import autocast_dtype
+def embed(backbone: torch.nn.Module, dataset: ReIDDataset, settings: EvalSettings,
+          *, description: str = "features") -> torch.Tensor:
+    """[N, D] float32 features of ``dataset`` on the CPU, from the core's one frozen-feature loop
+    (:func:`domainfm.inference.extract_features`); with flip TTA the mean of the features of each
+    crop and of its mirror image (a player seen from the other side is the same player)."""
+    from domainfm.inference import extract_features
 
-    dtype = autocast_dtype(precision, torch.device(device))
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device, dtype=dtype)
-
-
-@torch.inference_mode()
-def extract_features(backbone: torch.nn.Module, dataset: ReIDDataset, settings: EvalSettings,
-                     *, description: str = "features") -> torch.Tensor:
-    """[N, D] float32 features of ``dataset`` on the CPU; with flip TTA, the sum of the features
-    of each crop and of its mirror image (a player seen from the other side is the same player)."""
-    from rich.progress import Progress
-
-    was_training = backbone.training
-    backbone.eval().to(settings.device)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=False,
-                        **loader_kwargs(settings.num_workers))  # never fork a threaded process
-    out = []
-    with Progress(transient=True, disable=not os.isatty(2)) as progress:
-        task = progress.add_task(description, total=len(loader))
-        for batch in loader:
-            x = batch["image"].to(settings.device, non_blocking=True)
-            with _autocast(settings.device, settings.precision):
-                f = backbone(x).float()
-                if settings.flip_tta:
-                    f = f + backbone(torch.flip(x, dims=[-1])).float()
-            out.append(f.cpu())
-            progress.advance(task)
-    backbone.train(was_training)
-    return torch.cat(out)
+    return torch.from_numpy(extract_features(
+        backbone, dataset, device=settings.device, precision=settings.precision, flip_tta=settings.flip_tta,
+        batch_size=settings.batch_size, num_workers=settings.num_workers, progress=description))
 
 
 def distance_matrix(query: torch.Tensor, gallery: torch.Tensor, distance: str = "cosine") -> np.ndarray:
@@ -113,10 +88,8 @@ def run_retrieval(backbone: torch.nn.Module, root: str | Path, split: str, setti
         g_records = sorted(g_records, key=lambda r: int(r.item_id))
     query = ReIDDataset(q_records, img_size=img_size, mean=mean, std=std)
     gallery = ReIDDataset(g_records, img_size=img_size, mean=mean, std=std)
-    q_feats = extract_features(backbone, query, settings, description=f"{label}query features")
-    g_feats = extract_features(backbone, gallery, settings, description=f"{label}gallery features")
-    if not torch.isfinite(q_feats).all() or not torch.isfinite(g_feats).all():
-        raise DomainFMError("the model produced NaN/inf features", fix="check the weights (a diverged run?)")
+    q_feats = embed(backbone, query, settings, description=f"{label}query features")
+    g_feats = embed(backbone, gallery, settings, description=f"{label}gallery features")
     if settings.rerank:
         dist = reranked_distances(q_feats, g_feats, settings.distance)
     else:
