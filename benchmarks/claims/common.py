@@ -68,6 +68,20 @@ def cli(args: list[str], *, json_out: Path | None = None) -> dict:
     return json.loads(Path(json_out).read_text()) if json_out is not None else {}
 
 
+def load_make_data(name: str):
+    """The checked-in test-data generator ``tests/data/<name>/make_data.py`` as a module."""
+    import importlib.util
+
+    mod_name = f"claims_make_data_{name}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, REPO / "tests" / "data" / name / "make_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def t_interval(diffs, level: float = 0.95) -> tuple[float, float, float]:
     """Mean of paired differences and its Student-t interval over the n items (n >= 2)."""
     from scipy import stats
@@ -90,7 +104,7 @@ def paired_bootstrap(a, b, *, n_boot: int = 2000, seed: int = 0, level: float = 
     return float(d.mean()), float(lo), float(hi)
 
 
-def verdict(lo: float, hi: float, expect: str = "positive") -> str:
+def _verdict(lo: float, hi: float, expect: str = "positive") -> str:
     """reproduces / reversed / inconclusive for an interval and the sign the paper predicts.
 
     ``expect="none"``: a comparison where no direction is claimed (e.g. cosine vs jaccard):
@@ -109,11 +123,12 @@ def verdict(lo: float, hi: float, expect: str = "positive") -> str:
 
 
 def record(claim: str, metric: str, effect: tuple[float, float, float], seeds: int, *, expect: str = "positive",
-           note: str = "", script: str = "") -> dict:
-    """Print one result row and append it to ``RESULTS_JSONL``."""
+           note: str = "", script: str = "", verdict: str | None = None) -> dict:
+    """Print one result row and append it to ``RESULTS_JSONL`` (``verdict`` overrides the computed one)."""
     m, lo, hi = effect
+    verdict_ = verdict
     row = {"claim": claim, "metric": metric, "effect": m, "lo": lo, "hi": hi, "seeds": seeds,
-           "verdict": verdict(lo, hi, expect), "note": note, "script": script}
+           "verdict": verdict_ or _verdict(lo, hi, expect), "note": note, "script": script}
     print(f"{claim} | {metric} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] | seeds {seeds} | {row['verdict']}", flush=True)
     with open(RESULTS_JSONL, "a") as fh:
         fh.write(json.dumps(row) + "\n")
