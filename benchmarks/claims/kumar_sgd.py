@@ -47,7 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--lrs", default="1e-4,1e-3,1e-2,1e-1")
+    ap.add_argument("--lrs", default="1e-3,3e-2")
     args = ap.parse_args()
     work = common.setup("kumar")
     md = common.load_make_data("sgd_ft")

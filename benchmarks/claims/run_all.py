@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-SCRIPTS = ("softcon", "continual", "phikon_ensemble", "reid", "kumar_sgd")
+SCRIPTS = ("reid", "kumar_sgd", "phikon_ensemble", "continual", "softcon")  # cheapest first
 
 
 def main() -> int:
