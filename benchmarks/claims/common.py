@@ -144,7 +144,7 @@ def clear_rows(script: str) -> None:
     RESULTS_JSONL.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
-def write_results_md(minutes: float | None = None) -> str:
+def write_results_md(minutes: float | None = None, how: str = "") -> str:
     """``RESULTS.md`` from ``RESULTS_JSONL``: one markdown row per measured effect."""
     rows = [json.loads(line) for line in RESULTS_JSONL.read_text().splitlines() if line.strip()]
     lines = ["| claim | metric | effect | 95% CI | seeds | verdict |", "| --- | --- | --- | --- | --- | --- |"]
@@ -154,6 +154,7 @@ def write_results_md(minutes: float | None = None) -> str:
     notes = [f"- {r['claim']}, {r['metric']}: {r['note']}" for r in rows if r.get("note")]
     head = "# Claims, measured\n\nWritten by `make claims` (`benchmarks/claims/run_all.py`)"
     head += f" in {minutes:.1f} min" if minutes is not None else ""
+    head += f". {how}" if how else ""
     text = head + ".\n\n" + "\n".join(lines) + "\n" + ("\nNotes:\n" + "\n".join(notes) + "\n" if notes else "")
     RESULTS_MD.write_text(text)
     return text

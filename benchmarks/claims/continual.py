@@ -7,14 +7,14 @@ Data:   `domainfm eo-sar sample --patches 192 --seed 21` (pretraining) and `--pa
         that A rarely or never shows). Same sensor, Sentinel-2 L1C, 13 bands.
 Model:  tiny ViT (benchmarks/claims/tinyssl.py) with the core's SoftCon loss (hard + soft, cosine,
         ce), EMA teacher 0.99, AdamW 1e-3, batch 32.
-Steps:  STEPS_A (default 150) on A with Siamese masking 0.5; then STEPS_B (default 100) on B, once
+Steps:  STEPS_A (default 80) on A with Siamese masking 0.5; then STEPS_B (default 60) on B, once
         with masking 0.5 and once without (0.0), from the same A model and the same batches.
 Seeds:  SEEDS (default 0 1 2).
 Metric: k-NN (k=5, cosine) macro mAP on held-out scenes of each domain; effects per seed: B after -
         B before (helps), A after - A before (keeps), and masked - unmasked on B; Student-t 95 %
         interval over seeds.
 
-    python benchmarks/claims/continual.py [--steps-a 150] [--steps-b 100] [--seeds 0 1 2]
+    python benchmarks/claims/continual.py [--steps-a 80] [--steps-b 60] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ DOMAIN_A = (0, 1, 2)  # farmland, forest, wetland (order of plugins.eo_sar.synth
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps-a", type=int, default=150)
-    ap.add_argument("--steps-b", type=int, default=100)
+    ap.add_argument("--steps-a", type=int, default=80)
+    ap.add_argument("--steps-b", type=int, default=60)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
     work = common.setup("continual")

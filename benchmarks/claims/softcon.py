@@ -5,14 +5,14 @@ Data:   `domainfm eo-sar sample --patches 192 --seed 11` for pretraining; held-o
         `domainfm eo-sar sample --patches 96 --seed 12` (other scenes, other draws) for the probes.
 Model:  tiny ViT (benchmarks/claims/tinyssl.py: 32 px, patch 8, width 64, depth 2) + projector,
         EMA teacher 0.99, Siamese masking 0.5, AdamW 1e-3, batch 32, temperature 0.1.
-Steps:  STEPS (default 150) per run; arms: hard only (soft weight 0), hard + soft (cosine, ce),
+Steps:  STEPS (default 80) per run; arms: hard only (soft weight 0), hard + soft (cosine, ce),
         hard + soft (jaccard, ce), hard + soft (cosine, bce).
 Seeds:  SEEDS (default 0 1 2): each seed starts every arm from the same initial weights and the
         same batches (paired).
 Metric: linear-probe and k-NN (k=5, cosine) macro mAP on a half/half split of the held-out scenes;
         effect = per-seed paired difference, mean with a Student-t 95 % interval over seeds.
 
-    python benchmarks/claims/softcon.py [--steps 150] [--seeds 0 1 2]
+    python benchmarks/claims/softcon.py [--steps 80] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ ARMS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
     work = common.setup("softcon")
