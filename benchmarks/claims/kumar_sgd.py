@@ -48,11 +48,20 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lrs", default="1e-3,3e-2")
+    ap.add_argument("--reuse", action="store_true", help="Read a seed's metrics from an earlier run's JSON in "
+                    "$CLAIMS_WORK/kumar/ instead of training it again (resume after an interrupted run).")
     args = ap.parse_args()
     work = common.setup("kumar")
     md = common.load_make_data("sgd_ft")
     res = {f"{a}/{k}": [] for a in ARMS for k in ("val_accuracy", "accuracy", "optimizer_state_bytes")}
+    import json
+
     for seed in args.seeds:
+        if args.reuse and (work / f"m{seed}.json").is_file():
+            m = json.loads((work / f"m{seed}.json").read_text())
+            for k in res:
+                res[k].append(m[k])
+            continue
         root = md.write_imagefolder(work / f"data{seed}", fmt="png", size=32, train=24, val=12, test=0, seed=seed)
         rng = np.random.default_rng(1000 + seed)
         for label, name in enumerate(md.CLASSES):  # the shifted test split, same generator
