@@ -147,6 +147,7 @@ def clear_rows(script: str) -> None:
 def write_results_md(minutes: float | None = None, how: str = "") -> str:
     """``RESULTS.md`` from ``RESULTS_JSONL``: one markdown row per measured effect."""
     rows = [json.loads(line) for line in RESULTS_JSONL.read_text().splitlines() if line.strip()]
+    rows.sort(key=lambda r: r["claim"].split(" ")[0])  # claim number first; stable within a claim
     lines = ["| claim | metric | effect | 95% CI | seeds | verdict |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['claim']} | {r['metric']} | {r['effect']:+.3f} | [{r['lo']:+.3f}, {r['hi']:+.3f}] "
