@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from domainfm.backbones import (adapt_input_conv, create_backbone, load_backbone, read_state_dict,
-                                save_backbone)
+from domainfm.backbones import adapt_patch_embed_weight, create_backbone, read_state_dict, save_backbone
 from domainfm.errors import DomainFMError
 
 NAME = "vit_small_patch14_dinov2"
@@ -48,7 +47,7 @@ def test_loads_518_rgb_into_13_band_224(tmp_path, dinov2_518):
 @pytest.mark.parametrize("mode", ["repeat", "mean"])
 def test_grey_input_gives_the_rgb_response(in_chans, mode):
     w = torch.randn(8, 3, 14, 14)
-    new = adapt_input_conv(w, in_chans, mode)
+    new = adapt_patch_embed_weight(w, in_chans, mode)
     assert new.shape == (8, in_chans, 14, 14)
     grey = torch.rand(1, 1, 28, 28)
     rgb = F.conv2d(grey.expand(1, 3, 28, 28), w, stride=14)
@@ -58,7 +57,7 @@ def test_grey_input_gives_the_rgb_response(in_chans, mode):
 
 def test_repeat_is_plain_tiling_for_multiples_of_three():
     w = torch.randn(4, 3, 2, 2)
-    new = adapt_input_conv(w, 6, "repeat")
+    new = adapt_patch_embed_weight(w, 6, "repeat")
     torch.testing.assert_close(new, torch.cat([w, w], 1) * 0.5)
 
 
@@ -66,7 +65,7 @@ def test_random_patch_embed_is_fresh(tmp_path, dinov2_518):
     path = _save(dinov2_518, tmp_path / "w.safetensors")
     b = create_backbone(NAME, in_chans=2, img_size=56, init=str(path), patch_embed_init="random", depth=2)
     w = b.model.patch_embed.proj.weight
-    assert w.shape[1] == 2 and not torch.allclose(w, adapt_input_conv(dinov2_518.patch_embed.proj.weight, 2))
+    assert w.shape[1] == 2 and not torch.allclose(w, adapt_patch_embed_weight(dinov2_518.patch_embed.proj.weight, 2))
     assert torch.equal(b.model.blocks[1].mlp.fc2.weight, dinov2_518.blocks[1].mlp.fc2.weight)
 
 
@@ -91,13 +90,13 @@ def test_resnet_first_conv_adapted(tmp_path):
 def test_export_roundtrip_carries_architecture(tmp_path):
     b = create_backbone(NAME, in_chans=2, img_size=56, init="random")
     path = save_backbone(b, tmp_path / "export.safetensors")
-    again = load_backbone(path)
+    again = create_backbone(path)
     assert (again.name, again.in_chans, again.img_size) == (NAME, 2, 56)
     x = torch.rand(1, 2, 56, 56)
     b.eval(), again.eval()
     torch.testing.assert_close(again(x), b(x))
     with pytest.raises(DomainFMError, match="bands"):
-        load_backbone(path, in_chans=13)
+        create_backbone(path, in_chans=13)
 
 
 def test_token_drop_keeps_cls_and_cuts_tokens():
@@ -276,13 +275,12 @@ def test_backbone_is_found_inside_training_checkpoints(tmp_path, vits14_teacher,
 
 
 def test_training_checkpoint_through_weights_flag(tmp_path, vits14_teacher):
-    from domainfm.backbones import backbone_from_config
     from domainfm.config import RunConfig
 
     path = tmp_path / "teacher_checkpoint.pth"
     torch.save(_checkpoint("dinov2_teacher_checkpoint", vits14_teacher), path)
     cfg = RunConfig(backbone=NAME, weights=str(path), img_size=28, in_chans=3)
-    b = backbone_from_config(cfg)
+    b = create_backbone(cfg)
     for k, v in b.model.state_dict().items():
         assert torch.equal(v, vits14_teacher[k]), k
 
