@@ -21,11 +21,11 @@ import numpy as np
 
 class RawPixelsBackbone(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from domainfm.backbones import InputSpec, _safetensors_meta, load_backbone
+        from domainfm.backbones import InputSpec, create_backbone, read_metadata
 
         path = context.artifacts["backbone"]
-        self.spec = InputSpec.from_meta(_safetensors_meta(path), source=path)
-        self.backbone = load_backbone(path).eval()
+        self.spec = InputSpec.from_meta(read_metadata(path), source=path)
+        self.backbone = create_backbone(path).eval()
 
     def predict(self, context, model_input, params=None):
         import torch

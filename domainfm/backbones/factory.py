@@ -10,7 +10,8 @@
 - weights that name their own architecture (a domainfm export, ``models:/NAME@ALIAS``,
   ``torchgeo:ENUM.MEMBER``, or a :class:`WeightSource`): the model as it was trained — its
   architecture, bands and image size come from the weights (a plain state dict falls back to
-  ``cfg.backbone``); ``in_chans`` is then a check (the data's band count must be the model's).
+  ``cfg.backbone``); ``in_chans`` is then a check (the data's band count must be the model's) and
+  ``init`` does not apply (the weights are the init, as ``--weights`` beats ``--init``).
 - a :class:`~domainfm.config.RunConfig`: the backbone a run starts from — ``--weights`` beats
   ``--init``, adapted to ``in_chans`` (default ``cfg.in_chans``); a ``--weights`` export or
   ``models:/`` names its architecture, so ``--backbone`` need not repeat it.

@@ -142,7 +142,7 @@ def run_evaluation(cfg, plugin) -> dict[str, Any]:
     from torch.utils.data import Subset
 
     from domainfm import tracking
-    from domainfm.backbones import load_backbone
+    from domainfm.backbones import create_backbone
     from domainfm.metrics import multilabel_average_precision
     from plugins.eo_sar.datasets import EOSARPatches
     from plugins.eo_sar.transforms import ResizeWhole
@@ -184,7 +184,7 @@ def run_evaluation(cfg, plugin) -> dict[str, Any]:
     plan.echo()
     tracking.set_tags(plan.record())
     aligned = plan.model_bands != plan.data_bands
-    backbone = load_backbone(cfg.model, cfg=cfg, in_chans=None if aligned else in_chans)
+    backbone = create_backbone(cfg.model, cfg=cfg, in_chans=None if aligned else in_chans)
     if getattr(cfg, "tome_r", 0):
         from domainfm.inference import apply_token_merging
 

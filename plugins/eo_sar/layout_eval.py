@@ -87,7 +87,7 @@ def run_layout_evaluation(cfg, plugin, dataset, layout: str, *, plan=None) -> di
     from torch.utils.data import Subset
 
     from domainfm import tracking
-    from domainfm.backbones import load_backbone
+    from domainfm.backbones import create_backbone
     from domainfm.metrics import multilabel_average_precision
     from plugins.eo_sar.evaluation import (MIN_LABELLED, _device, extract_features, knn_scores, linear_probe_scores,
                                            per_class_ap_figure, split_indices)
@@ -119,7 +119,7 @@ def run_layout_evaluation(cfg, plugin, dataset, layout: str, *, plan=None) -> di
     if plan is not None:
         plan.echo()
         tracking.set_tags(plan.record())
-    backbone = load_backbone(cfg.model, cfg=cfg, in_chans=None if aligned else len(dataset.bands))
+    backbone = create_backbone(cfg.model, cfg=cfg, in_chans=None if aligned else len(dataset.bands))
     dataset.transforms = ResizeWhole(backbone.img_size)
     if plan is not None:
         from plugins.eo_sar.normalization import AlignBands
