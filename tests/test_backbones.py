@@ -171,6 +171,84 @@ def test_token_drop_on_dynamic_img_size_vit(mask_mode):
 SOFTCON = "torchgeo:ViTSmall14_DINOv2_Weights.SENTINEL2_ALL_SOFTCON"
 
 
+# ---------------------------------------------------------------- weight sources as data, one entry point
+
+def _s1_export(tmp_path):
+    """A 2-band ViT export recording its Sentinel-1 input (bands, dB statistics, 10 m GSD)."""
+    from domainfm.backbones import InputSpec
+
+    b = create_backbone(NAME, in_chans=2, img_size=56, init="random", depth=1)
+    b.input_spec = InputSpec(bands=("VV", "VH"), mean=(-12.5, -20.0), std=(5.0, 5.5), modality="s1",
+                             gsd_m=10.0, units="dB")
+    return b, save_backbone(b, tmp_path / "s1.safetensors")
+
+
+def test_weight_sources_say_what_they_carry(tmp_path):
+    from domainfm.backbones import resolve_source
+
+    _, path = _s1_export(tmp_path)
+    src = resolve_source(str(path))
+    assert (src.kind, src.architecture, src.in_chans, src.img_size) == ("file", NAME, 2, 56)
+    assert src.bands == ("VV", "VH") and src.gsd_m == 10.0
+    assert src.normalization == ((-12.5, -20.0), (5.0, 5.5))
+    assert src.local_file() == path
+    hub = resolve_source("dinov2", name=NAME)
+    assert (hub.kind, hub.hub_name, hub.in_chans) == ("hub", NAME + ".lvd142m", 3)
+    assert hub.normalization == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # timm's ImageNet statistics
+    assert resolve_source("pretrained", name="resnet18").hub_name == "resnet18"
+    assert resolve_source("random").local_file() is None
+    # torchgeo's enum (found by torchgeo.models.get_weight) carries SoftCon's 13 bands and statistics
+    tg = resolve_source(SOFTCON)
+    assert (tg.kind, tg.architecture, tg.in_chans, tg.img_size) == ("torchgeo", NAME, 13, 224)
+    assert tg.bands[8] == "B8A" and len(tg.bands) == 13 and len(tg.normalization[0]) == 13
+
+
+def test_read_metadata_is_the_header_without_torch(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from domainfm.backbones import read_metadata
+
+    _, path = _s1_export(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        expected = f.metadata()
+    assert read_metadata(path) == expected and expected["input_bands"] == '["VV", "VH"]'
+    torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pth")
+    assert read_metadata(tmp_path / "plain.pth") == {} and read_metadata(tmp_path / "missing.safetensors") == {}
+    code = ("import json, sys; from domainfm.backbones import read_metadata; m = read_metadata(sys.argv[1]); "
+            "print(json.dumps([m, sorted(k for k in ('torch', 'mlflow', 'timm') if k in sys.modules)]))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == [expected, []]
+
+
+def test_one_entry_point_for_names_weights_and_run_configs(tmp_path):
+    from domainfm.config import RunConfig
+
+    b, path = _s1_export(tmp_path)
+    x = torch.rand(1, 2, 56, 56)
+    # weights as the model itself: architecture, bands, size and input spec from the file
+    again = create_backbone(str(path)).eval()
+    assert (again.name, again.in_chans, again.img_size) == (NAME, 2, 56)
+    assert again.input_spec.bands == ("VV", "VH")
+    torch.testing.assert_close(again(x), b.eval()(x))
+    with pytest.raises(DomainFMError, match="the model takes 2 bands but the data has 3"):
+        create_backbone(str(path), in_chans=3)
+    # a run starting from the export: --backbone names another architecture, the export's wins,
+    # and its 2-band patch embedding is adapted to the run's 4 bands
+    cfg = RunConfig(backbone="resnet18", weights=str(path), in_chans=4, img_size=56)
+    run = create_backbone(cfg, depth=1)
+    assert (run.name, run.in_chans) == (NAME, 4)
+    torch.testing.assert_close(run.model.patch_embed.proj.weight,
+                               adapt_patch_embed_weight(b.model.patch_embed.proj.weight, 4))
+    assert torch.equal(run.model.blocks[0].mlp.fc1.weight, b.model.blocks[0].mlp.fc1.weight)
+    # a name with cfg: cfg supplies what is not passed (here --init random, 4 bands, 56 px)
+    named = create_backbone(NAME, cfg=cfg.replace(weights=None, init="random"), depth=1)
+    assert (named.in_chans, named.img_size, named.input_spec) == (4, 56, None)
+
+
 def test_torchgeo_softcon_weights_from_the_hub_cache(tmp_path, monkeypatch, dinov2_518):
     # torchgeo keeps its checkpoints in torch's hub cache; put one there under the name it expects
     from urllib.parse import urlparse
