@@ -230,7 +230,7 @@ def test_one_entry_point_for_names_weights_and_run_configs(tmp_path):
     b, path = _s1_export(tmp_path)
     x = torch.rand(1, 2, 56, 56)
     # weights as the model itself: architecture, bands, size and input spec from the file
-    again = create_backbone(str(path)).eval()
+    again = create_backbone(str(path), depth=1).eval()  # (exports record no depth: a 1-block test model)
     assert (again.name, again.in_chans, again.img_size) == (NAME, 2, 56)
     assert again.input_spec.bands == ("VV", "VH")
     torch.testing.assert_close(again(x), b.eval()(x))
