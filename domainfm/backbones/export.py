@@ -226,7 +226,7 @@ def export_backbone(model: str, fmt: str, out: str | Path, *, with_normalization
     import torch
 
     from domainfm import __version__
-    from domainfm.backbones import create_backbone, read_metadata, resolve_source
+    from domainfm.backbones import create_backbone, resolve_source
 
     if fmt not in FORMATS:
         raise DomainFMError(f"unknown export format {fmt!r}", fix=f"use one of {', '.join(FORMATS)}")
