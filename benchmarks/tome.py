@@ -36,13 +36,11 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 def encoder(name: str, weights: str | None, layer_scale: float, device):
     import torch
 
-    from domainfm.backbones import create_backbone, load_backbone
+    from domainfm.backbones import create_backbone
 
     torch.manual_seed(0)
-    if weights:
-        b = load_backbone(weights, img_size=224)
-    else:
-        b = create_backbone(name, init="random", img_size=224)
+    b = create_backbone(weights or name, init="random", img_size=224)  # an export names its architecture
+    if not weights:
         with torch.no_grad():
             for blk in b.model.blocks:
                 for ls in (blk.ls1, blk.ls2):

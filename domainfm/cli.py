@@ -327,7 +327,7 @@ def export_cmd(model: str, fmt: str, out: str, with_normalization: bool) -> None
 
     Bands, statistics and architecture go into the file's metadata; the export is checked against
     PyTorch on batches of 1 and 7 (to 1e-4); a models:/ model gets it logged to its MLflow run."""
-    from domainfm.export import export_backbone
+    from domainfm.backbones.export import export_backbone
 
     try:
         res = export_backbone(model, fmt, out, with_normalization=with_normalization)

@@ -22,11 +22,11 @@ import pandas as pd
 
 class RawPixelsBackbone(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from domainfm.backbones import InputSpec, _safetensors_meta, load_backbone
+        from domainfm.backbones import InputSpec, create_backbone, read_metadata
 
         path = context.artifacts["backbone"]
-        self.spec = InputSpec.from_meta(_safetensors_meta(path), source=path)
-        self.backbone = load_backbone(path).eval()
+        self.spec = InputSpec.from_meta(read_metadata(path), source=path)
+        self.backbone = create_backbone(path).eval()
 
     # the hint says what MLflow hands over after checking the column schema; a DataFrame hint
     # turns on no extra validation, and MLflow stops warning that predict has no type hints

@@ -248,9 +248,9 @@ def log_backbone(backbone, *, artifact_path: str = "backbone", register: str | N
     size = input_size or backbone.img_size
     with tempfile.TemporaryDirectory() as tmp:
         st = save_backbone(backbone, Path(tmp) / "backbone.safetensors", extra_meta=extra_meta)
-        from domainfm.backbones import InputSpec, _safetensors_meta
+        from domainfm.backbones.meta import InputSpec, read_metadata
 
-        spec = InputSpec.from_meta(_safetensors_meta(st))
+        spec = InputSpec.from_meta(read_metadata(st))
         if spec is not None and spec.has_stats and spec.bands and len(spec.bands) == backbone.in_chans:
             # the export records its bands and statistics: a pyfunc taking raw pixels by band name
             return log_raw_pixels_model(st, spec, size, artifact_path=artifact_path, register=register, alias=alias)
@@ -364,6 +364,19 @@ def log_to_model_run(model_uri: str, local_path: str | Path, artifact_path: str 
         raise DomainFMError(f"{model_uri} has no source run to log to", fix="register models made by domainfm")
     client.log_artifact(mv.run_id, str(local_path), artifact_path)
     return mv.run_id
+
+
+def download_model(uri: str) -> Path:
+    """Download the artifacts of ``uri`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, or any
+    MLflow artifact URI) from our store into a local folder and return its path."""
+    import mlflow
+
+    configure()
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as e:
+        raise DomainFMError(f"cannot fetch {uri} from the MLflow registry at {tracking_uri()} ({e})",
+                            fix="check the name and alias with `domainfm registry list`") from None
 
 
 def list_registered(name: str | None = None) -> list[dict[str, Any]]:

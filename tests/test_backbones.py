@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from domainfm.backbones import (adapt_input_conv, create_backbone, load_backbone, read_state_dict,
-                                save_backbone)
+from domainfm.backbones import adapt_patch_embed_weight, create_backbone, read_state_dict, save_backbone
 from domainfm.errors import DomainFMError
 
 NAME = "vit_small_patch14_dinov2"
@@ -48,7 +47,7 @@ def test_loads_518_rgb_into_13_band_224(tmp_path, dinov2_518):
 @pytest.mark.parametrize("mode", ["repeat", "mean"])
 def test_grey_input_gives_the_rgb_response(in_chans, mode):
     w = torch.randn(8, 3, 14, 14)
-    new = adapt_input_conv(w, in_chans, mode)
+    new = adapt_patch_embed_weight(w, in_chans, mode)
     assert new.shape == (8, in_chans, 14, 14)
     grey = torch.rand(1, 1, 28, 28)
     rgb = F.conv2d(grey.expand(1, 3, 28, 28), w, stride=14)
@@ -58,7 +57,7 @@ def test_grey_input_gives_the_rgb_response(in_chans, mode):
 
 def test_repeat_is_plain_tiling_for_multiples_of_three():
     w = torch.randn(4, 3, 2, 2)
-    new = adapt_input_conv(w, 6, "repeat")
+    new = adapt_patch_embed_weight(w, 6, "repeat")
     torch.testing.assert_close(new, torch.cat([w, w], 1) * 0.5)
 
 
@@ -66,7 +65,7 @@ def test_random_patch_embed_is_fresh(tmp_path, dinov2_518):
     path = _save(dinov2_518, tmp_path / "w.safetensors")
     b = create_backbone(NAME, in_chans=2, img_size=56, init=str(path), patch_embed_init="random", depth=2)
     w = b.model.patch_embed.proj.weight
-    assert w.shape[1] == 2 and not torch.allclose(w, adapt_input_conv(dinov2_518.patch_embed.proj.weight, 2))
+    assert w.shape[1] == 2 and not torch.allclose(w, adapt_patch_embed_weight(dinov2_518.patch_embed.proj.weight, 2))
     assert torch.equal(b.model.blocks[1].mlp.fc2.weight, dinov2_518.blocks[1].mlp.fc2.weight)
 
 
@@ -91,13 +90,13 @@ def test_resnet_first_conv_adapted(tmp_path):
 def test_export_roundtrip_carries_architecture(tmp_path):
     b = create_backbone(NAME, in_chans=2, img_size=56, init="random")
     path = save_backbone(b, tmp_path / "export.safetensors")
-    again = load_backbone(path)
+    again = create_backbone(path)
     assert (again.name, again.in_chans, again.img_size) == (NAME, 2, 56)
     x = torch.rand(1, 2, 56, 56)
     b.eval(), again.eval()
     torch.testing.assert_close(again(x), b(x))
     with pytest.raises(DomainFMError, match="bands"):
-        load_backbone(path, in_chans=13)
+        create_backbone(path, in_chans=13)
 
 
 def test_token_drop_keeps_cls_and_cuts_tokens():
@@ -170,6 +169,84 @@ def test_token_drop_on_dynamic_img_size_vit(mask_mode):
 
 
 SOFTCON = "torchgeo:ViTSmall14_DINOv2_Weights.SENTINEL2_ALL_SOFTCON"
+
+
+# ---------------------------------------------------------------- weight sources as data, one entry point
+
+def _s1_export(tmp_path):
+    """A 2-band ViT export recording its Sentinel-1 input (bands, dB statistics, 10 m GSD)."""
+    from domainfm.backbones import InputSpec
+
+    b = create_backbone(NAME, in_chans=2, img_size=56, init="random", depth=1)
+    b.input_spec = InputSpec(bands=("VV", "VH"), mean=(-12.5, -20.0), std=(5.0, 5.5), modality="s1",
+                             gsd_m=10.0, units="dB")
+    return b, save_backbone(b, tmp_path / "s1.safetensors")
+
+
+def test_weight_sources_say_what_they_carry(tmp_path):
+    from domainfm.backbones import resolve_source
+
+    _, path = _s1_export(tmp_path)
+    src = resolve_source(str(path))
+    assert (src.kind, src.architecture, src.in_chans, src.img_size) == ("file", NAME, 2, 56)
+    assert src.bands == ("VV", "VH") and src.gsd_m == 10.0
+    assert src.normalization == ((-12.5, -20.0), (5.0, 5.5))
+    assert src.local_file() == path
+    hub = resolve_source("dinov2", name=NAME)
+    assert (hub.kind, hub.hub_name, hub.in_chans) == ("hub", NAME + ".lvd142m", 3)
+    assert hub.normalization == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # timm's ImageNet statistics
+    assert resolve_source("pretrained", name="resnet18").hub_name == "resnet18"
+    assert resolve_source("random").local_file() is None
+    # torchgeo's enum (found by torchgeo.models.get_weight) carries SoftCon's 13 bands and statistics
+    tg = resolve_source(SOFTCON)
+    assert (tg.kind, tg.architecture, tg.in_chans, tg.img_size) == ("torchgeo", NAME, 13, 224)
+    assert tg.bands[8] == "B8A" and len(tg.bands) == 13 and len(tg.normalization[0]) == 13
+
+
+def test_read_metadata_is_the_header_without_torch(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from domainfm.backbones import read_metadata
+
+    _, path = _s1_export(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        expected = f.metadata()
+    assert read_metadata(path) == expected and expected["input_bands"] == '["VV", "VH"]'
+    torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pth")
+    assert read_metadata(tmp_path / "plain.pth") == {} and read_metadata(tmp_path / "missing.safetensors") == {}
+    code = ("import json, sys; from domainfm.backbones import read_metadata; m = read_metadata(sys.argv[1]); "
+            "print(json.dumps([m, sorted(k for k in ('torch', 'mlflow', 'timm') if k in sys.modules)]))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == [expected, []]
+
+
+def test_one_entry_point_for_names_weights_and_run_configs(tmp_path):
+    from domainfm.config import RunConfig
+
+    b, path = _s1_export(tmp_path)
+    x = torch.rand(1, 2, 56, 56)
+    # weights as the model itself: architecture, bands, size and input spec from the file
+    again = create_backbone(str(path), depth=1).eval()  # (exports record no depth: a 1-block test model)
+    assert (again.name, again.in_chans, again.img_size) == (NAME, 2, 56)
+    assert again.input_spec.bands == ("VV", "VH")
+    torch.testing.assert_close(again(x), b.eval()(x))
+    with pytest.raises(DomainFMError, match="the model takes 2 bands but the data has 3"):
+        create_backbone(str(path), in_chans=3)
+    # a run starting from the export: --backbone names another architecture, the export's wins,
+    # and its 2-band patch embedding is adapted to the run's 4 bands
+    cfg = RunConfig(backbone="resnet18", weights=str(path), in_chans=4, img_size=56)
+    run = create_backbone(cfg, depth=1)
+    assert (run.name, run.in_chans) == (NAME, 4)
+    torch.testing.assert_close(run.model.patch_embed.proj.weight,
+                               adapt_patch_embed_weight(b.model.patch_embed.proj.weight, 4))
+    assert torch.equal(run.model.blocks[0].mlp.fc1.weight, b.model.blocks[0].mlp.fc1.weight)
+    # a name with cfg: cfg supplies what is not passed (here --init random, 4 bands, 56 px)
+    named = create_backbone(NAME, cfg=cfg.replace(weights=None, init="random"), depth=1)
+    assert (named.in_chans, named.img_size, named.input_spec) == (4, 56, None)
 
 
 def test_torchgeo_softcon_weights_from_the_hub_cache(tmp_path, monkeypatch, dinov2_518):
@@ -276,13 +353,12 @@ def test_backbone_is_found_inside_training_checkpoints(tmp_path, vits14_teacher,
 
 
 def test_training_checkpoint_through_weights_flag(tmp_path, vits14_teacher):
-    from domainfm.backbones import backbone_from_config
     from domainfm.config import RunConfig
 
     path = tmp_path / "teacher_checkpoint.pth"
     torch.save(_checkpoint("dinov2_teacher_checkpoint", vits14_teacher), path)
     cfg = RunConfig(backbone=NAME, weights=str(path), img_size=28, in_chans=3)
-    b = backbone_from_config(cfg)
+    b = create_backbone(cfg)
     for k, v in b.model.state_dict().items():
         assert torch.equal(v, vits14_teacher[k]), k
 

@@ -52,13 +52,13 @@ def _window_by_hand(files, row_off, col_off, *, dense=False):
     import torch
     from rasterio.windows import Window
 
-    from domainfm.backbones import load_backbone
+    from domainfm.backbones import create_backbone
     from plugins.eo_sar.radiometry import read_patch
 
     img, names, info = read_patch(files["scene"], modality="s2", window=Window(col_off, row_off, W, W))
     x = (img - np.asarray(MEAN, np.float32)[:, None, None]) / np.asarray(STD, np.float32)[:, None, None]
     x[:, ~info.valid] = 0.0
-    b = load_backbone(files["model"], img_size=W).eval()
+    b = create_backbone(files["model"], img_size=W).eval()
     with torch.no_grad():
         t = torch.from_numpy(x[None])
         if dense:

@@ -130,12 +130,12 @@ def test_statistics_travel_from_pretraining_to_evaluate_and_the_registered_pyfun
     # the registered pyfunc takes raw reflectance by band name and gives evaluate's embedding
     import rasterio
 
-    from domainfm.backbones import load_backbone
+    from domainfm.backbones import create_backbone
     from plugins.eo_sar.datasets import BandStats, EOSARPatches
     from domainfm.inference import extract_features
     from plugins.eo_sar.transforms import ResizeWhole
 
-    backbone = load_backbone("models:/eo-stats@candidate")
+    backbone = create_backbone("models:/eo-stats@candidate")
     plan = plan_input("s2", backbone.input_spec)
     ds = EOSARPatches(data, "s2", stats=BandStats(plan.mean, plan.std), patch_ids=["p00"])  # p00: no nodata
     ds.transforms = AlignBands(plan.alignment, ResizeWhole(backbone.img_size))

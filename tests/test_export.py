@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from domainfm.backbones import create_backbone, load_backbone, save_backbone
+from domainfm.backbones import create_backbone, save_backbone
 
 BANDS = ["B2", "B3", "B4", "B8"]
 MEAN = [0.12, 0.10, 0.09, 0.25]
@@ -31,7 +31,7 @@ def vit_file(tmp_path_factory):
 
 
 def reference(path, x: np.ndarray, normalize: bool) -> np.ndarray:
-    model = load_backbone(str(path)).eval()
+    model = create_backbone(str(path)).eval()
     t = torch.from_numpy(x)
     if normalize:
         t = (t - torch.tensor(MEAN).view(1, -1, 1, 1)) / torch.tensor(STD).view(1, -1, 1, 1)

@@ -57,9 +57,9 @@ def expected_features(slide_path, coords, level, read_size, tile_size, weights):
     import openslide
     from PIL import Image
 
-    from domainfm.backbones import load_backbone
+    from domainfm.backbones import create_backbone
 
-    model = load_backbone(weights, img_size=tile_size).eval()
+    model = create_backbone(weights, img_size=tile_size).eval()
     mean = torch.tensor(model.data_config["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.data_config["std"]).view(1, 3, 1, 1)
     slide = openslide.OpenSlide(str(slide_path))
@@ -201,11 +201,11 @@ def test_tile_dataset_plot(slides):
 def test_registered_encoder_gives_the_same_features(slides, weights, tmp_path, mlflow_store):
     """--weights models:/NAME@ALIAS: the encoder comes from the MLflow registry (the core's loader)."""
     from domainfm import tracking
-    from domainfm.backbones import load_backbone
+    from domainfm.backbones import create_backbone
 
     tracking.configure()
     with tracking.start_run(experiment="histo-test"):
-        tracking.log_backbone(load_backbone(weights), register="histo-encoder", alias="champion")
+        tracking.log_backbone(create_backbone(weights), register="histo-encoder", alias="champion")
     args = [slides["tiff"], "--num-workers", "0", *COMMON]
     assert embed([*args, "--out", tmp_path / "file", "--weights", weights]).exit_code == 0
     res = embed([*args, "--out", tmp_path / "registry", "--weights", "models:/histo-encoder@champion"])

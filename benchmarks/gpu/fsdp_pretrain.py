@@ -46,7 +46,7 @@ def main() -> int:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.utils.data import DataLoader, Dataset
 
-    from domainfm.backbones import backbone_from_config, save_backbone
+    from domainfm.backbones import create_backbone, save_backbone
     from domainfm.config import RunConfig
     from domainfm.tasks.pretrain import FSDP_UNITS, ContinualPretrainingTask, exportable_teacher
     from domainfm.training import _no_decay, build_trainer
@@ -74,7 +74,7 @@ def main() -> int:
 
     def new_task(cfg: RunConfig) -> ContinualPretrainingTask:
         L.seed_everything(0, verbose=False)
-        return ContinualPretrainingTask(cfg.to_dict(), in_chans, backbone=backbone_from_config(cfg, in_chans=in_chans))
+        return ContinualPretrainingTask(cfg.to_dict(), in_chans, backbone=create_backbone(cfg, in_chans=in_chans))
 
     report: dict[str, object] = {}
     ok = True

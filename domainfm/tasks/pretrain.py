@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from domainfm import tracking
-from domainfm.backbones import backbone_from_config, save_backbone
+from domainfm.backbones import create_backbone, save_backbone
 from domainfm.errors import DomainFMError
 from domainfm.losses import soft_contrastive_loss
 from domainfm.masking import random_keep_indices
@@ -72,8 +72,8 @@ class ContinualPretrainingTask(L.LightningModule):
 
         backbone = self._backbone
         if backbone is None:
-            backbone = backbone_from_config(RunConfig(**{k: v for k, v in self.cfg.items() if k in CORE_FIELDS and k != 'options'}),
-                                            in_chans=self.in_chans)
+            backbone = create_backbone(RunConfig(**{k: v for k, v in self.cfg.items() if k in CORE_FIELDS and k != 'options'}),
+                                       in_chans=self.in_chans)
         hidden = min(2048, 4 * backbone.embed_dim)
         self.student = Encoder(backbone, Projector(backbone.embed_dim, self.cfg["proj_dim"], hidden))
         if self.cfg["mask_mode"] == "token":
@@ -189,7 +189,7 @@ def exportable_teacher(task: ContinualPretrainingTask, cfg: "RunConfig"):
     :meth:`ContinualPretrainingTask.on_train_end` (every key must match: ``strict=True``)."""
     if task.full_teacher_state is None:
         return task.teacher.backbone
-    fresh = backbone_from_config(cfg, in_chans=task.in_chans)  # the same architecture and metadata as trained
+    fresh = create_backbone(cfg, in_chans=task.in_chans)  # the same architecture and metadata as trained
     fresh.model.load_state_dict(task.full_teacher_state, strict=True)
     return fresh
 
@@ -205,7 +205,7 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
                             fix=f"drop --in-chans or set it to {plugin.in_chans(cfg)}")
     cfg = cfg.replace(in_chans=in_chans)  # the record shows the bands actually used
     datamodule = plugin.pretrain_datamodule(cfg)
-    backbone = backbone_from_config(cfg, in_chans=in_chans)
+    backbone = create_backbone(cfg, in_chans=in_chans)
     if cfg.mask_ratio > 0 and backbone.is_vit and backbone.num_patches < 2:
         raise DomainFMError(f"--img-size {cfg.img_size} gives a single patch: nothing to mask",
                             fix="use a larger --img-size or --mask-ratio 0")

@@ -98,10 +98,10 @@ class EOSARPlugin(Plugin):
             self._require_data_for_layout(cfg)
         if getattr(cfg, "tome_r", 0) and cfg.command == "evaluate" and cfg.model:
             # a --tome-r the model cannot take is refused before a run is opened, not inside it
-            from domainfm.backbones import load_backbone
+            from domainfm.backbones import create_backbone
             from domainfm.inference import check_token_merging
 
-            check_token_merging(load_backbone(cfg.model, cfg=cfg), int(cfg.tome_r), where="the model")
+            check_token_merging(create_backbone(cfg.model, cfg=cfg), int(cfg.tome_r), where="the model")
         if cfg.command == "evaluate":  # a GPU that is not there, or 16-bit on a CPU: refused before the run
             from domainfm.inference import autocast_dtype, resolve_device
 

@@ -77,7 +77,7 @@ def _multilabel_metrics(names, scores: dict[str, np.ndarray], y_train: np.ndarra
 def run_evaluation(cfg, plugin) -> dict[str, Any]:
     """The evaluate job, inside the MLflow run the core opened; returns the metrics."""
     from domainfm import tracking
-    from domainfm.backbones import load_backbone
+    from domainfm.backbones import create_backbone
     from plugins.eo_sar.band_stats import BandStats
     from plugins.eo_sar.datasets import EOSARPatches
     from plugins.eo_sar.normalization import AlignBands
@@ -115,7 +115,7 @@ def run_evaluation(cfg, plugin) -> dict[str, Any]:
     plan.echo()
     tracking.set_tags(plan.record())
     aligned = plan.model_bands != plan.data_bands
-    backbone = load_backbone(cfg.model, cfg=cfg, in_chans=None if aligned else in_chans)
+    backbone = create_backbone(cfg.model, cfg=cfg, in_chans=None if aligned else in_chans)
     dataset.transforms = AlignBands(plan.alignment, ResizeWhole(backbone.img_size))
     feats = _features(cfg, backbone, dataset, labelled)
 
@@ -136,7 +136,7 @@ def run_layout_evaluation(cfg, plugin, dataset, layout: str, *, plan=None) -> di
     import click
 
     from domainfm import tracking
-    from domainfm.backbones import load_backbone
+    from domainfm.backbones import create_backbone
     from plugins.eo_sar.plots import confusion_figure
     from plugins.eo_sar.probes import confusion_matrix
     from plugins.eo_sar.transforms import ResizeWhole
@@ -167,7 +167,7 @@ def run_layout_evaluation(cfg, plugin, dataset, layout: str, *, plan=None) -> di
     if plan is not None:
         plan.echo()
         tracking.set_tags(plan.record())
-    backbone = load_backbone(cfg.model, cfg=cfg, in_chans=None if aligned else len(dataset.bands))
+    backbone = create_backbone(cfg.model, cfg=cfg, in_chans=None if aligned else len(dataset.bands))
     dataset.transforms = ResizeWhole(backbone.img_size)
     if plan is not None:
         from plugins.eo_sar.normalization import AlignBands

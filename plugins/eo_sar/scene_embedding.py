@@ -706,7 +706,7 @@ def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings, *, backbone=Non
     DomainFMError for: bands not alignable, a window larger than a scene, a bad --tome-r,
     --dense on a non-ViT or with token merging, --dims out of range). ``backbone``: an already
     built Backbone carrying ``input_spec`` instead of loading ``s.model``."""
-    from domainfm.backbones import load_backbone
+    from domainfm.backbones import create_backbone
 
     if not scenes:
         raise DomainFMError("no scene given", fix="pass one or more GeoTIFF scenes")
@@ -717,7 +717,7 @@ def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings, *, backbone=Non
     if not 0.0 <= s.nodata_fraction <= 1.0:
         raise DomainFMError("--nodata-fraction must be within 0..1")
     if backbone is None:  # benchmarks pass one already built (e.g. fewer blocks)
-        backbone = load_backbone(s.model, img_size=s.window)
+        backbone = create_backbone(s.model, img_size=s.window)
     spec = getattr(backbone, "input_spec", None)
     patch = backbone.patch_size if backbone.is_vit else None
     if s.tome_r:

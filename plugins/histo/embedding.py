@@ -73,14 +73,12 @@ def build_encoder(s: EmbedSettings):
     """The frozen backbone, sized for the tiles, in eval mode."""
     import torch
 
-    from domainfm.backbones import create_backbone, load_backbone
+    from domainfm.backbones import create_backbone
 
     # --init random must give the same encoder in every process of a --devices N run
     torch.manual_seed(s.seed)
-    if s.weights:
-        backbone = load_backbone(s.weights, img_size=s.tile_size)
-    else:
-        backbone = create_backbone(s.backbone, img_size=s.tile_size, init=s.init, **s.model_kwargs)
+    # --weights (an export / models:/ URI naming its architecture) beats --backbone and --init
+    backbone = create_backbone(s.weights or s.backbone, img_size=s.tile_size, init=s.init, **s.model_kwargs)
     if s.tome_r:
         from domainfm.inference import apply_token_merging
 

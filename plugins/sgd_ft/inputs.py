@@ -47,13 +47,13 @@ def weights_band_count(source: str | None, spec) -> int | None:
         return None
     if source in ("dinov2", "pretrained"):
         return 3
-    from domainfm.backbones import _safetensors_meta
+    from domainfm.backbones import read_metadata
 
     if source.startswith("torchgeo:"):
         from domainfm.backbones import torchgeo_weights
 
         return int(torchgeo_weights(source).meta.get("in_chans") or 0) or None
-    meta = _safetensors_meta(source) if not source.startswith("models:/") else {}
+    meta = read_metadata(source) if not source.startswith("models:/") else {}
     return int(meta["in_chans"]) if "in_chans" in meta else None
 
 

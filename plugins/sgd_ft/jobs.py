@@ -85,13 +85,9 @@ def weights_from_backbone_flag(cfg):
                             fix="give --backbone an existing file, a models:/ URI or a timm name")
     name = None
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from domainfm.backbones import read_metadata
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                name = (f.metadata() or {}).get("domainfm_name")
-        except Exception:
-            name = None
+        name = read_metadata(path).get("domainfm_name")
     if not name:
         raise DomainFMError("these weights do not say which architecture they belong to", path=path,
                             fix="pass the architecture to --backbone and the file to --weights")
@@ -108,14 +104,14 @@ def train_one(cfg, dm, arm: Arm, lr: float, meter: MemoryMeter) -> tuple[dict[st
     import torch
 
     from domainfm import tracking
-    from domainfm.backbones import backbone_from_config
+    from domainfm.backbones import create_backbone
     from domainfm.training import build_trainer, early_stopping
     from plugins.sgd_ft.model import Classifier, apply_freezing
     from plugins.sgd_ft.optim import optimizer_state_bytes, per_parameter_state_bytes
     from plugins.sgd_ft.task import FineTuneTask, KeepBest
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    backbone = backbone_from_config(cfg, in_chans=dm.in_chans)
+    backbone = create_backbone(cfg, in_chans=dm.in_chans)
     model = Classifier(backbone, dm.num_outputs)
     frozen = apply_freezing(model, freeze_embed=arm.freeze_embed, freeze_pos_embed=bool(cfg.freeze_pos_embed))
     task = FineTuneTask(model, task=dm.task, optimizer=arm.optimizer, lr=lr, momentum=cfg.momentum,
@@ -226,14 +222,8 @@ def compare(cfg, dm, lrs: list[float], meter: MemoryMeter) -> tuple[dict[str, An
 def save_classifier(model, path: Path, *, classes: list[str], backbone_name: str, task: str) -> Path:
     """The fine-tuned weights (backbone + head) as safetensors, written under a temporary name
     and renamed so an interrupted save never leaves a half file."""
-    import os
+    from domainfm.backbones import save_weights
 
-    from safetensors.torch import save_file
+    meta = {"domainfm_name": backbone_name, "task": task, "classes": json.dumps(classes)}
+    return save_weights(model.state_dict(), path, meta)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": "pt", "domainfm_name": backbone_name, "task": task, "classes": json.dumps(classes)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path

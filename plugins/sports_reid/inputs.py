@@ -77,7 +77,7 @@ def check_evaluate(cfg: "RunConfig") -> None:
     _check_device(cfg)
     tome_r = int(cfg.options.get("tome_r") or 0)
     if tome_r:  # the one check that builds the model: only when token merging is asked for
-        from domainfm.backbones import load_backbone
+        from domainfm.backbones import create_backbone
         from domainfm.inference import check_token_merging
 
-        check_token_merging(load_backbone(cfg.model, cfg=cfg, in_chans=3), tome_r, where="the model")
+        check_token_merging(create_backbone(cfg.model, cfg=cfg, in_chans=3), tome_r, where="the model")

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 
 from domainfm import tracking
-from domainfm.backbones import backbone_from_config, create_backbone, load_backbone, save_backbone
+from domainfm.backbones import create_backbone, read_metadata, save_backbone
 from domainfm.errors import DomainFMError
 from domainfm.inference import resolve_device
 from domainfm.training import build_trainer, is_global_zero, last_checkpoint
@@ -86,7 +86,7 @@ def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
     has_test = has_test_split(root)
     settings = eval_settings(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    backbone = backbone_from_config(cfg, in_chans=3)
+    backbone = create_backbone(cfg, in_chans=3)
     mean, std = backbone.normalization
     run_dir = Path(cfg.output_dir) / cfg.experiment_name
     ckpt_path = _resume_checkpoint(cfg, run_dir)
@@ -147,13 +147,7 @@ def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
 
 def _model_meta(spec: str) -> dict[str, str]:
     """The safetensors metadata of a local export (empty for models:/ URIs and other files)."""
-    p = Path(spec)
-    if p.suffix != ".safetensors" or not p.is_file():
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(p), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return read_metadata(spec)
 
 
 def start_weights(spec: str) -> str | None:
@@ -191,7 +185,7 @@ def run_evaluate(cfg: "RunConfig") -> dict[str, Any]:
     split = cfg.split
     settings = eval_settings(cfg)
     torch.manual_seed(cfg.seed)
-    backbone = load_backbone(cfg.model, cfg=cfg, in_chans=3)
+    backbone = create_backbone(cfg.model, cfg=cfg, in_chans=3)
     tome_r = int(getattr(cfg, "tome_r", 0) or 0)
     if tome_r:
         from domainfm.inference import apply_token_merging

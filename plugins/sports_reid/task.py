@@ -39,10 +39,12 @@ def initial_logit_scale(weights: str | None) -> float:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
+        from domainfm.backbones import read_metadata
+
+        meta = read_metadata(path)
+        if LOGIT_SCALE_META in meta:
+            return float(meta[LOGIT_SCALE_META])
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if LOGIT_SCALE_META in meta:
-                return float(meta[LOGIT_SCALE_META])
             if "logit_scale" in f.keys():
                 tensor = f.get_tensor("logit_scale")
     else:

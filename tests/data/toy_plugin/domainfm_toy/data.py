@@ -32,9 +32,9 @@ class ToyDataModule(L.LightningDataModule):
 
 
 def evaluate(cfg):
-    from domainfm.backbones import load_backbone
+    from domainfm.backbones import create_backbone
 
-    backbone = load_backbone(cfg.model, cfg=cfg, in_chans=cfg.bands)
+    backbone = create_backbone(cfg.model, cfg=cfg, in_chans=cfg.bands)
     ds = ToyScenes(8, cfg.bands, backbone.img_size, 4, cfg.seed)
     with torch.no_grad():
         feats = backbone(ds.images)

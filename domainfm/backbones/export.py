@@ -226,7 +226,7 @@ def export_backbone(model: str, fmt: str, out: str | Path, *, with_normalization
     import torch
 
     from domainfm import __version__
-    from domainfm.backbones import _download_registered, _safetensors_meta, load_backbone
+    from domainfm.backbones import create_backbone, resolve_source
 
     if fmt not in FORMATS:
         raise DomainFMError(f"unknown export format {fmt!r}", fix=f"use one of {', '.join(FORMATS)}")
@@ -236,9 +236,9 @@ def export_backbone(model: str, fmt: str, out: str | Path, *, with_normalization
     if out.is_dir():
         raise DomainFMError("--out is a folder", path=out, fix="give a file name, e.g. backbone.onnx")
     spec = str(model)
-    local = _download_registered(spec) if spec.startswith("models:/") else Path(spec)
-    meta = _safetensors_meta(local)
-    backbone = load_backbone(str(local)).eval()
+    source = resolve_source(spec)  # a models:/ URI is downloaded here, once
+    meta = source.meta
+    backbone = create_backbone(source).eval()
     inputs = input_description(backbone, meta)
     if with_normalization and not (inputs["mean"] and inputs["std"]):
         raise DomainFMError(f"--with-normalization needs per-band mean and std for the {backbone.in_chans} bands, "
