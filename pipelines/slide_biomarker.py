@@ -11,7 +11,6 @@ The steps, each a function of the histo plugin (this file only chains them and t
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import click
 
+from domainfm.cli import fail
 from domainfm.errors import DomainFMError
 
 
@@ -80,8 +80,7 @@ def command(**opts: Any) -> None:
         embed_first(opts)
         metrics = run(**{k: v for k, v in opts.items() if k in RUN_OPTIONS})
     except DomainFMError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        fail(e)
     from domainfm.cli import _print_metrics, _write_json
 
     _write_json(opts["json_path"], metrics)

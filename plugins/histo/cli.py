@@ -40,9 +40,7 @@ def _finish(kind: str, n_total: int, failures: list[dict[str, str]], out_dir: st
     sys.exit(1)
 
 
-def _fail(e: DomainFMError) -> None:
-    click.echo(f"error: {e}", err=True)
-    sys.exit(2)
+from domainfm.cli import fail as _fail  # noqa: E402 - the one error -> exit 2
 
 
 @click.command("tile", context_settings={"max_content_width": 110})

@@ -188,7 +188,8 @@ def train_one(cfg, dm, arm: Arm, lr: float, meter: MemoryMeter) -> tuple[dict[st
         overrides.update(val_check_interval=cfg.val_every, check_val_every_n_epoch=None)
     run_id = mlflow.active_run().info.run_id
     ckpt_dir = Path(cfg.output_dir) / cfg.experiment_name / run_id / "checkpoints"
-    trainer = build_trainer(cfg, callbacks=callbacks, ckpt_dir=ckpt_dir, **overrides)
+    trainer = build_trainer(cfg, callbacks=callbacks, ckpt_dir=ckpt_dir,
+                            logger=tracking.lightning_logger(cfg.experiment_name, run_id), **overrides)
     cuda = torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
@@ -388,6 +389,7 @@ def finetune(cfg) -> dict[str, Any]:
     import mlflow
 
     from domainfm import tracking
+    from domainfm.jobs import export_and_register
 
     # core flags this plugin does not implement: refuse them rather than silently ignore them
     if cfg.resume:
@@ -410,11 +412,12 @@ def finetune(cfg) -> dict[str, Any]:
         metrics["arm"] = arm_of(cfg).name
     run_id = mlflow.active_run().info.run_id
     out = Path(cfg.output_dir) / cfg.experiment_name / run_id / "finetuned.safetensors"
-    save_classifier(model, out, classes=dm.classes, backbone_name=model.backbone.name, task=dm.task)
-    mlflow.log_artifact(str(out), "model")
+    exported = export_and_register(model.backbone, out, artifact_dir="model", log_model=False,
+                                   save=lambda p: save_classifier(model, p, classes=dm.classes,
+                                                                  backbone_name=model.backbone.name, task=dm.task),
+                                   register=cfg.register, alias=cfg.alias)
     if cfg.register:
-        metrics["registered_model_uri"] = tracking.log_backbone(model.backbone, register=cfg.register,
-                                                                alias=cfg.alias)
+        metrics["registered_model_uri"] = exported.model_uri
     metrics["weights"] = str(out)
     # how many samples each split held (a standard layout's official splits, or the seeded 60/20/20)
     metrics.update({f"n_{s}": len(getattr(dm, f"{s}_set")) for s in ("train", "val", "test")
