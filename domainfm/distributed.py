@@ -1,4 +1,6 @@
-"""Gathering a batch across processes so that contrastive losses see the global batch.
+"""Everything about processes and ranks: gathering a batch across processes so that contrastive
+losses see the global batch, launcher detection, which process is rank 0 (:func:`is_global_zero`)
+and how rank 0 hands its MLflow run to the workers Lightning starts (:func:`handoff_to_workers`).
 
 Contrastive losses use the other samples of the batch as negatives (and, for the soft loss, as
 soft positives), so under data parallelism every rank must see every rank's embeddings. A plain
