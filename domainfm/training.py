@@ -111,11 +111,44 @@ def step_checkpoints(ckpt_dir: str | Path, *, every: int, keep: int):
     ``last.ckpt``. "Newest" is ranked by Lightning's own ``step`` candidate (the global step it adds
     to the monitored values), highest first: a ViT-B checkpoint with its optimizer state is over a
     gigabyte, and without a metric to rank them Lightning would keep them all. Resuming restores the
-    ranking from the checkpoint, so the count holds across ``--resume``."""
+    ranking from the checkpoint, so the count holds across ``--resume``, also when the resumed run
+    asks for another ``--keep-checkpoints`` (see :func:`_step_checkpoints_class`)."""
+    return _step_checkpoints_class()(dirpath=str(ckpt_dir), filename="step{step:06d}", auto_insert_metric_name=False,
+                                     every_n_train_steps=every, save_last=True, monitor="step", mode="max",
+                                     save_top_k=keep)
+
+
+def _step_checkpoints_class():
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    return ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}", auto_insert_metric_name=False,
-                           every_n_train_steps=every, save_last=True, monitor="step", mode="max", save_top_k=keep)
+    class StepCheckpoints(ModelCheckpoint):
+        """ModelCheckpoint whose restored ranking fits this run's ``save_top_k``. Lightning restores
+        the ranking of the run that wrote the checkpoint as it was; with a smaller ``save_top_k`` (a
+        resume with a lower ``--keep-checkpoints``) its bookkeeping would point at no checkpoint
+        (KeyError) or never delete again. Here the newest ``save_top_k`` stay ranked and the older
+        files go when training starts (rank 0 removes them, through the strategy)."""
+
+        _surplus: list[str] = []
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            super().load_state_dict(state_dict)
+            k = self.save_top_k
+            if k < 1 or len(self.best_k_models) < k:
+                return  # Lightning's own bookkeeping is complete for these
+            newest = sorted(self.best_k_models, key=lambda p: float(self.best_k_models[p]), reverse=True)
+            self._surplus = newest[k:]
+            self.best_k_models = {p: self.best_k_models[p] for p in newest[:k]}
+            self.kth_best_model_path = newest[k - 1]
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            super().on_train_start(trainer, pl_module)
+            for path in self._surplus:
+                if Path(path).exists():
+                    trainer.strategy.remove_checkpoint(path)
+            self._surplus = []
+
+    return StepCheckpoints
 
 
 def early_stopping(monitor: str, *, patience: int, mode: str = "max"):

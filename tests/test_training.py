@@ -115,6 +115,15 @@ def test_step_checkpoints_keep_the_newest_k(tmp_path):
     _Tiny.fit(max_steps=7, checkpoint_every=1, keep_checkpoints=2, ckpt_dir=tmp_path,
               ckpt_path=tmp_path / "last.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step000006.ckpt", "step000007.ckpt"]
+    # a resume that keeps fewer than the run it continues: the ranking shrinks to the newest
+    _Tiny.fit(max_steps=9, checkpoint_every=1, keep_checkpoints=1, ckpt_dir=tmp_path,
+              ckpt_path=tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step000009.ckpt"]
+    # and one that keeps more, started from a run that had not filled its count yet
+    few = tmp_path / "few"
+    _Tiny.fit(max_steps=2, checkpoint_every=1, keep_checkpoints=3, ckpt_dir=few)
+    _Tiny.fit(max_steps=5, checkpoint_every=1, keep_checkpoints=2, ckpt_dir=few, ckpt_path=few / "last.ckpt")
+    assert sorted(p.name for p in few.iterdir()) == ["last.ckpt", "step000004.ckpt", "step000005.ckpt"]
     # -1 keeps them all
     keep_all = tmp_path / "all"
     _Tiny.fit(max_steps=3, checkpoint_every=1, keep_checkpoints=-1, ckpt_dir=keep_all)
