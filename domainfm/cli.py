@@ -11,7 +11,7 @@ import copy
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from click.core import ParameterSource
@@ -51,7 +51,7 @@ class PluginCommand(click.Command):
             try:
                 plugin = plugins.load(name)
             except DomainFMError as e:
-                _fail(e)
+                fail(e)
             ctx.meta["plugin"] = plugin
             # --help shows the plugin's own defaults (copies: the core's options are shared)
             overrides = plugin.defaults(self.name)
@@ -66,7 +66,9 @@ class PluginCommand(click.Command):
         return super().parse_args(ctx, args)
 
 
-def _fail(e: BaseException) -> None:
+def fail(e: BaseException) -> NoReturn:
+    """Print ``error: <e>`` as one line on stderr and exit with status 2: how every command, the
+    plugins' and pipelines' own included, ends on an expected mistake (a DomainFMError)."""
     click.echo(f"error: {e}", err=True)
     sys.exit(2)
 
@@ -127,14 +129,12 @@ def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
         if command == "evaluate" and not cfg.model:
             raise DomainFMError("evaluate needs --model", fix="pass a weights file or models:/NAME@ALIAS")
         plugin.check(cfg)
+        from domainfm import jobs
+
         if command == "pretrain":
-            from domainfm.tasks.pretrain import run_pretraining
-
-            metrics = run_pretraining(cfg, plugin)
+            metrics = jobs.run_pretraining(cfg, plugin)
         else:
-            from domainfm.tracking import plugin_run
-
-            metrics = plugin_run(cfg, plugin, getattr(plugin, command))
+            metrics = jobs.run_plugin_job(cfg, plugin, getattr(plugin, command))
         if metrics is None:  # a non-zero rank of a multi-process run reports nothing
             return
         write_json(cfg.json, metrics)
@@ -147,7 +147,7 @@ def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
         if warning:
             click.echo(f"warning: {warning}", err=True)
     except DomainFMError as e:
-        _fail(e)
+        fail(e)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
@@ -179,7 +179,7 @@ class DomainFMGroup(click.Group):
             try:
                 plugin = plugins.load(cmd_name)
             except DomainFMError as e:
-                _fail(e)
+                fail(e)
             extra = plugin.commands()
             if extra:
                 group = click.Group(cmd_name, help=f"{plugin.description}")
@@ -266,7 +266,7 @@ class PipelineGroup(click.Group):
         try:
             return ep.load()
         except Exception as e:
-            _fail(DomainFMError(f"pipeline {cmd_name!r} failed to import: {e}"))
+            fail(DomainFMError(f"pipeline {cmd_name!r} failed to import: {e}"))
 
 
 @main.group("pipeline", cls=PipelineGroup)
@@ -291,7 +291,7 @@ def registry_list(name: str | None) -> None:
     try:
         rows = tracking.list_registered(name)
     except DomainFMError as e:
-        _fail(e)
+        fail(e)
     table = Table(title=f"MLflow registry at {tracking.tracking_uri()}")
     for col in ("name", "version", "aliases", "run_id", "created"):
         table.add_column(col)
@@ -311,7 +311,7 @@ def registry_promote(name: str, version: int, alias: str) -> None:
     try:
         tracking.set_alias(name, version, alias)
     except DomainFMError as e:
-        _fail(e)
+        fail(e)
     click.echo(f"models:/{name}@{alias} -> version {version}")
 
 
@@ -332,7 +332,7 @@ def export_cmd(model: str, fmt: str, out: str, with_normalization: bool) -> None
     try:
         res = export_backbone(model, fmt, out, with_normalization=with_normalization)
     except DomainFMError as e:
-        _fail(e)
+        fail(e)
     errs = ", ".join(f"batch {n}: {e:.1e}" for n, e in res.max_abs_error.items())
     logged = f"; logged to MLflow run {res.mlflow_run_id}" if res.mlflow_run_id else ""
     click.echo(f"{res.path} ({fmt}; max |export - torch| {errs}){logged}")
@@ -343,7 +343,7 @@ def run_cli_command(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except DomainFMError as e:
-        _fail(e)
+        fail(e)
 
 
 if __name__ == "__main__":  # pragma: no cover

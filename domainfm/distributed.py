@@ -1,4 +1,6 @@
-"""Gathering a batch across processes so that contrastive losses see the global batch.
+"""Everything about processes and ranks: gathering a batch across processes so that contrastive
+losses see the global batch, launcher detection, which process is rank 0 (:func:`is_global_zero`)
+and how rank 0 hands its MLflow run to the workers Lightning starts (:func:`handoff_to_workers`).
 
 Contrastive losses use the other samples of the batch as negatives (and, for the soft loss, as
 soft positives), so under data parallelism every rank must see every rank's embeddings. A plain
@@ -17,7 +19,9 @@ exchanged first and the rows padded to the largest, then trimmed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:  # torch is imported inside the functions: the CLI imports nothing heavy
     import torch
@@ -167,3 +171,64 @@ def shard(items: list, rank: int, world_size: int) -> list:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} out of world size {world_size}")
     return list(items)[rank::world_size]
+
+
+# ---------------------------------------------------------------- ranks and the rank-0 -> worker hand-off
+
+def is_global_zero() -> bool:
+    """True in the launching process (before Lightning spawns its workers) and on global rank 0.
+
+    Read from the launcher's environment (``RANK``/``SLURM_PROCID``, else ``LOCAL_RANK`` and
+    ``NODE_RANK``), so it answers before any process group exists."""
+    import os
+
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+#: The hand-off variables (see :func:`handoff_to_workers`).
+RUN_ID_VAR = "DOMAINFM_RUN_ID"
+CKPT_DIR_VAR = "DOMAINFM_CKPT_DIR"
+
+
+@contextlib.contextmanager
+def handoff_to_workers(run_id: str, ckpt_dir: str | Path) -> Iterator[None]:
+    """Rank 0 tells the worker processes Lightning is about to start which run they belong to.
+
+    The protocol: with ``--devices N`` on one machine, Lightning's DDP/FSDP launcher starts the
+    workers inside ``trainer.fit`` by re-running the same command line, each with its ``LOCAL_RANK``;
+    they inherit rank 0's environment at that moment. Rank 0 alone opens the MLflow run and makes the
+    checkpoint folder, then wraps ``fit`` in this context, which sets
+
+    - ``DOMAINFM_RUN_ID``: the MLflow run id (a process that starts as rank 0 with it set reopens
+      that run instead of opening a new one),
+    - ``DOMAINFM_CKPT_DIR``: the folder every rank writes checkpoints into,
+
+    and restores the previous values (or their absence) when ``fit`` returns or fails: a process
+    that runs a second job afterwards (a notebook, a test session) is not handed this run's id.
+    Workers read them with :func:`handed_off`. Jobs started by an outer launcher (``srun``,
+    ``torchrun``) start every rank at once, see no hand-off, and fall back to defaults."""
+    import os
+
+    values = {RUN_ID_VAR: str(run_id), CKPT_DIR_VAR: str(ckpt_dir)}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def handed_off() -> tuple[str | None, Path | None]:
+    """``(run_id, ckpt_dir)`` that rank 0 handed this process (see :func:`handoff_to_workers`);
+    ``None`` for each one not set."""
+    import os
+
+    ckpt = os.environ.get(CKPT_DIR_VAR)
+    return os.environ.get(RUN_ID_VAR) or None, Path(ckpt) if ckpt else None

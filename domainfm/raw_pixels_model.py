@@ -1,6 +1,6 @@
 """MLflow "model from code": a backbone that takes RAW pixels by band name (no pickle anywhere).
 
-Logged by :func:`domainfm.tracking.log_backbone` for a backbone whose export records its input
+Logged by :func:`domainfm.jobs.log_backbone` for a backbone whose export records its input
 (:class:`domainfm.backbones.InputSpec`: band names, per-band mean/std in e.g. Sentinel-2
 reflectance x 10000 or Sentinel-1 dB). Artifact: ``backbone`` (the domainfm safetensors export).
 

@@ -13,9 +13,8 @@ import contextlib
 import csv
 import io
 import os
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from domainfm.errors import DomainFMError
 
@@ -226,6 +225,13 @@ def log_artifact(local_path: str | Path, artifact_path: str | None = None) -> No
     mlflow.log_artifact(str(local_path), artifact_path)
 
 
+def log_text(text: str, artifact_file: str) -> None:
+    """``text`` as the artifact ``artifact_file`` of the active run (a markdown table, a report)."""
+    import mlflow
+
+    mlflow.log_text(text, artifact_file)
+
+
 def log_params(params: dict[str, Any]) -> None:
     """A command's parameters (flattened, stringified) on the active run."""
     import mlflow
@@ -235,52 +241,31 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params(dict(list(flat.items())[i:i + 100]))
 
 
-def log_backbone(backbone, *, artifact_path: str = "backbone", register: str | None = None,
-                 alias: str | None = None, input_size: int | None = None,
-                 extra_meta: dict[str, str] | None = None) -> str:
-    """Log the backbone as an MLflow PyTorch model (the timm module) with its safetensors export
-    beside it; domainfm itself always reloads from the safetensors file (no unpickling)."""
+def log_pytorch_model(model, *, input_example: Any, extra_files: list[str | Path] = (),
+                      artifact_path: str = "backbone", register: str | None = None,
+                      alias: str | None = None) -> str:
+    """Log a torch module as an MLflow PyTorch model (MLflow exports it in its safe pt2 format) with
+    ``extra_files`` beside it; registered as ``register`` (with ``alias``) when given. Returns the
+    model URI. ``input_example``: a numpy batch; of 2 or more rows, or the export fixes the batch to 1."""
     import mlflow
-    import torch
 
-    from domainfm.backbones import save_backbone
-
-    size = input_size or backbone.img_size
-    with tempfile.TemporaryDirectory() as tmp:
-        st = save_backbone(backbone, Path(tmp) / "backbone.safetensors", extra_meta=extra_meta)
-        from domainfm.backbones.meta import InputSpec, read_metadata
-
-        spec = InputSpec.from_meta(read_metadata(st))
-        if spec is not None and spec.has_stats and spec.bands and len(spec.bands) == backbone.in_chans:
-            # the export records its bands and statistics: a pyfunc taking raw pixels by band name
-            return log_raw_pixels_model(st, spec, size, artifact_path=artifact_path, register=register, alias=alias)
-        # a batch of 2: MLflow exports the module (safe pt2 format) and a batch of 1 would fix
-        # the exported batch size to 1
-        example = torch.zeros(2, backbone.in_chans, size, size).numpy()
-        model = backbone.model
-        was_training = model.training
-        model.eval()
-        info = mlflow.pytorch.log_model(model, name=artifact_path, input_example=example,
-                                        pip_requirements=pip_requirements(), extra_files=[str(st)])
-        model.train(was_training)
-    uri = info.model_uri
+    info = mlflow.pytorch.log_model(model, name=artifact_path, input_example=input_example,
+                                    pip_requirements=pip_requirements(), extra_files=[str(f) for f in extra_files])
     if register:
-        register_model(uri, register, alias)
-    return uri
+        register_model(info.model_uri, register, alias)
+    return info.model_uri
 
 
-def log_raw_pixels_model(safetensors_path: str | Path, spec, size: int, *, artifact_path: str = "backbone",
-                         register: str | None = None, alias: str | None = None) -> str:
-    """Log ``domainfm/raw_pixels_model.py`` over a backbone export that records its input: the
-    pyfunc takes raw pixels as a dict of named [N, H, W] bands (the band names are the input
-    schema) and aligns and normalises them itself (see that module)."""
+def log_raw_pixels_model(python_model_file: str | Path, safetensors_path: str | Path, bands: list[str], *,
+                         artifact_path: str = "backbone", register: str | None = None,
+                         alias: str | None = None) -> str:
+    """Log ``python_model_file`` (``domainfm/raw_pixels_model.py``) over a backbone export that
+    records its input: the pyfunc takes raw pixels as a dict of named [N, H, W] bands (``bands``,
+    the input schema) and aligns and normalises them itself (see that module)."""
     import warnings
 
-    import numpy as np
-
-    from domainfm import raw_pixels_model  # noqa: F401 - only its file is logged, not imported by MLflow here
-
     import mlflow
+    import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema, TensorSpec
     from mlflow.types.schema import Array
@@ -290,11 +275,11 @@ def log_raw_pixels_model(safetensors_path: str | Path, spec, size: int, *, artif
     # MLflow's schema check and is filled with its mean by the model. TensorSpec cannot be
     # optional (mlflow 3.x: TensorSpec.required is always True), a ColSpec can (required=False).
     signature = ModelSignature(
-        inputs=Schema([ColSpec(Array(Array(Array(DataType.double))), name=b, required=False) for b in spec.bands]),
+        inputs=Schema([ColSpec(Array(Array(Array(DataType.double))), name=b, required=False) for b in bands]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*type hint.*")
-        info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(Path(raw_pixels_model.__file__)),
+        info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(python_model_file),
                                        artifacts={"backbone": str(safetensors_path)}, signature=signature,
                                        pip_requirements=pip_requirements())
     if register:
@@ -401,26 +386,6 @@ def list_registered(name: str | None = None) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["name"], r["version"]))
 
 
-def plugin_run(cfg: "RunConfig", plugin, fn: Callable[["RunConfig"], dict[str, Any]]) -> dict[str, Any] | None:
-    """Run a plugin's finetune/evaluate inside one MLflow run that records its config and metrics."""
-    import mlflow
-
-    from domainfm.training import is_global_zero
-
-    if not is_global_zero():
-        # a worker that Lightning's DDP launcher started by re-running the command: rank 0 owns
-        # the MLflow run and the --json file
-        fn(cfg)
-        return None
-    with start_run(cfg) as run:
-        mlflow.set_tags({"domainfm.command": cfg.command, "domainfm.plugin": cfg.plugin})
-        log_config(cfg)
-        metrics = dict(fn(cfg) or {})
-        log_metrics(metrics)
-        metrics["mlflow_run_id"] = run.info.run_id
-    return metrics
-
-
 def set_tags(tags: dict[str, Any]) -> None:
     """Tags on the active run (what a run decided: statistics used, bands aligned...)."""
     import mlflow
@@ -429,10 +394,23 @@ def set_tags(tags: dict[str, Any]) -> None:
         mlflow.set_tags({k: str(v)[:5000] for k, v in tags.items()})
 
 
-def lightning_logger(run_id: str, experiment: str):
-    """Lightning's MLFlowLogger bound to an existing run (it needs the tracking URI spelled out)."""
+def active_run_id() -> str | None:
+    """The id of the active MLflow run, or None."""
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
+
+
+def lightning_logger(experiment: str, run_id: str | None = None):
+    """Lightning's MLFlowLogger bound to the run ``run_id`` (default: the active run; it needs the
+    tracking URI spelled out), or False when there is no run (Lightning then logs nothing). Passed
+    to ``training.build_trainer(logger=...)``."""
     from lightning.pytorch.loggers import MLFlowLogger
 
+    run_id = run_id or active_run_id()
+    if not run_id:
+        return False
     return MLFlowLogger(experiment_name=experiment, tracking_uri=configure(), run_id=run_id, log_model=False)
 
 
@@ -451,12 +429,6 @@ def load_pyfunc_model(model_uri: str):
     import mlflow
 
     return mlflow.pyfunc.load_model(str(model_uri))
-def active_run_id() -> str | None:
-    """The id of the active MLflow run, None outside one."""
-    import mlflow
-
-    run = mlflow.active_run()
-    return run.info.run_id if run is not None else None
 
 
 def model_run_tag(model_uri: str, key: str) -> str | None:

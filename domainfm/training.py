@@ -7,10 +7,10 @@ strategies, precision, checkpoints and the MLflow logger behave the same everywh
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from domainfm.distributed import is_global_zero  # noqa: F401 - its old home, still imported by plugins
 from domainfm.errors import DomainFMError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,29 +60,34 @@ def _no_decay(name: str, param, ndim: int | None = None) -> bool:
 
 
 def param_groups(module, weight_decay: float, *, lr: float, layer_decay: float | None = None,
-                 vit=None, ndims: dict[str, int] | None = None) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on norms, biases and tokens; optional layer-wise LR decay for a ViT
-    (``vit`` is the timm VisionTransformer inside ``module``; block i gets
-    ``lr * layer_decay ** (depth + 1 - (i + 1))``, embeddings the deepest decay, the rest 1).
+                 model=None, vit=None, ndims: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """AdamW groups for ``module``: no weight decay on norms, biases and tokens (``pos_embed``,
+    ``cls_token``, ``reg_token``, ``mask_token``, ``logit_scale``), and optionally layer-wise LR decay
+    (BEiT, Bao et al. 2022) over the timm model ``model`` inside ``module``.
 
+    The layers are timm's own (:func:`timm.optim.param_groups_layer_decay`, from each model's
+    ``group_matcher``), so every timm architecture is covered: for a ViT of depth D the embeddings
+    are layer 0 and block i is layer i + 1, the final norm going with the last block; a ResNet's
+    stem is layer 0 and each residual block a layer of its own. A parameter of layer l gets
+    ``lr * layer_decay ** (L - l)`` (L the last layer, at the full rate); parameters outside
+    ``model`` (a projector, a head) keep ``lr``. Each group carries ``lr``, ``weight_decay`` and
+    ``lr_scale``.
+
+    ``vit``: the former name of ``model`` (plugins written against it keep working).
     ``ndims``: each parameter's number of dimensions recorded before FSDP wrapped the module
     (FSDP shows a sharded parameter as a 1-d slice, which would otherwise read as a bias)."""
-    depth = len(vit.blocks) if (layer_decay is not None and vit is not None and hasattr(vit, "blocks")) else None
-    vit_names = {id(p): n for n, p in vit.named_parameters()} if depth is not None else {}
+    model = model if model is not None else vit
+    scale_of: dict[int, float] = {}
+    if layer_decay is not None and model is not None:
+        from timm.optim import param_groups_layer_decay
+
+        for g in param_groups_layer_decay(model, weight_decay, layer_decay=layer_decay):
+            scale_of.update({id(p): float(g["lr_scale"]) for p in g["params"]})
     groups: dict[tuple[float, float], dict[str, Any]] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        scale = 1.0
-        if depth is not None and id(p) in vit_names:
-            vname = vit_names[id(p)].replace(_FSDP_PREFIX, "")
-            if vname.startswith("blocks."):
-                layer = int(vname.split(".")[1]) + 1
-            elif vname.startswith(("patch_embed", "pos_embed", "cls_token", "reg_token")):
-                layer = 0
-            else:
-                layer = depth + 1
-            scale = layer_decay ** (depth + 1 - layer)
+        scale = scale_of.get(id(p), 1.0)
         clean = name.replace(_FSDP_PREFIX, "")
         wd = 0.0 if _no_decay(clean, p, (ndims or {}).get(clean)) else weight_decay
         g = groups.setdefault((wd, scale), {"params": [], "weight_decay": wd, "lr": lr * scale, "lr_scale": scale})
@@ -92,14 +97,6 @@ def param_groups(module, weight_decay: float, *, lr: float, layer_decay: float |
 
 # ---------------------------------------------------------------- trainer
 
-def is_global_zero() -> bool:
-    """True in the launching process (before Lightning spawns its workers) and on global rank 0."""
-    for var in ("RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            return int(os.environ[var]) == 0
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-
-
 def last_checkpoint(directory: str | Path) -> Path | None:
     d = Path(directory)
     if (d / "last.ckpt").is_file():
@@ -108,27 +105,50 @@ def last_checkpoint(directory: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _recent_checkpoints_class():
+def step_checkpoints(ckpt_dir: str | Path, *, every: int, keep: int):
+    """Lightning's ModelCheckpoint saving ``step000012.ckpt`` every ``every`` training steps into
+    ``ckpt_dir``, of which only the newest ``keep`` stay on disk (``-1`` keeps all), plus
+    ``last.ckpt``. "Newest" is ranked by Lightning's own ``step`` candidate (the global step it adds
+    to the monitored values), highest first: a ViT-B checkpoint with its optimizer state is over a
+    gigabyte, and without a metric to rank them Lightning would keep them all. Resuming restores the
+    ranking from the checkpoint, so the count holds across ``--resume``, also when the resumed run
+    asks for another ``--keep-checkpoints`` (see :func:`_step_checkpoints_class`)."""
+    return _step_checkpoints_class()(dirpath=str(ckpt_dir), filename="step{step:06d}", auto_insert_metric_name=False,
+                                     every_n_train_steps=every, save_last=True, monitor="step", mode="max",
+                                     save_top_k=keep)
+
+
+def _step_checkpoints_class():
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    class RecentCheckpoints(ModelCheckpoint):
-        """Every-N-steps checkpoints, of which only the newest ``keep`` stay on disk: a ViT-B
-        checkpoint with its optimizer state is over a gigabyte, and without a metric to rank
-        them Lightning would keep them all."""
+    class StepCheckpoints(ModelCheckpoint):
+        """ModelCheckpoint whose restored ranking fits this run's ``save_top_k``. Lightning restores
+        the ranking of the run that wrote the checkpoint as it was; with a smaller ``save_top_k`` (a
+        resume with a lower ``--keep-checkpoints``) its bookkeeping would point at no checkpoint
+        (KeyError) or never delete again. Here the newest ``save_top_k`` stay ranked and the older
+        files go when training starts (rank 0 removes them, through the strategy)."""
 
-        def __init__(self, *, keep: int, **kwargs):
-            super().__init__(**kwargs)
-            self.keep = keep
+        _surplus: list[str] = []
 
-        def _save_checkpoint(self, trainer, filepath: str) -> None:
-            super()._save_checkpoint(trainer, filepath)
-            if self.keep < 0 or not trainer.is_global_zero or self.dirpath is None:
-                return
-            steps = sorted(Path(self.dirpath).glob("step*.ckpt"), key=lambda p: p.name)
-            for old in steps[:max(0, len(steps) - self.keep)]:
-                old.unlink(missing_ok=True)
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            super().load_state_dict(state_dict)
+            k = self.save_top_k
+            if k < 1 or len(self.best_k_models) < k:
+                return  # Lightning's own bookkeeping is complete for these
+            newest = sorted(self.best_k_models, key=lambda p: float(self.best_k_models[p]), reverse=True)
+            self._surplus = newest[k:]
+            self.best_k_models = {p: self.best_k_models[p] for p in newest[:k]}
+            self.kth_best_model_path = newest[k - 1]
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
 
-    return RecentCheckpoints
+        def on_train_start(self, trainer, pl_module) -> None:
+            super().on_train_start(trainer, pl_module)
+            for path in self._surplus:
+                if Path(path).exists():
+                    trainer.strategy.remove_checkpoint(path)
+            self._surplus = []
+
+    return StepCheckpoints
 
 
 def early_stopping(monitor: str, *, patience: int, mode: str = "max"):
@@ -179,30 +199,24 @@ def _step_progress_bar_class():
 
 
 def build_trainer(cfg: "RunConfig", *, callbacks: Iterable[Any] = (), ckpt_dir: str | Path | None = None,
-                  logger: Any = True, run_id: str | None = None, fsdp_wrap: Iterable[type] = (), **overrides: Any):
-    """A Lightning Trainer for ``cfg``; ``logger=True`` binds Lightning's MLFlowLogger to ``run_id``
-    (or to the active MLflow run). ``fsdp_wrap``: module classes that ``--strategy fsdp`` shards as
+                  logger: Any, fsdp_wrap: Iterable[type] = (), **overrides: Any):
+    """A Lightning Trainer for ``cfg``. ``logger``: a Lightning logger, for MLflow
+    ``tracking.lightning_logger(cfg.experiment_name)`` (bound to the active run; training knows no
+    MLflow), or False for none. ``fsdp_wrap``: module classes that ``--strategy fsdp`` shards as
     units of their own (a task whose EMA pairs two copies of a module must name that module, so both
     copies are cut into shards the same way); checkpoints hold the full, gathered state."""
     import lightning as L
 
-    from domainfm import tracking
     from domainfm.output import quiet_third_parties
 
     quiet_third_parties()  # Lightning's logger tip and the _pytree deprecation warning
+    if logger is True or logger is None:
+        raise TypeError("build_trainer needs its logger: tracking.lightning_logger(cfg.experiment_name) for the "
+                        "active MLflow run, or False")
     cbs = list(callbacks)
     _after_validation_only(cbs)
     if ckpt_dir is not None and cfg.checkpoint_every > 0:
-        cbs.append(_recent_checkpoints_class()(
-            keep=cfg.keep_checkpoints, dirpath=str(ckpt_dir), filename="step{step:06d}",
-            auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=-1))
-    if logger is True:
-        if run_id is None:
-            import mlflow
-
-            active = mlflow.active_run()
-            run_id = active.info.run_id if active else None
-        logger = tracking.lightning_logger(run_id, cfg.experiment_name) if run_id else False
+        cbs.append(step_checkpoints(ckpt_dir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints))
     max_steps = cfg.max_steps if cfg.max_steps is not None else -1
     max_epochs = cfg.max_epochs
     if max_epochs is None and max_steps <= 0:

@@ -13,13 +13,13 @@ The steps, each a function of the histo plugin (this file only chains them and t
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
 
+from domainfm.cli import fail
 from domainfm.errors import DomainFMError
 
 
@@ -82,8 +82,7 @@ def command(**opts: Any) -> None:
         embed_first(opts)
         metrics = run(**{k: v for k, v in opts.items() if k in RUN_OPTIONS})
     except DomainFMError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        fail(e)
     from domainfm.cli import print_metrics, write_json
     from plugins.histo.slide_metrics import summary
 

@@ -93,12 +93,12 @@ def test_registered_model_export_is_logged_to_its_run(tmp_path, mlflow_store):
     import onnxruntime as ort
     from mlflow import MlflowClient
 
-    from domainfm import tracking
+    from domainfm import jobs, tracking
 
     torch.manual_seed(1)
     b = create_backbone("test_vit", in_chans=3, img_size=32, init="random")
     with tracking.start_run(run_name="export-src") as run:
-        tracking.log_backbone(b, register="tiny-vit", alias="champion")
+        jobs.log_backbone(b, register="tiny-vit", alias="champion")
     out = tmp_path / "exports" / "tiny.onnx"
     r = run_cli(["export", "--model", "models:/tiny-vit@champion", "--format", "onnx", "--out", str(out)])
     assert r.returncode == 0, r.stderr

@@ -200,12 +200,12 @@ def test_tile_dataset_plot(slides):
 
 def test_registered_encoder_gives_the_same_features(slides, weights, tmp_path, mlflow_store):
     """--weights models:/NAME@ALIAS: the encoder comes from the MLflow registry (the core's loader)."""
-    from domainfm import tracking
+    from domainfm import jobs, tracking
     from domainfm.backbones import create_backbone
 
     tracking.configure()
     with tracking.start_run(experiment="histo-test"):
-        tracking.log_backbone(create_backbone(weights), register="histo-encoder", alias="champion")
+        jobs.log_backbone(create_backbone(weights), register="histo-encoder", alias="champion")
     args = [slides["tiff"], "--num-workers", "0", *COMMON]
     assert embed([*args, "--out", tmp_path / "file", "--weights", weights]).exit_code == 0
     res = embed([*args, "--out", tmp_path / "registry", "--weights", "models:/histo-encoder@champion"])

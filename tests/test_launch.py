@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,28 @@ def test_num_nodes_without_launcher_is_one_line(tmp_path, toy_env, argv):
     assert r.stderr.strip().splitlines() == [EXPECTED], r.stderr
     # checked before anything ran: no MLflow store, no outputs
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_rank_zero_hands_its_run_to_workers_and_takes_it_back(monkeypatch, tmp_path):
+    from domainfm.distributed import CKPT_DIR_VAR, RUN_ID_VAR, handed_off, handoff_to_workers, is_global_zero
+
+    monkeypatch.delenv(RUN_ID_VAR, raising=False)
+    monkeypatch.setenv(CKPT_DIR_VAR, "/earlier/value")
+    with handoff_to_workers("abc123", tmp_path / "ckpt"):
+        # what a worker started now inherits
+        assert handed_off() == ("abc123", tmp_path / "ckpt")
+        assert os.environ[RUN_ID_VAR] == "abc123"
+    # restored: the unset one unset again, the earlier one back, also when fit fails
+    assert RUN_ID_VAR not in os.environ and os.environ[CKPT_DIR_VAR] == "/earlier/value"
+    with pytest.raises(RuntimeError):
+        with handoff_to_workers("def456", tmp_path):
+            raise RuntimeError("fit failed")
+    assert handed_off() == (None, Path("/earlier/value"))
+    # ranks as the launchers set them
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert is_global_zero()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not is_global_zero()
+    monkeypatch.setenv("RANK", "0")  # the global rank wins over the local one
+    assert is_global_zero()

@@ -156,15 +156,3 @@ def backbone_name(cfg: "RunConfig") -> str:
 def normalization_for_config(cfg: "RunConfig") -> tuple[tuple[float, ...], tuple[float, ...]]:
     """:func:`input_normalization` of the backbone ``cfg`` will build, without building it."""
     return input_normalization(backbone_name(cfg))
-
-
-# The two entry points this one replaced, kept as one-line calls of it while code written against
-# them (other branches of this round) is merged; new code calls create_backbone.
-def load_backbone(path_or_uri, *, cfg=None, in_chans=None, img_size=None) -> "Backbone":
-    """Deprecated: ``create_backbone(path_or_uri, cfg=cfg, in_chans=in_chans, img_size=img_size)``."""
-    return create_backbone(str(path_or_uri), cfg=cfg, in_chans=in_chans, img_size=img_size)
-
-
-def backbone_from_config(cfg: "RunConfig", in_chans: int | None = None, **model_kwargs: Any) -> "Backbone":
-    """Deprecated: ``create_backbone(cfg, in_chans=in_chans)``."""
-    return create_backbone(cfg, in_chans=in_chans, **model_kwargs)

@@ -1,27 +1,23 @@
 """Continual pretraining (SoftCon recipe): a student sees a masked view, an EMA teacher sees the
 other view unmasked, and the soft multi-label contrastive loss pulls together scenes whose labels
-agree. :func:`run_pretraining` is the whole ``domainfm pretrain`` job: data from the plugin,
-training with checkpoints and resume, export as safetensors, MLflow logging and registration.
+agree. This module is the LightningModule; the ``domainfm pretrain`` job around it (data, MLflow
+run, checkpoints and resume, export and registration) is :func:`domainfm.jobs.run_pretraining`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from domainfm import tracking
-from domainfm.backbones import create_backbone, save_backbone
-from domainfm.errors import DomainFMError
+from domainfm.backbones import create_backbone
 from domainfm.losses import soft_contrastive_loss
 from domainfm.masking import random_keep_indices
-from domainfm.training import build_trainer, ema_momentum, is_global_zero, last_checkpoint, param_groups, warmup_cosine
+from domainfm.training import ema_momentum, param_groups, warmup_cosine
 
 if TYPE_CHECKING:  # pragma: no cover
     from domainfm.config import RunConfig
@@ -131,9 +127,8 @@ class ContinualPretrainingTask(L.LightningModule):
 
     def configure_optimizers(self):
         c = self.cfg
-        vit = self.student.backbone.model if self.student.backbone.is_vit else None
-        groups = param_groups(self.student, c["weight_decay"], lr=c["lr"], layer_decay=c["layer_decay"], vit=vit,
-                              ndims=self._param_ndims)
+        groups = param_groups(self.student, c["weight_decay"], lr=c["lr"], layer_decay=c["layer_decay"],
+                              model=self.student.backbone.model, ndims=self._param_ndims)
         opt = torch.optim.AdamW(groups, lr=c["lr"], betas=(0.9, 0.999))
         total = int(self.trainer.estimated_stepping_batches)
         warmup = min(c["warmup_steps"], max(0, total // 2))
@@ -141,28 +136,7 @@ class ContinualPretrainingTask(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-# ---------------------------------------------------------------- the job
-
-RUN_POINTER = "run.json"
-
-
-def run_dir(cfg: "RunConfig") -> Path:
-    return Path(cfg.output_dir) / cfg.experiment_name
-
-
-def _resume_target(cfg: "RunConfig") -> tuple[str | None, Path | None]:
-    """The MLflow run and checkpoint that ``--resume`` continues."""
-    pointer = run_dir(cfg) / RUN_POINTER
-    if not pointer.is_file():
-        raise DomainFMError("nothing to resume: no earlier run of this experiment", path=pointer,
-                            fix="drop --resume, or use the same --output-dir and --experiment as the run to continue")
-    info = json.loads(pointer.read_text())
-    ckpt = last_checkpoint(info["checkpoint_dir"])
-    if ckpt is None:
-        raise DomainFMError("the earlier run saved no checkpoint yet", path=info["checkpoint_dir"],
-                            fix="drop --resume (or lower --checkpoint-every)")
-    return info["mlflow_run_id"], ckpt
-
+# ---------------------------------------------------------------- what the job needs of the task
 
 #: The units ``--strategy fsdp`` shards on their own: student and teacher encoders are cut alike, so
 #: the EMA update pairs each teacher shard with the student shard of the same elements (a timm
@@ -192,79 +166,3 @@ def exportable_teacher(task: ContinualPretrainingTask, cfg: "RunConfig"):
     fresh = create_backbone(cfg, in_chans=task.in_chans)  # the same architecture and metadata as trained
     fresh.model.load_state_dict(task.full_teacher_state, strict=True)
     return fresh
-
-
-def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
-    """``domainfm pretrain``: returns the final metrics on global rank 0, None on other ranks."""
-    import os
-
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    in_chans = cfg.in_chans or plugin.in_chans(cfg)
-    if cfg.in_chans and cfg.in_chans != plugin.in_chans(cfg):
-        raise DomainFMError(f"--in-chans {cfg.in_chans} does not match the data ({plugin.in_chans(cfg)} bands)",
-                            fix=f"drop --in-chans or set it to {plugin.in_chans(cfg)}")
-    cfg = cfg.replace(in_chans=in_chans)  # the record shows the bands actually used
-    datamodule = plugin.pretrain_datamodule(cfg)
-    backbone = create_backbone(cfg, in_chans=in_chans)
-    if cfg.mask_ratio > 0 and backbone.is_vit and backbone.num_patches < 2:
-        raise DomainFMError(f"--img-size {cfg.img_size} gives a single patch: nothing to mask",
-                            fix="use a larger --img-size or --mask-ratio 0")
-    task = ContinualPretrainingTask(cfg.to_dict(), in_chans, backbone=backbone)
-
-    zero = is_global_zero()
-    ckpt_path = None
-    # Lightning's DDP launcher re-runs this command in each worker; they find rank 0's run here
-    run_id = os.environ.get("DOMAINFM_RUN_ID")
-    if cfg.resume:
-        run_id, ckpt_path = _resume_target(cfg)
-    if not zero:
-        ckpt_dir = Path(os.environ.get("DOMAINFM_CKPT_DIR", run_dir(cfg) / "checkpoints"))
-        trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, logger=False, fsdp_wrap=FSDP_UNITS)
-        trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-        return None
-
-    with tracking.start_run(cfg, run_id=run_id) as run:
-        import mlflow
-
-        run_id = run.info.run_id
-        mlflow.set_tags({"domainfm.command": "pretrain", "domainfm.plugin": cfg.plugin,
-                         "domainfm.backbone": backbone.name})
-        tracking.log_config(cfg)
-        ckpt_dir = run_dir(cfg) / run_id / "checkpoints"
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir(cfg) / RUN_POINTER).write_text(json.dumps({"mlflow_run_id": run_id,
-                                                            "checkpoint_dir": str(ckpt_dir.resolve())}))
-        # set only while the workers start: a process that runs a second job (a notebook, a test
-        # session) must not hand that job this run's id
-        handoff = {"DOMAINFM_RUN_ID": run_id, "DOMAINFM_CKPT_DIR": str(ckpt_dir)}
-        saved = {k: os.environ.get(k) for k in handoff}
-        os.environ.update(handoff)
-        try:
-            trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, run_id=run_id, fsdp_wrap=FSDP_UNITS)
-            t0 = time.perf_counter()
-            trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-            elapsed = time.perf_counter() - t0
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        if not trainer.is_global_zero:  # pragma: no cover - guarded above
-            return None
-        # the EMA teacher is the encoder we ship (DINO/SoftCon practice)
-        final = exportable_teacher(task, cfg)
-        input_meta = plugin.export_metadata(cfg, datamodule)  # bands and statistics travel with the weights
-        export = save_backbone(final, run_dir(cfg) / run_id / "backbone.safetensors",
-                               extra_meta={"mlflow_run_id": run_id, "plugin": str(cfg.plugin), **input_meta})
-        mlflow.log_artifact(str(export), "export")
-        model_uri = tracking.log_backbone(final, register=cfg.register, alias=cfg.alias if cfg.register else None,
-                                          extra_meta=input_meta)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss/")}
-        metrics.update({"global_step": int(trainer.global_step), "train_seconds": elapsed,
-                        "backbone_path": str(export.resolve()), "model_uri": model_uri, "mlflow_run_id": run_id})
-        if cfg.register:
-            metrics["registered_model"] = f"models:/{cfg.register}@{cfg.alias}"
-        tracking.log_metrics({"train_seconds": elapsed})
-        tracking.log_loss_curves(run_id, ("loss/hard", "loss/soft", "loss/total"), "plots/loss_curves.png")
-    return metrics

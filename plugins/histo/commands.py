@@ -40,9 +40,7 @@ def _finish(kind: str, n_total: int, failures: list[dict[str, str]], out_dir: st
     sys.exit(1)
 
 
-def _fail(e: DomainFMError) -> None:
-    click.echo(f"error: {e}", err=True)
-    sys.exit(2)
+from domainfm.cli import fail  # noqa: E402 - the one error -> exit 2
 
 
 @click.command("tile", context_settings={"max_content_width": 110})
@@ -84,7 +82,7 @@ def tile_command(slides, out_dir, mpp, tile_size, min_tissue, max_tiles, slide_m
                 progress.advance(task)
         embedding.write_failures(out_dir, failures)
     except DomainFMError as e:
-        _fail(e)
+        fail(e)
     _finish("tile", len(paths), failures, out_dir)
 
 
@@ -144,7 +142,7 @@ def embed_command(slides, out_dir, coords_dir, backbone, init, weights, mpp, til
             embedding.build_encoder(settings)
         report = embedding.embed_slides(paths, settings)
     except DomainFMError as e:
-        _fail(e)
+        fail(e)
     if report is None:  # another rank of a multi-process run: global rank 0 reports for the job
         return
     click.echo(f"{len(report.done)} slides embedded ({report.tiles} tiles), {len(report.skipped)} already done, "
@@ -172,7 +170,7 @@ def heatmap_command(slide, features_file, model_uri, out_file, class_index):
 
         prob = heatmaps.heatmap_for_slide(slide, features_file, model_uri, out_file, class_index=class_index)
     except DomainFMError as e:
-        _fail(e)
+        fail(e)
     click.echo(f"probability {prob:.3f} -> {out_file}", err=True)
 
 

@@ -23,9 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
 def finetune(cfg) -> dict[str, Any]:
     """Build the data, fit it to the backbone's bands, train one arm (or sweep, or compare three),
     save and log the winning classifier; returns the run's metrics."""
-    import mlflow
-
     from domainfm import tracking
+    from domainfm.jobs import export_and_register
     from plugins.sgd_ft.datamodule import build_datamodule
     from plugins.sgd_ft.inputs import match_backbone_bands
     from plugins.sgd_ft.memory import MemoryMeter
@@ -47,13 +46,13 @@ def finetune(cfg) -> dict[str, Any]:
     else:
         metrics, model = run_arm(cfg, dm, arm_of(cfg), lrs, meter)
         metrics["arm"] = arm_of(cfg).name
-    run_id = mlflow.active_run().info.run_id
-    out = Path(cfg.output_dir) / cfg.experiment_name / run_id / "finetuned.safetensors"
-    save_classifier(model, out, classes=dm.classes, backbone_name=model.backbone.name, task=dm.task)
-    mlflow.log_artifact(str(out), "model")
+    out = Path(cfg.output_dir) / cfg.experiment_name / tracking.active_run_id() / "finetuned.safetensors"
+    exported = export_and_register(model.backbone, out, artifact_dir="model", log_model=False,
+                                   save=lambda p: save_classifier(model, p, classes=dm.classes,
+                                                                  backbone_name=model.backbone.name, task=dm.task),
+                                   register=cfg.register, alias=cfg.alias)
     if cfg.register:
-        metrics["registered_model_uri"] = tracking.log_backbone(model.backbone, register=cfg.register,
-                                                                alias=cfg.alias)
+        metrics["registered_model_uri"] = exported.model_uri
     metrics["weights"] = str(out)
     # how many samples each split held (a standard layout's official splits, or the seeded 60/20/20)
     metrics.update({f"n_{s}": len(getattr(dm, f"{s}_set")) for s in ("train", "val", "test")
@@ -100,7 +99,6 @@ def train_one(cfg, dm, arm: Arm, lr: float, meter: MemoryMeter) -> tuple[dict[st
     """Fine-tune a fresh copy of the backbone with ``arm`` at ``lr`` in the active MLflow run;
     returns the metrics and the classifier holding the best validation weights."""
     import lightning as L
-    import mlflow
     import torch
 
     from domainfm import tracking
@@ -126,9 +124,10 @@ def train_one(cfg, dm, arm: Arm, lr: float, meter: MemoryMeter) -> tuple[dict[st
     if cfg.val_every:
         # counted in training steps across epoch boundaries (Lightning needs the epoch check off)
         overrides.update(val_check_interval=cfg.val_every, check_val_every_n_epoch=None)
-    run_id = mlflow.active_run().info.run_id
+    run_id = tracking.active_run_id()
     ckpt_dir = Path(cfg.output_dir) / cfg.experiment_name / run_id / "checkpoints"
-    trainer = build_trainer(cfg, callbacks=callbacks, ckpt_dir=ckpt_dir, **overrides)
+    trainer = build_trainer(cfg, callbacks=callbacks, ckpt_dir=ckpt_dir,
+                            logger=tracking.lightning_logger(cfg.experiment_name, run_id), **overrides)
     cuda = torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
@@ -159,7 +158,7 @@ def train_one(cfg, dm, arm: Arm, lr: float, meter: MemoryMeter) -> tuple[dict[st
         "peak_memory_bytes": peak,
         "steps": trainer.global_step,
     }
-    mlflow.set_tags({"sgd_ft.arm": arm.name, "sgd_ft.evaluated_on": "test" if dm.has_test else "val",
+    tracking.set_tags({"sgd_ft.arm": arm.name, "sgd_ft.evaluated_on": "test" if dm.has_test else "val",
                      "sgd_ft.frozen": ",".join(frozen.names)[:5000]})
     tracking.log_metrics({k: v for k, v in metrics.items() if v is not None})
     return metrics, model
@@ -167,7 +166,6 @@ def train_one(cfg, dm, arm: Arm, lr: float, meter: MemoryMeter) -> tuple[dict[st
 
 def sweep(cfg, dm, arm: Arm, lrs: list[float], meter: MemoryMeter) -> tuple[dict[str, Any], Any]:
     """One nested MLflow run per learning rate; the best on validation wins."""
-    import mlflow
 
     from domainfm import tracking
 
@@ -175,7 +173,7 @@ def sweep(cfg, dm, arm: Arm, lrs: list[float], meter: MemoryMeter) -> tuple[dict
     metric_key = None
     for lr in lrs:
         with tracking.start_run(cfg, nested=True, run_name=f"{arm.name} lr={lr:g}") as run:
-            mlflow.log_params({"lr": lr, "optimizer": arm.optimizer, "freeze_embed": arm.freeze_embed})
+            tracking.log_params({"lr": lr, "optimizer": arm.optimizer, "freeze_embed": arm.freeze_embed})
             metrics, model = train_one(cfg, dm, arm, lr, meter)
             metrics["mlflow_child_run_id"] = run.info.run_id
         metric_key = next(k for k in metrics if k.startswith("val_"))
@@ -192,7 +190,6 @@ def run_arm(cfg, dm, arm: Arm, lrs: list[float], meter: MemoryMeter) -> tuple[di
 
 
 def compare(cfg, dm, lrs: list[float], meter: MemoryMeter) -> tuple[dict[str, Any], Any]:
-    import mlflow
 
     from domainfm import tracking
     from plugins.sgd_ft.reports import compare_figure, compare_rows, print_table, rows_to_markdown, summarise_compare
@@ -201,7 +198,7 @@ def compare(cfg, dm, lrs: list[float], meter: MemoryMeter) -> tuple[dict[str, An
     models = {}
     for arm in COMPARE_ARMS:
         with tracking.start_run(cfg, nested=True, run_name=arm.name) as run:
-            mlflow.log_params({"optimizer": arm.optimizer, "freeze_embed": arm.freeze_embed})
+            tracking.log_params({"optimizer": arm.optimizer, "freeze_embed": arm.freeze_embed})
             metrics, model = run_arm(cfg, dm, arm, lrs, meter)
             metrics["mlflow_arm_run_id"] = run.info.run_id
         results.append((arm, metrics))
@@ -211,9 +208,9 @@ def compare(cfg, dm, lrs: list[float], meter: MemoryMeter) -> tuple[dict[str, An
     out, winner = summarise_compare(results, metric)
     print_table(rows, winner=winner.name, selected_by=out["winner_selected_by"])
     tracking.log_table_artifact(rows, "tables/compare.csv")
-    mlflow.log_text(rows_to_markdown(rows), "tables/compare.md")
+    tracking.log_text(rows_to_markdown(rows), "tables/compare.md")
     tracking.log_figure(compare_figure(rows), "plots/compare.png")
-    mlflow.set_tag("sgd_ft.winner", winner.name)
+    tracking.set_tags({"sgd_ft.winner": winner.name})
     return out, models[winner.name]
 
 

@@ -1,4 +1,4 @@
-"""The two jobs of the plugin, run inside the MLflow run the core opened (``tracking.plugin_run``):
+"""The two jobs of the plugin, run inside the MLflow run the core opened (``jobs.run_plugin_job``):
 
 - ``finetune``: zero-shot score of the starting backbone on ``reid_test``, contrastive
   fine-tuning, export + MLflow model (+ registration), then the fine-tuned score on ``reid_test``.
@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,10 +16,10 @@ import lightning as L
 import torch
 
 from domainfm import tracking
-from domainfm.backbones import create_backbone, read_metadata, save_backbone
+from domainfm.backbones import create_backbone, read_metadata
 from domainfm.errors import DomainFMError
-from domainfm.inference import resolve_device
-from domainfm.training import build_trainer, is_global_zero, last_checkpoint
+from domainfm.jobs import export_and_register, read_resume_pointer, write_resume_pointer
+from domainfm.training import build_trainer, is_global_zero
 from plugins.sports_reid.datamodule import ReIDPairDataModule
 from plugins.sports_reid.inputs import data_root, has_test_split
 from plugins.sports_reid.retrieval import (EvalSettings, RetrievalResult, plot_retrieval_grid, run_retrieval, summary,
@@ -67,17 +65,7 @@ def _score(backbone, root: Path, settings: EvalSettings, *, prefix: str, tag: st
 # ---------------------------------------------------------------- finetune
 
 def _resume_checkpoint(cfg: "RunConfig", run_dir: Path) -> Path | None:
-    if not cfg.resume:
-        return None
-    pointer = run_dir / RUN_POINTER
-    if not pointer.is_file():
-        raise DomainFMError("nothing to resume: no earlier sports-reid fine-tuning here", path=pointer,
-                            fix="drop --resume, or use the --output-dir and --experiment of the run to continue")
-    ckpt = last_checkpoint(json.loads(pointer.read_text())["checkpoint_dir"])
-    if ckpt is None:
-        raise DomainFMError("the earlier run saved no checkpoint yet", path=pointer,
-                            fix="drop --resume (or lower --checkpoint-every)")
-    return ckpt
+    return read_resume_pointer(run_dir / RUN_POINTER, what="sports-reid fine-tuning here")[1] if cfg.resume else None
 
 
 def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
@@ -108,12 +96,10 @@ def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
     ckpt_dir = run_dir / run_id / "checkpoints"
     if zero:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        pointer = run_dir / RUN_POINTER
-        tmp = pointer.with_name(pointer.name + ".tmp")  # a crash never leaves a half-written pointer
-        tmp.write_text(json.dumps({"mlflow_run_id": run_id, "checkpoint_dir": str(ckpt_dir.resolve())}))
-        os.replace(tmp, pointer)
+        write_resume_pointer(run_dir / RUN_POINTER, run_id, ckpt_dir)
     # the pair sampler shards batches across processes itself
-    trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, logger=True if zero else False, use_distributed_sampler=False)
+    trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, logger=tracking.lightning_logger(cfg.experiment_name) if zero else False,
+                            use_distributed_sampler=False)
     t0 = time.perf_counter()
     trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     elapsed = time.perf_counter() - t0
@@ -125,15 +111,15 @@ def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
     extra = {START_META: start, "plugin": "sports-reid", **task.state_for_export()}
     if run_id != "local":
         extra["mlflow_run_id"] = run_id
-    export = save_backbone(backbone, run_dir / run_id / "backbone.safetensors", extra_meta=extra)
-    tracking.log_artifact(export, "export")
-    model_uri = tracking.log_backbone(backbone, register=cfg.register, alias=cfg.alias if cfg.register else None)
+    exported = export_and_register(backbone, run_dir / run_id / "backbone.safetensors", meta=extra,
+                                   register=cfg.register, alias=cfg.alias)
     train_log = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     metrics.update({"train_loss": train_log.get("train/loss"), "train_pair_acc": train_log.get("train/pair_acc"),
                     "logit_scale": float(task.logit_scale.detach()), "global_step": int(trainer.global_step),
-                    "train_seconds": elapsed, "backbone_path": str(export.resolve()), "model_uri": model_uri})
-    if cfg.register:
-        metrics["registered_model"] = f"models:/{cfg.register}@{cfg.alias}"
+                    "train_seconds": elapsed, "backbone_path": str(exported.path.resolve()),
+                    "model_uri": exported.model_uri})
+    if exported.registered_model:
+        metrics["registered_model"] = exported.registered_model
     if has_test:
         metrics.update(_score(backbone, root, settings, prefix="", tag="finetuned", img_size=cfg.img_size))
     # the same keys whatever happened: no test split, or a resumed run (its starting weights are
