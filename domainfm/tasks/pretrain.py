@@ -210,6 +210,10 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
         raise DomainFMError(f"--img-size {cfg.img_size} gives a single patch: nothing to mask",
                             fix="use a larger --img-size or --mask-ratio 0")
     task = ContinualPretrainingTask(cfg.to_dict(), in_chans, backbone=backbone)
+    from domainfm.monitor import monitor_callback
+
+    monitor = monitor_callback(cfg, plugin, datamodule)  # takes its held-out split out of the datamodule
+    callbacks = [monitor] if monitor is not None else []
 
     zero = is_global_zero()
     ckpt_path = None
@@ -219,7 +223,7 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
         run_id, ckpt_path = _resume_target(cfg)
     if not zero:
         ckpt_dir = Path(os.environ.get("DOMAINFM_CKPT_DIR", run_dir(cfg) / "checkpoints"))
-        trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, logger=False, fsdp_wrap=FSDP_UNITS)
+        trainer = build_trainer(cfg, callbacks=callbacks, ckpt_dir=ckpt_dir, logger=False, fsdp_wrap=FSDP_UNITS)
         trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
         return None
 
@@ -240,7 +244,7 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
         saved = {k: os.environ.get(k) for k in handoff}
         os.environ.update(handoff)
         try:
-            trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, run_id=run_id, fsdp_wrap=FSDP_UNITS)
+            trainer = build_trainer(cfg, callbacks=callbacks, ckpt_dir=ckpt_dir, run_id=run_id, fsdp_wrap=FSDP_UNITS)
             t0 = time.perf_counter()
             trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
             elapsed = time.perf_counter() - t0
@@ -263,6 +267,9 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss/")}
         metrics.update({"global_step": int(trainer.global_step), "train_seconds": elapsed,
                         "backbone_path": str(export.resolve()), "model_uri": model_uri, "mlflow_run_id": run_id})
+        if monitor is not None and monitor.history:
+            metrics.update({f"monitor/{k}": v for k, v in monitor.history[-1][1].items()})
+            metrics["monitor_collapsed_at_step"] = monitor.collapsed_at
         if cfg.register:
             metrics["registered_model"] = f"models:/{cfg.register}@{cfg.alias}"
         tracking.log_metrics({"train_seconds": elapsed})
