@@ -364,7 +364,8 @@ def rankme(features, *, eps: float = 1e-7) -> float:
         raise DomainFMError("RankMe of an all-zero or non-finite embedding matrix is undefined",
                             fix="check the model's outputs (a diverged run?)")
     p = sigma / total + eps
-    return float(np.exp(-(p * np.log(p)).sum()))
+    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)  # 0 log 0 = 0
+    return float(np.exp(-plogp.sum()))
 
 
 def feature_std(features) -> float:
