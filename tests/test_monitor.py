@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,18 +159,30 @@ def test_a_learning_rate_far_too_high_trips_the_collapse_guard_and_stops_there(t
 
     weights = _save_tiny(tmp_path / "start.safetensors", 4)
     out = tmp_path / "o.json"
-    r = run_cli(["pretrain", "--plugin", "toy", *TOY, "--weights", str(weights), "--lr", "1.0",
-                 "--stop-on-collapse", "--json", str(out)], cwd=tmp_path, env=toy_env)
+    r = run_cli(["pretrain", "--plugin", "toy", *TOY, "--weights", str(weights), "--lr", "1.0", "--checkpoint-every",
+                 "2", "--stop-on-collapse", "--json", str(out)], cwd=tmp_path, env=toy_env)
     assert r.returncode == 0, r.stderr[-3000:]
-    warnings = [line for line in r.stderr.splitlines() if "representation collapse" in line]
-    assert len(warnings) == 1 and warnings[0].startswith("warning: representation collapse at step 2: RankMe "), r.stderr
     result = json.loads(out.read_text())
-    assert result["monitor_collapsed_at_step"] == 2 and result["global_step"] == 2  # ended there
+    at = result["monitor_collapsed_at_step"]
+    warnings = [line for line in r.stderr.splitlines() if "representation collapse" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: representation collapse at step {at}: RankMe "), \
+        r.stderr
+    assert at in (2, 4, 6) and result["global_step"] == at  # the run ended at the collapse
     rank = _history(toy_env["MLFLOW_TRACKING_URI"], result["mlflow_run_id"], "monitor/rankme")
-    assert sorted(rank) == [0, 2] and rank[2] < 0.5 * rank[0]
-    # the export is the last healthy teacher: step 0's, the starting weights
-    start, exported = load_file(str(weights)), load_file(result["backbone_path"])
-    assert sorted(start) == sorted(exported) and all(torch.equal(start[k], exported[k]) for k in start)
+    assert sorted(rank) == list(range(0, at + 1, 2))
+    assert rank[at] < 0.5 * rank[0] and all(rank[s] >= 0.5 * rank[0] for s in rank if s < at)
+    # the export is the teacher of the last healthy evaluation: the starting weights at step 0, else
+    # the teacher in that step's checkpoint
+    good = at - 2
+    if good == 0:
+        want = load_file(str(weights))
+    else:
+        ckpt = torch.load(Path(result["backbone_path"]).parent / "checkpoints" / f"step{good:06d}.ckpt",
+                          weights_only=True)
+        prefix = "teacher.backbone.model."
+        want = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    exported = load_file(result["backbone_path"])
+    assert sorted(want) == sorted(exported) and all(torch.equal(want[k], exported[k]) for k in want)
 
 
 @pytest.mark.timeout(900)
