@@ -180,8 +180,16 @@ def _callback_class():
                 self.labels = torch.stack([torch.as_tensor(s["labels"]).float() for s in samples])
                 self.groups = list(self.data.groups) if self.data.groups is not None else None
                 return
+            # read from the dataset itself: iterating the loader would start (or, when persistent,
+            # reset) the worker processes of the training iteration under way
+            loader = trainer.train_dataloader
+            dataset = getattr(loader, "dataset", None)
+            if dataset is not None and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+                n = min(FALLBACK_IMAGES, len(dataset))
+                self.images = [dataset[i]["view_teacher"].float() for i in range(n)]
+                return
             images: list[Any] = []
-            for batch in trainer.train_dataloader:
+            for batch in loader:
                 images.extend(batch["view_teacher"].float())
                 if len(images) >= FALLBACK_IMAGES:
                     break

@@ -196,3 +196,27 @@ def test_a_sane_learning_rate_does_not_trip_the_guard(tmp_path, toy_env):
     result = json.loads(out.read_text())
     assert result["monitor_collapsed_at_step"] is None and result["global_step"] == 6
     assert sorted(_history(toy_env["MLFLOW_TRACKING_URI"], result["mlflow_run_id"], "monitor/rankme")) == [0, 2, 4, 6]
+
+
+def test_without_a_held_out_split_rankme_and_std_run_on_training_images_from_step_0():
+    """A plugin with no monitor_dataset: the monitor embeds the teacher views of the training
+    dataset; step 0 equals the starting teacher evaluated directly on them, and no k-NN is made up."""
+    import copy
+
+    from domainfm.metrics import feature_std, rankme
+    from domainfm.monitor import HealthMonitor
+    from test_pretrain_task import FixedBatches, fit, make_task
+
+    task = make_task(lr=1e-4, mask_ratio=0.5)
+    start = copy.deepcopy(task.teacher.backbone).eval()
+    data = FixedBatches(n=16, labels=torch.zeros(16, 4))
+    monitor = HealthMonitor(None, every=2)
+    fit(task, data, 4, [monitor])
+    assert [s for s, _ in monitor.history] == [0, 2, 4]
+    step0 = monitor.history[0][1]
+    assert set(step0) == {"rankme", "feature_std"}
+    with torch.no_grad():
+        feats = start(data.teacher).numpy()
+    assert step0["rankme"] == pytest.approx(rankme(feats), rel=1e-5)
+    assert step0["feature_std"] == pytest.approx(feature_std(feats), rel=1e-5)
+    assert monitor.collapsed_at is None
