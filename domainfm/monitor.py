@@ -222,10 +222,15 @@ def _callback_class():
                 if trainer.is_global_zero:
                     print(warning_line(step, figures, self.start, reasons), file=sys.stderr, flush=True)
             if self.stop_on_collapse:
-                if self._good_state is not None:
-                    pl_module.teacher.load_state_dict(self._good_state["teacher"])
-                    pl_module.student.load_state_dict(self._good_state["student"])
+                # now, so a checkpoint written at this step (checkpoint callbacks run after this one)
+                # holds the healthy weights; again at the end, since the task's EMA hook still runs
+                self._restore_good(pl_module)
                 trainer.should_stop = True
+
+        def _restore_good(self, pl_module) -> None:
+            if self._good_state is not None:
+                pl_module.teacher.load_state_dict(self._good_state["teacher"])
+                pl_module.student.load_state_dict(self._good_state["student"])
 
         def _keep_good(self, pl_module) -> None:
             if self.stop_on_collapse:  # a CPU copy only when it may be put back
@@ -247,6 +252,8 @@ def _callback_class():
 
         def on_train_end(self, trainer, pl_module) -> None:
             stopped_here = self.stop_on_collapse and self.collapsed_at is not None
+            if stopped_here:
+                self._restore_good(pl_module)  # undo the EMA step that ran after the collapse
             if self.every and not stopped_here:  # the final weights' figures close the curves
                 self._record(trainer, pl_module, trainer.global_step)
 
