@@ -62,6 +62,17 @@ class RunConfig:
     chunk_size: int | None = _opt(None, "Compute the loss in blocks of this many rows (memory-bounded).", (PRETRAIN,))
     ema_momentum: float = _opt(0.996, "Start momentum of the EMA teacher (cosine schedule to 1.0).", (PRETRAIN,))
     proj_dim: int = _opt(256, "Projector output size.", (PRETRAIN,))
+    # the health monitor (domainfm/monitor.py)
+    val_every: int | None = _opt(None, "Evaluate the teacher on a held-out split every N steps (k-NN, RankMe, "
+                                 "feature std); default a fifth of the run, 0 turns it off.", (PRETRAIN,))
+    val_fraction: float = _opt(0.1, "Fraction of the labelled samples held out from pretraining for the monitor.",
+                               (PRETRAIN,))
+    collapse_rankme: float = _opt(0.5, "Collapse guard: warn when RankMe falls below this fraction of its step-0 "
+                                  "value.", (PRETRAIN,))
+    collapse_knn_drop: float = _opt(0.1, "Collapse guard: warn when k-NN falls by more than this from step 0.",
+                                    (PRETRAIN,))
+    stop_on_collapse: bool = _opt(False, "End the run at a collapse, keeping the last healthy weights.", (PRETRAIN,),
+                                  is_flag=True)
     # hardware
     precision: str = _opt("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed.")
     accelerator: str = _opt("auto", "cpu, gpu or auto.")
@@ -169,6 +180,10 @@ def resolve(command: str, values: dict[str, Any], explicit: set[str], *,
 def _validate(cfg: RunConfig) -> None:
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise DomainFMError(f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
+    if cfg.command == PRETRAIN and not 0.0 < cfg.val_fraction < 1.0:
+        raise DomainFMError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.command == PRETRAIN and cfg.val_every is not None and cfg.val_every < 0:
+        raise DomainFMError(f"--val-every must be >= 0 (0: off), got {cfg.val_every}")
     if cfg.batch_size < 1:
         raise DomainFMError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.strategy not in ("auto", "ddp", "fsdp", "ddp_spawn", "ddp_find_unused_parameters_true"):

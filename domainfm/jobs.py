@@ -47,6 +47,7 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
     import lightning as L
 
     from domainfm.backbones import create_backbone
+    from domainfm.monitor import monitor_callback
     from domainfm.tasks.pretrain import FSDP_UNITS, ContinualPretrainingTask, exportable_teacher
     from domainfm.training import build_trainer
 
@@ -63,6 +64,9 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
         raise DomainFMError(f"--img-size {cfg.img_size} gives a single patch: nothing to mask",
                             fix="use a larger --img-size or --mask-ratio 0")
     task = ContinualPretrainingTask(cfg.to_dict(), in_chans, backbone=backbone)
+    # the health monitor takes its held-out split out of the datamodule before training sees it
+    monitor = monitor_callback(cfg, plugin, datamodule)
+    callbacks = [monitor] if monitor is not None else []
 
     # 2. where it continues from: --resume, or the run rank 0 handed to this worker
     run_id, handed_ckpt_dir = handed_off()
@@ -74,7 +78,7 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
     # 3a. a worker process of a multi-process run trains and leaves the record to rank 0
     if not is_global_zero():
         ckpt_dir = handed_ckpt_dir or run_dir(cfg) / "checkpoints"
-        trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, logger=False, fsdp_wrap=FSDP_UNITS)
+        trainer = build_trainer(cfg, callbacks=callbacks, ckpt_dir=ckpt_dir, logger=False, fsdp_wrap=FSDP_UNITS)
         trainer.fit(task, **fit_args)
         return None
 
@@ -88,7 +92,7 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_resume_pointer(run_dir(cfg) / RUN_POINTER, run_id, ckpt_dir)
         with handoff_to_workers(run_id, ckpt_dir):
-            trainer = build_trainer(cfg, ckpt_dir=ckpt_dir, fsdp_wrap=FSDP_UNITS,
+            trainer = build_trainer(cfg, callbacks=callbacks, ckpt_dir=ckpt_dir, fsdp_wrap=FSDP_UNITS,
                                     logger=tracking.lightning_logger(cfg.experiment_name, run_id))
             t0 = time.perf_counter()
             trainer.fit(task, **fit_args)
@@ -111,6 +115,9 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
                         "mlflow_run_id": run_id})
         if exported.registered_model:
             metrics["registered_model"] = exported.registered_model
+        if monitor is not None and monitor.history:  # the representation's health at the end
+            metrics.update({f"monitor/{k}": v for k, v in monitor.history[-1][1].items()})
+            metrics["monitor_collapsed_at_step"] = monitor.collapsed_at
         tracking.log_metrics({"train_seconds": elapsed})
         tracking.log_loss_curves(run_id, ("loss/hard", "loss/soft", "loss/total"), "plots/loss_curves.png")
     return metrics

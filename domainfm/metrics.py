@@ -345,3 +345,82 @@ def roc_auc_ci(y_true, y_score, *, n_boot: int = 1000, seed: int = 0, level: flo
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
     return auc, float(lo), float(hi)
+
+
+# ---------------------------------------------------------------- representation health (the pretraining monitor)
+
+def _as_float64(x):
+    import numpy as np
+
+    return np.asarray(x.detach().float().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float64)
+
+
+def rankme(features, *, eps: float = 1e-7) -> float:
+    """RankMe, the effective rank of an embedding matrix (Garrido et al., ICML 2023):
+    ``exp(-sum_k p_k log p_k)`` with ``p_k = sigma_k / ||sigma||_1 + eps`` over the singular values
+    ``sigma`` of ``features`` [N, D]. Between about 1 (every embedding on one line: collapse) and
+    ``min(N, D)``. Raises DomainFMError for a matrix that is not 2-d or holds no non-zero value."""
+    import numpy as np
+
+    z = _as_float64(features)
+    if z.ndim != 2 or z.size == 0:
+        raise DomainFMError(f"RankMe needs an [N, D] embedding matrix, got shape {z.shape}")
+    sigma = np.linalg.svd(z, compute_uv=False)
+    total = sigma.sum()
+    if not np.isfinite(total) or total <= 0:
+        raise DomainFMError("RankMe of an all-zero or non-finite embedding matrix is undefined",
+                            fix="check the model's outputs (a diverged run?)")
+    p = sigma / total + eps
+    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)  # 0 log 0 = 0
+    return float(np.exp(-plogp.sum()))
+
+
+def feature_std(features) -> float:
+    """The per-dimension standard deviation of the L2-normalised features [N, D], averaged over the
+    D dimensions (population std). About ``1/sqrt(D)`` for well-spread features, 0 when every
+    sample maps to the same direction (SimSiam's collapse indicator, Chen & He 2021)."""
+    import numpy as np
+
+    z = _as_float64(features)
+    if z.ndim != 2 or len(z) < 2:
+        raise DomainFMError(f"feature std needs an [N, D] matrix with N >= 2, got shape {z.shape}")
+    z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    return float(z.std(axis=0).mean())
+
+
+def knn_scores(features, labels, *, k: int = 10, groups=None):
+    """Leave-one-out k-NN class scores [N, K]: each sample's score for a class is the cosine-
+    similarity-weighted mean of that class's label among its ``k`` nearest other samples (by cosine
+    similarity of ``features`` [N, D]); ``labels`` [N, K] multi-hot (or one-hot). ``groups`` [N]
+    (e.g. locations, patients): neighbours of the same group are left out, so near-duplicates of one
+    place do not count as retrieval."""
+    import numpy as np
+
+    z = _as_float64(features)
+    y = _as_float64(labels)
+    if z.ndim != 2 or y.ndim != 2 or len(z) != len(y):
+        raise DomainFMError(f"k-NN needs features [N, D] and labels [N, K], got {z.shape} and {y.shape}")
+    z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    sim = z @ z.T
+    excluded = np.eye(len(z), dtype=bool)
+    if groups is not None:
+        g = np.asarray(groups)
+        excluded |= g[:, None] == g[None, :]
+    sim = np.where(excluded, -np.inf, sim)
+    k = max(1, min(k, int((~excluded).sum(1).min())))
+    nn = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    w = np.take_along_axis(sim, nn, axis=1)
+    w = np.maximum(w, 0.0) + 1e-6  # cosine weights; a tiny floor keeps all-negative rows defined
+    return (w[:, :, None] * y[nn]).sum(1) / w.sum(1, keepdims=True)
+
+
+def knn_quality(features, labels, *, k: int = 10, groups=None) -> tuple[str, float]:
+    """("knn_acc", accuracy) when every sample has exactly one label, else ("knn_map", macro mAP of
+    :func:`knn_scores`, over the classes with a positive)."""
+    import numpy as np
+
+    y = _as_float64(labels)
+    scores = knn_scores(features, y, k=k, groups=groups)
+    if (y.sum(1) == 1).all():
+        return "knn_acc", float((scores.argmax(1) == y.argmax(1)).mean())
+    return "knn_map", multilabel_average_precision(scores, y)["macro"]

@@ -66,6 +66,13 @@ class Plugin:
         ``input_*`` keys of :class:`domainfm.backbones.InputSpec` (bands, mean/std it normalised with)."""
         return {}
 
+    def monitor_dataset(self, cfg: "RunConfig", datamodule):
+        """The pretraining health monitor's held-out labelled split (a ``domainfm.monitor.MonitorData``:
+        dict samples with a model-ready ``image`` and ``labels``, plus group ids where known), drawn
+        once (``cfg.val_fraction``, ``cfg.seed``) and REMOVED from ``datamodule``'s pretraining data.
+        None (the default): the monitor reports RankMe and feature std on training images only."""
+        return None
+
     def finetune(self, cfg: "RunConfig") -> dict[str, Any]:
         raise DomainFMError(f"plugin {self.name!r} does not support finetune")
 

@@ -155,6 +155,11 @@ class EOSARPlugin(Plugin):
         plan.echo()  # after the checks: a bad file stays the only line
         return dm
 
+    def monitor_dataset(self, cfg, datamodule):
+        from plugins.eo_sar.monitor import monitor_dataset
+
+        return monitor_dataset(cfg, datamodule)
+
     def export_metadata(self, cfg, datamodule) -> dict[str, str]:
         """The exported backbone's ``input_*`` metadata: its bands and the statistics it was
         pretrained with (see :class:`domainfm.backbones.InputSpec`)."""
