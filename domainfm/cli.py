@@ -140,9 +140,11 @@ def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
         write_json(cfg.json, metrics)
         shown, warning = metrics, None
         if command == "pretrain":  # each loss from start to end; one line when the total did not move
-            from domainfm.output import pretrain_summary
+            from domainfm import tracking
+            from domainfm.output import LOSS_PREFIX, pretrain_summary
 
-            shown, warning = pretrain_summary(metrics)
+            losses = tuple(k for k in metrics if k.startswith(LOSS_PREFIX))
+            shown, warning = pretrain_summary(metrics, tracking.metric_spans(metrics["mlflow_run_id"], losses))
         print_metrics(f"{command} --plugin {cfg.plugin}", shown)
         if warning:
             click.echo(f"warning: {warning}", err=True)

@@ -77,14 +77,8 @@ def stalled_loss_warning(spans: Mapping[str, tuple[float, float]], *, key: str =
             f"check --lr, --warmup-steps and --max-steps, and that the data's labels and views vary")
 
 
-def pretrain_summary(metrics: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """What ``domainfm pretrain`` prints: the metrics with each loss from start to end (read back
-    from the run's MLflow history) and the stalled-loss warning line, if any."""
-    from domainfm import tracking
-
-    run_id = metrics.get("mlflow_run_id")
-    keys = tuple(k for k in metrics if k.startswith(LOSS_PREFIX))
-    if not run_id or not keys:
-        return metrics, None
-    spans = tracking.metric_spans(run_id, keys)
+def pretrain_summary(metrics: dict[str, Any], spans: Mapping[str, tuple[float, float]]) -> tuple[dict[str, Any], str | None]:
+    """What ``domainfm pretrain`` prints: the metrics with each loss from start to end (``spans``,
+    read back from the run's MLflow history by ``tracking.metric_spans``) and the stalled-loss
+    warning line, if any."""
     return loss_rows(metrics, spans), stalled_loss_warning(spans)
