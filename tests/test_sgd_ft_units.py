@@ -12,7 +12,7 @@ import torch
 
 from domainfm.backbones import create_backbone
 from domainfm.errors import DomainFMError
-from plugins.sgd_ft.data import ImageFolderClassification, check_channels, scan_split, split_statistics
+from plugins.sgd_ft.datasets import ImageFolderClassification, check_channels, scan_split, split_statistics
 from plugins.sgd_ft.model import Classifier, apply_freezing
 from plugins.sgd_ft.optim import build_optimizer, optimizer_state_bytes, per_parameter_state_bytes
 
@@ -200,7 +200,7 @@ def test_core_band_statistics_leave_nan_out_and_match_numpy():
 def test_class_folders_are_walked_by_torchvision_and_read_by_the_core_reader(tmp_path):
     from PIL import Image
 
-    from plugins.sgd_ft.data import ClassFolders
+    from plugins.sgd_ft.datasets import ClassFolders
 
     root = make_data.write_imagefolder(tmp_path / "d", train=2, val=1, size=8)
     first = sorted((root / "train" / make_data.CLASSES[0]).iterdir())

@@ -73,21 +73,17 @@ def read_image(path: Path, nodata: float | None = None, *, modality: str | None 
 
 def band_stats_of(images: Iterable[tuple[np.ndarray, np.ndarray]], n_bands: int) -> BandStats:
     """Mean and (population) std per band over the valid pixels of ``images``: pairs of float
-    [C, H, W] pixels and a bool [H, W] valid mask (float64 sums: exact enough for 1e9 pixels).
-    A constant band gets std 1 (left centred, never divided by zero). No valid pixel at all:
-    ``valid_pixels == 0`` (zeros and ones), for the caller to refuse in its own words."""
-    total = np.zeros(n_bands)
-    total_sq = np.zeros(n_bands)
-    count = 0
-    for image, valid in images:
-        pixels = image[:, valid].astype(np.float64)
-        total += pixels.sum(axis=1)
-        total_sq += (pixels**2).sum(axis=1)
-        count += pixels.shape[1]
-    mean = total / max(count, 1)
-    std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean**2, 0.0))
-    std = np.where(std > 0, std, 1.0)  # a constant band: leave it centred, do not divide by zero
-    return BandStats(tuple(float(x) for x in mean), tuple(float(x) for x in std), int(count))
+    [C, H, W] pixels and a bool [H, W] valid mask, through the core's one accumulator
+    (:func:`domainfm.data.band_statistics`: float64 sums; a constant band gets std 1). No valid
+    pixel at all: ``valid_pixels == 0`` (zeros and ones), for the caller to refuse in its own words."""
+    from domainfm.data import band_statistics
+
+    masked = (np.where(valid[None], image.astype(np.float64), np.nan) for image, valid in images)
+    try:
+        s = band_statistics(masked)
+    except DomainFMError:  # no image at all: nothing valid
+        return BandStats((0.0,) * n_bands, (1.0,) * n_bands, 0)
+    return BandStats(tuple(float(x) for x in s.mean), tuple(float(x) for x in s.std), int(s.count.min()))
 
 
 def compute_band_stats(files: Sequence[PatchFile], modality: str | None = None, **radiometry: str) -> BandStats:

@@ -19,7 +19,6 @@ from domainfm.plugins import Plugin
 class HistoPlugin(Plugin):
     name = "histo"
     description = "Whole-slide pathology: tissue tiling, tile features, slide-level biomarker MIL ensembles."
-    label_names = ()
 
     def in_chans(self, cfg) -> int:
         return 3

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from domainfm.data import loader_kwargs
 from domainfm.errors import DomainFMError
-from plugins.sgd_ft.data import PIL_SUFFIXES, ImageFolderClassification, check_channels, scan_split, split_statistics
+from plugins.sgd_ft.datasets import PIL_SUFFIXES, ImageFolderClassification, check_channels, scan_split, split_statistics
 
 MULTICLASS, MULTILABEL = "multiclass", "multilabel"
 
