@@ -31,6 +31,12 @@ demo: install
 		--batch-size 16 --max-steps 60 --ema-momentum 0.9 --register eo-sar-demo --json outputs/demo.json
 	HF_HUB_OFFLINE=1 $(BIN)/domainfm evaluate --plugin eo-sar --model models:/eo-sar-demo@candidate \
 		--json outputs/demo_eval.json
+	# the same evaluation of the starting weights (--max-steps 0 exports them untouched): the
+	# figure pretraining has to beat
+	HF_HUB_OFFLINE=1 $(BIN)/domainfm pretrain --plugin eo-sar --init random --img-size 56 \
+		--batch-size 16 --max-steps 0 --register eo-sar-demo-start --json outputs/demo_start.json
+	HF_HUB_OFFLINE=1 $(BIN)/domainfm evaluate --plugin eo-sar --model models:/eo-sar-demo-start@candidate \
+		--json outputs/demo_start_eval.json
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q

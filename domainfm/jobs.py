@@ -120,6 +120,9 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
             metrics["monitor_collapsed_at_step"] = monitor.collapsed_at
         tracking.log_metrics({"train_seconds": elapsed})
         tracking.log_loss_curves(run_id, ("loss/hard", "loss/soft", "loss/total"), "plots/loss_curves.png")
+        if monitor is not None and monitor.history:  # the health monitor's curves, step 0 first
+            tracking.log_metric_panels(run_id, tuple(f"monitor/{k}" for k in monitor.history[0][1]),
+                                       "plots/monitor.png")
     return metrics
 
 

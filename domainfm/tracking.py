@@ -187,6 +187,37 @@ def log_loss_curves(run_id: str, keys: tuple[str, ...], artifact_file: str) -> N
     log_figure(fig, artifact_file)
 
 
+def metric_panels_figure(run_id: str, keys: tuple[str, ...]):
+    """One small panel per metric history of run ``run_id`` (metrics on different scales, e.g. the
+    health monitor's k-NN mAP, RankMe and feature std), step on the x axis; None if none was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    hists = {k: sorted(client.get_metric_history(run_id, k), key=lambda m: m.step) for k in keys}
+    hists = {k: h for k, h in hists.items() if h}
+    if not hists:
+        return None
+    fig, axes = plt.subplots(1, len(hists), figsize=(3.2 * len(hists), 2.8), squeeze=False)
+    for ax, (key, hist) in zip(axes[0], hists.items()):
+        ax.plot([m.step for m in hist], [m.value for m in hist], marker="o")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def log_metric_panels(run_id: str, keys: tuple[str, ...], artifact_file: str) -> None:
+    """:func:`metric_panels_figure` logged to the active run as ``artifact_file``."""
+    fig = metric_panels_figure(run_id, keys)
+    if fig is not None:
+        log_figure(fig, artifact_file)
+
+
 def log_table_artifact(rows: list[dict[str, Any]], artifact_file: str) -> None:
     import mlflow
 
