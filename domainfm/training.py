@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from domainfm.distributed import is_global_zero  # noqa: F401 - its old home, still imported by plugins
 from domainfm.errors import DomainFMError
 
 if TYPE_CHECKING:  # pragma: no cover

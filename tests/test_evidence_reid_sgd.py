@@ -29,7 +29,7 @@ def _reid_make_data():
 def test_rerank_flag_gives_the_papers_distances_on_the_challenge_split(tmp_path, distance):
     from domainfm.backbones import create_backbone
     from domainfm.config import RunConfig
-    from plugins.sports_reid.evaluation import extract_features, run_retrieval
+    from plugins.sports_reid.retrieval import embed, run_retrieval
     from plugins.sports_reid.jobs import eval_settings
 
     root = _reid_make_data().make_mmsports(tmp_path / "d", train_players=2, test_players=2, frames=6,
@@ -43,8 +43,8 @@ def test_rerank_flag_gives_the_papers_distances_on_the_challenge_split(tmp_path,
     kw = dict(img_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
     reranked = run_retrieval(backbone, root, "challenge", on, **kw)
     plain = run_retrieval(backbone, root, "challenge", off, **kw)
-    q = extract_features(backbone, reranked.query, off).numpy().astype(np.float64)
-    g = extract_features(backbone, reranked.gallery, off).numpy().astype(np.float64)
+    q = embed(backbone, reranked.query, off).numpy().astype(np.float64)
+    g = embed(backbone, reranked.gallery, off).numpy().astype(np.float64)
     if distance == "cosine":  # the cosine setting re-ranks unit vectors
         q /= np.linalg.norm(q, axis=1, keepdims=True)
         g /= np.linalg.norm(g, axis=1, keepdims=True)

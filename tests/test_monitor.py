@@ -110,7 +110,7 @@ def _history(uri, run_id, key):
 
 @pytest.mark.timeout(900)
 def test_step0_values_equal_a_direct_evaluation_of_the_starting_weights(tmp_path, mlflow_store):
-    from domainfm.backbones import load_backbone
+    from domainfm.backbones import create_backbone
     from domainfm.config import RunConfig
     from domainfm.metrics import feature_std, knn_quality, rankme
     from domainfm.plugins import load
@@ -138,7 +138,7 @@ def test_step0_values_equal_a_direct_evaluation_of_the_starting_weights(tmp_path
     assert len(held_ids) == 4 and n_all == 16 and len(dm.dataset) == 12
     assert not set(held_ids) & set(dm.dataset.patch_ids)  # pretraining never sees them
     samples = [held.dataset[i] for i in range(len(held.dataset))]
-    backbone = load_backbone(str(weights)).eval()
+    backbone = create_backbone(str(weights)).eval()
     with torch.no_grad():
         feats = backbone(torch.stack([s["image"] for s in samples])).numpy()
     labels = np.stack([s["labels"].numpy() for s in samples])

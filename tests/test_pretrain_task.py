@@ -40,14 +40,14 @@ class FixedBatches(torch.utils.data.Dataset):
 
 
 def make_task(backbone="vit_tiny_patch16_224", img_size=IMG, **over):
-    from domainfm.backbones import backbone_from_config
+    from domainfm.backbones import create_backbone
     from domainfm.config import RunConfig
     from domainfm.tasks.pretrain import ContinualPretrainingTask
 
     torch.manual_seed(0)
     cfg = RunConfig(plugin="toy", backbone=backbone, init="random", img_size=img_size, proj_dim=16, batch_size=8,
                     warmup_steps=0, lr=1e-3).replace(**over)
-    return ContinualPretrainingTask(cfg.to_dict(), 3, backbone=backbone_from_config(cfg, in_chans=3))
+    return ContinualPretrainingTask(cfg.to_dict(), 3, backbone=create_backbone(cfg, in_chans=3))
 
 
 class Recorder:

@@ -380,7 +380,7 @@ def embed_slides(paths: list[Path], s: EmbedSettings) -> EmbedReport | None:
     if s.devices * s.num_nodes > 1:
         import lightning as L
 
-        from domainfm.training import is_global_zero
+        from domainfm.distributed import is_global_zero
 
         # a bad --weights/--init must be one clear error here, not a traceback from each process
         if is_global_zero() and any(not features_path(s.out_dir, slides_mod.slide_id(p)).is_file() for p in paths):

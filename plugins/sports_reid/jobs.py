@@ -18,8 +18,10 @@ import torch
 from domainfm import tracking
 from domainfm.backbones import create_backbone, read_metadata
 from domainfm.errors import DomainFMError
+from domainfm.inference import resolve_device
 from domainfm.jobs import export_and_register, read_resume_pointer, write_resume_pointer
-from domainfm.training import build_trainer, is_global_zero
+from domainfm.distributed import is_global_zero
+from domainfm.training import build_trainer
 from plugins.sports_reid.datamodule import ReIDPairDataModule
 from plugins.sports_reid.inputs import data_root, has_test_split
 from plugins.sports_reid.retrieval import (EvalSettings, RetrievalResult, plot_retrieval_grid, run_retrieval, summary,
