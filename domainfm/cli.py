@@ -129,6 +129,10 @@ def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
         if command == "evaluate" and not cfg.model:
             raise DomainFMError("evaluate needs --model", fix="pass a weights file or models:/NAME@ALIAS")
         plugin.check(cfg)
+        if str(cfg.model or "").startswith("models:/"):  # a registry name that is not there: no run opened
+            from domainfm import tracking
+
+            tracking.check_registered(cfg.model)
         from domainfm import jobs
 
         if command == "pretrain":
@@ -143,8 +147,8 @@ def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
             from domainfm import tracking
             from domainfm.output import LOSS_PREFIX, pretrain_summary
 
-            losses = tuple(k for k in metrics if k.startswith(LOSS_PREFIX))
-            shown, warning = pretrain_summary(metrics, tracking.metric_spans(metrics["mlflow_run_id"], losses))
+            curves = tuple(k for k in metrics if k.startswith((LOSS_PREFIX, "monitor/")))
+            shown, warning = pretrain_summary(metrics, tracking.metric_spans(metrics["mlflow_run_id"], curves))
         print_metrics(f"{command} --plugin {cfg.plugin}", shown)
         if warning:
             click.echo(f"warning: {warning}", err=True)
@@ -200,7 +204,9 @@ def main() -> None:
     \b
     Start here:
       domainfm plugins                        the installed domains
-      domainfm pretrain --plugin eo-sar       continual pretraining on the embedded Sentinel-2 sample
+      domainfm pretrain --plugin eo-sar       continual pretraining on the embedded Sentinel-2 sample,
+                                              from DINOv2 (needs the Hugging Face hub or its cache;
+                                              offline: add --init random)
       domainfm pretrain --plugin eo-sar --help    every flag, the plugin's own included
 
     Runs go to $MLFLOW_TRACKING_URI, else to sqlite:///mlruns/mlflow.db in the current folder

@@ -177,6 +177,10 @@ def resolve(command: str, values: dict[str, Any], explicit: set[str], *,
     return cfg
 
 
+# the Lightning precisions the backbones, losses and autocast paths are written and tested for
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
+
+
 def _validate(cfg: RunConfig) -> None:
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise DomainFMError(f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
@@ -186,6 +190,8 @@ def _validate(cfg: RunConfig) -> None:
         raise DomainFMError(f"--val-every must be >= 0 (0: off), got {cfg.val_every}")
     if cfg.batch_size < 1:
         raise DomainFMError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if str(cfg.precision) not in PRECISIONS:  # Lightning takes more (64, transformer-engine...), our models do not
+        raise DomainFMError(f"unknown --precision {cfg.precision!r}", fix=f"use one of {', '.join(PRECISIONS)}")
     if cfg.strategy not in ("auto", "ddp", "fsdp", "ddp_spawn", "ddp_find_unused_parameters_true"):
         raise DomainFMError(f"unknown --strategy {cfg.strategy!r}", fix="use auto, ddp or fsdp")
     if cfg.num_nodes != 1 or cfg.strategy == "fsdp":

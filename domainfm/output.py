@@ -57,9 +57,9 @@ def _fmt(x: float) -> str:
 
 
 def loss_rows(metrics: Mapping[str, Any], spans: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
-    """``metrics`` with each ``loss/*`` value shown as ``"first → last"`` from ``spans`` (the first
-    and last logged value of that loss); keys without a span keep their value."""
-    return {k: (f"{_fmt(spans[k][0])} → {_fmt(spans[k][1])}" if k.startswith(LOSS_PREFIX) and k in spans else v)
+    """``metrics`` with each value that has a span (a loss, a health-monitor figure) shown as
+    ``"first → last"`` from ``spans`` (its first and last logged value); other keys keep their value."""
+    return {k: (f"{_fmt(spans[k][0])} → {_fmt(spans[k][1])}" if k in spans else v)
             for k, v in metrics.items()}
 
 

@@ -181,7 +181,8 @@ def log_loss_curves(run_id: str, keys: tuple[str, ...], artifact_file: str) -> N
             ax.plot([m.step for m in hist], [m.value for m in hist], label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    if ax.lines:  # a run of 0 steps logs no curve
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     log_figure(fig, artifact_file)
@@ -380,6 +381,26 @@ def log_to_model_run(model_uri: str, local_path: str | Path, artifact_path: str 
         raise DomainFMError(f"{model_uri} has no source run to log to", fix="register models made by domainfm")
     client.log_artifact(mv.run_id, str(local_path), artifact_path)
     return mv.run_id
+
+
+def check_registered(model_uri: str) -> None:
+    """DomainFMError unless ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names a version in
+    the registry (a cheap lookup, before a command opens its run)."""
+    from mlflow import MlflowClient
+
+    configure()
+    client = MlflowClient()
+    ref = model_uri[len("models:/"):]
+    try:
+        if "@" in ref:
+            client.get_model_version_by_alias(*ref.split("@", 1))
+        elif "/" in ref:
+            client.get_model_version(*ref.split("/", 1))
+        else:
+            client.get_registered_model(ref)
+    except Exception:
+        raise DomainFMError(f"{model_uri} is not in the MLflow registry at {tracking_uri()}",
+                            fix="check the name and alias with `domainfm registry list`") from None
 
 
 def download_model(uri: str) -> Path:

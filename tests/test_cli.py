@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -90,3 +91,25 @@ def test_plugin_defaults_show_in_help_and_do_not_leak():
     reid = runner.invoke(main, ["finetune", "--plugin", "sports-reid", "--help"])
     assert reid.exit_code == 0 and "--optimizer" not in reid.output
     assert "[default: 0.001]" not in reid.output
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("args, line", [
+    (["pretrain", "--plugin", "eo-sar", "--init", "random", "--precision", "64"],
+     "error: unknown --precision '64'. Fix: use one of 32-true, 32, bf16-mixed, 16-mixed."),
+    (["evaluate", "--plugin", "eo-sar", "--model", "models:/nosuch@candidate"],
+     "is not in the MLflow registry at"),
+])
+def test_mistakes_found_by_a_new_user_are_refused_before_any_run(mlflow_store, args, line):
+    """A precision our models cannot run (64 crashed in the first conv) and a registry name that is
+    not there: one line, exit 2, and no MLflow run left behind (the store has no run at all)."""
+    import sqlite3
+
+    r = run_cli(args, env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr
+    assert line in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    db = mlflow_store[len("sqlite:///"):]
+    if Path(db).exists():
+        with sqlite3.connect(db) as con:
+            tables = {t for (t,) in con.execute("select name from sqlite_master where type='table'")}
+            assert "runs" not in tables or con.execute("select count(*) from runs").fetchone()[0] == 0

@@ -33,6 +33,9 @@ def test_loss_rows_show_first_and_last_value_and_leave_other_keys():
     # a loss without history keeps its final value; the input is not modified
     assert loss_rows({"loss/hard": 1.0}, {}) == {"loss/hard": 1.0}
     assert metrics["loss/soft"] == 2.78
+    # the health monitor's figures get the same first → last form (README's demo table)
+    assert loss_rows({"monitor/rankme": 2.0539}, {"monitor/rankme": (1.0029, 2.0539)}) == {
+        "monitor/rankme": "1.003 → 2.054"}
 
 
 def test_stalled_warning_only_when_the_total_did_not_move():
