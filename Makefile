@@ -38,8 +38,9 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/domainfm evaluate --plugin eo-sar --model models:/eo-sar-demo-start@candidate \
 		--json outputs/demo_start_eval.json
 
+# one worker per core (pytest-xdist), each test file on one worker (its module fixtures built once)
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -n auto --dist loadfile
 
 benchmarks: install
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

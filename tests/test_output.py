@@ -94,15 +94,26 @@ def test_quiet_third_parties_drops_the_known_chatter_and_keeps_other_warnings(mo
     keep = Keep()
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero",
                                                "lightning.fabric.utilities.rank_zero")]
+    # Lightning fixes its rank when first imported (an earlier test may have set RANK) and an
+    # earlier run may have disabled these loggers: this test is about our filter, so it starts from
+    # rank 0 and enabled loggers, and puts both back after
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    saved_rank = rank_zero_only.rank
+    rank_zero_only.rank = 0
+    saved = [(lg.disabled, lg.level) for lg in loggers]
     for lg in loggers:
         lg.addHandler(keep)
         lg.setLevel(logging.INFO)
+        lg.disabled = False
     try:
         rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
         rank_zero_info("`Trainer.fit` stopped: `max_steps=2` reached.")
     finally:
-        for lg in loggers:
+        for lg, (disabled, level) in zip(loggers, saved):
             lg.removeHandler(keep)
+            lg.disabled, lg.level = disabled, level
+        rank_zero_only.rank = saved_rank
     assert keep.lines == ["`Trainer.fit` stopped: `max_steps=2` reached."]
 
 

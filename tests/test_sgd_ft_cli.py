@@ -190,8 +190,6 @@ def test_lr_sweep_keeps_the_best_nested_run_on_validation(tmp_path, mlflow_store
     assert m["frozen_params"] == sum(before[n].numel() for n in frozen)
 
     # the winner's backbone is registered and loads back through the core as a models:/ URI
-    from domainfm.backbones import create_backbone
-
     back = create_backbone("models:/sgdft-sweep@candidate")
     for name, value in back.model.state_dict().items():
         assert torch.equal(value, tuned[f"backbone.model.{name}"]), name

@@ -78,11 +78,14 @@ def band_stats_of(images: Iterable[tuple[np.ndarray, np.ndarray]], n_bands: int)
     pixel at all: ``valid_pixels == 0`` (zeros and ones), for the caller to refuse in its own words."""
     from domainfm.data import band_statistics
 
-    masked = (np.where(valid[None], image.astype(np.float64), np.nan) for image, valid in images)
-    try:
-        s = band_statistics(masked)
-    except DomainFMError:  # no image at all: nothing valid
+    import itertools
+
+    images = iter(images)
+    first = next(images, None)  # read errors of the files themselves propagate from here and below
+    if first is None:  # no image at all: nothing valid
         return BandStats((0.0,) * n_bands, (1.0,) * n_bands, 0)
+    s = band_statistics(np.where(valid[None], image.astype(np.float64), np.nan)
+                        for image, valid in itertools.chain([first], images))
     return BandStats(tuple(float(x) for x in s.mean), tuple(float(x) for x in s.std), int(s.count.min()))
 
 
