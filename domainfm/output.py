@@ -26,7 +26,10 @@ _WARNINGS = (
     (UserWarning, r".*An input example was not provided when logging the model"),
 )
 # Lightning's rank_zero_info logs to whichever of these loggers was bound last (fabric or pytorch)
-_LIGHTNING_RANK_ZERO = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+# the standalone pytorch_lightning / lightning_fabric packages (installed beside lightning, and
+# imported by MLflow's PyTorch flavour) log the same lines under their own names
+_LIGHTNING_RANK_ZERO = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                        "pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero")
 
 
 class _DropLightningTips(logging.Filter):

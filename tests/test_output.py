@@ -92,8 +92,9 @@ def test_quiet_third_parties_drops_the_known_chatter_and_keeps_other_warnings(mo
             self.lines.append(record.getMessage())
 
     keep = Keep()
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero",
-                                               "lightning.fabric.utilities.rank_zero")]
+    from domainfm.output import _LIGHTNING_RANK_ZERO
+
+    loggers = [logging.getLogger(n) for n in _LIGHTNING_RANK_ZERO]
     # Lightning fixes its rank when first imported (an earlier test may have set RANK) and an
     # earlier run may have disabled these loggers: this test is about our filter, so it starts from
     # rank 0 and enabled loggers, and puts both back after
