@@ -367,6 +367,17 @@ def loader_kwargs(num_workers: int, *, persistent: bool = False, prefetch_factor
 
 # ------------------------------------------------------------------------- dict-batch datamodule
 
+def dict_loader(dataset, *, batch_size: int, shuffle: bool, num_workers: int = 0, collate_fn=None,
+                drop_last: bool = False, persistent: bool = True):
+    """The one DataLoader factory of the datamodules: ``batch_size``, ``shuffle``, ``collate_fn``
+    (None: torch's default collate of dict samples), workers from :func:`loader_kwargs` (never a
+    fork of a threaded process; ``persistent`` kept between epochs)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=collate_fn,
+                      **loader_kwargs(num_workers, persistent=persistent))
+
+
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
@@ -429,9 +440,9 @@ def _datamodule_base():
             dataset = self.datasets[split]
             train = split == "train"
             drop_last = train and self.drop_last_train and len(dataset) > self.batch_size
-            return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=drop_last,
-                              collate_fn=self.collate_fn,
-                              **loader_kwargs(self.num_workers, persistent=self.persistent_workers))
+            return dict_loader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=drop_last,
+                               collate_fn=self.collate_fn, num_workers=self.num_workers,
+                               persistent=self.persistent_workers)
 
         def train_dataloader(self) -> DataLoader:
             return self.dataloader("train")

@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
-from domainfm.data import loader_kwargs
+from domainfm.data import dict_loader
 from domainfm.errors import DomainFMError
 
 MULTILABEL = "multilabel"
@@ -128,8 +128,7 @@ class EOSARMultilabelDataModule(L.LightningDataModule):
     # -- loaders -----------------------------------------------------------------------------------
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=False,
-                          **loader_kwargs(self.num_workers, persistent=True))  # never fork a threaded process
+        return dict_loader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)

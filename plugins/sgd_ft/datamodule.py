@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from domainfm.data import loader_kwargs
+from domainfm.data import dict_loader
 from domainfm.errors import DomainFMError
 from plugins.sgd_ft.datasets import PIL_SUFFIXES, ImageFolderClassification, check_channels, scan_split, split_statistics
 
@@ -40,8 +40,8 @@ class _Loaders(L.LightningDataModule):
         return len(self.classes)
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=_collate, drop_last=False,
-                          **loader_kwargs(self.num_workers, persistent=True))  # never fork a threaded process
+        return dict_loader(dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=_collate,
+                           num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)
