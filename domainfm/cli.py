@@ -346,6 +346,111 @@ def export_cmd(model: str, fmt: str, out: str, with_normalization: bool) -> None
     click.echo(f"{res.path} ({fmt}; max |export - torch| {errs}){logged}")
 
 
+def _peek(args: list[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+class PredictCommand(click.Command):
+    """``domainfm predict``: grows the flags of the plugin that made ``--model`` (or ``--plugin``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not hasattr(self, "_core_params"):
+            self._core_params = list(self.params)
+        self.params = list(self._core_params)
+        name, model = _peek(args, "--plugin"), _peek(args, "--model")
+        if name or model:
+            from domainfm import plugins
+            from domainfm.predict import resolve_model
+
+            try:
+                ref = resolve_model(model, name) if model else None
+                plugin = plugins.load(ref.plugin if ref is not None else name)
+            except DomainFMError as e:
+                fail(e)
+            ctx.meta["model_ref"], ctx.meta["plugin"] = ref, plugin
+            existing = {p.name for p in self.params}
+            self.params = self.params + [o for o in plugin.options("predict") if o.name not in existing]
+        return super().parse_args(ctx, args)
+
+
+@main.command("predict", cls=PredictCommand, context_settings={"max_content_width": 110})
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("--model", required=True,
+              help="The trained model to apply: models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow model folder "
+                   "or a domainfm export. Its plugin and settings come from the model itself.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the results.")
+@click.option("--plugin", default=None, help="The plugin that applies the model (default: the one that made it).")
+@click.option("--experiment", default="domainfm-predict", show_default=True, help="MLflow experiment of the run.")
+@click.option("--run-name", default=None, help="MLflow run name (default: predict-PLUGIN-MODEL).")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the summary to this JSON file.")
+def predict_cmd(inputs: tuple[str, ...], model: str, out: str, plugin: str | None, experiment: str,
+                run_name: str | None, json_path: str | None, **options) -> None:
+    """Apply a trained model to new raw inputs (whole slides, EO patches, re-id crops...) with the
+    settings the model records: nothing it already knows is asked again.
+
+    \b
+    Examples:
+      domainfm predict --model models:/slide-msi@champion slides/*.svs --out preds/
+      domainfm predict --model models:/eo-sar-demo@candidate patches/*.tif --out preds/
+      domainfm predict --model models:/reid@champion query/ --gallery gallery/ --out preds/
+
+    Add --model URI --help to see the flags of the plugin that made the model."""
+    ctx = click.get_current_context()
+    try:
+        from domainfm import jobs
+
+        ref = ctx.meta.get("model_ref")
+        summary = jobs.run_prediction(ref, list(inputs), out, ctx.meta["plugin"], options,
+                                      experiment=experiment, run_name=run_name)
+        write_json(json_path, summary)
+        print_metrics(f"predict --model {model}", {k: v for k, v in summary.items() if k != "files"})
+        for f in summary.get("files", []):
+            click.echo(str(f))
+    except DomainFMError as e:
+        fail(e)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+def renamed_flags(command: click.Command, renames: dict[str, str | None]) -> click.Command:
+    """Keep old flag spellings of ``command`` working as hidden aliases: ``renames`` maps an old
+    flag (``--max-tiles-per-slide``) to its new one (``--max-tiles``), or to None when the value
+    became positional (``--slides A B`` -> ``A B``). Using an old spelling prints one notice line on
+    stderr; ``--help`` shows only the new ones. Returns ``command``."""
+    parse = command.parse_args
+
+    def parse_args(ctx: click.Context, args: list[str]) -> list[str]:
+        fixed: list[str] = []
+        taking_values = False
+        for a in args:
+            flag, eq, value = a.partition("=")
+            if a.startswith("--") and flag in renames:
+                new = renames[flag]
+                click.echo(f"note: {flag} is now {new or 'positional'}; the old spelling still works "
+                           "for now", err=True)
+                taking_values = new is None
+                if new is not None:
+                    fixed.append(f"{new}={value}" if eq else new)
+                elif eq:
+                    fixed.append(value)
+                continue
+            if taking_values and a.startswith("-"):
+                taking_values = False
+            fixed.append(a)
+        return parse(ctx, fixed)
+
+    command.parse_args = parse_args
+    command.renamed_flags = dict(renames)
+    return command
+
+
 def run_cli_command(fn, *args, **kwargs):
     """Run ``fn`` and turn a DomainFMError into the one-line error and exit 2 (for plugin commands)."""
     try:

@@ -146,6 +146,33 @@ def run_plugin_job(cfg: "RunConfig", plugin, fn: Callable[["RunConfig"], dict[st
     return metrics
 
 
+# ---------------------------------------------------------------- domainfm predict
+
+def run_prediction(model, inputs: list[str], out: str | Path, plugin, options: dict[str, Any], *,
+                   experiment: str = "domainfm-predict", run_name: str | None = None) -> dict[str, Any]:
+    """``domainfm predict``: apply ``model`` (a :class:`domainfm.predict.ModelRef`) to ``inputs``
+    with its own ``plugin``'s ``predict``, inside one MLflow run tagged with the model (tags
+    ``domainfm.model_uri``, ``domainfm.model_version`` = ``NAME/VERSION`` for a registered one,
+    ``domainfm.command`` = predict, ``domainfm.plugin``). Writes under ``out``; returns the
+    plugin's summary plus ``mlflow_run_id``."""
+    from domainfm.predict import MODEL_URI_TAG, MODEL_VERSION_TAG
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    what = model.uri[len("models:/"):] if model.uri.startswith("models:/") else Path(model.uri).stem
+    with tracking.start_run(experiment=experiment, run_name=run_name or f"predict-{model.plugin}-{what}"[:250]) as run:
+        tags = {"domainfm.command": "predict", "domainfm.plugin": model.plugin, MODEL_URI_TAG: model.uri}
+        if model.version_label:
+            tags[MODEL_VERSION_TAG] = model.version_label
+        tracking.set_tags(tags)
+        tracking.log_params({"model": model.uri, "inputs": len(inputs), "out": str(out),
+                             **{k: v for k, v in options.items() if v is not None}})
+        summary = dict(plugin.predict(model, list(inputs), out, options) or {})
+        tracking.log_metrics(summary)
+        summary["mlflow_run_id"] = run.info.run_id
+    return summary
+
+
 # ---------------------------------------------------------------- the resume pointer
 
 def run_dir(cfg: "RunConfig") -> Path:

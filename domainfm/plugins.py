@@ -18,8 +18,11 @@ from typing import TYPE_CHECKING, Any
 from domainfm.errors import DomainFMError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
     import click
     from domainfm.config import RunConfig
+    from domainfm.predict import ModelRef
 
 GROUP = "domainfm.plugins"
 PIPELINE_GROUP = "domainfm.pipelines"
@@ -37,6 +40,8 @@ class Plugin:
       values reach the plugin as ``cfg.<name>``.
     - ``defaults(command)``: overrides of core defaults (e.g. a smaller learning rate).
     - ``commands()``: extra click commands, shown as ``domainfm <plugin-name> <command>``.
+    - ``predict(model, inputs, out, options)``: apply a model this plugin made to raw inputs
+      (``domainfm predict``); ``options("predict")`` adds its flags.
     - ``finetune_datamodule(cfg, ...)`` / ``band_alignment(have, want)``: this domain's labelled
       data and band names for another plugin's fine-tuning (``plugins.load(name).finetune_datamodule``),
       so that no plugin imports another.
@@ -109,6 +114,19 @@ class Plugin:
     def evaluate(self, cfg: "RunConfig") -> dict[str, Any]:
         raise DomainFMError(f"plugin {self.name!r} does not support evaluate")
 
+    def predict(self, model: "ModelRef", inputs: list[str], out: "Path", options: dict[str, Any]) -> dict[str, Any]:
+        """``domainfm predict --model URI INPUT... --out DIR``: apply ``model`` (a
+        :class:`domainfm.predict.ModelRef` this plugin made: ``uri``, ``local_path()``, ``version``)
+        to the raw ``inputs`` with the settings the model records (nothing it knows is asked again)
+        and write the results under ``out`` (created by the core). Runs inside an MLflow run the
+        core opened and tagged with the model version; log files to it with ``domainfm.tracking``.
+        ``options``: the values of this plugin's ``options("predict")`` flags plus the core's
+        ``device``/``batch_size`` when given. Returns a summary (scalars are logged as metrics,
+        ``files``: the paths written). Raises DomainFMError for an input the model cannot take,
+        naming the setting that differs."""
+        raise DomainFMError(f"plugin {self.name!r} has no predict",
+                            fix="apply this model with the plugin's own commands")
+
     def commands(self) -> list["click.Command"]:
         return []
 
@@ -116,7 +134,8 @@ class Plugin:
     def supported(self) -> list[str]:
         base = Plugin
         out = []
-        for meth, cmd in (("pretrain_datamodule", "pretrain"), ("finetune", "finetune"), ("evaluate", "evaluate")):
+        for meth, cmd in (("pretrain_datamodule", "pretrain"), ("finetune", "finetune"), ("evaluate", "evaluate"),
+                          ("predict", "predict")):
             if getattr(type(self), meth) is not getattr(base, meth):
                 out.append(cmd)
         return out

@@ -359,48 +359,59 @@ def set_alias(name: str, version: int, alias: str) -> None:
     client.set_registered_model_alias(name, alias, str(version))
 
 
+def model_version(model_uri: str):
+    """The registered version that ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or
+    ``models:/NAME`` (its latest version) names: an MLflow ``ModelVersion`` (``name``, ``version``,
+    ``run_id``, ``tags``, ``aliases``). DomainFMError when the registry does not know it."""
+    from mlflow import MlflowClient
+
+    configure()
+    client = MlflowClient()
+    ref = model_uri[len("models:/"):] if model_uri.startswith("models:/") else model_uri
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        if "/" in ref:
+            name, version = ref.split("/", 1)
+            return client.get_model_version(name, version)
+        latest = max(client.search_model_versions(f"name='{ref}'"), key=lambda v: int(v.version), default=None)
+        if latest is None:
+            raise LookupError(ref)
+        return client.get_model_version(latest.name, latest.version)
+    except Exception:
+        raise DomainFMError(f"{model_uri} is not in the MLflow registry at {tracking_uri()}",
+                            fix="check the name and alias with `domainfm registry list`") from None
+
+
 def log_to_model_run(model_uri: str, local_path: str | Path, artifact_path: str | None = None) -> str:
     """Log a file to the run that produced the registered version ``models:/NAME@ALIAS`` or
     ``models:/NAME/VERSION``; returns that run's id."""
     from mlflow import MlflowClient
 
-    configure()
-    client = MlflowClient()
-    ref = model_uri[len("models:/"):]
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, version = ref.partition("/")
-            mv = client.get_model_version(name, version)
-    except Exception as e:
-        raise DomainFMError(f"cannot find {model_uri} in the registry at {tracking_uri()} ({e})",
-                            fix="check the name and alias with `domainfm registry list`") from None
+    mv = model_version(model_uri)
     if not mv.run_id:
         raise DomainFMError(f"{model_uri} has no source run to log to", fix="register models made by domainfm")
-    client.log_artifact(mv.run_id, str(local_path), artifact_path)
+    MlflowClient().log_artifact(mv.run_id, str(local_path), artifact_path)
     return mv.run_id
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    """The tags of run ``run_id``; DomainFMError when the store does not know the run."""
+    from mlflow import MlflowClient
+
+    configure()
+    try:
+        return dict(MlflowClient().get_run(run_id).data.tags)
+    except Exception:
+        raise DomainFMError(f"run {run_id} is not in the MLflow store at {tracking_uri()}",
+                            fix="check the run id in the MLflow UI") from None
 
 
 def check_registered(model_uri: str) -> None:
     """DomainFMError unless ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names a version in
     the registry (a cheap lookup, before a command opens its run)."""
-    from mlflow import MlflowClient
-
-    configure()
-    client = MlflowClient()
-    ref = model_uri[len("models:/"):]
-    try:
-        if "@" in ref:
-            client.get_model_version_by_alias(*ref.split("@", 1))
-        elif "/" in ref:
-            client.get_model_version(*ref.split("/", 1))
-        else:
-            client.get_registered_model(ref)
-    except Exception:
-        raise DomainFMError(f"{model_uri} is not in the MLflow registry at {tracking_uri()}",
-                            fix="check the name and alias with `domainfm registry list`") from None
+    model_version(model_uri)
 
 
 def download_model(uri: str) -> Path:
@@ -492,14 +503,9 @@ def model_run_tag(model_uri: str, key: str) -> str | None:
     ref = model_uri[len("models:/"):] if model_uri.startswith("models:/") else None
     if not ref or ("@" not in ref and "/" not in ref):
         return None
-    configure()
-    client = MlflowClient()
     try:
-        if "@" in ref:
-            version = client.get_model_version_by_alias(*ref.split("@", 1))
-        else:
-            version = client.get_model_version(*ref.split("/", 1))
-        return client.get_run(version.run_id).data.tags.get(key) if version.run_id else None
+        version = model_version(model_uri)
+        return MlflowClient().get_run(version.run_id).data.tags.get(key) if version.run_id else None
     except Exception:
         return None
 
