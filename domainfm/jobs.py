@@ -279,6 +279,8 @@ def log_backbone(backbone, *, artifact_path: str = "backbone", register: str | N
         model.eval()
         try:
             return tracking.log_pytorch_model(model, input_example=example, extra_files=[st],
-                                              artifact_path=artifact_path, register=register, alias=alias)
+                                              artifact_path=artifact_path, register=register, alias=alias,
+                                              metadata={"domainfm.plugin": extra_meta["plugin"]}
+                                              if (extra_meta or {}).get("plugin") else None)
         finally:
             model.train(was_training)

@@ -275,14 +275,15 @@ def log_params(params: dict[str, Any]) -> None:
 
 def log_pytorch_model(model, *, input_example: Any, extra_files: list[str | Path] = (),
                       artifact_path: str = "backbone", register: str | None = None,
-                      alias: str | None = None) -> str:
+                      alias: str | None = None, metadata: dict[str, str] | None = None) -> str:
     """Log a torch module as an MLflow PyTorch model (MLflow exports it in its safe pt2 format) with
     ``extra_files`` beside it; registered as ``register`` (with ``alias``) when given. Returns the
     model URI. ``input_example``: a numpy batch; of 2 or more rows, or the export fixes the batch to 1."""
     import mlflow
 
     info = mlflow.pytorch.log_model(model, name=artifact_path, input_example=input_example,
-                                    pip_requirements=pip_requirements(), extra_files=[str(f) for f in extra_files])
+                                    pip_requirements=pip_requirements(), extra_files=[str(f) for f in extra_files],
+                                    metadata=metadata)
     if register:
         register_model(info.model_uri, register, alias)
     return info.model_uri

@@ -24,6 +24,7 @@ from domainfm.distributed import is_global_zero
 from domainfm.training import build_trainer
 from plugins.sports_reid.datamodule import ReIDPairDataModule
 from plugins.sports_reid.inputs import data_root, has_test_split
+from plugins.sports_reid.model import load_reid_model, model_metadata
 from plugins.sports_reid.retrieval import (EvalSettings, RetrievalResult, plot_retrieval_grid, run_retrieval, summary,
                                            write_submission)
 from plugins.sports_reid.task import ReIDContrastiveTask, initial_logit_scale
@@ -52,10 +53,11 @@ def _log_result(result: RetrievalResult, tag: str, *, grid: bool) -> None:
 
 
 def _score(backbone, root: Path, settings: EvalSettings, *, prefix: str, tag: str, img_size: int,
-           grid: bool = True) -> dict[str, float]:
+           grid: bool = True, normalization=None) -> dict[str, float]:
     """Test-split metrics of ``backbone`` (keys prefixed), its top-1 table and, with ``grid``, its
-    retrieval grid logged to the active MLflow run."""
-    mean, std = backbone.normalization
+    retrieval grid logged to the active MLflow run. ``normalization``: (mean, std), default the
+    backbone architecture's."""
+    mean, std = normalization or backbone.normalization
     result = run_retrieval(backbone, root, "test", settings, img_size=img_size, mean=mean, std=std,
                            label=f"{tag} ")
     _log_result(result, tag, grid=grid)
@@ -110,11 +112,14 @@ def run_finetune(cfg: "RunConfig") -> dict[str, Any] | None:
 
     start = cfg.weights or cfg.init
     tracking.set_tags({START_META: start})
-    extra = {START_META: start, "plugin": "sports-reid", **task.state_for_export()}
+    # self-describing: input size, normalisation, channels, embedding size, backbone and plugin,
+    # in the export and in the MLflow model's copy (what models:/NAME@ALIAS loads)
+    described = {**model_metadata(backbone, mean, std), START_META: start, **task.state_for_export()}
+    extra = dict(described)
     if run_id != "local":
         extra["mlflow_run_id"] = run_id
     exported = export_and_register(backbone, run_dir / run_id / "backbone.safetensors", meta=extra,
-                                   register=cfg.register, alias=cfg.alias)
+                                   model_meta=described, register=cfg.register, alias=cfg.alias)
     train_log = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     metrics.update({"train_loss": train_log.get("train/loss"), "train_pair_acc": train_log.get("train/pair_acc"),
                     "logit_scale": float(task.logit_scale.detach()), "global_step": int(trainer.global_step),
@@ -173,14 +178,13 @@ def run_evaluate(cfg: "RunConfig") -> dict[str, Any]:
     split = cfg.split
     settings = eval_settings(cfg)
     torch.manual_seed(cfg.seed)
-    backbone = create_backbone(cfg.model, cfg=cfg, in_chans=3)
+    backbone, spec = load_reid_model(cfg.model, cfg=cfg)  # with the input size and normalisation it records
     tome_r = int(getattr(cfg, "tome_r", 0) or 0)
     if tome_r:
         from domainfm.inference import apply_token_merging
 
         apply_token_merging(backbone, tome_r)
-    img_size = backbone.img_size
-    mean, std = backbone.normalization
+    img_size, mean, std = spec.img_size, spec.mean, spec.std
     tracking.set_tags({"domainfm.model": cfg.model, "domainfm.split": split})
     if split == "challenge":
         result = run_retrieval(backbone, root, "challenge", settings, img_size=img_size, mean=mean, std=std)
@@ -190,7 +194,7 @@ def run_evaluate(cfg: "RunConfig") -> dict[str, Any]:
         return {"submission": str(path.resolve()), "num_queries": len(result.query),
                 "num_gallery": len(result.gallery)}
 
-    metrics = _score(backbone, root, settings, prefix="", tag="model", img_size=img_size)
+    metrics = _score(backbone, root, settings, prefix="", tag="model", img_size=img_size, normalization=(mean, std))
     zero_shot = _zero_shot_backbone(cfg, backbone.name, img_size)
     if zero_shot is not None:
         if tome_r:
