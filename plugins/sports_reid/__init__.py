@@ -3,13 +3,15 @@
 ``finetune`` trains any core backbone (a CLIP or DINOv2 ViT from timm, or ``models:/NAME@ALIAS``)
 with the image-to-image InfoNCE loss on pairs of crops of the same player; ``evaluate`` ranks a
 gallery for each query and reports mAP, CMC and mINP next to the zero-shot score of the starting
-weights, or writes the MMSports 2022 challenge submission.
+weights, or writes the MMSports 2022 challenge submission; ``domainfm predict`` ranks a gallery
+for new query crops with a model that records its own input size and normalisation (``model.py``).
 
 This module imports nothing heavy (``domainfm plugins`` loads it just to read the description).
 Modules: ``commands.py`` the flags, ``inputs.py`` the checks run before any MLflow run, ``jobs.py``
 what finetune/evaluate run, ``layout.py`` the folder layouts and file names, ``datasets.py``,
 ``datamodule.py``, ``task.py`` (the Lightning task), ``retrieval.py`` (features, distances,
-metrics, submission, retrieval grid), ``rerank.py`` (k-reciprocal re-ranking).
+metrics, submission, retrieval grid), ``rerank.py`` (k-reciprocal re-ranking), ``model.py`` (what a
+model records and its loader), ``predict.py`` (the ranking CSV).
 """
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ class SportsReIDPlugin(Plugin):
         from plugins.sports_reid.jobs import run_evaluate
 
         return run_evaluate(cfg)
+
+    def predict(self, model, inputs, out, options) -> dict[str, Any]:
+        """``domainfm predict --model M QUERY... --gallery DIR --out OUT``: ``OUT/ranking.csv`` (see
+        :mod:`plugins.sports_reid.predict`)."""
+        from plugins.sports_reid.predict import run_predict
+
+        return run_predict(model, inputs, out, options)
 
 
 plugin = SportsReIDPlugin()

@@ -1,4 +1,4 @@
-"""sports-reid's flags on the core ``finetune`` and ``evaluate`` commands (click only at import
+"""sports-reid's flags on the core ``finetune``, ``evaluate`` and ``predict`` commands (click only at import
 time: ``domainfm --help`` reads them without torch). The plugin has no commands of its own."""
 
 from __future__ import annotations
@@ -6,8 +6,35 @@ from __future__ import annotations
 import click
 
 
+def predict_options() -> list[click.Option]:
+    """``domainfm predict --model <a sports-reid model> QUERY... --gallery DIR``: the input size,
+    normalisation and distance come from the model; these say what to rank and how."""
+    return [
+        click.Option(["--gallery"], required=True, type=click.Path(file_okay=False),
+                     help="Folder of gallery crops to rank for every query (<player_id>/ sub-folders, "
+                          "MMSports <player_id>_<sequence>_<frame>.jpeg names, or any names)."),
+        click.Option(["--top-k"], type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Gallery crops listed per query in ranking.csv."),
+        click.Option(["--rerank/--no-rerank"], default=False, show_default=True,
+                     help="k-reciprocal re-ranking of the distances (k1=20, k2=6, lambda=0.3)."),
+        click.Option(["--flip-tta/--no-flip-tta"], default=True, show_default=True,
+                     help="Add the features of each crop's mirror image (test-time augmentation)."),
+        click.Option(["--same-camera-rule/--no-same-camera-rule"], default=True, show_default=True,
+                     help="For mAP/CMC when names carry c<k> cameras: gallery crops of the query's player "
+                          "taken by the query's camera do not count."),
+        click.Option(["--batch-size"], type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Crops per forward pass."),
+        click.Option(["--accelerator"], type=click.Choice(("auto", "cpu", "gpu", "cuda")), default="auto",
+                     show_default=True, help="Device of feature extraction."),
+        click.Option(["--precision"], type=click.Choice(("32-true", "32", "bf16-mixed", "16-mixed")),
+                     default="32-true", show_default=True, help="Autocast of feature extraction."),
+    ]
+
+
 def options(command: str) -> list[click.Option]:
-    """The extra flags of ``command`` ("finetune" or "evaluate"; none for the others)."""
+    """The extra flags of ``command`` ("finetune", "evaluate" or "predict"; none for the others)."""
+    if command == "predict":
+        return predict_options()
     if command not in ("finetune", "evaluate"):
         return []
     opts = [

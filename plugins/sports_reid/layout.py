@@ -138,3 +138,58 @@ def read_eval_split(root: str | Path, split: str = "test") -> tuple[list[ReIDRec
             raise DomainFMError("cameras are named in only one of query/ and gallery/", path=Path(root),
                                 fix="name the cameras (c<k>) in both or in neither")
     return query, gallery
+
+
+# ------------------------------------------------------------------- loose crops (domainfm predict)
+
+def _loose_record(path: Path, item_id: str) -> ReIDRecord:
+    """A crop outside a training layout: its player id where its name gives one (MMSports
+    ``<player_id>_<sequence>_<frame>``), its camera where a ``c<k>`` token names it."""
+    m = MMSPORTS_NAME.match(path.stem)
+    if m is not None:
+        return ReIDRecord(path=path, pid=str(int(m["pid"])), item_id=item_id, camera=camera_of(path),
+                          sequence=int(m["sequence"]), frame=int(m["frame"]))
+    return ReIDRecord(path=path, pid="", item_id=item_id, camera=camera_of(path))
+
+
+def read_crops(sources: list[str | Path], *, what: str = "query") -> list[ReIDRecord]:
+    """The crops of ``sources`` (files or folders), in the file naming the plugin reads elsewhere:
+
+    - a folder of ``<player_id>/`` sub-folders (the generic ``query/``/``gallery/`` layout): the
+      sub-folder is the player id, ``item_id`` ``<player_id>/<stem>``;
+    - a folder of crops (an MMSports ``reid_test/query/`` or ``reid_challenge/gallery/``, or any
+      crops): the player id where the name is ``<player_id>_<sequence>_<frame>``, else unknown ("");
+      ``item_id`` the file stem;
+    - a crop file: as in a flat folder.
+
+    ``c<k>`` in a name is the camera. DomainFMError (naming the path) for a missing path, a file
+    that is not .jpg/.jpeg/.png, a folder with no crops or with both crops and player folders."""
+    records: list[ReIDRecord] = []
+    for source in sources:
+        p = Path(source)
+        if p.is_file():
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                raise DomainFMError(f"is not a crop image ({', '.join(IMAGE_SUFFIXES)})", path=p,
+                                    fix=f"give {what} crops or folders of crops")
+            records.append(_loose_record(p, p.stem))
+            continue
+        if not p.is_dir():
+            raise DomainFMError(f"{what} path not found", path=p, fix=f"give existing {what} crops or folders of crops")
+        before = len(records)
+        players = sorted(d for d in p.iterdir() if d.is_dir())
+        loose = _images(p)
+        if players and loose:
+            raise DomainFMError("holds both crops and player sub-folders", path=p,
+                                fix=f"move the crops into {p}/<player_id>/, or keep one kind")
+        if loose:
+            records += [_loose_record(f, f.stem) for f in loose]
+        else:
+            for d in players:
+                records += [ReIDRecord(path=f, pid=d.name, item_id=f"{d.name}/{f.stem}", camera=camera_of(f))
+                            for f in _images(d)]
+        if len(records) == before:
+            raise DomainFMError(f"no {what} crops ({', '.join(IMAGE_SUFFIXES)}) found", path=p,
+                                fix=f"put the {what} crops there (or in <player_id>/ sub-folders)")
+    if not records:
+        raise DomainFMError(f"no {what} crops given", fix=f"give {what} crops or folders of crops")
+    return records
