@@ -289,3 +289,14 @@ def test_read_crops_reads_every_layout(tmp_path):
         read_crops([root / "query"])
     with pytest.raises(DomainFMError, match="query path not found"):
         read_crops([tmp_path / "nope"])
+
+
+def test_flags_follow_the_vocabulary():
+    """No spelling outside the one flag vocabulary among sports-reid's flags (COMMON: --max-epochs,
+    --out, --model only for a trained model, --weights only for training's start)."""
+    from plugins.sports_reid.commands import options
+
+    banned = {"--epochs", "--output-dir", "--out-dir", "--max-tiles-per-slide", "--slides", "--weights", "--model"}
+    for command in ("finetune", "evaluate", "predict"):
+        flags = {f for o in options(command) for f in o.opts + o.secondary_opts}
+        assert not flags & banned, (command, flags & banned)
