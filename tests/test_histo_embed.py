@@ -80,7 +80,7 @@ def expected_features(slide_path, coords, level, read_size, tile_size, weights):
 
 
 def test_features_equal_a_direct_forward_pass(slides, weights, tmp_path):
-    res = embed([slides["svs"], slides["tiff"], "--out", tmp_path, "--weights", weights, "--num-workers", "0", *COMMON])
+    res = embed([slides["svs"], slides["tiff"], "--out", tmp_path, "--model", weights, "--num-workers", "0", *COMMON])
     assert res.exit_code == 0, res.output
     # 2 µm/px: the SVS (0.25) reads level 1 (1 µm/px, 64 px), the TIFF (0.5) level 1 (2 µm/px, 32 px)
     for key, level, read_size, size0 in (("svs", 1, 64, 256), ("tiff", 1, 32, 128)):
@@ -95,25 +95,25 @@ def test_features_equal_a_direct_forward_pass(slides, weights, tmp_path):
 
 def test_workers_and_reused_coords_give_the_same_features(slides, weights, tmp_path):
     base = tmp_path / "base"
-    assert embed([slides["tiff"], "--out", base, "--weights", weights, "--num-workers", "0", *COMMON]).exit_code == 0
+    assert embed([slides["tiff"], "--out", base, "--model", weights, "--num-workers", "0", *COMMON]).exit_code == 0
     tiles = tmp_path / "tiles"
     assert CliRunner().invoke(tile_command, [str(slides["tiff"]), "--out", str(tiles), "--mpp", "2",
                                              "--tile-size", "32"]).exit_code == 0
     other = tmp_path / "other"
-    res = embed([slides["tiff"], "--out", other, "--weights", weights, "--num-workers", "2", "--coords", tiles, *COMMON])
+    res = embed([slides["tiff"], "--out", other, "--model", weights, "--num-workers", "2", "--coords", tiles, *COMMON])
     assert res.exit_code == 0, res.output
     f0, c0, _ = read_h5(base / "features" / "generic_20x.h5")
     f1, c1, _ = read_h5(other / "features" / "generic_20x.h5")
     np.testing.assert_array_equal(c0, c1)
     np.testing.assert_allclose(f0, f1, rtol=1e-5, atol=1e-5)
     # coords made at another µm/px are refused, naming the fix
-    res = embed([slides["tiff"], "--out", tmp_path / "x", "--weights", weights, "--coords", tiles,
+    res = embed([slides["tiff"], "--out", tmp_path / "x", "--model", weights, "--coords", tiles,
                  "--mpp", "1", "--tile-size", "32"])
     assert res.exit_code == 1 and "--mpp 2.0 --tile-size 32" in res.output
 
 
 def test_failures_are_listed_and_a_rerun_skips_finished_slides(slides, weights, tmp_path):
-    args = [slides["svs"], slides["truncated"], slides["no_mpp"], "--out", tmp_path, "--weights", weights,
+    args = [slides["svs"], slides["truncated"], slides["no_mpp"], "--out", tmp_path, "--model", weights,
             "--num-workers", "0", *COMMON]
     res = embed(args)
     assert res.exit_code == 1
@@ -133,9 +133,9 @@ def test_failures_are_listed_and_a_rerun_skips_finished_slides(slides, weights, 
 
 
 def test_bf16_features_are_close_to_fp32(slides, weights, tmp_path):
-    res = embed([slides["tiff"], "--out", tmp_path / "a", "--weights", weights, "--num-workers", "0", *COMMON])
+    res = embed([slides["tiff"], "--out", tmp_path / "a", "--model", weights, "--num-workers", "0", *COMMON])
     assert res.exit_code == 0, res.output
-    res = embed([slides["tiff"], "--out", tmp_path / "b", "--weights", weights, "--num-workers", "0",
+    res = embed([slides["tiff"], "--out", tmp_path / "b", "--model", weights, "--num-workers", "0",
                  "--precision", "bf16-mixed", *COMMON])
     assert res.exit_code == 0, res.output
     fa, _, _ = read_h5(tmp_path / "a" / "features" / "generic_20x.h5")
@@ -151,9 +151,9 @@ def test_two_processes_write_the_same_files_as_one(slides, weights, tmp_path):
     from conftest import run_cli
 
     files = [str(slides["svs"]), str(slides["tiff"]), str(slides["truncated"])]
-    one = embed([*files, "--out", tmp_path / "one", "--weights", weights, "--num-workers", "0", *COMMON])
+    one = embed([*files, "--out", tmp_path / "one", "--model", weights, "--num-workers", "0", *COMMON])
     assert one.exit_code == 1
-    r = run_cli(["histo", "embed", *files, "--out", str(tmp_path / "two"), "--weights", str(weights),
+    r = run_cli(["histo", "embed", *files, "--out", str(tmp_path / "two"), "--model", str(weights),
                  "--num-workers", "0", "--devices", "2", "--accelerator", "cpu", *COMMON], cwd=tmp_path)
     assert r.returncode == 1, r.stderr[-2000:]
     assert "1 of 3 slides failed" in r.stderr
@@ -177,7 +177,7 @@ def test_missing_pretrained_weights_is_one_clear_error(slides, tmp_path):
 def test_a_slide_failing_mid_read_leaves_no_file(slides, weights, tmp_path):
     """Damaged JPEG tiles: the slide opens and is tiled, then reading fails part-way. It is listed in
     failures.csv, no half-written features file is left, and the other slide is done."""
-    res = embed([slides["corrupt"], slides["tiff"], "--out", tmp_path, "--weights", weights, "--num-workers", "0",
+    res = embed([slides["corrupt"], slides["tiff"], "--out", tmp_path, "--model", weights, "--num-workers", "0",
                  "--mpp", "0.5", "--tile-size", "32", "--batch-size", "8"])
     assert res.exit_code == 1
     rows = {r["slide_id"]: r["error"] for r in csv.DictReader(open(tmp_path / "failures.csv"))}
@@ -207,8 +207,8 @@ def test_registered_encoder_gives_the_same_features(slides, weights, tmp_path, m
     with tracking.start_run(experiment="histo-test"):
         jobs.log_backbone(create_backbone(weights), register="histo-encoder", alias="champion")
     args = [slides["tiff"], "--num-workers", "0", *COMMON]
-    assert embed([*args, "--out", tmp_path / "file", "--weights", weights]).exit_code == 0
-    res = embed([*args, "--out", tmp_path / "registry", "--weights", "models:/histo-encoder@champion"])
+    assert embed([*args, "--out", tmp_path / "file", "--model", weights]).exit_code == 0
+    res = embed([*args, "--out", tmp_path / "registry", "--model", "models:/histo-encoder@champion"])
     assert res.exit_code == 0, res.output
     f1, _, _ = read_h5(tmp_path / "file" / "features" / "generic_20x.h5")
     f2, _, a2 = read_h5(tmp_path / "registry" / "features" / "generic_20x.h5")
@@ -229,7 +229,7 @@ def test_sharded_run_equals_one_process_exactly_and_resumes_only_what_is_missing
     # one thread everywhere: the same arithmetic in every process, so equality can be exact
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     files = [str(slides["svs"]), str(slides["tiff"]), str(slides["no_mpp"])]
-    base = ["--weights", str(weights), "--num-workers", "0", "--accelerator", "cpu", "--slide-mpp", "0.5", *COMMON]
+    base = ["--model", str(weights), "--num-workers", "0", "--accelerator", "cpu", "--slide-mpp", "0.5", *COMMON]
     r = run_cli(["histo", "embed", *files, "--out", str(tmp_path / "one"), *base], cwd=tmp_path, env=env, timeout=400)
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli(["histo", "embed", *files, "--out", str(tmp_path / "two"), *base, "--devices", "2"], cwd=tmp_path,
@@ -268,7 +268,7 @@ def test_num_nodes_without_launcher_is_one_line(slides, weights, tmp_path, monke
     for v in [v for v in __import__("os").environ if v.startswith("SLURM_")] + [
             "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_RANK", "TORCHELASTIC_RUN_ID", "LSB_JOBID"]:
         monkeypatch.delenv(v, raising=False)
-    res = embed([slides["tiff"], "--out", tmp_path / "x", "--weights", weights, "--num-nodes", "2", *COMMON])
+    res = embed([slides["tiff"], "--out", tmp_path / "x", "--model", weights, "--num-nodes", "2", *COMMON])
     assert res.exit_code == 2
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --num-nodes 2 needs a launcher's environment"), res.output

@@ -83,7 +83,7 @@ def test_clam_attrs_are_read_as_they_are(data):
 def test_the_files_tile_size_wins(data, weights, tmp_path, kind):
     svs = data["slides"]["svs"]
     res = CliRunner().invoke(embed_command, [str(svs), "--coords", str(data["files"][kind].parent), "--out",
-                                             str(tmp_path), "--weights", str(weights), "--num-workers", "0", *COMMON])
+                                             str(tmp_path), "--model", str(weights), "--num-workers", "0", *COMMON])
     assert res.exit_code == 0, res.output
     # one note: the file's 512 px, not the 256 of --mpp 2 --tile-size 32 on a 0.25 µm/px scan
     notes = [line for line in res.output.splitlines() if line.startswith("note:")]
@@ -102,7 +102,7 @@ def test_clam_coords_with_workers_exit_cleanly(data, weights, tmp_path):
     """The reported hang: CLAM attrs, DataLoader workers, a real process that must exit."""
     slides = data["slides"]
     r = run_cli(["histo", "embed", str(slides["svs"]), "--coords", str(data["files"]["clam0"].parent),
-                 "--out", str(tmp_path), "--weights", str(weights), "--num-workers", "2", *COMMON], timeout=500)
+                 "--out", str(tmp_path), "--model", str(weights), "--num-workers", "2", *COMMON], timeout=500)
     assert r.returncode == 0, r.stderr[-2000:]
     feats, coords, attrs = read_h5(tmp_path / "features" / "aperio_40x.h5")
     assert feats.shape == (12, 96) and attrs["tile_size_level0"] == SIZE0
@@ -113,7 +113,7 @@ def test_an_error_in_a_worker_is_one_line_and_a_nonzero_exit(data, weights, tmp_
     """Damaged JPEG tiles read by DataLoader workers: the original error, on one line, exit 1."""
     slides = data["slides"]
     r = run_cli(["histo", "embed", str(slides["corrupt"]), str(slides["tiff"]), "--out", str(tmp_path),
-                 "--weights", str(weights), "--num-workers", "2", "--mpp", "0.5", "--tile-size", "32",
+                 "--model", str(weights), "--num-workers", "2", "--mpp", "0.5", "--tile-size", "32",
                  "--batch-size", "8"], timeout=500)
     assert r.returncode == 1, r.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "failures.csv")))

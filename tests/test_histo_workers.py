@@ -61,7 +61,7 @@ def read_features(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 @pytest.mark.timeout(900)
 def test_mixed_batch_with_workers_never_hangs_and_matches_no_workers(batch, weights, tmp_path):
-    args = [str(batch / "slides"), "--coords", str(batch / "tiles"), "--weights", str(weights), *COMMON]
+    args = [str(batch / "slides"), "--coords", str(batch / "tiles"), "--model", str(weights), *COMMON]
     ref = CliRunner().invoke(embed_command, [*args, "--out", str(tmp_path / "ref"), "--num-workers", "0"])
     assert ref.exit_code == 0, ref.output
     expected = read_features(tmp_path / "ref")
@@ -136,7 +136,7 @@ def test_default_workers_follow_the_cpus_the_process_may_use(batch, weights, tmp
     assert default_num_workers() == min(4, len(os.sched_getaffinity(0)))
     # `histo embed` without --num-workers on a one-CPU process: no torch warning about too many workers
     r = subprocess.run([str(DOMAINFM), "histo", "embed", str(batch / "slides" / "a_pyramid.tif"),
-                        "--coords", str(batch / "tiles"), "--weights", str(weights), "--out", str(tmp_path), *COMMON],
+                        "--coords", str(batch / "tiles"), "--model", str(weights), "--out", str(tmp_path), *COMMON],
                        capture_output=True, text=True, timeout=500, preexec_fn=_one_cpu,
                        env={**os.environ, "PYTHONWARNINGS": "always"})
     assert r.returncode == 0, r.stderr[-2000:]

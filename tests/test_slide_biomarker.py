@@ -131,8 +131,8 @@ def test_pipeline_ensemble_finds_and_looks_at_the_planted_tiles(cohort_dir, tmp_
     args = ["--features", str(cohort_dir / "train"), "--labels", str(cohort_dir / "train" / "labels.csv"),
             "--target", "msi", "--external-features", str(cohort_dir / "external"),
             "--external-labels", str(cohort_dir / "external" / "labels.csv"),
-            "--folds", "3", "--seeds", "2", "--epochs", "6", "--patience", "3", "--lr", "1e-3",
-            "--n-boot", "200", "--max-heatmaps", "2", "--max-tiles-per-slide", "40",
+            "--folds", "3", "--seeds", "2", "--max-epochs", "6", "--patience", "3", "--lr", "1e-3",
+            "--n-boot", "200", "--max-heatmaps", "2", "--max-tiles", "40",
             "--out", str(tmp_path / "out"), "--json", str(out_json)]
     res = CliRunner().invoke(command, args)
     assert res.exit_code == 0, res.output
@@ -225,11 +225,11 @@ def test_pipeline_from_whole_slides_chains_tile_embed_and_draws_heatmaps(tmp_pat
     enc = save_backbone(create_backbone("test_resnet", img_size=16, init="random"), tmp_path / "enc.safetensors")
     out_json = tmp_path / "m.json"
     res = CliRunner().invoke(command, [
-        "--slides", str(tmp_path / "train"), "--features", str(tmp_path / "feat_train"),
+        str(tmp_path / "train"), "--features", str(tmp_path / "feat_train"),
         "--labels", str(tmp_path / "train.csv"),
         "--external-slides", str(tmp_path / "ext"), "--external-features", str(tmp_path / "feat_ext"),
-        "--external-labels", str(tmp_path / "ext.csv"), "--target", "her2", "--weights", str(enc),
-        "--mpp", "8", "--tile-size", "16", "--num-workers", "0", "--folds", "2", "--seeds", "1", "--epochs", "2",
+        "--external-labels", str(tmp_path / "ext.csv"), "--target", "her2", "--encoder", str(enc),
+        "--mpp", "8", "--tile-size", "16", "--num-workers", "0", "--folds", "2", "--seeds", "1", "--max-epochs", "2",
         "--n-boot", "20", "--max-heatmaps", "1", "--out", str(tmp_path / "out"), "--json", str(out_json)])
     assert res.exit_code == 0, res.output
     m = json.loads(out_json.read_text())
@@ -300,7 +300,7 @@ def test_pipeline_on_a_cohort_with_nothing_to_learn_reports_ties_and_no_gain(tmp
     res = CliRunner().invoke(command, [
         "--features", str(root / "train"), "--labels", str(root / "train" / "labels.csv"), "--target", "msi",
         "--external-features", str(root / "external"), "--external-labels", str(root / "external" / "labels.csv"),
-        "--folds", "2", "--seeds", "1", "--epochs", "2", "--n-boot", "50", "--max-heatmaps", "0",
+        "--folds", "2", "--seeds", "1", "--max-epochs", "2", "--n-boot", "50", "--max-heatmaps", "0",
         "--json", str(out_json)])
     assert res.exit_code == 0, res.output
     m = json.loads(out_json.read_text())
@@ -374,7 +374,7 @@ def test_cross_validation_without_external_saves_out_of_fold_predictions_and_hea
     out_json = tmp_path / "m.json"
     res = CliRunner().invoke(command, [
         "--features", str(feats), "--labels", str(feats / "labels.csv"), "--target", "msi", "--folds", "3",
-        "--seeds", "2", "--epochs", "2", "--n-boot", "50", "--max-heatmaps", "3", "--max-tiles-per-slide", "20",
+        "--seeds", "2", "--max-epochs", "2", "--n-boot", "50", "--max-heatmaps", "3", "--max-tiles", "20",
         "--out", str(tmp_path / "out"), "--json", str(out_json)])
     assert res.exit_code == 0, res.output
     m = json.loads(out_json.read_text())

@@ -49,7 +49,7 @@ def main() -> None:
         m = common.cli(["pipeline", "slide-biomarker", "--features", root / "train", "--labels", root / "train" / "labels.csv",
                         "--target", "msi", "--external-features", root / "external",
                         "--external-labels", root / "external" / "labels.csv", "--folds", args.folds,
-                        "--seeds", args.members, "--epochs", args.epochs, "--patience", 5, "--lr", "1e-3",
+                        "--seeds", args.members, "--max-epochs", args.epochs, "--patience", 5, "--lr", "1e-3",
                         "--n-boot", 200, "--max-heatmaps", 0, "--seed", seed, "--register", f"claims-msi-{seed}"],
                        json_out=work / f"m{seed}.json")
         ens.append(m["external_auc_ensemble"])

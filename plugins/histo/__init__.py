@@ -5,6 +5,8 @@
 - ``domainfm histo heatmap``  attention of a slide-biomarker model over a slide
 - ``domainfm pretrain --plugin histo --data SLIDES_DIR``  continual pretraining on tiles sampled on the fly
 - ``domainfm pipeline slide-biomarker``  cross-validated MIL ensembles on tile features (pipelines/)
+- ``domainfm predict --model models:/histo-TARGET@ALIAS SLIDE... --out DIR``  a registered ensemble on
+  new whole slides, with the encoder and tiling settings it records (plugins/histo/predict.py)
 
 This module stays light (click only): torch, openslide and h5py are imported by the submodules.
 """
@@ -24,6 +26,10 @@ class HistoPlugin(Plugin):
         return 3
 
     def options(self, command: str) -> list[Any]:
+        if command == "predict":
+            from plugins.histo.predict import options
+
+            return options()
         if command != "pretrain":
             return []
         import click
@@ -50,6 +56,11 @@ class HistoPlugin(Plugin):
         from plugins.histo.datamodule import HistoPretrainDataModule
 
         return HistoPretrainDataModule.from_config(cfg)
+
+    def predict(self, model, inputs, out, options):
+        from plugins.histo.predict import predict
+
+        return predict(model, inputs, out, options)
 
     def commands(self) -> list[Any]:
         from plugins.histo.commands import commands

@@ -40,7 +40,7 @@ def _finish(kind: str, n_total: int, failures: list[dict[str, str]], out_dir: st
     sys.exit(1)
 
 
-from domainfm.cli import fail  # noqa: E402 - the one error -> exit 2
+from domainfm.cli import fail, renamed_flags  # noqa: E402 - the one error -> exit 2
 
 
 @click.command("tile", context_settings={"max_content_width": 110})
@@ -95,8 +95,9 @@ def tile_command(slides, out_dir, mpp, tile_size, min_tissue, max_tiles, slide_m
 @click.option("--init", default="dinov2", show_default=True,
               help="Starting weights: dinov2/pretrained (local Hugging Face cache), a weights file, "
                    "models:/NAME@ALIAS, or random.")
-@click.option("--weights", default=None,
-              help="A domainfm export (.safetensors) or models:/NAME@ALIAS; overrides --init and --backbone.")
+@click.option("--model", "weights", default=None,
+              help="The encoder to apply: a domainfm export (.safetensors) or models:/NAME@ALIAS; overrides "
+                   "--init and --backbone.")
 @_tiling_options
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Tiles per forward pass.")
 @click.option("--num-workers", type=int, default=None,
@@ -115,7 +116,9 @@ def embed_command(slides, out_dir, coords_dir, backbone, init, weights, mpp, til
     """Encode every tissue tile of whole-slide images with a frozen backbone.
 
     Writes OUT/features/<slide_id>.h5 with `features` [N, D] and `coords` [N, 2] (level 0) and attrs
-    mpp, tile_size, tile_size_level0, encoder, domainfm_version: the layout CLAM and TRIDENT read.
+    mpp, tile_size, tile_size_level0, encoder, domainfm_version: the layout CLAM and TRIDENT read;
+    plus the recipe a slide-level model trained on them records (encoder source and weights sha256,
+    tissue settings), so `domainfm predict` can embed new slides the same way.
     Files appear only when complete, so a rerun skips the slides already done. Slides that fail are
     listed in OUT/failures.csv, the others go on, and the command exits with status 1.
     """
@@ -163,7 +166,9 @@ def heatmap_command(slide, features_file, model_uri, out_file, class_index):
     """Draw a slide-biomarker model's attention over one slide's thumbnail.
 
     The attention of every ensemble member is averaged per tile, scaled to [0, 1] within the slide,
-    and painted where each tile lies; the title gives the predicted probability.
+    and painted where each tile lies; the title gives the predicted probability. Features made
+    otherwise than the model's training features (µm/px, tile size, encoder, tissue settings) are
+    refused with one line naming the setting; `domainfm predict` embeds a slide the model's way.
     """
     try:
         from plugins.histo import heatmaps
@@ -172,6 +177,11 @@ def heatmap_command(slide, features_file, model_uri, out_file, class_index):
     except DomainFMError as e:
         fail(e)
     click.echo(f"probability {prob:.3f} -> {out_file}", err=True)
+
+
+# old spellings keep working (hidden, with a one-line notice): --model is the encoder applied
+
+renamed_flags(embed_command, {"--weights": "--model"})
 
 
 def commands() -> list[click.Command]:

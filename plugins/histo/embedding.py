@@ -2,7 +2,11 @@
 
 One HDF5 file per slide, ``features/<slide_id>.h5``, the layout CLAM and TRIDENT read: datasets
 ``features`` [N, D] float32 and ``coords`` [N, 2] int64 (level 0), attrs ``mpp``, ``tile_size``,
-``tile_size_level0``, ``encoder``, ``domainfm_version`` (plus ``slide_path``, ``slide_mpp``).
+``tile_size_level0``, ``encoder``, ``domainfm_version`` (plus ``slide_path``, ``slide_mpp``), and the
+recipe a slide-level model records to embed new slides the same way (:mod:`plugins.histo.recipe`):
+``encoder_record`` (JSON: where the encoder comes from), ``encoder_sha256`` (of its weights as
+loaded), ``feature_dim``, the tissue settings ``min_tissue``, ``max_tiles`` (0: all), ``seed`` and
+``slide_mpp_setting`` (the ``--slide-mpp`` number given, -1 for none or a per-slide CSV).
 Each file is written under a temporary name and renamed, so a rerun skips exactly the slides that
 finished. A slide that fails is listed in ``failures.csv`` and the others go on.
 """
@@ -49,6 +53,9 @@ class EmbedSettings:
     progress: bool = True
     tome_r: int = 0  # token merging: tokens merged per ViT block (0: off)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (tests: depth=2)
+    # the encoder a slide-level model recorded (domainfm predict): its sha256 must be the rebuilt one's
+    expect_sha256: str | None = None
+    expect_source: str = ""  # what the expected encoder is called in that error (the model URI)
 
 
 @dataclass
@@ -67,6 +74,47 @@ def encoder_name(s: EmbedSettings) -> str:
     if s.weights:
         return str(s.weights)
     return f"{s.backbone} (init={s.init})"
+
+
+def state_sha256(module) -> str:
+    """sha256 of a module's weights as loaded: every state-dict tensor in key order (name, dtype,
+    shape, bytes), so the same weights give the same hash whichever file or registry they came from."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        raw = t.view(torch.uint8) if t.dtype.is_floating_point and t.dtype.itemsize == 2 else t
+        h.update(raw.numpy().tobytes())
+    return h.hexdigest()
+
+
+def encoder_record(s: EmbedSettings, backbone) -> dict[str, Any]:
+    """Where the encoder of a ``histo embed`` run comes from, enough to build it again: ``source``
+    ``registry`` (``uri`` pinned to ``models:/NAME/VERSION``), ``file`` (``path``) or ``timm``
+    (``backbone``, ``init``, ``seed`` for ``random``), plus ``model_kwargs``, ``img_size``, ``tome_r``,
+    ``embed_dim`` and ``sha256`` (:func:`state_sha256` of the weights as loaded)."""
+    rec: dict[str, Any] = {"name": backbone.name, "img_size": int(s.tile_size), "tome_r": int(s.tome_r),
+                           "embed_dim": int(backbone.embed_dim), "model_kwargs": dict(s.model_kwargs),
+                           "sha256": state_sha256(backbone.model)}
+    if s.weights and str(s.weights).startswith("models:/"):
+        uri = str(s.weights)
+        try:
+            from domainfm import tracking
+
+            mv = tracking.model_version(uri)
+            uri = f"models:/{mv.name}/{mv.version}"  # an alias moves; the version the features used does not
+        except DomainFMError:
+            pass
+        rec.update(source="registry", uri=uri)
+    elif s.weights:
+        rec.update(source="file", path=str(Path(s.weights).resolve()))
+    else:
+        rec.update(source="timm", backbone=s.backbone, init=s.init, seed=int(s.seed))
+    return rec
 
 
 def build_encoder(s: EmbedSettings):
@@ -253,9 +301,23 @@ def embed_slide(path: Path, s: EmbedSettings, encoder: "TileEncoder", progress=N
     attrs = {"mpp": geom.mpp, "tile_size": geom.tile_size, "tile_size_level0": geom.tile_size_level0,
              "slide_mpp": geom.slide_mpp, "encoder": encoder_name(s), "domainfm_version": __version__,
              "slide_path": str(Path(path).resolve()), "patch_level": 0, "patch_size": geom.tile_size_level0,
-             "tome_r": s.tome_r}
+             "tome_r": s.tome_r, "feature_dim": int(features.shape[1]), **tissue_attrs(path, s)}
+    record = getattr(encoder, "record", None)
+    if record is not None:
+        import json
+
+        attrs.update(encoder_record=json.dumps(record, sort_keys=True), encoder_sha256=record["sha256"])
     write_features(features_path(s.out_dir, sid), features, out_coords, attrs)
     return len(features)
+
+
+def tissue_attrs(path: Path, s: EmbedSettings) -> dict[str, Any]:
+    """The tissue settings a slide's tiles were found with: ``--coords``' own (when its file records
+    them), else this run's. ``max_tiles`` 0 means every tissue tile; ``slide_mpp_setting`` -1: none."""
+    if s.coords_dir:
+        _, cattrs = tiling.read_coords(coords_file(s, path))
+        return {k: cattrs[k] for k in ("min_tissue", "max_tiles", "seed", "slide_mpp_setting") if k in cattrs}
+    return tiling.tissue_settings(s.min_tissue, s.max_tiles, s.seed, s.slide_mpp)
 
 
 def progress_bar(enabled: bool = True):
@@ -286,7 +348,16 @@ def embed_shard(paths: list[Path], s: EmbedSettings, *, device=None, label: str 
         for stale in target.parent.glob(f".{target.name}.*.partial"):
             stale.unlink(missing_ok=True)
     device = device or resolve_device(s.accelerator)
-    encoder = TileEncoder(build_encoder(s), device, s.precision)
+    backbone = build_encoder(s)
+    record = encoder_record(s, backbone)  # hashed on the CPU, before it moves
+    if s.expect_sha256 and record["sha256"] != s.expect_sha256:
+        raise DomainFMError(f"the encoder built from {encoder_name(s)} has weights sha256 {record['sha256'][:12]}..., "
+                            f"{s.expect_source or 'the model'} was trained on features of {s.expect_sha256[:12]}...",
+                            path=s.expect_source or None,
+                            fix="make the recorded encoder weights available (the same file, cache or registry "
+                                "version), or re-train the slide model on features of this encoder")
+    encoder = TileEncoder(backbone, device, s.precision)
+    encoder.record = record
     # When slides are tiled now, the next slide's tissue is found in a thread while this one is
     # encoded, so the accelerator does not wait for thumbnails (OpenSlide and numpy release the
     # GIL). With --coords there is nothing slow to overlap: files are read here, in this thread

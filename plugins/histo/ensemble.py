@@ -161,8 +161,12 @@ def ensemble_from_states(model: str, in_dim: int, n_classes: int, states: list[d
 
 
 def save_ensemble(directory, model: str, in_dim: int, n_classes: int, states: list[dict], *,
-                  class_names: list[str], target: str | None = None) -> dict[str, str]:
-    """Write the ensemble as the pyfunc model's artifacts: weights.safetensors, config.json, mil.py."""
+                  class_names: list[str], target: str | None = None, features: dict | None = None,
+                  encoder_file=None) -> dict[str, str]:
+    """Write the ensemble as the pyfunc model's artifacts: weights.safetensors, config.json, mil.py,
+    and ``encoder.safetensors`` when ``encoder_file`` (the tile encoder shipped with the model) is
+    given. ``features``: how the tile features were made (:mod:`plugins.histo.recipe`), recorded as
+    ``config["features"]``."""
     import json
     import shutil
     from pathlib import Path
@@ -176,7 +180,13 @@ def save_ensemble(directory, model: str, in_dim: int, n_classes: int, states: li
     ens = ensemble_from_states(model, in_dim, n_classes, states)
     save_file({k: v.detach().contiguous() for k, v in ens.state_dict().items()}, str(d / "weights.safetensors"))
     config = {"model": model, "in_dim": in_dim, "n_classes": n_classes, "n_members": len(states),
-              "class_names": list(class_names), "target": target}
+              "class_names": list(class_names), "target": target, "features": features}
     (d / "config.json").write_text(json.dumps(config, indent=2))
     shutil.copyfile(mil.__file__, d / "mil.py")
-    return {"weights": str(d / "weights.safetensors"), "config": str(d / "config.json"), "mil_code": str(d / "mil.py")}
+    artifacts = {"weights": str(d / "weights.safetensors"), "config": str(d / "config.json"),
+                 "mil_code": str(d / "mil.py")}
+    if encoder_file is not None:
+        if Path(encoder_file).resolve() != (d / "encoder.safetensors").resolve():
+            shutil.copyfile(encoder_file, d / "encoder.safetensors")
+        artifacts["encoder"] = str(d / "encoder.safetensors")
+    return artifacts

@@ -73,9 +73,29 @@ def render_slide_heatmap(coords: np.ndarray, attrs: dict, attention: np.ndarray,
     return img
 
 
-def load_predictor(model_uri: str):
-    """A callable bag -> dict(probability, probabilities, attention) from a logged model (models:/,
-    runs:/, an MLflow model folder) or the ``model/`` folder the pipeline writes under ``--out``."""
+class LoadedEnsemble:
+    """A slide-biomarker ensemble as loaded: ``predict(bag)`` -> dict (see
+    :mod:`plugins.histo.pyfunc_model`), its ``config`` (with ``features``, the recipe of
+    :mod:`plugins.histo.recipe`), its local ``artifacts`` paths and the ``uri`` it came from."""
+
+    def __init__(self, python_model, uri: str):
+        self._model = python_model
+        self.config = python_model.config
+        self.artifacts = dict(getattr(python_model, "artifacts", {}) or {})
+        self.uri = uri
+
+    def predict(self, bag):
+        return self._model.predict(None, bag)
+
+    @property
+    def recipe(self) -> dict:
+        """How the training features were made; only the feature dimension for an older model."""
+        return {**(self.config.get("features") or {}), "feature_dim": int(self.config["in_dim"])}
+
+
+def load_ensemble(model_uri: str) -> LoadedEnsemble:
+    """The ensemble of a logged model (models:/, runs:/, an MLflow model folder) or of the
+    ``model/`` folder the pipeline writes under ``--out``."""
     p = Path(model_uri)
     if p.is_dir() and all((p / f).is_file() for f in ("config.json", "weights.safetensors", "mil.py")):
         from types import SimpleNamespace
@@ -83,9 +103,12 @@ def load_predictor(model_uri: str):
         from plugins.histo.pyfunc_model import SlideEnsembleModel
 
         model = SlideEnsembleModel()
-        model.load_context(SimpleNamespace(artifacts={"config": str(p / "config.json"), "mil_code": str(p / "mil.py"),
-                                                      "weights": str(p / "weights.safetensors")}))
-        return lambda bag: model.predict(None, bag)
+        artifacts = {"config": str(p / "config.json"), "mil_code": str(p / "mil.py"),
+                     "weights": str(p / "weights.safetensors")}
+        if (p / "encoder.safetensors").is_file():
+            artifacts["encoder"] = str(p / "encoder.safetensors")
+        model.load_context(SimpleNamespace(artifacts=artifacts))
+        return LoadedEnsemble(model, model_uri)
     if p.is_dir() and (p / "MLmodel").is_file() or "://" in model_uri or model_uri.startswith("models:/"):
         from domainfm import tracking
 
@@ -95,19 +118,35 @@ def load_predictor(model_uri: str):
         except Exception as e:  # noqa: BLE001 - MLflow raises several types for a bad URI
             raise DomainFMError(f"cannot load the model ({str(e).splitlines()[0]})", path=model_uri,
                                 fix="give models:/NAME@ALIAS, runs:/RUN_ID/ensemble or a model folder") from None
-        return model.predict
+        inner = model.unwrap_python_model()
+        if not hasattr(inner, "config") or "in_dim" not in getattr(inner, "config", {}):
+            raise DomainFMError("not a slide-biomarker ensemble", path=model_uri,
+                                fix="give a model registered by `domainfm pipeline slide-biomarker`")
+        return LoadedEnsemble(inner, model_uri)
     raise DomainFMError("not an MLflow model URI or model folder", path=model_uri,
                         fix="give models:/NAME@ALIAS as registered by `domainfm pipeline slide-biomarker`")
 
 
+def load_predictor(model_uri: str):
+    """A callable bag -> dict(probability, probabilities, attention) (see :func:`load_ensemble`)."""
+    return load_ensemble(model_uri).predict
+
+
 def heatmap_for_slide(slide: str | Path, features_file: str | Path, model_uri: str, out_file: str | Path,
                       *, class_index: int | None = None) -> float:
+    """Draw ``model_uri``'s attention over ``slide`` from its ``features_file``; returns the
+    probability shown. DomainFMError (one line) when the features were made otherwise than the
+    model's training features: another µm/px, tile size, encoder, feature dimension or tissue setting."""
+    from plugins.histo import recipe as recipe_mod
     from plugins.histo.embedding import read_features
 
+    model = load_ensemble(model_uri)
+    have = recipe_mod.read_recipe(features_file)
+    recipe_mod.check_features(have, model.recipe, features_file, model=f"the model")
     feats, coords, attrs = read_features(features_file)
     if len(feats) == 0:
         raise DomainFMError("the slide has no tiles", path=features_file, fix="re-embed with a lower --min-tissue")
-    out = load_predictor(model_uri)(feats)
+    out = model.predict(feats)
     probs = out["probabilities"]
     prob = float(probs[class_index if class_index is not None else len(probs) - 1])
     name = Path(slide).stem

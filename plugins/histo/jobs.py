@@ -18,6 +18,8 @@ from typing import Any
 import click
 import numpy as np
 
+from domainfm.errors import DomainFMError
+
 from plugins.histo import ensemble as ens
 
 
@@ -219,16 +221,23 @@ def report_constant(constant: list[str], metrics: dict[str, Any]) -> None:
                f"nothing from these features (AUC 0.5 by ties; no ensemble gain reported)", err=True)
 
 
-def register_ensemble(bags, states, train, *, model_name, target, register_name, alias, out: Path) -> tuple[str, str]:
+def register_ensemble(bags, states, train, *, model_name, target, register_name, alias, out: Path,
+                      recipe: dict[str, Any] | None = None) -> tuple[str, str]:
     """The ensemble as one pyfunc model (bag [N, D] in; probability, probabilities, attention out),
     logged under ``ensemble/`` and registered as ``register_name`` (default ``histo-<target>``) with
-    ``alias``. Returns (model_uri, registered name)."""
+    ``alias``. ``recipe``: how the training features were made (:mod:`plugins.histo.recipe`),
+    recorded in the model's config with the encoder's weights shipped along when they cannot be
+    fetched again by name (:func:`encoder_to_ship`); the MLmodel names the plugin
+    (``domainfm.plugin: histo``). Returns (model_uri, registered name)."""
     from domainfm import tracking
     from plugins.histo import pyfunc_model
 
     in_dim = bags[0].shape[1]
+    encoder_file = encoder_to_ship(recipe, out / "model") if recipe else None
     artifacts = ens.save_ensemble(out / "model", model_name, in_dim, train.n_classes, states,
-                                  class_names=train.class_names, target=target)
+                                  class_names=train.class_names, target=target,
+                                  features={**(recipe or {}), "target": target, "class_names": train.class_names},
+                                  encoder_file=encoder_file)
     name = register_name or f"histo-{target}"
     # the signature MLflow infers from this is float32 [-1, D]: bags as `histo embed` writes them
     example = bags[0][: min(8, len(bags[0]))].astype(np.float32)
@@ -237,8 +246,35 @@ def register_ensemble(bags, states, train, *, model_name, target, register_name,
         warnings.filterwarnings("ignore", message=".*type hints.*")
         model_uri = tracking.log_pyfunc_model(Path(pyfunc_model.__file__), artifacts, artifact_path="ensemble",
                                               input_example=example, register=name, alias=alias,
-                                              extra_pip=["numpy", "pandas"])
+                                              extra_pip=["numpy", "pandas"], metadata={"domainfm.plugin": "histo"})
     return model_uri, name
+
+
+def encoder_to_ship(recipe: dict[str, Any], directory: Path) -> Path | None:
+    """The tile encoder saved as ``directory/encoder.safetensors`` (a domainfm export) when the
+    model must carry it: a random-initialised encoder (its seeded weights are not promised to be the
+    same under another torch version or machine) or one from a local file (absent elsewhere). A
+    registered encoder (pinned ``models:/NAME/VERSION``) and hub weights (dinov2/pretrained, fetched
+    by name, checked by sha256 when applied) are not copied. None when nothing is shipped.
+
+    The encoder is rebuilt from the record and its sha256 must be the one the features recorded:
+    DomainFMError otherwise (the features were not made by what the record names)."""
+    from domainfm.backbones import save_backbone
+    from domainfm.backbones.sources import source_kind
+    from plugins.histo import embedding
+    from plugins.histo import recipe as recipe_mod
+
+    enc = recipe.get("encoder")
+    if not enc or enc.get("source") == "registry" or (enc.get("source") == "timm" and source_kind(enc["init"]) == "hub"):
+        return None
+    settings = recipe_mod.embed_settings(recipe, directory)
+    backbone = embedding.build_encoder(settings)
+    digest = embedding.state_sha256(backbone.model)
+    if digest != enc["sha256"]:
+        raise DomainFMError(f"the encoder {recipe_mod.encoder_label(recipe)} now has weights sha256 {digest[:12]}..., "
+                            f"the training features were made with {enc['sha256'][:12]}...",
+                            path=enc.get("path"), fix="embed the slides again with the encoder at hand")
+    return save_backbone(backbone, Path(directory) / "encoder.safetensors")
 
 
 def log_final_metrics(metrics: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ Output per slide, in the layout CLAM and TRIDENT read:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class TileSet:
     mask: np.ndarray              # [h, w] bool, tissue
     thumb_downsample: float       # level-0 pixels per thumbnail pixel
     tissue_fraction: np.ndarray   # [N] of the kept tiles
+    settings: dict = field(default_factory=dict)  # tissue settings (tissue_settings), as attrs
 
     def attrs(self) -> dict:
         from domainfm import __version__
@@ -41,7 +42,17 @@ class TileSet:
         g = self.geometry
         return {"mpp": g.mpp, "tile_size": g.tile_size, "tile_size_level0": g.tile_size_level0,
                 "slide_mpp": g.slide_mpp, "level": g.level, "patch_level": 0, "patch_size": g.tile_size_level0,
-                "slide_path": str(Path(self.slide_path).resolve()), "domainfm_version": __version__}
+                "slide_path": str(Path(self.slide_path).resolve()), "domainfm_version": __version__,
+                **self.settings}
+
+
+def tissue_settings(min_tissue: float, max_tiles: int | None, seed: int,
+                    slide_mpp: float | dict[str, float] | None = None) -> dict[str, Any]:
+    """The tissue settings as HDF5 attrs (no None there): ``min_tissue``, ``max_tiles`` (0: every
+    tissue tile), ``seed``, ``slide_mpp_setting`` (the ``--slide-mpp`` number, -1 for none or a
+    per-slide CSV)."""
+    return {"min_tissue": float(min_tissue), "max_tiles": int(max_tiles or 0), "seed": int(seed),
+            "slide_mpp_setting": float(slide_mpp) if isinstance(slide_mpp, (int, float)) else -1.0}
 
 
 def grid_coords(width: int, height: int, size0: int) -> np.ndarray:
@@ -76,7 +87,8 @@ def tile_slide(path: str | Path, *, mpp: float = DEFAULT_MPP, tile_size: int = D
         frac = tile_tissue_fractions(mask, coords[:, 0], coords[:, 1], geom.tile_size_level0, ds)
         keep = np.flatnonzero(frac >= min_tissue)
         keep = keep[sample_tiles(len(keep), max_tiles, seed)]
-        return TileSet(slides_mod.slide_id(path), path, coords[keep], geom, thumb, mask, ds, frac[keep])
+        return TileSet(slides_mod.slide_id(path), path, coords[keep], geom, thumb, mask, ds, frac[keep],
+                       tissue_settings(min_tissue, max_tiles, seed, slide_mpp))
     finally:
         if own:
             slide.close()
