@@ -284,28 +284,49 @@ def pipeline_group() -> None:
 
 @main.group("registry")
 def registry_group() -> None:
-    """The MLflow model registry: list models, promote a version to an alias."""
+    """The MLflow model registry: list versions, show one's lineage, promote a version to an alias."""
 
 
 @registry_group.command("list")
 @click.option("--name", default=None, help="Only this registered model.")
 def registry_list(name: str | None) -> None:
-    """Registered models with their versions, aliases and source runs."""
+    """Registered models, one row per version: aliases, training run, the data it saw (root and a
+    short fingerprint) and the latest evaluation's metrics."""
     from rich.console import Console
     from rich.table import Table
 
-    from domainfm import tracking
+    from domainfm import registry, tracking
 
     try:
-        rows = tracking.list_registered(name)
+        rows = registry.list_rows(name)
     except DomainFMError as e:
         fail(e)
+    cols = ("name", "version", "aliases", "plugin", "training run", "data", "latest metrics", "created")
+    cells = [(r["name"], str(r["version"]), ", ".join(r["aliases"]), r["plugin"], r["training_run"], r["data"],
+              r["metrics"], r["created"]) for r in rows]
     table = Table(title=f"MLflow registry at {tracking.tracking_uri()}")
-    for col in ("name", "version", "aliases", "run_id", "created"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["name"], str(r["version"]), ", ".join(r["aliases"]), r["run_id"] or "", r["created"])
-    Console(width=max(120, Console().width)).print(table)
+    for col in cols:
+        table.add_column(col, no_wrap=True)
+    for c in cells:
+        table.add_row(*c)
+    # wide enough for whole run ids and paths (copied from here into other commands)
+    need = sum(max([len(h)] + [len(c[i]) for c in cells]) + 3 for i, h in enumerate(cols)) + 1
+    Console(width=max(120, Console().width, need)).print(table)
+
+
+@registry_group.command("show")
+@click.argument("ref", metavar="NAME[@ALIAS|/VERSION]")
+def registry_show(ref: str) -> None:
+    """The lineage of one version: aliases, the training run (params, start weights, plugin,
+    backbone), the data it saw, and every evaluation and prediction run that names it."""
+    from domainfm import registry
+
+    try:
+        lines = registry.show(ref)
+    except DomainFMError as e:
+        fail(e)
+    for line in lines:
+        click.echo(line)
 
 
 @registry_group.command("promote")
