@@ -73,6 +73,38 @@ def fail(e: BaseException) -> NoReturn:
     sys.exit(2)
 
 
+def renamed_flags(command: click.Command, renames: dict[str, str | None]) -> click.Command:
+    """Keep old flag spellings of ``command`` working as hidden aliases: ``renames`` maps an old
+    flag (``--max-tiles-per-slide``) to its new one (``--max-tiles``), or to None when the value
+    became positional (``--slides A B`` -> ``A B``). Using an old spelling prints one notice line on
+    stderr; ``--help`` shows only the new ones. Returns ``command``."""
+    parse = command.parse_args
+
+    def parse_args(ctx: click.Context, args: list[str]) -> list[str]:
+        fixed: list[str] = []
+        taking_values = False
+        for a in args:
+            flag, eq, value = a.partition("=")
+            if a.startswith("--") and flag in renames:
+                new = renames[flag]
+                click.echo(f"note: {flag} is now {new or 'positional'}; the old spelling still works "
+                           "for now", err=True)
+                taking_values = new is None
+                if new is not None:
+                    fixed.append(f"{new}={value}" if eq else new)
+                elif eq:
+                    fixed.append(value)
+                continue
+            if taking_values and a.startswith("-"):
+                taking_values = False
+            fixed.append(a)
+        return parse(ctx, fixed)
+
+    command.parse_args = parse_args
+    command.renamed_flags = dict(renames)
+    return command
+
+
 def _resolve_config(ctx: click.Context, command: str, params: dict[str, Any]):
     from domainfm import config as config_mod
     from domainfm import plugins
@@ -223,8 +255,13 @@ def _core_command(command: str, help_text: str):
     def callback(**params):
         _run(click.get_current_context(), command, params)
 
+    from domainfm.config import renamed_core_flags
+
     cmd = PluginCommand(command, callback=callback, params=click_options(command), help=help_text,
                         context_settings={"max_content_width": 110})
+    renamed = renamed_core_flags(command)
+    if renamed:  # old spellings (--output-dir) still parse, with a one-line notice
+        renamed_flags(cmd, renamed)
     main.add_command(cmd)
     return cmd
 
@@ -438,38 +475,6 @@ def predict_cmd(inputs: tuple[str, ...], model: str, out: str, plugin: str | Non
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-
-
-def renamed_flags(command: click.Command, renames: dict[str, str | None]) -> click.Command:
-    """Keep old flag spellings of ``command`` working as hidden aliases: ``renames`` maps an old
-    flag (``--max-tiles-per-slide``) to its new one (``--max-tiles``), or to None when the value
-    became positional (``--slides A B`` -> ``A B``). Using an old spelling prints one notice line on
-    stderr; ``--help`` shows only the new ones. Returns ``command``."""
-    parse = command.parse_args
-
-    def parse_args(ctx: click.Context, args: list[str]) -> list[str]:
-        fixed: list[str] = []
-        taking_values = False
-        for a in args:
-            flag, eq, value = a.partition("=")
-            if a.startswith("--") and flag in renames:
-                new = renames[flag]
-                click.echo(f"note: {flag} is now {new or 'positional'}; the old spelling still works "
-                           "for now", err=True)
-                taking_values = new is None
-                if new is not None:
-                    fixed.append(f"{new}={value}" if eq else new)
-                elif eq:
-                    fixed.append(value)
-                continue
-            if taking_values and a.startswith("-"):
-                taking_values = False
-            fixed.append(a)
-        return parse(ctx, fixed)
-
-    command.parse_args = parse_args
-    command.renamed_flags = dict(renames)
-    return command
 
 
 def run_cli_command(fn, *args, **kwargs):

@@ -190,7 +190,7 @@ def run_prediction(model, inputs: list[str], out: str | Path, plugin, options: d
 # ---------------------------------------------------------------- the resume pointer
 
 def run_dir(cfg: "RunConfig") -> Path:
-    """``<--output-dir>/<experiment>``: where a command's runs keep their checkpoints and exports."""
+    """``<--out>/<experiment>``: where a command's runs keep their checkpoints and exports."""
     return Path(cfg.output_dir) / cfg.experiment_name
 
 
@@ -213,7 +213,7 @@ def read_resume_pointer(pointer: str | Path, *, what: str = "run of this experim
     pointer = Path(pointer)
     if not pointer.is_file():
         raise DomainFMError(f"nothing to resume: no earlier {what}", path=pointer,
-                            fix="drop --resume, or use the same --output-dir and --experiment as the run to continue")
+                            fix="drop --resume, or use the same --out and --experiment as the run to continue")
     info = json.loads(pointer.read_text())
     ckpt = last_checkpoint(info["checkpoint_dir"])
     if ckpt is None:
