@@ -160,6 +160,10 @@ def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
         # checked before any MLflow run exists, so a mistyped command leaves no empty run
         if command == "evaluate" and not cfg.model:
             raise DomainFMError("evaluate needs --model", fix="pass a weights file or models:/NAME@ALIAS")
+        if command in ("pretrain", "finetune"):  # an unknown --backbone or a bad --img-size: before any data
+            from domainfm.backbones import check_run_backbone
+
+            check_run_backbone(cfg)
         plugin.check(cfg)
         if str(cfg.model or "").startswith("models:/"):  # a registry name that is not there: no run opened
             from domainfm import tracking
@@ -281,18 +285,20 @@ Add --plugin NAME --help to see that plugin's own flags.""")
 
 @main.command("plugins")
 def plugins_cmd() -> None:
-    """List the installed plugins: name, description, commands and the package providing each."""
+    """List the installed plugins: name, description, the core commands each supports (``domainfm
+    pretrain|finetune|evaluate|predict --plugin NAME``), its own commands (``domainfm NAME CMD``)
+    and the package providing it."""
     from rich.console import Console
     from rich.table import Table
 
     from domainfm import plugins
 
     table = Table(title="domainfm plugins (entry-point group domainfm.plugins)")
-    for col in ("name", "description", "commands", "package"):
+    for col in ("name", "description", "core commands supported", "own commands", "package"):
         table.add_column(col)
     for info in plugins.available():
         desc = info.description if info.error is None else f"[red]{info.error}[/red]"
-        table.add_row(info.name, desc, ", ".join(info.commands), info.package)
+        table.add_row(info.name, desc, ", ".join(info.core_commands), ", ".join(info.own_commands), info.package)
     Console(width=max(120, Console().width)).print(table)
 
 

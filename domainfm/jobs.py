@@ -58,6 +58,9 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
         raise DomainFMError(f"--in-chans {cfg.in_chans} does not match the data ({plugin.in_chans(cfg)} bands)",
                             fix=f"drop --in-chans or set it to {plugin.in_chans(cfg)}")
     cfg = cfg.replace(in_chans=in_chans)  # the record shows the bands actually used
+    from domainfm.backbones import check_run_backbone
+
+    check_run_backbone(cfg)  # a mistyped --backbone or --img-size stops before data statistics are computed
     datamodule = plugin.pretrain_datamodule(cfg)
     backbone = create_backbone(cfg, in_chans=in_chans)
     if cfg.mask_ratio > 0 and backbone.is_vit and backbone.num_patches < 2:
