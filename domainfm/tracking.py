@@ -337,15 +337,19 @@ def log_raw_pixels_model(python_model_file: str | Path, safetensors_path: str | 
 
 def log_pyfunc_model(python_model_file: str | Path, artifacts: dict[str, str], *, artifact_path: str,
                      input_example: Any, register: str | None = None, alias: str | None = None,
-                     extra_pip: list[str] | None = None) -> str:
-    """Log a models-from-code pyfunc (no pickle): ``python_model_file`` calls set_model()."""
+                     extra_pip: list[str] | None = None, metadata: dict[str, Any] | None = None,
+                     version_tags: dict[str, str] | None = None) -> str:
+    """Log a models-from-code pyfunc (no pickle): ``python_model_file`` calls set_model().
+    ``metadata`` goes into the MLmodel file (give ``domainfm.plugin`` and what the model needs to
+    be applied); ``version_tags`` tag the registered version (``jobs.version_tags(plugin)``)."""
     import mlflow
 
+    kwargs = {"metadata": dict(metadata)} if metadata else {}
     info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(python_model_file), artifacts=artifacts,
                                    input_example=input_example,
-                                   pip_requirements=pip_requirements() + list(extra_pip or []))
+                                   pip_requirements=pip_requirements() + list(extra_pip or []), **kwargs)
     if register:
-        register_model(info.model_uri, register, alias)
+        register_model(info.model_uri, register, alias, tags=version_tags)
     return info.model_uri
 
 
