@@ -73,6 +73,38 @@ def fail(e: BaseException) -> NoReturn:
     sys.exit(2)
 
 
+def renamed_flags(command: click.Command, renames: dict[str, str | None]) -> click.Command:
+    """Keep old flag spellings of ``command`` working as hidden aliases: ``renames`` maps an old
+    flag (``--max-tiles-per-slide``) to its new one (``--max-tiles``), or to None when the value
+    became positional (``--slides A B`` -> ``A B``). Using an old spelling prints one notice line on
+    stderr; ``--help`` shows only the new ones. Returns ``command``."""
+    parse = command.parse_args
+
+    def parse_args(ctx: click.Context, args: list[str]) -> list[str]:
+        fixed: list[str] = []
+        taking_values = False
+        for a in args:
+            flag, eq, value = a.partition("=")
+            if a.startswith("--") and flag in renames:
+                new = renames[flag]
+                click.echo(f"note: {flag} is now {new or 'positional'}; the old spelling still works "
+                           "for now", err=True)
+                taking_values = new is None
+                if new is not None:
+                    fixed.append(f"{new}={value}" if eq else new)
+                elif eq:
+                    fixed.append(value)
+                continue
+            if taking_values and a.startswith("-"):
+                taking_values = False
+            fixed.append(a)
+        return parse(ctx, fixed)
+
+    command.parse_args = parse_args
+    command.renamed_flags = dict(renames)
+    return command
+
+
 def _resolve_config(ctx: click.Context, command: str, params: dict[str, Any]):
     from domainfm import config as config_mod
     from domainfm import plugins
@@ -128,6 +160,10 @@ def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
         # checked before any MLflow run exists, so a mistyped command leaves no empty run
         if command == "evaluate" and not cfg.model:
             raise DomainFMError("evaluate needs --model", fix="pass a weights file or models:/NAME@ALIAS")
+        if command in ("pretrain", "finetune"):  # an unknown --backbone or a bad --img-size: before any data
+            from domainfm.backbones import check_run_backbone
+
+            check_run_backbone(cfg)
         plugin.check(cfg)
         if str(cfg.model or "").startswith("models:/"):  # a registry name that is not there: no run opened
             from domainfm import tracking
@@ -223,8 +259,13 @@ def _core_command(command: str, help_text: str):
     def callback(**params):
         _run(click.get_current_context(), command, params)
 
+    from domainfm.config import renamed_core_flags
+
     cmd = PluginCommand(command, callback=callback, params=click_options(command), help=help_text,
                         context_settings={"max_content_width": 110})
+    renamed = renamed_core_flags(command)
+    if renamed:  # old spellings (--output-dir) still parse, with a one-line notice
+        renamed_flags(cmd, renamed)
     main.add_command(cmd)
     return cmd
 
@@ -244,18 +285,20 @@ Add --plugin NAME --help to see that plugin's own flags.""")
 
 @main.command("plugins")
 def plugins_cmd() -> None:
-    """List the installed plugins: name, description, commands and the package providing each."""
+    """List the installed plugins: name, description, the core commands each supports (``domainfm
+    pretrain|finetune|evaluate|predict --plugin NAME``), its own commands (``domainfm NAME CMD``)
+    and the package providing it."""
     from rich.console import Console
     from rich.table import Table
 
     from domainfm import plugins
 
     table = Table(title="domainfm plugins (entry-point group domainfm.plugins)")
-    for col in ("name", "description", "commands", "package"):
+    for col in ("name", "description", "core commands supported", "own commands", "package"):
         table.add_column(col)
     for info in plugins.available():
         desc = info.description if info.error is None else f"[red]{info.error}[/red]"
-        table.add_row(info.name, desc, ", ".join(info.commands), info.package)
+        table.add_row(info.name, desc, ", ".join(info.core_commands), ", ".join(info.own_commands), info.package)
     Console(width=max(120, Console().width)).print(table)
 
 
@@ -284,28 +327,49 @@ def pipeline_group() -> None:
 
 @main.group("registry")
 def registry_group() -> None:
-    """The MLflow model registry: list models, promote a version to an alias."""
+    """The MLflow model registry: list versions, show one's lineage, promote a version to an alias."""
 
 
 @registry_group.command("list")
 @click.option("--name", default=None, help="Only this registered model.")
 def registry_list(name: str | None) -> None:
-    """Registered models with their versions, aliases and source runs."""
+    """Registered models, one row per version: aliases, training run, the data it saw (root and a
+    short fingerprint) and the latest evaluation's metrics."""
     from rich.console import Console
     from rich.table import Table
 
-    from domainfm import tracking
+    from domainfm import registry, tracking
 
     try:
-        rows = tracking.list_registered(name)
+        rows = registry.list_rows(name)
     except DomainFMError as e:
         fail(e)
+    cols = ("name", "version", "aliases", "plugin", "training run", "data", "latest metrics", "created")
+    cells = [(r["name"], str(r["version"]), ", ".join(r["aliases"]), r["plugin"], r["training_run"], r["data"],
+              r["metrics"], r["created"]) for r in rows]
     table = Table(title=f"MLflow registry at {tracking.tracking_uri()}")
-    for col in ("name", "version", "aliases", "run_id", "created"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["name"], str(r["version"]), ", ".join(r["aliases"]), r["run_id"] or "", r["created"])
-    Console(width=max(120, Console().width)).print(table)
+    for col in cols:
+        table.add_column(col, no_wrap=True)
+    for c in cells:
+        table.add_row(*c)
+    # wide enough for whole run ids and paths (copied from here into other commands)
+    need = sum(max([len(h)] + [len(c[i]) for c in cells]) + 3 for i, h in enumerate(cols)) + 1
+    Console(width=max(120, Console().width, need)).print(table)
+
+
+@registry_group.command("show")
+@click.argument("ref", metavar="NAME[@ALIAS|/VERSION]")
+def registry_show(ref: str) -> None:
+    """The lineage of one version: aliases, the training run (params, start weights, plugin,
+    backbone), the data it saw, and every evaluation and prediction run that names it."""
+    from domainfm import registry
+
+    try:
+        lines = registry.show(ref)
+    except DomainFMError as e:
+        fail(e)
+    for line in lines:
+        click.echo(line)
 
 
 @registry_group.command("promote")
@@ -417,38 +481,6 @@ def predict_cmd(inputs: tuple[str, ...], model: str, out: str, plugin: str | Non
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-
-
-def renamed_flags(command: click.Command, renames: dict[str, str | None]) -> click.Command:
-    """Keep old flag spellings of ``command`` working as hidden aliases: ``renames`` maps an old
-    flag (``--max-tiles-per-slide``) to its new one (``--max-tiles``), or to None when the value
-    became positional (``--slides A B`` -> ``A B``). Using an old spelling prints one notice line on
-    stderr; ``--help`` shows only the new ones. Returns ``command``."""
-    parse = command.parse_args
-
-    def parse_args(ctx: click.Context, args: list[str]) -> list[str]:
-        fixed: list[str] = []
-        taking_values = False
-        for a in args:
-            flag, eq, value = a.partition("=")
-            if a.startswith("--") and flag in renames:
-                new = renames[flag]
-                click.echo(f"note: {flag} is now {new or 'positional'}; the old spelling still works "
-                           "for now", err=True)
-                taking_values = new is None
-                if new is not None:
-                    fixed.append(f"{new}={value}" if eq else new)
-                elif eq:
-                    fixed.append(value)
-                continue
-            if taking_values and a.startswith("-"):
-                taking_values = False
-            fixed.append(a)
-        return parse(ctx, fixed)
-
-    command.parse_args = parse_args
-    command.renamed_flags = dict(renames)
-    return command
 
 
 def run_cli_command(fn, *args, **kwargs):

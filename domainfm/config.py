@@ -82,7 +82,9 @@ class RunConfig:
     num_workers: int = _opt(0, "DataLoader worker processes.")
     seed: int = _opt(0, "Random seed.")
     # outputs
-    output_dir: str = _opt("outputs", "Checkpoints and exported weights go under OUTPUT_DIR/<experiment>/.", _TRAIN)
+    # the flag is --out (the one output flag of every command); the field and YAML key stay output_dir
+    output_dir: str = _opt("outputs", "Checkpoints and exported weights go under OUT/<experiment>/.", _TRAIN,
+                           flag="--out", old_flags=("--output-dir",))
     checkpoint_every: int = _opt(50, "Save a checkpoint every N steps.", _TRAIN)
     keep_checkpoints: int = _opt(3, "Step checkpoints kept (newest first; last.ckpt always); -1 keeps all.", _TRAIN)
     resume: bool = _opt(False, "Continue from the last checkpoint, in the same MLflow run.", _TRAIN, is_flag=True)
@@ -209,6 +211,18 @@ def save_yaml(cfg: RunConfig, path: str | Path) -> Path:
     return p
 
 
+def renamed_core_flags(command: str) -> dict[str, str]:
+    """``{old flag: new flag}`` of the core flags of ``command`` that were renamed (``--output-dir``
+    -> ``--out``): the CLI keeps the old spellings as hidden aliases (``cli.renamed_flags``)."""
+    out = {}
+    for f in dataclasses.fields(RunConfig):
+        meta = f.metadata
+        if meta and command in meta["commands"]:
+            for old in meta["click"].get("old_flags", ()):
+                out[old] = meta["click"].get("flag") or "--" + f.name.replace("_", "-")
+    return out
+
+
 def click_options(command: str) -> list:
     """The core flags of ``command`` as click options, generated from RunConfig's fields."""
     import click
@@ -218,8 +232,9 @@ def click_options(command: str) -> list:
         meta = f.metadata
         if not meta or command not in meta["commands"]:
             continue
-        flag = "--" + f.name.replace("_", "-")
         extra = dict(meta["click"])
+        flag = extra.pop("flag", None) or "--" + f.name.replace("_", "-")
+        extra.pop("old_flags", None)  # hidden aliases: see renamed_core_flags
         choice = extra.pop("type_choice", None)
         kwargs: dict[str, Any] = {"default": f.default, "help": meta["help"], "show_default": f.default is not None}
         if extra.pop("is_flag", False):
@@ -231,7 +246,7 @@ def click_options(command: str) -> list:
             kwargs["type"] = int
         elif f.type in ("float", "float | None"):
             kwargs["type"] = float
-        opts.append(click.Option([flag], **kwargs))
+        opts.append(click.Option([flag, f.name], **kwargs))
     opts.append(click.Option(["--config"], type=click.Path(dir_okay=False), default=None,
                              help="YAML file of options; flags given on the command line override it."))
     return opts

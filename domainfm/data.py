@@ -314,6 +314,26 @@ _FORKSERVER_PRELOAD = ["torch", "numpy"]
 WORKER_TIMEOUT_S = 600.0
 
 
+def data_fingerprint(path: str | Path) -> str:
+    """A cheap fingerprint of the data under ``path`` (a folder or one file): ``sha256:<hex>`` over
+    the sorted relative paths, sizes and modification times (ns) of its files (hidden files and
+    folders skipped; no file content read). The same files give the same fingerprint; adding,
+    removing, renaming or rewriting one changes it. DomainFMError when ``path`` does not exist."""
+    import hashlib
+
+    root = Path(path)
+    if not root.exists():
+        raise DomainFMError("data folder does not exist", path=root, fix="pass an existing --data folder")
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        rel = f.name if f == root else f.relative_to(root).as_posix()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
 def default_num_workers(cap: int = 4) -> int:
     """DataLoader workers to use when the user gives none: ``min(cap, CPUs this process may use)``
     (``os.sched_getaffinity``, which respects cgroup/cpuset limits; ``os.cpu_count`` elsewhere).

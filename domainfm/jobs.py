@@ -58,6 +58,9 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
         raise DomainFMError(f"--in-chans {cfg.in_chans} does not match the data ({plugin.in_chans(cfg)} bands)",
                             fix=f"drop --in-chans or set it to {plugin.in_chans(cfg)}")
     cfg = cfg.replace(in_chans=in_chans)  # the record shows the bands actually used
+    from domainfm.backbones import check_run_backbone
+
+    check_run_backbone(cfg)  # a mistyped --backbone or --img-size stops before data statistics are computed
     datamodule = plugin.pretrain_datamodule(cfg)
     backbone = create_backbone(cfg, in_chans=in_chans)
     if cfg.mask_ratio > 0 and backbone.is_vit and backbone.num_patches < 2:
@@ -86,7 +89,7 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
     with tracking.start_run(cfg, run_id=run_id) as run:
         run_id = run.info.run_id
         tracking.set_tags({"domainfm.command": "pretrain", "domainfm.plugin": cfg.plugin,
-                           "domainfm.backbone": backbone.name})
+                           "domainfm.backbone": backbone.name, **data_tags(cfg, plugin)})
         tracking.log_config(cfg)
         ckpt_dir = run_dir(cfg) / run_id / "checkpoints"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -130,19 +133,33 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
 
 def run_plugin_job(cfg: "RunConfig", plugin, fn: Callable[["RunConfig"], dict[str, Any]]) -> dict[str, Any] | None:
     """Run a plugin's ``finetune``/``evaluate`` (``fn``) inside one MLflow run that records its
-    config (tags ``domainfm.command``, ``domainfm.plugin``) and the metrics ``fn`` returns.
+    config (tags ``domainfm.command``, ``domainfm.plugin``, ``domainfm.data_root``,
+    ``domainfm.data_fingerprint``) and the metrics ``fn`` returns. An ``evaluate`` of a registered
+    model (``cfg.model`` a models:/ URI) is tagged ``domainfm.model_uri`` / ``domainfm.model_version``
+    and writes its scalar metrics as ``metric.<name>`` tags of that version (plus ``metric.run_id``).
     Returns those metrics plus ``mlflow_run_id``; None on a worker process, which runs ``fn`` outside
     any MLflow run (rank 0 owns the run and the ``--json`` file)."""
     if not is_global_zero():
         # a worker that Lightning's DDP launcher started by re-running the command
         fn(cfg)
         return None
+    from domainfm.predict import METRIC_TAG_PREFIX, MODEL_URI_TAG, MODEL_VERSION_TAG
+
+    scored = None  # the registered version an evaluation scores
+    if cfg.command == "evaluate" and str(getattr(cfg, "model", None) or "").startswith("models:/"):
+        scored = tracking.model_version(cfg.model)
     with tracking.start_run(cfg) as run:
-        tracking.set_tags({"domainfm.command": cfg.command, "domainfm.plugin": cfg.plugin})
+        tags = {"domainfm.command": cfg.command, "domainfm.plugin": cfg.plugin, **data_tags(cfg, plugin)}
+        if scored is not None:
+            tags.update({MODEL_URI_TAG: cfg.model, MODEL_VERSION_TAG: f"{scored.name}/{scored.version}"})
+        tracking.set_tags(tags)
         tracking.log_config(cfg)
         metrics = dict(fn(cfg) or {})
         tracking.log_metrics(metrics)
         metrics["mlflow_run_id"] = run.info.run_id
+        if scored is not None:  # the version's latest scores, read by `domainfm registry list`
+            tracking.set_version_metrics(scored.name, scored.version, metrics, run.info.run_id,
+                                         prefix=METRIC_TAG_PREFIX)
     return metrics
 
 
@@ -176,7 +193,7 @@ def run_prediction(model, inputs: list[str], out: str | Path, plugin, options: d
 # ---------------------------------------------------------------- the resume pointer
 
 def run_dir(cfg: "RunConfig") -> Path:
-    """``<--output-dir>/<experiment>``: where a command's runs keep their checkpoints and exports."""
+    """``<--out>/<experiment>``: where a command's runs keep their checkpoints and exports."""
     return Path(cfg.output_dir) / cfg.experiment_name
 
 
@@ -199,7 +216,7 @@ def read_resume_pointer(pointer: str | Path, *, what: str = "run of this experim
     pointer = Path(pointer)
     if not pointer.is_file():
         raise DomainFMError(f"nothing to resume: no earlier {what}", path=pointer,
-                            fix="drop --resume, or use the same --output-dir and --experiment as the run to continue")
+                            fix="drop --resume, or use the same --out and --experiment as the run to continue")
     info = json.loads(pointer.read_text())
     ckpt = last_checkpoint(info["checkpoint_dir"])
     if ckpt is None:
@@ -223,7 +240,8 @@ class Exported:
 def export_and_register(backbone, path: str | Path, *, meta: dict[str, str] | None = None,
                         save: Callable[[Path], Path] | None = None, artifact_dir: str = "export",
                         model_meta: dict[str, str] | None = None, log_model: bool = True,
-                        register: str | None = None, alias: str | None = None) -> Exported:
+                        register: str | None = None, alias: str | None = None,
+                        plugin: str | None = None) -> Exported:
     """The tail of every training job, in the active MLflow run:
 
     1. save the weights to ``path``: :func:`~domainfm.backbones.save_backbone` of ``backbone`` with
@@ -231,8 +249,11 @@ def export_and_register(backbone, path: str | Path, *, meta: dict[str, str] | No
        classifier with its head);
     2. log that file as an artifact under ``artifact_dir``;
     3. with ``log_model`` (or ``register``), log ``backbone`` as an MLflow model
-       (:func:`log_backbone`, its export carrying ``model_meta``);
-    4. with ``register``, register that model and point ``alias`` at the new version.
+       (:func:`log_backbone`, its export carrying ``model_meta``; any input size);
+    4. with ``register``, register that model, point ``alias`` at the new version and tag the
+       version with the story of the run (:func:`version_tags`: ``domainfm.plugin`` (``plugin``,
+       else the active run's tag), ``domainfm.training_run``, ``domainfm.data_root``,
+       ``domainfm.data_fingerprint``).
     """
     path = Path(path)
     path = save(path) if save is not None else _save_backbone(backbone, path, meta)
@@ -240,9 +261,40 @@ def export_and_register(backbone, path: str | Path, *, meta: dict[str, str] | No
     model_uri = None
     if log_model or register:
         model_uri = log_backbone(backbone, register=register, alias=alias if register else None,
-                                 extra_meta=model_meta)
+                                 extra_meta=model_meta, plugin=plugin)
     return Exported(path=path, model_uri=model_uri,
                     registered_model=f"models:/{register}@{alias}" if register else None)
+
+
+def version_tags(plugin: str | None = None) -> dict[str, str]:
+    """The tags a model version registered from the active run gets: ``domainfm.plugin``,
+    ``domainfm.training_run`` (the run id), ``domainfm.data_root`` and ``domainfm.data_fingerprint``
+    (copied from the run's tags, which :func:`run_pretraining` / :func:`run_plugin_job` set)."""
+    from domainfm.predict import DATA_FINGERPRINT_TAG, DATA_ROOT_TAG, PLUGIN_TAG, TRAINING_RUN_TAG
+
+    run_id = tracking.active_run_id()
+    run = tracking.run_tags(run_id) if run_id else {}
+    tags = {PLUGIN_TAG: plugin or run.get(PLUGIN_TAG), TRAINING_RUN_TAG: run_id,
+            DATA_ROOT_TAG: run.get(DATA_ROOT_TAG), DATA_FINGERPRINT_TAG: run.get(DATA_FINGERPRINT_TAG)}
+    return {k: str(v) for k, v in tags.items() if v}
+
+
+def data_tags(cfg: "RunConfig", plugin) -> dict[str, str]:
+    """``domainfm.data_root`` and ``domainfm.data_fingerprint`` of a run's data: ``--data`` and
+    :func:`domainfm.data.data_fingerprint` of it, else ``<plugin>:sample`` (the plugin's embedded
+    sample) and the plugin's ``sample_id`` when it has one (else its name and version)."""
+    from domainfm.data import data_fingerprint
+    from domainfm.predict import DATA_FINGERPRINT_TAG, DATA_ROOT_TAG
+
+    data = getattr(cfg, "data", None)
+    if data and Path(data).exists():
+        return {DATA_ROOT_TAG: str(Path(data).resolve()), DATA_FINGERPRINT_TAG: data_fingerprint(data)}
+    if data:  # a remote or plugin-specific name: recorded as given
+        return {DATA_ROOT_TAG: str(data)}
+    from domainfm import __version__
+
+    sample = getattr(plugin, "sample_id", None) or f"{getattr(plugin, 'name', cfg.plugin)}-sample@domainfm-{__version__}"
+    return {DATA_ROOT_TAG: f"{cfg.plugin}:sample", DATA_FINGERPRINT_TAG: str(sample)}
 
 
 def _save_backbone(backbone, path: Path, meta: dict[str, str] | None) -> Path:
@@ -252,35 +304,41 @@ def _save_backbone(backbone, path: Path, meta: dict[str, str] | None) -> Path:
 
 
 def log_backbone(backbone, *, artifact_path: str = "backbone", register: str | None = None,
-                 alias: str | None = None, input_size: int | None = None,
-                 extra_meta: dict[str, str] | None = None) -> str:
-    """Log the backbone as an MLflow model and return its URI (registered as ``register`` with
-    ``alias`` when given). An export that records its bands and statistics (``extra_meta`` from the
-    plugin) becomes a pyfunc taking raw pixels by band name (``domainfm/raw_pixels_model.py``);
-    otherwise the timm module is logged as an MLflow PyTorch model, fed ``[B, C, size, size]``
-    float32, with the safetensors export beside it (domainfm itself always reloads from that file:
-    no unpickling)."""
-    import torch
+                 alias: str | None = None, extra_meta: dict[str, str] | None = None,
+                 plugin: str | None = None) -> str:
+    """Log the backbone as an MLflow model that takes ANY spatial size and return its URI (registered
+    as ``register`` with ``alias`` when given, the version tagged with :func:`version_tags`).
 
+    Both kinds are models-from-code pyfuncs over the safetensors export (no pickle): an export that
+    records its bands and statistics (``extra_meta`` from the plugin) takes raw pixels by band name
+    (``domainfm/raw_pixels_model.py``); any other takes a normalised float32 ``[N, C, H, W]`` batch
+    (``domainfm/backbone_model.py``). Both RESIZE the input to the backbone's input size
+    (``backbone.img_size``; bilinear) and return ``[N, D]``. The MLmodel
+    metadata records ``domainfm.plugin`` (``plugin``, else the active run's tag) and
+    ``domainfm.input`` (architecture, bands, mean/std, GSD, in_chans, input size)."""
     from domainfm.backbones import InputSpec, read_metadata, save_backbone
 
-    size = input_size or backbone.img_size
+    size = int(backbone.img_size)
+    tags = version_tags(plugin) if register else {}
+    plugin = plugin or tags.get("domainfm.plugin") or (
+        tracking.run_tags(tracking.active_run_id()).get("domainfm.plugin") if tracking.active_run_id() else None)
     with tempfile.TemporaryDirectory() as tmp:
         st = save_backbone(backbone, Path(tmp) / "backbone.safetensors", extra_meta=extra_meta)
         spec = InputSpec.from_meta(read_metadata(st))
-        if spec is not None and spec.has_stats and spec.bands and len(spec.bands) == backbone.in_chans:
+        raw = spec is not None and spec.has_stats and spec.bands and len(spec.bands) == backbone.in_chans
+        described = {"architecture": backbone.name, "in_chans": int(backbone.in_chans), "size": size,
+                     "embed_dim": int(backbone.embed_dim),
+                     "takes": "raw pixels by band name" if raw else "normalised float32 [N, C, H, W]",
+                     "resize": f"bilinear to {size} x {size} inside the model"}
+        if spec is not None:
+            described.update({k: list(v) if isinstance(v, tuple) else v for k, v in
+                              (("bands", spec.bands), ("mean", spec.mean), ("std", spec.std), ("gsd_m", spec.gsd_m),
+                               ("modality", spec.modality), ("units", spec.units)) if v is not None})
+        metadata = {"domainfm.input": described, **({"domainfm.plugin": plugin} if plugin else {})}
+        common = dict(metadata=metadata, artifact_path=artifact_path, register=register, alias=alias,
+                      version_tags=tags)
+        if raw:
             return tracking.log_raw_pixels_model(Path(__file__).with_name("raw_pixels_model.py"), st,
-                                                 list(spec.bands), artifact_path=artifact_path,
-                                                 register=register, alias=alias)
-        # a batch of 2: a batch of 1 would fix the exported batch size to 1
-        example = torch.zeros(2, backbone.in_chans, size, size).numpy()
-        model = backbone.model
-        was_training = model.training
-        model.eval()
-        try:
-            return tracking.log_pytorch_model(model, input_example=example, extra_files=[st],
-                                              artifact_path=artifact_path, register=register, alias=alias,
-                                              metadata={"domainfm.plugin": extra_meta["plugin"]}
-                                              if (extra_meta or {}).get("plugin") else None)
-        finally:
-            model.train(was_training)
+                                                 list(spec.bands), embed_dim=backbone.embed_dim, **common)
+        return tracking.log_backbone_model(Path(__file__).with_name("backbone_model.py"), st, backbone.in_chans,
+                                           backbone.embed_dim, **common)

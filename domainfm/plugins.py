@@ -148,6 +148,9 @@ class PluginInfo:
     package: str
     commands: tuple[str, ...]
     error: str | None = None
+    #: the core commands (pretrain/finetune/evaluate/predict) it supports, and its own subcommands
+    core_commands: tuple[str, ...] = ()
+    own_commands: tuple[str, ...] = ()
 
 
 def _entry_points(group: str):
@@ -183,8 +186,8 @@ def available() -> list[PluginInfo]:
         package = ep.dist.name if ep.dist is not None else ep.value.split(":")[0].split(".")[0]
         try:
             p = load(name)
-            infos.append(PluginInfo(name, p.description, package, tuple(p.supported) +
-                                    tuple(c.name for c in p.commands())))
+            core, own = tuple(p.supported), tuple(c.name for c in p.commands())
+            infos.append(PluginInfo(name, p.description, package, core + own, core_commands=core, own_commands=own))
         except Exception as e:  # one broken plugin must not hide the others
             infos.append(PluginInfo(name, "", package, (), error=str(e)))
     return infos

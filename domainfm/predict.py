@@ -21,6 +21,13 @@ PLUGIN_TAG = "domainfm.plugin"
 #: Tags of a prediction or evaluation run naming the registered version it applied.
 MODEL_URI_TAG = "domainfm.model_uri"
 MODEL_VERSION_TAG = "domainfm.model_version"
+#: Tags of a registered model version: the run that trained it and the data that run saw.
+TRAINING_RUN_TAG = "domainfm.training_run"
+DATA_ROOT_TAG = "domainfm.data_root"
+DATA_FINGERPRINT_TAG = "domainfm.data_fingerprint"
+#: Prefix of the model-version tags holding an evaluation's headline metrics (``metric.run_id``:
+#: the evaluation run they come from).
+METRIC_TAG_PREFIX = "metric."
 
 
 @dataclass

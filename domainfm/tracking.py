@@ -273,28 +273,43 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params(dict(list(flat.items())[i:i + 100]))
 
 
-def log_pytorch_model(model, *, input_example: Any, extra_files: list[str | Path] = (),
-                      artifact_path: str = "backbone", register: str | None = None,
-                      alias: str | None = None, metadata: dict[str, str] | None = None) -> str:
-    """Log a torch module as an MLflow PyTorch model (MLflow exports it in its safe pt2 format) with
-    ``extra_files`` beside it; registered as ``register`` (with ``alias``) when given. Returns the
-    model URI. ``input_example``: a numpy batch; of 2 or more rows, or the export fixes the batch to 1."""
-    import mlflow
+def log_backbone_model(python_model_file: str | Path, safetensors_path: str | Path, in_chans: int, embed_dim: int,
+                       *, metadata: dict[str, Any] | None = None, artifact_path: str = "backbone",
+                       register: str | None = None, alias: str | None = None,
+                       version_tags: dict[str, str] | None = None) -> str:
+    """Log ``python_model_file`` (``domainfm/backbone_model.py``, a models-from-code pyfunc: no
+    pickle) over a safetensors backbone export: input float32 ``[N, in_chans, H, W]`` of any N, H, W
+    (TensorSpec ``(-1, in_chans, -1, -1)``; the model resizes to its input size), output ``[N,
+    embed_dim]``. ``metadata`` goes into the MLmodel file (``domainfm.plugin``, ``domainfm.input``).
+    Registered as ``register`` (with ``alias``, the version tagged ``version_tags``) when given."""
+    import warnings
 
-    info = mlflow.pytorch.log_model(model, name=artifact_path, input_example=input_example,
-                                    pip_requirements=pip_requirements(), extra_files=[str(f) for f in extra_files],
-                                    metadata=metadata)
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(in_chans), -1, -1))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(embed_dim)))]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*type hint.*")
+        info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(python_model_file),
+                                       artifacts={"backbone": str(safetensors_path)}, signature=signature,
+                                       metadata=dict(metadata or {}), pip_requirements=pip_requirements())
     if register:
-        register_model(info.model_uri, register, alias)
+        register_model(info.model_uri, register, alias, tags=version_tags)
     return info.model_uri
 
 
 def log_raw_pixels_model(python_model_file: str | Path, safetensors_path: str | Path, bands: list[str], *,
+                         embed_dim: int | None = None, metadata: dict[str, Any] | None = None,
                          artifact_path: str = "backbone", register: str | None = None,
-                         alias: str | None = None) -> str:
+                         alias: str | None = None, version_tags: dict[str, str] | None = None) -> str:
     """Log ``python_model_file`` (``domainfm/raw_pixels_model.py``) over a backbone export that
-    records its input: the pyfunc takes raw pixels as a dict of named [N, H, W] bands (``bands``,
-    the input schema) and aligns and normalises them itself (see that module)."""
+    records its input: the pyfunc takes raw pixels as a dict of named [N, H, W] bands of any N, H, W
+    (``bands``, the input schema: one optional column per band, each an array of arrays of arrays)
+    and aligns, normalises and resizes them itself (see that module); output ``[N, embed_dim]``.
+    ``metadata`` goes into the MLmodel file (``domainfm.plugin``, ``domainfm.input``)."""
     import warnings
 
     import mlflow
@@ -309,43 +324,97 @@ def log_raw_pixels_model(python_model_file: str | Path, safetensors_path: str | 
     # optional (mlflow 3.x: TensorSpec.required is always True), a ColSpec can (required=False).
     signature = ModelSignature(
         inputs=Schema([ColSpec(Array(Array(Array(DataType.double))), name=b, required=False) for b in bands]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(embed_dim) if embed_dim else -1))]))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*type hint.*")
         info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(python_model_file),
                                        artifacts={"backbone": str(safetensors_path)}, signature=signature,
-                                       pip_requirements=pip_requirements())
+                                       metadata=dict(metadata or {}), pip_requirements=pip_requirements())
     if register:
-        register_model(info.model_uri, register, alias)
+        register_model(info.model_uri, register, alias, tags=version_tags)
     return info.model_uri
 
 
 def log_pyfunc_model(python_model_file: str | Path, artifacts: dict[str, str], *, artifact_path: str,
                      input_example: Any, register: str | None = None, alias: str | None = None,
-                     extra_pip: list[str] | None = None, metadata: dict[str, Any] | None = None) -> str:
-    """Log a models-from-code pyfunc (no pickle): ``python_model_file`` calls set_model();
-    ``metadata`` goes to the MLmodel file (``{"domainfm.plugin": NAME}`` names the plugin)."""
+                     extra_pip: list[str] | None = None, metadata: dict[str, Any] | None = None,
+                     version_tags: dict[str, str] | None = None) -> str:
+    """Log a models-from-code pyfunc (no pickle): ``python_model_file`` calls set_model().
+    ``metadata`` goes into the MLmodel file (give ``domainfm.plugin`` and what the model needs to
+    be applied); ``version_tags`` tag the registered version (``jobs.version_tags(plugin)``)."""
     import mlflow
 
+    kwargs = {"metadata": dict(metadata)} if metadata else {}
     info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(python_model_file), artifacts=artifacts,
-                                   input_example=input_example, metadata=metadata,
-                                   pip_requirements=pip_requirements() + list(extra_pip or []))
+                                   input_example=input_example,
+                                   pip_requirements=pip_requirements() + list(extra_pip or []), **kwargs)
     if register:
-        register_model(info.model_uri, register, alias)
+        register_model(info.model_uri, register, alias, tags=version_tags)
     return info.model_uri
 
 
-def register_model(model_uri: str, name: str, alias: str | None = None) -> int:
+def register_model(model_uri: str, name: str, alias: str | None = None,
+                   tags: dict[str, str] | None = None) -> int:
+    """Register ``model_uri`` as a new version of ``name`` (tagged ``tags``: the plugin, the training
+    run, the data it saw), point ``alias`` at it; returns the version number."""
     import mlflow
 
     configure()
-    mv = mlflow.register_model(model_uri, name)
+    mv = mlflow.register_model(model_uri, name, tags={k: str(v)[:5000] for k, v in (tags or {}).items()} or None)
     if alias:
         set_alias(name, int(mv.version), alias)
     run = mlflow.active_run()
     if run is not None:
         mlflow.set_tag("registered_model", f"models:/{name}/{mv.version}" + (f" (@{alias})" if alias else ""))
     return int(mv.version)
+
+
+def set_version_metrics(name: str, version: str | int, metrics: dict[str, Any], run_id: str, *,
+                        prefix: str = "metric.") -> dict[str, str]:
+    """Write the scalar ``metrics`` of run ``run_id`` (an evaluation) as tags ``<prefix><name>`` of
+    model version ``name``/``version``, plus ``<prefix>run_id``; the version's earlier ``<prefix>*``
+    tags are removed first, so its tags are always the latest evaluation's. Returns the tags set."""
+    from mlflow import MlflowClient
+
+    configure()
+    client = MlflowClient()
+    mv = client.get_model_version(name, str(version))
+    for key in list((mv.tags or {})):
+        if key.startswith(prefix):
+            client.delete_model_version_tag(name, str(version), key)
+    tags = {f"{prefix}{k}": f"{float(v):.6g}" for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tags[f"{prefix}run_id"] = run_id
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, v)
+    return tags
+
+
+def search_runs_by_tag(key: str, value: str) -> list[Any]:
+    """Every run, in every experiment of the store, whose tag ``key`` is ``value`` (newest first):
+    MLflow ``Run`` objects (``info``, ``data.tags``, ``data.metrics``, ``data.params``)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    configure()
+    client = MlflowClient()
+    exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    if not exp_ids:
+        return []
+    escaped = value.replace("'", "\\'")
+    return list(client.search_runs(exp_ids, filter_string=f"tags.`{key}` = '{escaped}'", run_view_type=ViewType.ALL,
+                                   order_by=["attributes.start_time DESC"]))
+
+
+def get_run(run_id: str):
+    """The MLflow ``Run`` ``run_id`` (``info``, ``data``), or None when the store does not know it."""
+    from mlflow import MlflowClient
+
+    configure()
+    try:
+        return MlflowClient().get_run(run_id)
+    except Exception:
+        return None
 
 
 def set_alias(name: str, version: int, alias: str) -> None:
@@ -444,7 +513,7 @@ def list_registered(name: str | None = None) -> list[dict[str, Any]]:
         aliases = list(getattr(mv, "aliases", []) or [])
         created = datetime.datetime.fromtimestamp(mv.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M")
         rows.append({"name": mv.name, "version": int(mv.version), "aliases": aliases, "run_id": mv.run_id,
-                     "created": created})
+                     "created": created, "tags": dict(mv.tags or {})})
     if name and not rows:
         raise DomainFMError(f"no registered model named {name!r} at {tracking_uri()}",
                             fix="see `domainfm registry list` for the registered names")

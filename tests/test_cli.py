@@ -113,3 +113,71 @@ def test_mistakes_found_by_a_new_user_are_refused_before_any_run(mlflow_store, a
         with sqlite3.connect(db) as con:
             tables = {t for (t,) in con.execute("select name from sqlite_master where type='table'")}
             assert "runs" not in tables or con.execute("select count(*) from runs").fetchone()[0] == 0
+
+
+def _no_run_in(store_uri: str) -> bool:
+    import sqlite3
+
+    db = Path(store_uri[len("sqlite:///"):])
+    if not db.exists():
+        return True
+    with sqlite3.connect(db) as con:
+        tables = {t for (t,) in con.execute("select name from sqlite_master where type='table'")}
+        return "runs" not in tables or con.execute("select count(*) from runs").fetchone()[0] == 0
+
+
+@pytest.mark.timeout(300)
+def test_unknown_backbone_suggests_its_family_before_reading_any_data(mlflow_store, tmp_path):
+    """vit_tiny_nope once suggested convit_*; the same-prefix names come first now, and the check
+    comes before the data is looked at (the --data folder does not even exist)."""
+    r = run_cli(["pretrain", "--plugin", "eo-sar", "--init", "random", "--backbone", "vit_tiny_nope",
+                 "--data", str(tmp_path / "absent")])
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown backbone 'vit_tiny_nope' (similar: vit_tiny_"), lines
+    similar = lines[0].split("(similar: ")[1].split(")")[0].split(", ")
+    assert all(n.startswith("vit_tiny_") for n in similar) and "convit_tiny" not in similar
+    assert _no_run_in(mlflow_store)
+
+
+def test_similar_names_prefers_the_family_then_difflib():
+    from domainfm.backbones import similar_names
+
+    assert all(n.startswith("vit_small_") for n in similar_names("vit_small_patch14_dinov3"))
+    assert similar_names("resnet5O")[0].startswith("resnet")  # no family "resnet5O_": difflib's closest
+
+
+@pytest.mark.timeout(300)
+def test_img_size_not_a_multiple_of_the_patch_size_is_refused(mlflow_store):
+    r = run_cli(["pretrain", "--plugin", "eo-sar", "--init", "random", "--backbone", "vit_small_patch14_dinov2",
+                 "--img-size", "30"])
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: --img-size 30 is not a multiple of the patch size 14 of vit_small_patch14_dinov2. "
+        "Fix: use --img-size 28 or 42."]
+    assert _no_run_in(mlflow_store)
+
+
+def test_img_size_check_is_for_vits_only():
+    from domainfm.backbones import check_run_backbone
+    from domainfm.config import RunConfig
+
+    check_run_backbone(RunConfig(backbone="resnet18", img_size=30))  # a CNN takes any size
+    check_run_backbone(RunConfig(backbone="vit_tiny_patch16_224", img_size=48))
+    with pytest.raises(DomainFMError, match=r"--img-size 8 is not a multiple of the patch size 16 .* use --img-size 16\."):
+        check_run_backbone(RunConfig(backbone="vit_tiny_patch16_224", img_size=8))
+
+
+def test_plugins_shows_core_and_own_commands_apart():
+    from click.testing import CliRunner
+
+    from domainfm.cli import main
+
+    r = CliRunner().invoke(main, ["plugins"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "core commands supported" in r.output and "own commands" in r.output
+    row = next(line for line in r.output.splitlines() if line.startswith("│ histo "))
+    cells = [c.strip() for c in row.strip("│").split("│")]
+    core, own = cells[2], cells[3]
+    assert "pretrain" in core and "tile" not in core
+    assert set(own.split(", ")) >= {"tile", "embed", "heatmap"} and "pretrain" not in own

@@ -75,7 +75,7 @@ def test_pretrain_refuses_bad_data_before_any_run_or_file(bad_roots, tmp_path):
     (tmp_path / named.name).rename(named)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([str(DOMAINFM), "pretrain", "--plugin", "eo-sar", "--data", str(root), "--init", "random",
-                        "--img-size", "28", "--max-steps", "2", "--output-dir", str(tmp_path / "out")],
+                        "--img-size", "28", "--max-steps", "2", "--out", str(tmp_path / "out")],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     _assert_one_line_error(r.stderr, named)
@@ -86,7 +86,7 @@ def test_pretrain_refuses_bad_data_before_any_run_or_file(bad_roots, tmp_path):
 def test_in_chans_that_disagrees_with_the_modality_is_refused(tmp_path):
     root = make_data.write_dataset(tmp_path / "root", n_patches=2, modalities=("s1",))
     result = _invoke(["pretrain", "--plugin", "eo-sar", "--data", str(root), "--modality", "s1", "--in-chans", "13",
-                      "--init", "random", "--img-size", "28", "--output-dir", str(tmp_path / "out")])
+                      "--init", "random", "--img-size", "28", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
     line = _assert_one_line_error(result.stderr, "--in-chans")
     assert "--modality s1" in line and "2 bands" in line

@@ -277,7 +277,7 @@ def test_bad_input_is_one_named_line_and_nothing_is_overwritten(tmp_path, mlflow
 def test_bad_input_through_the_installed_command(tmp_path, mlflow_store):
     root = make_data.write_imagefolder(tmp_path / "data", train=2, val=1, size=8)
     _broken_image(root)
-    res = run_cli(["finetune", "--plugin", "sgd-ft", "--data", str(root), *TINY], cwd=tmp_path)
+    res = run_cli(["finetune", "--plugin", "sgd-ft", "--data", str(root), *TINY, "--img-size", "28"], cwd=tmp_path)
     assert res.returncode == 2
     lines = _error_lines(res.stderr)
     assert len(lines) == 1

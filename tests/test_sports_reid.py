@@ -56,7 +56,7 @@ def workdir(tmp_path_factory):
 def finetuned(workdir):
     work, root, env = workdir
     r = _invoke(["finetune", "--plugin", "sports-reid", "--data", str(root), *TRAIN_FLAGS,
-                 "--output-dir", str(work / "outputs"), "--register", "reid-test", "--json", str(work / "ft.json")], env)
+                 "--out", str(work / "outputs"), "--register", "reid-test", "--json", str(work / "ft.json")], env)
     assert r.exit_code == 0, r.stderr[-3000:]
     return json.loads((work / "ft.json").read_text())
 
@@ -159,7 +159,7 @@ def test_resume_continues_from_the_last_checkpoint(finetuned, workdir):
     work, root, env = workdir
     flags = [f if f != "50" else "56" for f in TRAIN_FLAGS]  # --max-steps 50 -> 56
     out = work / "resumed.json"
-    r = _invoke(["finetune", "--plugin", "sports-reid", "--data", str(root), *flags, "--output-dir",
+    r = _invoke(["finetune", "--plugin", "sports-reid", "--data", str(root), *flags, "--out",
                  str(work / "outputs"), "--resume", "--json", str(out)], env)
     assert r.exit_code == 0, r.stderr[-3000:]
     resumed = json.loads(out.read_text())
@@ -204,6 +204,6 @@ def test_bad_flags_fail_in_the_plugin_check_before_any_mlflow_run(workdir, finet
     assert line.startswith(f"error: {small}: ")
     # fine-tuning learns that before training, not after it
     _one_line_error(_invoke(["finetune", "--plugin", "sports-reid", "--data", str(small), "--rerank", *TRAIN_FLAGS,
-                             "--output-dir", str(tmp_path / "out")], env), "got {}".format(n_test))
+                             "--out", str(tmp_path / "out")], env), "got {}".format(n_test))
     assert not (tmp_path / "out").exists()
     assert _all_run_ids(env["MLFLOW_TRACKING_URI"]) == before

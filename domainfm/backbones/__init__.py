@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from domainfm.backbones.adapt import (PATCH_EMBED_INITS, adapt_patch_embed_weight, check_architecture,
                                       flatten_checkpoint, load_adapted, select_backbone_state, strip_prefix)
-from domainfm.backbones.factory import (backbone_name, create_backbone,
-                                        normalization_for_config)
+from domainfm.backbones.factory import (backbone_name, check_run_backbone, create_backbone,
+                                        normalization_for_config, similar_names)
 from domainfm.backbones.meta import INPUT_META_KEYS, InputSpec, read_metadata
 from domainfm.backbones.sources import (DINOV2_NAMES, IMAGENET_NORMALIZATION, PRETRAINED_INITS, TORCHGEO_PREFIX,
                                         WeightSource, input_normalization, input_spec_of, pretrained_weights_file,
@@ -32,7 +32,7 @@ _TORCH_NAMES = ("Backbone", "embedding_parameter_names", "save_backbone", "save_
 
 __all__ = [
     "PATCH_EMBED_INITS", "adapt_patch_embed_weight", "check_architecture", "flatten_checkpoint", "load_adapted",
-    "select_backbone_state", "strip_prefix", "backbone_name", "create_backbone",
+    "select_backbone_state", "strip_prefix", "backbone_name", "check_run_backbone", "create_backbone", "similar_names",
     "normalization_for_config", "INPUT_META_KEYS", "InputSpec", "read_metadata", "DINOV2_NAMES",
     "IMAGENET_NORMALIZATION", "PRETRAINED_INITS", "TORCHGEO_PREFIX", "WeightSource", "input_normalization",
     "input_spec_of", "pretrained_weights_file", "read_state_dict", "resolve_source", "source_kind",

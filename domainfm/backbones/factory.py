@@ -95,11 +95,66 @@ def _check_name(name: str, patch_embed_init: str) -> None:
 
     arch = name.split(".")[0]
     if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
+        close = similar_names(arch)
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise DomainFMError(f"unknown backbone {name!r}{hint}", fix="use a timm model name, e.g. vit_small_patch14_dinov2")
     if patch_embed_init not in PATCH_EMBED_INITS:
         raise DomainFMError(f"unknown patch_embed_init {patch_embed_init!r}", fix=f"use one of {', '.join(PATCH_EMBED_INITS)}")
+
+
+def similar_names(name: str, n: int = 5) -> list[str]:
+    """Up to ``n`` timm model names close to the unknown ``name``: first those sharing its longest
+    ``_``-separated prefix (its family: ``vit_tiny_nope`` -> ``vit_tiny_patch16_224``...), then
+    difflib's closest matches over every timm name."""
+    import difflib
+
+    import timm
+
+    names = timm.list_models()
+    parts = name.split("_")
+    out: list[str] = []
+    for k in range(len(parts) - 1, 0, -1):  # vit_tiny_, then vit_
+        prefix = "_".join(parts[:k]) + "_"
+        family = [m for m in names if m.startswith(prefix)]
+        if family:
+            out = difflib.get_close_matches(name, family, n=n, cutoff=0.0)
+            break
+    for m in difflib.get_close_matches(name, names, n=n, cutoff=0.5):
+        if len(out) < n and m not in out:
+            out.append(m)
+    return out[:n]
+
+
+def check_run_backbone(cfg: "RunConfig") -> None:
+    """Cheap checks of the backbone a training run will build, before any data is read or MLflow
+    run opened: the name is a timm model (DomainFMError suggesting the closest names), and for a
+    ViT ``cfg.img_size`` is a multiple of its patch size (the model is built on the meta device:
+    no memory, no weights). A CNN takes any size."""
+    import torch
+
+    import timm
+
+    name = backbone_name(cfg)
+    if names_weights(name):  # --backbone FILE (sgd-ft): the architecture its metadata names
+        if name.startswith("models:/"):
+            return  # checked when downloaded
+        name = resolve_source(name).architecture
+        if not name:
+            return
+    _check_name(name, cfg.patch_embed_init)
+    arch = name.split(".")[0]
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+    if not (hasattr(model, "patch_embed") and hasattr(model, "blocks")):
+        return
+    ps = model.patch_embed.patch_size
+    patch = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+    size = int(cfg.img_size)
+    if size % patch:
+        lo, hi = (size // patch) * patch, (size // patch + 1) * patch
+        near = f"{lo} or {hi}" if lo > 0 else str(hi)
+        raise DomainFMError(f"--img-size {size} is not a multiple of the patch size {patch} of {name}",
+                            fix=f"use --img-size {near}")
 
 
 def _build(name: str, src: WeightSource, *, in_chans: int, img_size: int, patch_embed_init: str,
