@@ -142,7 +142,7 @@ def heatmap_for_slide(slide: str | Path, features_file: str | Path, model_uri: s
 
     model = load_ensemble(model_uri)
     have = recipe_mod.read_recipe(features_file)
-    recipe_mod.check_features(have, model.recipe, features_file, model=f"the model")
+    recipe_mod.check_features(have, model.recipe, features_file, model="the model")
     feats, coords, attrs = read_features(features_file)
     if len(feats) == 0:
         raise DomainFMError("the slide has no tiles", path=features_file, fix="re-embed with a lower --min-tissue")
