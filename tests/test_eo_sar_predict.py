@@ -143,7 +143,7 @@ def test_sar_patch_for_an_s2_model_is_one_line_naming_the_bands(registered):
 @pytest.mark.timeout(600)
 def test_patch_at_another_pixel_size_is_one_line_naming_the_gsd(registered):
     import rasterio
-    from rasterio.transform import from_origin
+    from affine import Affine
 
     root, env, _ = registered
     data = make_data.write_dataset(root / "gsd", n_patches=1, modalities=("s2",))
@@ -151,7 +151,7 @@ def test_patch_at_another_pixel_size_is_one_line_naming_the_gsd(registered):
     coarse = root / "coarse.tif"
     with rasterio.open(src_path) as src:
         profile, pixels, desc = src.profile, src.read(), src.descriptions
-    profile.update(transform=from_origin(500_000.0, 5_000_000.0, 30.0, 30.0))
+    profile.update(transform=Affine(30.0, 0.0, 500_000.0, 0.0, -30.0, 5_000_000.0))  # 30 m pixels
     with rasterio.open(coarse, "w", **profile) as dst:
         dst.write(pixels)
         dst.descriptions = desc
