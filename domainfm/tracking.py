@@ -321,12 +321,13 @@ def log_raw_pixels_model(python_model_file: str | Path, safetensors_path: str | 
 
 def log_pyfunc_model(python_model_file: str | Path, artifacts: dict[str, str], *, artifact_path: str,
                      input_example: Any, register: str | None = None, alias: str | None = None,
-                     extra_pip: list[str] | None = None) -> str:
-    """Log a models-from-code pyfunc (no pickle): ``python_model_file`` calls set_model()."""
+                     extra_pip: list[str] | None = None, metadata: dict[str, Any] | None = None) -> str:
+    """Log a models-from-code pyfunc (no pickle): ``python_model_file`` calls set_model(); ``metadata``
+    goes to the MLmodel file (e.g. ``{"domainfm.plugin": NAME}``)."""
     import mlflow
 
     info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(python_model_file), artifacts=artifacts,
-                                   input_example=input_example,
+                                   input_example=input_example, metadata=metadata,
                                    pip_requirements=pip_requirements() + list(extra_pip or []))
     if register:
         register_model(info.model_uri, register, alias)
