@@ -133,3 +133,62 @@ def test_sar_patch_for_an_s2_classifier_is_one_line_naming_the_bands(registered)
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"error: {bad}: cannot align the patch's bands to the model's: the data bands "
                                "(VV, VH) and the model bands (B1, B2"), lines[0]
+
+
+@pytest.mark.timeout(900)
+def test_predict_registered_rgb_classifier_on_images_of_two_sizes(registered):
+    """An ImageFolder classifier (bands by position, RGB scaled to 0..1) applied to PNGs of two sizes."""
+    import torch.nn.functional as F
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from domainfm.backbones import create_backbone, read_metadata
+
+    sgd_data = load_make_data("sgd_ft")
+    root, env, _ = registered
+    data = sgd_data.write_imagefolder(root / "rgb", train=4, val=3, size=32)
+    out = root / "rgb.json"
+    r = run_cli(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", "vit_tiny_patch16_224",
+                 "--img-size", "32", "--batch-size", "8", "--init", "random", "--accelerator", "cpu", "--max-steps", "2",
+                 "--no-measure-memory", "--output-dir", str(root / "runs"), "--register", "sgd-rgb", "--json", str(out)],
+                cwd=root, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    weights = Path(json.loads(out.read_text())["weights"])
+    meta = read_metadata(weights)
+    assert json.loads(meta["classes"]) == list(sgd_data.CLASSES) and meta["task"] == "multiclass"
+    assert json.loads(meta["input_units"]) == "RGB scaled to 0..1" and "input_bands" not in meta
+
+    rng = np.random.default_rng(3)
+    images = []
+    for label, size in ((0, 40), (2, 24)):
+        path = root / "new_rgb" / f"img{size}.png"
+        path.parent.mkdir(exist_ok=True)
+        sgd_data.write_png(path, sgd_data.class_image(rng, label, bands=3, size=size, n_classes=3))
+        images.append(path)
+    r = run_cli(["predict", "--model", "models:/sgd-rgb@candidate", str(root / "new_rgb"), "--out", str(root / "rgb_pred"),
+                 "--accelerator", "cpu"], cwd=root, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with (root / "rgb_pred" / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["file"] for row in rows] == [str(p) for p in sorted(images)]
+
+    mean = torch.tensor(json.loads(meta["input_mean"]))[:, None, None]
+    std = torch.tensor(json.loads(meta["input_std"]))[:, None, None]
+    sd = load_file(str(weights))
+    backbone = create_backbone(weights).eval()
+    for row in rows:
+        pixels = torch.from_numpy(np.asarray(Image.open(row["file"]).convert("RGB"), np.float32) / 255.0).permute(2, 0, 1)
+        x = F.interpolate(pixels[None], size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+        with torch.no_grad():
+            probs = torch.softmax(backbone((x - mean) / std) @ sd["head.weight"].T + sd["head.bias"], -1)[0].numpy()
+        np.testing.assert_allclose([float(row[c]) for c in sgd_data.CLASSES], probs, atol=1e-5, rtol=0)
+        assert row["predicted"] == sgd_data.CLASSES[int(probs.argmax())]
+
+    # a 13-band GeoTIFF for this RGB model: one line naming the band count
+    bad = root / "bad13.tif"
+    sgd_data.write_geotiff(bad, np.ones((13, 16, 16), np.float32))
+    r = run_cli(["predict", "--model", "models:/sgd-rgb@candidate", str(bad), "--out", str(root / "bad13")],
+                cwd=root, env=env)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " INFO " not in ln]
+    assert r.returncode == 2 and lines == [f"error: {bad}: has 13 band(s) but the model takes 3. "
+                                           "Fix: give images with the 3 bands the model was trained on."], r.stderr
