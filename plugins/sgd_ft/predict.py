@@ -165,6 +165,13 @@ def predict(model, inputs: Sequence[str], out: Path, options: dict[str, Any]) ->
                                                                  gsd_tolerance=options.get("gsd_tolerance"))
         rows = [{"file": str(p.source.path)} for p in plans]
     else:
+        recorded = json.loads(meta["input_mean"])
+        if int(meta.get("in_chans", len(recorded))) != len(recorded):
+            bands = json.loads(meta.get("input_bands", "null")) or []
+            raise DomainFMError(f"the model takes {meta['in_chans']} bands but was fine-tuned on {len(recorded)}-band "
+                                f"images ({', '.join(bands) or 'by position'}) aligned to its backbone; predict does "
+                                "not align images to it", path=model.uri,
+                                fix="fine-tune on GeoTIFF patches with the backbone's named bands to predict with it")
         data = FolderImages(image_files(inputs), meta)
         rows = [{"file": str(f)} for f in data.files]
     click.echo(f"sgd-ft: {len(rows)} input(s) -> {task} classifier over {len(classes)} classes "
