@@ -117,6 +117,12 @@ def test_predict_registered_backbone_on_patches_of_two_sizes(registered):
     assert run.data.tags["domainfm.model_version"] == f"{NAME}/1"
     assert run.data.tags["domainfm.plugin"] == "eo-sar"
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}
+    # the registered MLflow model's own weights name their plugin and input too
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{NAME}@champion"))
+    registered_meta = read_metadata(next(local.rglob("backbone.safetensors")))
+    assert registered_meta["plugin"] == "eo-sar" and registered_meta["input_units"] == '"reflectance x 10000"'
+    assert json.loads(registered_meta["input_gsd_m"]) == 10.0 and registered_meta["img_size"] == "28"
     assert logged == {"predictions/embeddings.npy", "predictions/predictions.csv"}
 
 

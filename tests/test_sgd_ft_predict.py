@@ -100,6 +100,17 @@ def test_predict_registered_classifier_on_patches_of_two_sizes(registered):
     for row, s in zip(rows, expected):
         assert row["predicted"] == ";".join(c for c, v in zip(CLASS_NAMES, s) if v >= 0.5)
 
+    # the registered pyfunc takes raw pixels [N, C, H, W] (recorded band order and units), any size
+    import rasterio
+
+    with rasterio.open(p64) as src:
+        raw = src.read().astype(np.float32)
+    assert (raw != 0).all()  # p00 has no nodata corner: raw pixels and the patch reader agree
+    pyfunc = mlflow.pyfunc.load_model(str(local))
+    frame = pyfunc.predict(raw[None])
+    assert list(frame.columns) == list(CLASS_NAMES)
+    np.testing.assert_allclose(frame.to_numpy()[0], expected[0], atol=1e-5, rtol=0)
+
     run = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_run(
         json.loads((root / "p.json").read_text())["mlflow_run_id"])
     assert run.data.tags["domainfm.model_version"] == f"{NAME}/1"
