@@ -171,3 +171,23 @@ def test_patch_at_another_pixel_size_is_one_line_naming_the_gsd(registered):
                  "--gsd-tolerance", "2.5", "--accelerator", "cpu"], cwd=root, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert np.load(root / "ok2" / "embeddings.npy").shape[0] == 1
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("drop, setting", [("input_units", "records no units of its statistics (input_units)"),
+                                           ("input_mean", "records no normalisation statistics for its bands "
+                                                          "(input_mean/input_std)")])
+def test_model_missing_units_or_statistics_is_one_line(tmp_path, drop, setting):
+    """A backbone file whose metadata lacks what applying it takes is refused before any pixel is read."""
+    from domainfm.backbones import InputSpec, create_backbone, save_backbone
+    from plugins.eo_sar.bands import S2_L1C_BANDS
+
+    spec = InputSpec(bands=S2_L1C_BANDS, mean=(1000.0,) * 13, std=(500.0,) * 13, modality="s2", gsd_m=10.0,
+                     units="reflectance x 10000").to_meta()
+    spec.pop(drop)
+    weights = save_backbone(create_backbone("resnet18", in_chans=13, img_size=32, init="random"),
+                            tmp_path / "bare.safetensors", extra_meta={"plugin": "eo-sar", **spec})
+    patch = make_data.write_dataset(tmp_path / "d", n_patches=1, modalities=("s2",)) / "s2" / "p00.tif"
+    r = run_cli(["predict", "--model", str(weights), str(patch), "--out", str(tmp_path / "out")], cwd=tmp_path,
+                env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert _one_error_line(r).startswith(f"error: {weights}: the model {setting}. Fix: use a backbone exported by")
