@@ -109,7 +109,7 @@ def run_pretraining(cfg: "RunConfig", plugin) -> dict[str, Any] | None:
         input_meta = plugin.export_metadata(cfg, datamodule)
         exported = export_and_register(final, run_dir(cfg) / run_id / "backbone.safetensors",
                                        meta={"mlflow_run_id": run_id, "plugin": str(cfg.plugin), **input_meta},
-                                       model_meta=input_meta, register=cfg.register, alias=cfg.alias)
+                                       model_meta={"plugin": str(cfg.plugin), **input_meta}, register=cfg.register, alias=cfg.alias)
 
         # 5. what the run reports
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss/")}

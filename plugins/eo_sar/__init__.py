@@ -28,6 +28,8 @@ class EOSARPlugin(Plugin):
     def options(self, command: str) -> list:
         import click
 
+        if command == "predict":
+            return predict_options()
         if command not in ("pretrain", "evaluate"):
             return []
         opts = [
@@ -183,6 +185,29 @@ class EOSARPlugin(Plugin):
 
         return plan_band_alignment(have, want)
 
+    # -- predict ----------------------------------------------------------------------------------
+
+    def predict(self, model, inputs, out, options) -> dict[str, Any]:
+        """``domainfm predict`` of an eo-sar backbone: embeddings of GeoTIFF patches (see
+        :mod:`plugins.eo_sar.predict`)."""
+        from plugins.eo_sar.predict import predict
+
+        return predict(model, inputs, out, options)
+
+    def patches_for_model(self, inputs, spec, size: int, *, gsd_tolerance: float | None = None,
+                          s2_harmonize: str = "auto", s1_units: str = "db"):
+        """GeoTIFF patches (files, folders, per-band folders) read for a model that records ``spec``
+        (an InputSpec with Sentinel-1/2 band names): a dataset of ``{"image": float32 [C, size,
+        size]}`` (normalised with ``spec``'s statistics, aligned by band name, resized) and the
+        per-patch plans (``.source.path``, ``.height``, ``.width``, ``.plan.alignment``). Every
+        patch is checked first (see :func:`plugins.eo_sar.predict.plan_patch`)."""
+        from plugins.eo_sar.predict import GSD_TOLERANCE, PreparedPatches, check_spec, find_patches, plan_patch
+
+        check_spec(spec, spec.source if spec is not None else "the model")
+        tol = GSD_TOLERANCE if gsd_tolerance is None else float(gsd_tolerance)
+        plans = [plan_patch(s, spec, gsd_tolerance=tol) for s in find_patches(inputs)]
+        return PreparedPatches(plans, size, s2_harmonize=s2_harmonize, s1_units=s1_units), plans
+
     # -- evaluation and extra commands ------------------------------------------------------------
 
     def evaluate(self, cfg) -> dict[str, Any]:
@@ -194,6 +219,25 @@ class EOSARPlugin(Plugin):
         from plugins.eo_sar.commands import check_command, embed_command, plot_command, sample_command
 
         return [check_command, plot_command, sample_command, embed_command]
+
+
+def predict_options() -> list:
+    """``domainfm predict`` flags of an eo-sar model (bands, statistics, size and GSD come from the model)."""
+    import click
+
+    return [
+        click.Option(["--batch-size"], type=click.IntRange(min=1), default=16, show_default=True,
+                     help="Patches per forward pass."),
+        click.Option(["--accelerator"], type=click.Choice(("auto", "cpu", "gpu")), default="auto", show_default=True),
+        click.Option(["--precision"], type=click.Choice(("32-true", "bf16-mixed", "16-mixed")), default="32-true",
+                     show_default=True, help="bf16-mixed autocasts on CPU or GPU; 16-mixed on GPU only."),
+        click.Option(["--gsd-tolerance"], type=click.FloatRange(0.0, min_open=True), default=0.25, show_default=True,
+                     help="A patch whose pixel size differs from the model's GSD by more than this fraction is refused."),
+        click.Option(["--s2-harmonize"], type=click.Choice(("auto", "on", "off")), default="auto", show_default=True,
+                     help="Sentinel-2 baseline >= 04.00 (+1000 DN): auto subtracts 1000 where a file declares it."),
+        click.Option(["--s1-units"], type=click.Choice(("db", "linear")), default="db", show_default=True,
+                     help="Units of Sentinel-1 files: db, or linear power (converted with 10*log10)."),
+    ]
 
 
 def layout_options(command: str) -> list:

@@ -65,6 +65,7 @@ class EOSARMultilabelDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.root = Path(root)
+        self.modality = modality
         bands = len(MODALITY_BANDS[modality])
         if in_chans is not None and in_chans != bands:
             raise DomainFMError(f"--in-chans {in_chans} does not match the data: {modality} patches have {bands} bands",
@@ -116,6 +117,21 @@ class EOSARMultilabelDataModule(L.LightningDataModule):
     @property
     def std(self) -> tuple[float, ...]:
         return tuple(self.patches.stats.std)
+
+    @property
+    def gsd_m(self) -> float:
+        """Ground sampling distance of the patches in metres (Sentinel-1/2 at 10 m)."""
+        from plugins.eo_sar.bands import MODALITY_GSD_M
+
+        return MODALITY_GSD_M[self.modality]
+
+    @property
+    def units(self) -> str:
+        """Units of :attr:`mean`/:attr:`std` (reflectance x 10000 for Sentinel-2, dB for Sentinel-1)."""
+        from plugins.eo_sar.bands import sensor_of
+        from plugins.eo_sar.normalization import UNITS
+
+        return UNITS[sensor_of(self.modality)]
 
     def use_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Normalise with ``mean``/``std`` (one value per band, in :attr:`bands` order) from now on."""

@@ -24,6 +24,20 @@ class SGDFinetunePlugin(Plugin):
     def options(self, command: str) -> list:
         import click
 
+        if command == "predict":
+            return [
+                click.Option(["--batch-size"], type=click.IntRange(min=1), default=16, show_default=True,
+                             help="Inputs per forward pass."),
+                click.Option(["--accelerator"], type=click.Choice(("auto", "cpu", "gpu")), default="auto",
+                             show_default=True),
+                click.Option(["--precision"], type=click.Choice(("32-true", "bf16-mixed", "16-mixed")),
+                             default="32-true", show_default=True,
+                             help="bf16-mixed autocasts on CPU or GPU; 16-mixed on GPU only."),
+                click.Option(["--gsd-tolerance"], type=click.FloatRange(0.0, min_open=True), default=0.25,
+                             show_default=True,
+                             help="Sentinel-1/2 classifiers: a patch whose pixel size differs from the model's GSD "
+                                  "by more than this fraction is refused."),
+            ]
         if command != "finetune":
             return []
         return [
@@ -88,6 +102,13 @@ class SGDFinetunePlugin(Plugin):
         from plugins.sgd_ft.jobs import finetune
 
         return finetune(cfg)
+
+    def predict(self, model, inputs, out, options) -> dict[str, Any]:
+        """``domainfm predict`` of a fine-tuned classifier: one score per class per input (see
+        :mod:`plugins.sgd_ft.predict`)."""
+        from plugins.sgd_ft.predict import predict
+
+        return predict(model, inputs, out, options)
 
 
 plugin = SGDFinetunePlugin()

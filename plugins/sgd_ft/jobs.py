@@ -9,7 +9,6 @@ its own sweep when ``--lr-sweep`` is given, and writes the table of the three
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +23,10 @@ def finetune(cfg) -> dict[str, Any]:
     """Build the data, fit it to the backbone's bands, train one arm (or sweep, or compare three),
     save and log the winning classifier; returns the run's metrics."""
     from domainfm import tracking
-    from domainfm.jobs import export_and_register
     from plugins.sgd_ft.datamodule import build_datamodule
     from plugins.sgd_ft.inputs import match_backbone_bands
     from plugins.sgd_ft.memory import MemoryMeter
+    from plugins.sgd_ft.saved import classifier_metadata, log_classifier, save_classifier
 
     # core flags this plugin does not implement: refuse them rather than silently ignore them
     if cfg.resume:
@@ -46,13 +45,13 @@ def finetune(cfg) -> dict[str, Any]:
     else:
         metrics, model = run_arm(cfg, dm, arm_of(cfg), lrs, meter)
         metrics["arm"] = arm_of(cfg).name
+    # the classifier records what applying it takes: classes, input bands, statistics, size, plugin
+    meta = classifier_metadata(model, cfg, dm)
     out = Path(cfg.output_dir) / cfg.experiment_name / tracking.active_run_id() / "finetuned.safetensors"
-    exported = export_and_register(model.backbone, out, artifact_dir="model", log_model=False,
-                                   save=lambda p: save_classifier(model, p, classes=dm.classes,
-                                                                  backbone_name=model.backbone.name, task=dm.task),
-                                   register=cfg.register, alias=cfg.alias)
+    tracking.log_artifact(save_classifier(model, out, meta), "model")
     if cfg.register:
-        metrics["registered_model_uri"] = exported.model_uri
+        metrics["registered_model_uri"] = log_classifier(model, meta, register=cfg.register, alias=cfg.alias)
+        metrics["registered_model"] = f"models:/{cfg.register}@{cfg.alias}"
     metrics["weights"] = str(out)
     # how many samples each split held (a standard layout's official splits, or the seeded 60/20/20)
     metrics.update({f"n_{s}": len(getattr(dm, f"{s}_set")) for s in ("train", "val", "test")
@@ -212,15 +211,3 @@ def compare(cfg, dm, lrs: list[float], meter: MemoryMeter) -> tuple[dict[str, An
     tracking.log_figure(compare_figure(rows), "plots/compare.png")
     tracking.set_tags({"sgd_ft.winner": winner.name})
     return out, models[winner.name]
-
-
-# ---------------------------------------------------------------- outputs
-
-def save_classifier(model, path: Path, *, classes: list[str], backbone_name: str, task: str) -> Path:
-    """The fine-tuned weights (backbone + head) as safetensors, written under a temporary name
-    and renamed so an interrupted save never leaves a half file."""
-    from domainfm.backbones import save_weights
-
-    meta = {"domainfm_name": backbone_name, "task": task, "classes": json.dumps(classes)}
-    return save_weights(model.state_dict(), path, meta)
-
