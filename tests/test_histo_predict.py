@@ -82,6 +82,9 @@ def test_registered_model_records_its_recipe_and_predict_equals_embed_then_pyfun
     client = MlflowClient(tracking_uri=mlflow_store)
     mv = client.get_model_version_by_alias("histo-her2", "champion")
     assert client.get_run(registered["mlflow_run_id"]).data.tags["domainfm.plugin"] == "histo"
+    # the registry's lineage: the version names its plugin and the run that trained it
+    assert mv.tags["domainfm.plugin"] == "histo"
+    assert mv.tags["domainfm.training_run"] == registered["mlflow_run_id"]
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/histo-her2@champion",
                                                      tracking_uri=mlflow_store))
     assert yaml.safe_load((local / "MLmodel").read_text())["metadata"] == {"domainfm.plugin": "histo"}

@@ -115,6 +115,8 @@ def test_predict_registered_classifier_on_patches_of_two_sizes(registered):
         json.loads((root / "p.json").read_text())["mlflow_run_id"])
     assert run.data.tags["domainfm.model_version"] == f"{NAME}/1"
     assert run.data.tags["domainfm.plugin"] == "sgd-ft"
+    version = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_model_version(NAME, "1")
+    assert version.tags["domainfm.plugin"] == "sgd-ft" and version.tags["domainfm.training_run"]
 
     # the classifier's own file applies the same way
     r = run_cli(["predict", "--model", str(weights), str(p48), "--out", str(root / "pred_file"),

@@ -244,9 +244,12 @@ def register_ensemble(bags, states, train, *, model_name, target, register_name,
     with warnings.catch_warnings():
         # MLflow asks for type hints on predict(); its hints cannot express "a float32 [N, D] array"
         warnings.filterwarnings("ignore", message=".*type hints.*")
+        from domainfm import jobs
+
         model_uri = tracking.log_pyfunc_model(Path(pyfunc_model.__file__), artifacts, artifact_path="ensemble",
                                               input_example=example, register=name, alias=alias,
-                                              extra_pip=["numpy", "pandas"], metadata={"domainfm.plugin": "histo"})
+                                              extra_pip=["numpy", "pandas"], metadata={"domainfm.plugin": "histo"},
+                                              version_tags=jobs.version_tags("histo"))
     return model_uri, name
 
 

@@ -89,7 +89,7 @@ def log_classifier(model, meta: dict[str, str], *, register: str | None = None, 
     ``register`` with ``alias`` when given; returns the model URI."""
     import tempfile
 
-    from domainfm import tracking
+    from domainfm import jobs, tracking
     from domainfm.backbones import save_backbone, save_weights
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,7 +99,8 @@ def log_classifier(model, meta: dict[str, str], *, register: str | None = None, 
         return tracking.log_pyfunc_model(Path(__file__).with_name("classifier_model.py"),
                                          {"backbone": str(backbone), "head": str(head)}, artifact_path="model",
                                          input_example=None, register=register, alias=alias,
-                                         metadata={"domainfm.plugin": PLUGIN})
+                                         metadata={"domainfm.plugin": PLUGIN},
+                                         version_tags=jobs.version_tags(PLUGIN) if register else None)
 
 
 def classifier_files(local: Path, uri: str) -> tuple[Path, Path]:
