@@ -40,10 +40,12 @@ class MonitorData:
 
 
 def held_out_indices(labelled: Sequence[int], fraction: float, *, groups: Sequence[Any] | None = None,
-                     seed: int = 0, minimum: int = MIN_HELD_OUT) -> list[int]:
+                     seed: int = 0, minimum: int = MIN_HELD_OUT, min_groups: int = 1) -> list[int]:
     """The samples (from ``labelled``, indices into the data) held out from pretraining: whole
     groups drawn at random (``seed``) until ``fraction`` of the labelled samples (at least
-    ``minimum``) are in; never every group (pretraining keeps at least one). Sorted.
+    ``minimum``) and at least ``min_groups`` groups are in (2 where the k-NN leaves a sample's own
+    group out: one group alone would have no neighbours); never every group (pretraining keeps at
+    least one). Sorted.
 
     ``groups`` aligns with ``labelled`` (None: every sample a group of its own)."""
     import numpy as np
@@ -63,11 +65,13 @@ def held_out_indices(labelled: Sequence[int], fraction: float, *, groups: Sequen
     rng = np.random.default_rng(seed)
     want = max(minimum, int(round(fraction * len(labelled))))
     out: list[int] = []
+    taken = 0
     for gi in rng.permutation(len(order)):
-        if len(out) >= want or len(out) + len(by_group[order[gi]]) >= len(labelled):
+        if (len(out) >= want and taken >= min_groups) or len(out) + len(by_group[order[gi]]) >= len(labelled):
             break
         out.extend(by_group[order[gi]])
-    return sorted(out)
+        taken += 1
+    return sorted(out) if taken >= min_groups else []
 
 
 def resolve_every(val_every: int | None, total_steps: int) -> int:

@@ -73,6 +73,10 @@ def test_held_out_split_keeps_groups_together_and_leaves_pretraining_data():
     assert held_out_indices(labelled, 0.3, seed=1) != held_out_indices(labelled, 0.3, seed=2)
     assert len(held_out_indices(list(range(10)), 0.1)) == 4  # at least 4
     assert held_out_indices([0, 1, 2], 0.5, groups=[7, 7, 7]) == []  # one group: nothing to hold out
+    # min_groups: one group of 8 reaches the fraction, but two groups are asked for
+    big = [0] * 8 + [1] * 4 + [2] * 4
+    assert len({big[i] for i in held_out_indices(range(16), 0.25, groups=big, seed=0, min_groups=2)}) == 2
+    assert held_out_indices(range(4), 0.25, groups=[0, 0, 1, 1], min_groups=2) == []  # would take every group
     with pytest.raises(DomainFMError, match="--val-fraction must be in"):
         held_out_indices(labelled, 1.0)
 

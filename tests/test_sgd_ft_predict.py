@@ -130,7 +130,9 @@ def test_predict_registered_classifier_on_patches_of_two_sizes(registered):
 def _download(env, uri: str) -> Path:
     import mlflow
 
+    # both: an earlier test in the same process may have pointed the registry elsewhere
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(env["MLFLOW_TRACKING_URI"])
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
 
 

@@ -44,7 +44,8 @@ class HistoPlugin(Plugin):
                          help="µm/px of slides that carry none: a number, or a CSV slide_id,mpp."),
             click.Option(["--tile-labels"], default=None,
                          help="CSV slide_id,x,y,<label columns 0/1>: multi-labelled tiles for the soft "
-                              "contrastive loss (tiles are then sampled from this list only)."),
+                              "contrastive loss (tiles are then sampled from this list only); an optional "
+                              "patient_id column groups slides for the health monitor's held-out split."),
             click.Option(["--tiles-per-epoch"], type=int, default=1024, show_default=True,
                          help="Tiles drawn (at random, over all slides) per epoch."),
         ]
@@ -61,6 +62,13 @@ class HistoPlugin(Plugin):
         from plugins.histo.predict import predict
 
         return predict(model, inputs, out, options)
+
+    def monitor_dataset(self, cfg, datamodule):
+        """Labelled tiles of whole held-out slides (or patients) for the health monitor: see
+        :mod:`plugins.histo.monitor`."""
+        from plugins.histo.monitor import monitor_dataset
+
+        return monitor_dataset(cfg, datamodule)
 
     def commands(self) -> list[Any]:
         from plugins.histo.commands import commands

@@ -55,7 +55,7 @@ def read_tile_labels(path: str | Path) -> tuple[list[str], dict[str, list[tuple[
         raise DomainFMError("tile labels CSV not found", path=path, fix="give a CSV slide_id,x,y,<label columns>")
     fix = "write a header like slide_id,x,y,tumor,stroma,necrosis"
     rows = read_csv_rows(path, ("slide_id", "x", "y"), what="tile labels CSV", fix=fix)
-    names = [f for f in rows.columns if f not in ("slide_id", "x", "y")]
+    names = [f for f in rows.columns if f not in ("slide_id", "x", "y", "patient_id")]  # patient: a group
     if not names:
         raise DomainFMError("tile labels need at least one label column besides slide_id,x,y", path=path, fix=fix)
     out: dict[str, list] = {}
