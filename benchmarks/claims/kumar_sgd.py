@@ -74,7 +74,7 @@ def main() -> None:
                         "--init", "random", "--img-size", 32, "--batch-size", 8, "--max-steps", args.steps,
                         "--val-every", 20, "--lr-sweep", args.lrs, "--compare", "--no-measure-memory",
                         "--checkpoint-every", 1000, "--seed", seed, "--accelerator", "cpu",
-                        "--output-dir", work / "outputs"], json_out=work / f"m{seed}.json")
+                        "--out", work / "outputs"], json_out=work / f"m{seed}.json")
         for k in res:
             res[k].append(m[k])
         print(f"seed {seed}: " + ", ".join(f"{a} val {m[f'{a}/val_accuracy']:.3f} shifted {m[f'{a}/accuracy']:.3f}"

@@ -38,7 +38,7 @@ def main() -> None:
         m = common.cli(["finetune", "--plugin", "sports-reid", "--data", root, "--backbone", "test_resnet", "--init", "random",
                         "--img-size", 32, "--batch-size", 8, "--max-steps", args.steps, "--lr", "3e-3",
                         "--warmup-steps", 5, "--checkpoint-every", 1000, "--seed", seed, "--accelerator", "cpu",
-                        "--output-dir", work / "outputs"], json_out=work / f"ft{seed}.json")
+                        "--out", work / "outputs"], json_out=work / f"ft{seed}.json")
         for k in res:
             res[k].append(m[k])
         print(f"seed {seed}: mAP {m['mAP']:.3f} (zero-shot {m['zero_shot_mAP']:.3f}), rank-1 {m['rank1']:.3f} "
