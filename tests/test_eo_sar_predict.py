@@ -28,7 +28,7 @@ def registered(tmp_path_factory):
     out = root / "pretrain.json"
     r = run_cli(["pretrain", "--plugin", "eo-sar", "--data", str(train), "--init", "random",
                  "--backbone", "vit_small_patch14_dinov2", "--img-size", "28", "--max-steps", "1", "--batch-size", "4",
-                 "--proj-dim", "16", "--accelerator", "cpu", "--output-dir", str(root / "runs"), "--register", NAME,
+                 "--proj-dim", "16", "--accelerator", "cpu", "--out", str(root / "runs"), "--register", NAME,
                  "--json", str(out)], cwd=root, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_cli(["registry", "promote", NAME, "1", "--alias", "champion"], cwd=root, env=env)

@@ -30,7 +30,7 @@ def registered(tmp_path_factory):
     out = root / "m.json"
     r = run_cli(["finetune", "--plugin", "sgd-ft", "--task", "multilabel", "--modality", "s2", "--data", str(data),
                  "--backbone", "vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "8", "--init", "random",
-                 "--accelerator", "cpu", "--max-steps", "2", "--no-measure-memory", "--output-dir", str(root / "runs"),
+                 "--accelerator", "cpu", "--max-steps", "2", "--no-measure-memory", "--out", str(root / "runs"),
                  "--register", NAME, "--json", str(out)], cwd=root, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return root, env, json.loads(out.read_text())
@@ -165,7 +165,7 @@ def test_predict_registered_rgb_classifier_on_images_of_two_sizes(registered):
     out = root / "rgb.json"
     r = run_cli(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", "vit_tiny_patch16_224",
                  "--img-size", "32", "--batch-size", "8", "--init", "random", "--accelerator", "cpu", "--max-steps", "2",
-                 "--no-measure-memory", "--output-dir", str(root / "runs"), "--register", "sgd-rgb", "--json", str(out)],
+                 "--no-measure-memory", "--out", str(root / "runs"), "--register", "sgd-rgb", "--json", str(out)],
                 cwd=root, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     weights = Path(json.loads(out.read_text())["weights"])

@@ -52,7 +52,7 @@ def registered(tmp_path_factory):
     root = make_data.make_mmsports(work / "data", train_players=8, test_players=6, frames=5, challenge_players=2)
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
     r = _invoke(["finetune", "--plugin", "sports-reid", "--data", str(root), *TRAIN_FLAGS,
-                 "--output-dir", str(work / "outputs"), "--register", NAME, "--json", str(work / "ft.json")], env)
+                 "--out", str(work / "outputs"), "--register", NAME, "--json", str(work / "ft.json")], env)
     assert r.exit_code == 0, r.stderr[-3000:]
     r = _invoke(["registry", "promote", NAME, "1", "--alias", "champion"], env)
     assert r.exit_code == 0, r.stderr[-3000:]
