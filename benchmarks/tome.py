@@ -13,7 +13,7 @@ Offline there are no DINOv2 weights: the encoder is a random-init DINOv2 archite
 LayerScale factors (1e-5 at init, which makes every block nearly the identity and merging free)
 are set to --layer-scale, an order of magnitude of trained models. Speed does not depend on the
 weights; cosine and AUC do, so re-measure them with --weights on real weights. On cuda the
-forward runs under bf16 autocast.
+forward runs under bf16 autocast (on cpu with ``--precision bf16-mixed``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+BF16_ON_CPU = False  # --precision bf16-mixed on cpu (set in main)
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -78,8 +79,8 @@ def features(backbone, tiles, device, batch_size: int):
         for i in range(0, len(tiles), batch_size):
             x = torch.from_numpy(tiles[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
             x = (x - mean) / std
-            if device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+            if device.type == "cuda" or BF16_ON_CPU:
+                with torch.autocast(device.type, dtype=torch.bfloat16):
                     out.append(backbone(x).float().cpu())
             else:
                 out.append(backbone(x).float().cpu())
@@ -191,7 +192,10 @@ def main() -> None:
     ap.add_argument("--weights", default=None, help="A domainfm export of real weights (ViT-B/14 architecture).")
     ap.add_argument("--layer-scale", type=float, default=0.5, help="LayerScale of the random encoder.")
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--auc-r", type=int, default=None, help="r of the merged cohort (default: every r; quick: 16).")
+    ap.add_argument("--auc-r", default=None,
+                    help="Comma-separated r of the merged cohorts (default: every r; quick: 16).")
+    ap.add_argument("--precision", default=None, choices=("32-true", "bf16-mixed"),
+                    help="Forward precision (default: bf16-mixed on cuda, 32-true on cpu).")
     ap.add_argument("--skip-auc", action="store_true", help="Speed and cosine only (no MLflow or MIL training).")
     ap.add_argument("--json", default=None, help="Write the figures here.")
     args = ap.parse_args()
@@ -199,6 +203,8 @@ def main() -> None:
     import torch
 
     device = torch.device(args.device)
+    global BF16_ON_CPU
+    BF16_ON_CPU = device.type == "cpu" and args.precision == "bf16-mixed"
     args.rs = [int(r) for r in (args.rs or ("8,16" if args.quick else "4,8,12,16")).split(",")]
     args.batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
     args.reps = 1 if args.quick and device.type == "cpu" else 3
@@ -213,7 +219,7 @@ def main() -> None:
     rows = []
     for name in models:
         rows += speed_and_cosine(name, args, device, tiles)
-    auc_rs = [args.auc_r] if args.auc_r is not None else ([16] if args.quick else args.rs)
+    auc_rs = [int(r) for r in args.auc_r.split(",")] if args.auc_r is not None else ([16] if args.quick else args.rs)
     aucs = {} if args.skip_auc else cohort_auc("vit_base_patch14_dinov2", args, device, [0] + auc_rs)
     print("\n| model | r | tiles/s | speed-up | cosine to unmerged | external AUC |")
     print("|---|---|---|---|---|---|")
@@ -222,7 +228,7 @@ def main() -> None:
         print(f"| {row['model']} | {row['r']} | {row['tiles_per_s']:.2f} | {row['speedup']:.2f}x | {row['cosine']:.4f} | "
               f"{'' if auc is None else f'{auc:.3f}'} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": args.device, "rows": rows, "external_auc": aucs}, indent=2))
+        Path(args.json).write_text(json.dumps({"device": args.device, "precision": args.precision, "rows": rows, "external_auc": aucs}, indent=2))
 
 
 if __name__ == "__main__":
