@@ -188,61 +188,78 @@ def _read_all(path):
         return src.read(), src.transform, src.crs, src.nodata, src.profile["blockysize"]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_two_processes_equal_one_and_resume_only_missing_rows(files, tmp_path, mlflow_store):
-    """--devices 2: two CPU processes under Lightning's launcher (gloo) share the tile rows; the
-    GeoTIFF rank 0 assembles equals the single-process one (data, transform, CRS, nodata) with the
-    --dims projection fitted once. Then a run stopped early leaves rows behind, one finished row is
-    cut short and a writer's temp file is left over: the rerun computes exactly the rows missing."""
+# stride 7: ceil((300 - 28) / 7) + 1 = 40 window rows -> 3 tile rows of 16 (16, 16, 8), 35 columns
+SHARD_ARGS = ["--window", str(W), "--stride", "7", "--batch-size", "16", "--dims", "4", "--pca-windows", "40",
+              "--accelerator", "cpu"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # the same arithmetic in every process
+
+
+def _embed_cli(files, out, *extra):
     from tests.conftest import run_cli
 
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # the same arithmetic in every process
-    # stride 7: ceil((300 - 28) / 7) + 1 = 40 window rows -> 3 tile rows of 16 (16, 16, 8)
-    base = [str(files["scene"]), "--model", str(files["model"]), "--window", str(W), "--stride", "7",
-            "--batch-size", "8", "--dims", "4", "--pca-windows", "40", "--accelerator", "cpu"]
-    r = run_cli(["eo-sar", "embed", *base, "--out", str(tmp_path / "one")], env=env, timeout=400)
+    return run_cli(["eo-sar", "embed", str(files["scene"]), "--model", str(files["model"]), *SHARD_ARGS,
+                    "--out", str(out), *extra], env=ONE_THREAD, timeout=800)
+
+
+@pytest.fixture(scope="module")
+def one_process(files, tmp_path_factory):
+    """The single-process output of the sharded tests' settings."""
+    out = tmp_path_factory.mktemp("one_process")
+    r = _embed_cli(files, out)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli(["eo-sar", "embed", *base, "--out", str(tmp_path / "two"), "--devices", "2"], env=env, timeout=400)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_processes_write_what_one_process_writes(files, one_process, tmp_path, mlflow_store):
+    """--devices 2: two CPU processes under Lightning's launcher (gloo) share the tile rows; the
+    GeoTIFF rank 0 assembles equals the single-process one (data, transform, CRS, nodata, tiling), the
+    --dims projection fitted once by rank 0; one MLflow run, opened by rank 0."""
+    import mlflow
+
+    r = _embed_cli(files, tmp_path / "two", "--devices", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "scene.tif: tile rows computed [0, 1, 2] by 2 processes, 0 of 3 already done" in r.stderr
-    one, two = _read_all(tmp_path / "one" / "scene_embedding.tif"), _read_all(tmp_path / "two" / "scene_embedding.tif")
+    one = _read_all(one_process / "scene_embedding.tif")
+    two = _read_all(tmp_path / "two" / "scene_embedding.tif")
     assert one[0].shape == (4, 40, 35)
     np.testing.assert_array_equal(one[0], two[0])  # NaN nodata in the same places, every value equal
-    assert one[1] == two[1] == Affine(70.0, 0.0, 500_070.0, 0.0, -70.0, 4_999_930.0)  # 7 px, shifted by 10.5 px
+    assert one[1] == two[1] == Affine(70.0, 0.0, 500_105.0, 0.0, -70.0, 4_999_895.0)  # 7 px, centred: + (28 - 7) / 2 px
     assert one[2] == two[2] and two[2].to_epsg() == 32632
     assert np.isnan(one[3]) and np.isnan(two[3]) and one[4] == two[4] == 16
     for name in ("scene_embedding.pca.npz", "scene_embedding.pca.json"):
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+        assert (one_process / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
         "scene_embedding.pca.json", "scene_embedding.pca.npz", "scene_embedding.preview.png", "scene_embedding.tif"]
-    import mlflow
-
     runs = mlflow.search_runs(experiment_names=["domainfm-eo-sar"], output_format="list")
-    assert len(runs) == 2  # one run per command: the worker process opened none
-    assert {run.data.metrics.get("tile_rows_computed") for run in runs} == {None, 3.0}
+    assert len(runs) == 1 and runs[0].data.metrics["tile_rows_computed"] == 3.0  # the worker opened no run
 
-    # killed: each rank stopped after one of its rows (rank 0 has rows 0 and 2, rank 1 row 1)
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_rerun_computes_only_the_rows_a_dead_process_left(files, one_process, tmp_path, mlflow_store):
+    """A run stopped early leaves rows behind, one finished row is then cut short and a writer's temp
+    file is left over: the rerun computes exactly the rows missing and gives the same GeoTIFF."""
     res = tmp_path / "resume"
-    r = run_cli(["eo-sar", "embed", *base, "--out", str(res), "--devices", "2", "--stop-after-rows", "1"],
-                env=env, timeout=400)
+    # each rank stops after one of its rows (rank 0 has rows 0 and 2, rank 1 row 1)
+    r = _embed_cli(files, res, "--devices", "2", "--stop-after-rows", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tile rows computed [0, 1] by 2 processes, 0 of 3 already done" in r.stderr
     parts = res / "scene_embedding.parts"
     assert sorted(p.name for p in parts.glob("row_*.npy")) == ["row_00000.npy", "row_00001.npy"]
     assert not (res / "scene_embedding.tif").exists()
-    # row 1 died half-written by a copy, and a writer's temp file of row 2 is left behind
     row1 = parts / "row_00001.npy"
-    row1.write_bytes(row1.read_bytes()[:1000])
-    (parts / ".row_00002.4242.tmp.npy").write_bytes(b"half")
-    r = run_cli(["eo-sar", "embed", *base, "--out", str(res), "--devices", "2", "--stop-after-rows", "5"],
-                env=env, timeout=400)
+    row1.write_bytes(row1.read_bytes()[:1000])  # died half-copied
+    (parts / ".row_00002.4242.tmp.npy").write_bytes(b"half")  # a killed writer's temp file
+    r = _embed_cli(files, res, "--devices", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tile rows computed [1, 2] by 2 processes, 1 of 3 already done" in r.stderr  # row 0 not redone
-    np.testing.assert_array_equal(_read_all(res / "scene_embedding.tif")[0], one[0])
+    np.testing.assert_array_equal(_read_all(res / "scene_embedding.tif")[0],
+                                  _read_all(one_process / "scene_embedding.tif")[0])
     assert not parts.exists()
-    # a finished scene is skipped whole; the saved PCA was reused, not refitted, across the reruns
-    assert (res / "scene_embedding.pca.npz").read_bytes() == (tmp_path / "one" / "scene_embedding.pca.npz").read_bytes()
+    # the projection saved by the first run was reused: the same bytes as one process's
+    assert (res / "scene_embedding.pca.npz").read_bytes() == (one_process / "scene_embedding.pca.npz").read_bytes()
 
 
 def test_num_nodes_without_launcher_is_one_line(files, tmp_path, mlflow_store, monkeypatch):

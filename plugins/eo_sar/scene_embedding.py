@@ -248,6 +248,17 @@ class ScenePlan:
             self._src = rasterio.open(self.path, NUM_THREADS="ALL_CPUS")
         return self._src
 
+    def cache_bytes(self) -> int:
+        """GDAL block cache to hold while this scene is read: the decoded blocks of the block rows one
+        window row touches (window + one block of rows, the scene's width), plus 16 MiB. Enough that
+        the next window row finds the blocks it shares with this one; small enough that memory does
+        not grow with the height of a tile row (GDAL's default is 5 % of the machine's RAM)."""
+        src = self.dataset()
+        bh, bw = src.block_shapes[0]
+        rows = (math.ceil(self.grid.window / bh) + 1) * bh
+        cols = math.ceil(src.width / bw) * bw
+        return int(rows * cols * src.count * np.dtype(src.dtypes[0]).itemsize * 1.25) + (16 << 20)
+
     def close(self) -> None:
         if self._src is not None:
             self._src.close()
@@ -255,8 +266,8 @@ class ScenePlan:
 
     def read_chunk(self, row: int, c0: int, c1: int, s: SceneEmbedSettings) -> tuple[np.ndarray, np.ndarray]:
         """Windows ``(row, c0..c1-1)``: normalised, model-band pixels [n, C_model, w, w] float32 and
-        their invalid masks [n, w, w] bool. One rasterio read of the rectangle covering them; pixels
-        beyond the scene edge are invalid."""
+        their invalid masks [n, w, w] bool (read-only strided views of one array each). One rasterio
+        read of the rectangle covering them; pixels beyond the scene edge are invalid."""
         from rasterio.windows import Window
 
         from plugins.eo_sar.radiometry import read_patch
@@ -274,15 +285,16 @@ class ScenePlan:
         invalid = np.ones((w, span), dtype=bool)
         invalid[:h_in, :w_in] = ~info.valid
         data = np.zeros((image.shape[0], w, span), dtype=np.float32)
-        data[:, :h_in, :w_in] = (image - self.mean) / self.std
-        data[:, invalid] = 0.0  # nodata -> the band mean
-        data = self.plan.alignment.apply(data)
-        n = c1 - c0
-        out = np.empty((n, data.shape[0], w, w), dtype=np.float32)
-        masks = np.empty((n, w, w), dtype=bool)
-        for i in range(n):
-            out[i] = data[:, :, i * st:i * st + w]
-            masks[i] = invalid[:, i * st:i * st + w]
+        inside = data[:, :h_in, :w_in]
+        np.subtract(image, self.mean, out=inside)  # in place: one pass each, no temporaries
+        np.divide(inside, self.std, out=inside)
+        np.copyto(data, np.float32(0.0), where=invalid[None])  # nodata -> the band mean
+        al = self.plan.alignment
+        if list(al.index) != list(range(data.shape[0])):  # the model's bands differ from the data's
+            data = al.apply(data)
+        # the windows as strided views of the rectangle (the batch is stacked, i.e. copied, once)
+        out = np.lib.stride_tricks.sliding_window_view(data, w, axis=2)[:, :, ::st].transpose(2, 0, 1, 3)
+        masks = np.lib.stride_tricks.sliding_window_view(invalid, w, axis=1)[:, ::st].transpose(1, 0, 2)
         return out, masks
 
 
@@ -557,7 +569,14 @@ def _tile_row(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, t: i
 def embed_scene(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, *, dim_in: int, pool,
                 progress=None, log: Callable[[str], None] = lambda m: None) -> SceneResult:
     """Embed one checked scene (see the module docstring). Writes the GeoTIFF, the projection
-    (``dims``) and the preview PNG; returns a :class:`SceneResult`."""
+    (``dims``) and the preview PNG; returns a :class:`SceneResult`. GDAL's block cache is bounded
+    meanwhile (:meth:`ScenePlan.cache_bytes`)."""
+    with _bounded_cache(sp):
+        return _embed_scene(sp, s, encoder, dim_in=dim_in, pool=pool, progress=progress, log=log)
+
+
+def _embed_scene(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, *, dim_in: int, pool,
+                 progress=None, log: Callable[[str], None] = lambda m: None) -> SceneResult:
     import rasterio
     from rasterio.windows import Window
 
@@ -760,6 +779,13 @@ def embed_scene_sharded(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEnc
     return res
 
 
+def _bounded_cache(sp: ScenePlan):
+    """``rasterio.Env`` with GDAL_CACHEMAX (bytes, process-wide while it lasts) at :meth:`ScenePlan.cache_bytes`."""
+    import rasterio
+
+    return rasterio.Env(GDAL_CACHEMAX=sp.cache_bytes())
+
+
 def _rank_worker(fabric, job: "EmbedJob", log: Callable[[str], None]) -> list[SceneResult] | None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -770,8 +796,9 @@ def _rank_worker(fabric, job: "EmbedJob", log: Callable[[str], None]) -> list[Sc
     with _progress_bar(s.progress) as progress, ThreadPoolExecutor(max_workers=1) as pool:
         for sp in job.scenes:
             try:
-                results.append(embed_scene_sharded(sp, s, encoder, fabric, dim_in=job.dim_in, pool=pool,
-                                                   progress=progress, log=log))
+                with _bounded_cache(sp):
+                    results.append(embed_scene_sharded(sp, s, encoder, fabric, dim_in=job.dim_in, pool=pool,
+                                                       progress=progress, log=log))
             finally:
                 sp.close()
     return results if fabric.global_rank == 0 else None
