@@ -232,7 +232,8 @@ def test_two_processes_write_what_one_process_writes(files, one_process, tmp_pat
         assert (one_process / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
         "scene_embedding.pca.json", "scene_embedding.pca.npz", "scene_embedding.preview.png", "scene_embedding.tif"]
-    runs = mlflow.search_runs(experiment_names=["domainfm-eo-sar"], output_format="list")
+    client = mlflow.MlflowClient(tracking_uri=mlflow_store)  # this test's store (the CLI ran in it)
+    runs = client.search_runs([client.get_experiment_by_name("domainfm-eo-sar").experiment_id])
     assert len(runs) == 1 and runs[0].data.metrics["tile_rows_computed"] == 3.0  # the worker opened no run
 
 
