@@ -9,7 +9,8 @@ kernel's RSS high-water mark (``/proc/self/clear_refs`` 5), runs the job (the fu
   added), and on CUDA ``cuda_peak_mb`` (``torch.cuda.max_memory_allocated`` during the job);
 - ``job_wps``: windows/s of the whole job (reading, normalising, model, writing, preview);
 - ``model_wps``: windows/s of the same model, batch size and precision on random tensors already
-  on the device (the ceiling);
+  on the device (the ceiling), timed half just before and half just after the job (a shared
+  machine's load then weighs on both alike);
 
 Targets (ratios): memory growth at the largest size <= 1.2 x at the smallest; job_wps / model_wps
 >= 0.85. The default CPU run (ViT-S/14 with 4 blocks at 112 px windows) takes a few minutes;
@@ -83,6 +84,21 @@ def child(args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    # the bare model on tensors already on the device, timed half before and half after the job: on a
+    # machine shared with other work the load changes, and bracketing the job averages it out
+    n_side = max(2, int(np.ceil(sp.grid.rows * sp.grid.cols / args.batch_size / 2)))
+
+    def bare(n):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            enc.forward(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    model_s = bare(n_side)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = _status("VmRSS")
     t0 = time.perf_counter()
@@ -94,16 +110,8 @@ def child(args) -> dict:
     peak = _status("VmHWM")
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
-    # the bare model on tensors already on the device: as many full batches as the job had windows
-    n_batches = max(3, int(np.ceil(res.embedded / args.batch_size)))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
-        enc.forward(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    model_s = time.perf_counter() - t0
+    model_s += bare(n_side)
+    n_batches = 2 * n_side
     return {"size": args.size, "windows": res.embedded, "job_s": round(job_s, 3),
             "job_wps": res.embedded / job_s, "model_wps": n_batches * args.batch_size / model_s,
             "rss_before_mb": round(base, 1), "rss_growth_mb": round(peak - base, 1),

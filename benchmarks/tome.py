@@ -13,7 +13,7 @@ Offline there are no DINOv2 weights: the encoder is a random-init DINOv2 archite
 LayerScale factors (1e-5 at init, which makes every block nearly the identity and merging free)
 are set to --layer-scale, an order of magnitude of trained models. Speed does not depend on the
 weights; cosine and AUC do, so re-measure them with --weights on real weights. On cuda the
-forward runs under bf16 autocast.
+forward runs under bf16 autocast (on cpu with ``--precision bf16-mixed``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+BF16_ON_CPU = False  # --precision bf16-mixed on cpu (set in main)
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -78,44 +79,56 @@ def features(backbone, tiles, device, batch_size: int):
         for i in range(0, len(tiles), batch_size):
             x = torch.from_numpy(tiles[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
             x = (x - mean) / std
-            if device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+            if device.type == "cuda" or BF16_ON_CPU:
+                with torch.autocast(device.type, dtype=torch.bfloat16):
                     out.append(backbone(x).float().cpu())
             else:
                 out.append(backbone(x).float().cpu())
     return torch.cat(out).numpy().astype(np.float32)
 
 
-def throughput(backbone, tiles, device, batch_size: int, reps: int) -> float:
+def timed(backbone, tiles, device, batch_size: int) -> float:
+    """Seconds to embed ``tiles`` once."""
     import torch
 
-    features(backbone, tiles[:batch_size], device, batch_size)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(reps):
-        features(backbone, tiles, device, batch_size)
+    features(backbone, tiles, device, batch_size)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return reps * len(tiles) / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
 def speed_and_cosine(name, args, device, tiles) -> list[dict]:
+    """tiles/s unmerged and at each r, measured side by side: each repetition embeds the same tiles
+    unmerged then merged, so a machine shared with other jobs slows both alike; the speed-up is the
+    ratio of the summed times."""
     import numpy as np
 
     from domainfm.inference import apply_token_merging
 
     b = encoder(name, args.weights, args.layer_scale, device)
+    ref = features(b, tiles[:args.batch_size], device, args.batch_size)  # warm-up
     ref = features(b, tiles, device, args.batch_size)
-    base = throughput(b, tiles, device, args.batch_size, args.reps)
-    rows = [{"model": name, "r": 0, "tiles_per_s": base, "speedup": 1.0, "cosine": 1.0}]
+    rows, base_times = [], []
     for r in args.rs:
+        t_base = t_merged = 0.0
+        for _ in range(args.reps):
+            t_base += timed(b, tiles, device, args.batch_size)
+            with apply_token_merging(b, r):
+                t_merged += timed(b, tiles, device, args.batch_size)
         with apply_token_merging(b, r):
             f = features(b, tiles, device, args.batch_size)
-            speed = throughput(b, tiles, device, args.batch_size, args.reps)
+        base_times.append(t_base)
         cos = float(np.mean(np.sum(f * ref, 1) / (np.linalg.norm(f, axis=1) * np.linalg.norm(ref, axis=1))))
-        rows.append({"model": name, "r": r, "tiles_per_s": speed, "speedup": speed / base, "cosine": cos})
-        print(f"{name} r={r}: {speed:.2f} tiles/s ({speed / base:.2f}x), cosine {cos:.4f}", flush=True)
+        n = args.reps * len(tiles)
+        rows.append({"model": name, "r": r, "tiles_per_s": n / t_merged, "unmerged_tiles_per_s": n / t_base,
+                     "speedup": t_base / t_merged, "cosine": cos})
+        print(f"{name} r={r}: {n / t_merged:.2f} tiles/s against {n / t_base:.2f} unmerged "
+              f"({t_base / t_merged:.2f}x), cosine {cos:.4f}", flush=True)
+    n = args.reps * len(tiles) * len(args.rs)
+    rows.insert(0, {"model": name, "r": 0, "tiles_per_s": n / sum(base_times), "speedup": 1.0, "cosine": 1.0})
     return rows
 
 
@@ -188,10 +201,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="Fewer tiles, slides and r values (a few minutes on 2 cores).")
     ap.add_argument("--rs", default=None, help="Comma-separated r values (default 4,8,12,16; quick 8,16).")
     ap.add_argument("--large", action="store_true", help="Also ViT-L/14 (default on cuda).")
+    ap.add_argument("--models", default=None,
+                    help="Comma-separated timm names instead (the first one embeds the AUC cohort), e.g. "
+                         "vit_small_patch14_dinov2 on a small CPU.")
+    ap.add_argument("--slides", default=None, help="TRAIN,EXTERNAL slides of the AUC cohort (default 32,20; quick 16,10).")
+    ap.add_argument("--tiles-per-slide", type=int, default=None, help="Tiles per cohort slide (default 12; quick 6).")
+    ap.add_argument("--reps", type=int, default=None, help="Side-by-side repetitions per r (default 3; quick cpu 1).")
     ap.add_argument("--weights", default=None, help="A domainfm export of real weights (ViT-B/14 architecture).")
     ap.add_argument("--layer-scale", type=float, default=0.5, help="LayerScale of the random encoder.")
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--auc-r", type=int, default=None, help="r of the merged cohort (default: every r; quick: 16).")
+    ap.add_argument("--auc-r", default=None,
+                    help="Comma-separated r of the merged cohorts (default: every r; quick: 16).")
+    ap.add_argument("--precision", default=None, choices=("32-true", "bf16-mixed"),
+                    help="Forward precision (default: bf16-mixed on cuda, 32-true on cpu).")
     ap.add_argument("--skip-auc", action="store_true", help="Speed and cosine only (no MLflow or MIL training).")
     ap.add_argument("--json", default=None, help="Write the figures here.")
     args = ap.parse_args()
@@ -199,30 +221,35 @@ def main() -> None:
     import torch
 
     device = torch.device(args.device)
+    global BF16_ON_CPU
+    BF16_ON_CPU = device.type == "cpu" and args.precision == "bf16-mixed"
     args.rs = [int(r) for r in (args.rs or ("8,16" if args.quick else "4,8,12,16")).split(",")]
     args.batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
-    args.reps = 1 if args.quick and device.type == "cpu" else 3
+    args.reps = args.reps or (1 if args.quick and device.type == "cpu" else 3)
     n_tiles = args.batch_size * (2 if device.type == "cpu" else 8)
-    args.train_slides, args.external_slides = (16, 10) if args.quick else (32, 20)
-    args.tiles_per_slide = 6 if args.quick else 12
+    args.train_slides, args.external_slides = ([int(v) for v in args.slides.split(",")] if args.slides
+                                               else (16, 10) if args.quick else (32, 20))
+    args.tiles_per_slide = args.tiles_per_slide or (6 if args.quick else 12)
     args.folds, args.seeds, args.epochs = (3, 1, 15) if args.quick else (4, 2, 25)
     if device.type == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     tiles = make_tiles(n_tiles, seed=7)
-    models = ["vit_base_patch14_dinov2"] + (["vit_large_patch14_dinov2"] if args.large or device.type == "cuda" else [])
+    models = (args.models.split(",") if args.models else
+              ["vit_base_patch14_dinov2"] + (["vit_large_patch14_dinov2"] if args.large or device.type == "cuda" else []))
     rows = []
     for name in models:
         rows += speed_and_cosine(name, args, device, tiles)
-    auc_rs = [args.auc_r] if args.auc_r is not None else ([16] if args.quick else args.rs)
-    aucs = {} if args.skip_auc else cohort_auc("vit_base_patch14_dinov2", args, device, [0] + auc_rs)
+    auc_rs = [int(r) for r in args.auc_r.split(",")] if args.auc_r is not None else ([16] if args.quick else args.rs)
+    aucs = {} if args.skip_auc else cohort_auc(models[0], args, device, [0] + auc_rs)
     print("\n| model | r | tiles/s | speed-up | cosine to unmerged | external AUC |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        auc = aucs.get(row["r"]) if row["model"] == "vit_base_patch14_dinov2" else None
+        auc = aucs.get(row["r"]) if row["model"] == models[0] else None
         print(f"| {row['model']} | {row['r']} | {row['tiles_per_s']:.2f} | {row['speedup']:.2f}x | {row['cosine']:.4f} | "
               f"{'' if auc is None else f'{auc:.3f}'} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": args.device, "rows": rows, "external_auc": aucs}, indent=2))
+        Path(args.json).write_text(json.dumps({"device": args.device, "precision": args.precision, "cohort": [args.train_slides, args.external_slides,
+                                                                   args.tiles_per_slide], "rows": rows, "external_auc": aucs}, indent=2))
 
 
 if __name__ == "__main__":

@@ -145,3 +145,69 @@ def test_normalization_without_statistics_is_one_line(tmp_path):
         f"error: {path}: --with-normalization needs per-band mean and std for the 5 bands, and the model records "
         "none. Fix: drop --with-normalization and normalise the input yourself."]
     assert not out.exists()
+
+
+CUMMAX_NET = '''"""A small timm-registered network whose pooling uses torch.cummax, which torch's ONNX exporter
+(dynamo=True) has no conversion for (checked with torch 2.14): aten.cummax."""
+import torch
+from torch import nn
+from timm.models import register_model
+
+
+class CummaxNet(nn.Module):
+    def __init__(self, in_chans=3, num_classes=0, **kwargs):
+        super().__init__()
+        self.num_features = 8
+        self.stem = nn.Conv2d(in_chans, 8, 4, stride=4)
+        self.head = nn.Identity()
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2)            # [B, 8, HW]
+        return torch.cummax(x, dim=-1)[0].mean(-1)  # running maximum, averaged: [B, 8]
+
+
+@register_model
+def cummax_test_net(pretrained=False, **kwargs):
+    return CummaxNet(**kwargs)
+'''
+
+
+@pytest.mark.timeout(300)
+def test_unexportable_operator_is_named_in_one_line(tmp_path):
+    """A real operator without an ONNX conversion (aten.cummax) gives one line naming it and the fix;
+    the same model still exports to TorchScript. The architecture is a real timm-registered module,
+    made known to the CLI subprocess by a sitecustomize that imports it."""
+    import importlib
+    import os
+    import sys
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "cummax_net.py").write_text(CUMMAX_NET)
+    (site / "sitecustomize.py").write_text("import cummax_net  # registers cummax_test_net with timm\n")
+    sys.path.insert(0, str(site))
+    try:
+        importlib.import_module("cummax_net")
+        torch.manual_seed(0)
+        path = save_backbone(create_backbone("cummax_test_net", in_chans=3, img_size=32, init="random"),
+                             tmp_path / "cummax.safetensors")
+    finally:
+        sys.path.remove(str(site))
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "cummax.onnx"
+    r = run_cli(["export", "--model", str(path), "--format", "onnx", "--out", str(out)], env=env)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [
+        "error: cummax_test_net cannot be exported to onnx: operator aten.cummax has no onnx conversion. "
+        "Fix: use the other --format, or a backbone without that operator."], r.stderr[-3000:]
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+    # the operator is fine for TorchScript: the error was about ONNX only
+    pt = tmp_path / "cummax.pt"
+    r = run_cli(["export", "--model", str(path), "--format", "torchscript", "--out", str(pt)], env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    x = torch.rand(3, 3, 32, 32)
+    stem = create_backbone(str(path)).model.stem  # the saved weights, read back by the product's loader
+    with torch.no_grad():
+        want = torch.cummax(stem(x).flatten(2), dim=-1)[0].mean(-1)
+        got = torch.jit.load(str(pt))(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

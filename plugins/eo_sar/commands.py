@@ -231,9 +231,14 @@ def sample_command(out: str, patches: int, seed: int) -> None:
 @click.option("--nodata-fraction", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
               help="A window (dense: a patch) with more nodata pixels than this is nodata in the output.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --dims sample.")
+@click.option("--devices", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes (one per GPU, or CPU processes) sharing each scene's rows of windows.")
+@click.option("--num-nodes", type=int, default=1, show_default=True,
+              help="Machines: start the command on each with srun (SLURM) or MASTER_ADDR/MASTER_PORT/NODE_RANK.")
 @click.option("--stop-after-rows", type=int, default=None, hidden=True)  # tests: stop as if killed
 def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windows, batch_size, tome_r, modality,
-                  s2_harmonize, s1_units, precision, accelerator, nodata_fraction, seed, stop_after_rows) -> None:
+                  s2_harmonize, s1_units, precision, accelerator, nodata_fraction, seed, devices, num_nodes,
+                  stop_after_rows) -> None:
     """Embed whole scenes (any size, any CRS) window by window with a frozen backbone.
 
     Each SCENE gives OUT/<scene>_embedding.tif: one pixel per window position, one float32 band per
@@ -241,17 +246,27 @@ def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windo
     wide centred on their windows, NaN nodata where a window is mostly nodata; tiled and compressed,
     written a tile row at a time. A killed run resumes where it stopped (same result, bit for bit).
     A preview PNG (first three principal components over the scene's RGB) is logged to MLflow.
+    With --devices/--num-nodes each process computes a disjoint share of every scene's rows of
+    windows (Lightning's launcher) and rank 0 assembles the same GeoTIFF; a rerun redoes only the rows
+    a dead process left missing.
     """
 
     def run():
+        from domainfm.distributed import check_launch, is_global_zero
+
+        check_launch(num_nodes=num_nodes)  # before any scene is read: a machine alone would wait forever
         from plugins.eo_sar.scene_embedding import SceneEmbedSettings, prepare, run_embedding
 
         settings = SceneEmbedSettings(out_dir=out_dir, model=model, window=window, stride=stride, dense=dense,
                                       dims=dims, batch_size=batch_size, tome_r=tome_r, modality=modality,
                                       s2_harmonize=s2_harmonize, s1_units=s1_units, precision=precision,
                                       accelerator=accelerator, nodata_fraction=nodata_fraction, pca_windows=pca_windows,
-                                      seed=seed, stop_after_rows=stop_after_rows)
+                                      seed=seed, stop_after_rows=stop_after_rows, devices=devices,
+                                      num_nodes=num_nodes)
         job = prepare(scenes, settings)  # every check before a run opens or a file is written
+        if not is_global_zero():  # a worker process of a multi-process run: rank 0 logs and reports
+            run_embedding(job, log=lambda m: click.echo(f"eo-sar: {m}", err=True))
+            return
         for line in job.messages:
             click.echo(f"eo-sar: {line.replace('; --stats data recomputes them from the data', '')}", err=True)
 
@@ -263,6 +278,8 @@ def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windo
             tracking.set_tags({"domainfm.command": "eo-sar embed", "domainfm.plugin": "eo-sar",
                                "domainfm.model_source": model, **job.record()})
             results = run_embedding(job, log=lambda m: click.echo(f"eo-sar: {m}", err=True))
+            if devices * num_nodes > 1:
+                tracking.log_metrics({"tile_rows_computed": sum(len(r.computed_rows or []) for r in results)})
             tracking.log_metrics({"scenes": len(results), "windows": sum(r.windows for r in results),
                                   "windows_embedded": sum(r.embedded for r in results),
                                   "windows_nodata": sum(r.skipped_nodata for r in results)})

@@ -25,6 +25,11 @@ tile rows, so the result is bit-identical to an uninterrupted run. The partial f
 complete. ``dims`` fits a PCA (scikit-learn, full SVD) on a seeded sample of windows first and saves
 it as ``<name>.pca.npz`` / ``.pca.json`` before streaming; a resumed run reuses the saved projection.
 
+Across processes (``devices`` x ``num_nodes`` > 1, Lightning's launcher): each process computes a
+disjoint share of a scene's tile rows, exactly as above, and writes each one atomically to
+``<name>.parts/row_NNNNN.npy``; rank 0 assembles the GeoTIFF when every row exists (bit for bit the
+single-process output). A rerun redoes the rows that are missing or unreadable and nothing else.
+
 No mlflow here: the command opens the MLflow run; this module runs without it (benchmarks, GPU hosts).
 """
 
@@ -72,6 +77,8 @@ class SceneEmbedSettings:
     progress: bool = True
     preview: bool = True
     stop_after_rows: int | None = None  # tests only: stop (as if killed) after this many tile rows
+    devices: int = 1  # processes per machine sharing the tile rows (Lightning's launcher)
+    num_nodes: int = 1
 
     @property
     def step(self) -> int:
@@ -91,6 +98,7 @@ class SceneResult:
     preview: str | None = None
     projection: str | None = None
     already_done: bool = False
+    computed_rows: list[int] | None = None  # sharded runs: the tile rows computed in this call
 
 
 # ---------------------------------------------------------------- geometry (pure)
@@ -240,6 +248,17 @@ class ScenePlan:
             self._src = rasterio.open(self.path, NUM_THREADS="ALL_CPUS")
         return self._src
 
+    def cache_bytes(self) -> int:
+        """GDAL block cache to hold while this scene is read: the decoded blocks of the block rows one
+        window row touches (window + one block of rows, the scene's width), plus 16 MiB. Enough that
+        the next window row finds the blocks it shares with this one; small enough that memory does
+        not grow with the height of a tile row (GDAL's default is 5 % of the machine's RAM)."""
+        src = self.dataset()
+        bh, bw = src.block_shapes[0]
+        rows = (math.ceil(self.grid.window / bh) + 1) * bh
+        cols = math.ceil(src.width / bw) * bw
+        return int(rows * cols * src.count * np.dtype(src.dtypes[0]).itemsize * 1.25) + (16 << 20)
+
     def close(self) -> None:
         if self._src is not None:
             self._src.close()
@@ -247,8 +266,8 @@ class ScenePlan:
 
     def read_chunk(self, row: int, c0: int, c1: int, s: SceneEmbedSettings) -> tuple[np.ndarray, np.ndarray]:
         """Windows ``(row, c0..c1-1)``: normalised, model-band pixels [n, C_model, w, w] float32 and
-        their invalid masks [n, w, w] bool. One rasterio read of the rectangle covering them; pixels
-        beyond the scene edge are invalid."""
+        their invalid masks [n, w, w] bool (read-only strided views of one array each). One rasterio
+        read of the rectangle covering them; pixels beyond the scene edge are invalid."""
         from rasterio.windows import Window
 
         from plugins.eo_sar.radiometry import read_patch
@@ -266,15 +285,16 @@ class ScenePlan:
         invalid = np.ones((w, span), dtype=bool)
         invalid[:h_in, :w_in] = ~info.valid
         data = np.zeros((image.shape[0], w, span), dtype=np.float32)
-        data[:, :h_in, :w_in] = (image - self.mean) / self.std
-        data[:, invalid] = 0.0  # nodata -> the band mean
-        data = self.plan.alignment.apply(data)
-        n = c1 - c0
-        out = np.empty((n, data.shape[0], w, w), dtype=np.float32)
-        masks = np.empty((n, w, w), dtype=bool)
-        for i in range(n):
-            out[i] = data[:, :, i * st:i * st + w]
-            masks[i] = invalid[:, i * st:i * st + w]
+        inside = data[:, :h_in, :w_in]
+        np.subtract(image, self.mean, out=inside)  # in place: one pass each, no temporaries
+        np.divide(inside, self.std, out=inside)
+        np.copyto(data, np.float32(0.0), where=invalid[None])  # nodata -> the band mean
+        al = self.plan.alignment
+        if list(al.index) != list(range(data.shape[0])):  # the model's bands differ from the data's
+            data = al.apply(data)
+        # the windows as strided views of the rectangle (the batch is stacked, i.e. copied, once)
+        out = np.lib.stride_tricks.sliding_window_view(data, w, axis=2)[:, :, ::st].transpose(2, 0, 1, 3)
+        masks = np.lib.stride_tricks.sliding_window_view(invalid, w, axis=1)[:, ::st].transpose(1, 0, 2)
         return out, masks
 
 
@@ -350,7 +370,8 @@ def output_paths(out_dir: str | Path, scene: str | Path, dense: bool) -> dict[st
     out = Path(out_dir)
     return {"tif": out / f"{stem}.tif", "partial": out / f"{stem}.tif.partial",
             "progress": out / f"{stem}.progress.json", "pca": out / f"{stem}.pca.npz",
-            "pca_json": out / f"{stem}.pca.json", "preview": out / f"{stem}.preview.png"}
+            "pca_json": out / f"{stem}.pca.json", "preview": out / f"{stem}.preview.png",
+            "parts": out / f"{stem}.parts"}
 
 
 def _fingerprint(sp: ScenePlan, s: SceneEmbedSettings) -> str:
@@ -358,7 +379,7 @@ def _fingerprint(sp: ScenePlan, s: SceneEmbedSettings) -> str:
     model = Path(s.model)
     model_id = f"{model.resolve()}:{model.stat().st_size}:{model.stat().st_mtime_ns}" if model.is_file() else s.model
     keys = {k: v for k, v in asdict(s).items() if k not in ("out_dir", "progress", "preview", "stop_after_rows",
-                                                          "accelerator", "model")}
+                                                          "accelerator", "model", "devices", "num_nodes")}
     record = {"scene": str(sp.path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns, "model": model_id,
               "modality": sp.modality, **keys}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -426,6 +447,22 @@ def fit_projection(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder,
             "explained_variance_ratio": pca.explained_variance_ratio_, "n_samples": np.int64(len(x))}
 
 
+def _create_raster(path: Path, sp: ScenePlan, bands: int) -> None:
+    """An empty output GeoTIFF at ``path`` (written beside it, then renamed): the scene's CRS, the
+    grid's transform, NaN nodata, 16-row deflate tiles."""
+    import rasterio
+
+    out_h, out_w = sp.grid.out_shape
+    profile = {"driver": "GTiff", "height": out_h, "width": out_w, "count": bands, "dtype": "float32",
+               "crs": sp.crs, "transform": sp.grid.out_transform(sp.transform), "nodata": NODATA,
+               "tiled": True, "blockysize": TILE_ROWS, "blockxsize": 256 if out_w > 256 else 16 * math.ceil(out_w / 16),
+               "compress": "deflate", "predictor": 3, "interleave": "pixel", "BIGTIFF": "IF_SAFER"}
+    tmp = path.with_name(path.name + ".new")
+    with rasterio.open(tmp, "w", **profile):
+        pass
+    os.replace(tmp, path)
+
+
 def _open_partial(paths: dict[str, Path], sp: ScenePlan, s: SceneEmbedSettings, bands: int, fp: str,
                   log: Callable[[str], None]) -> int:
     """The tile row to start at: a matching progress record and readable partial file resume;
@@ -447,23 +484,99 @@ def _open_partial(paths: dict[str, Path], sp: ScenePlan, s: SceneEmbedSettings, 
             log(f"{paths['partial'].name} is unreadable: starting over")
     for key in ("partial", "progress"):
         paths[key].unlink(missing_ok=True)
-    out_h, out_w = sp.grid.out_shape
-    profile = {"driver": "GTiff", "height": out_h, "width": out_w, "count": bands, "dtype": "float32",
-               "crs": sp.crs, "transform": sp.grid.out_transform(sp.transform), "nodata": NODATA,
-               "tiled": True, "blockysize": TILE_ROWS, "blockxsize": 256 if out_w > 256 else 16 * math.ceil(out_w / 16),
-               "compress": "deflate", "predictor": 3, "interleave": "pixel", "BIGTIFF": "IF_SAFER"}
-    tmp = paths["partial"].with_name(paths["partial"].name + ".new")
-    with rasterio.open(tmp, "w", **profile):
-        pass
-    os.replace(tmp, paths["partial"])
+    _create_raster(paths["partial"], sp, bands)
     _write_json(paths["progress"], {"fingerprint": fp, "tile_rows_done": 0, "tile_rows": sp.grid.tile_rows})
     return 0
+
+
+def _projection(paths: dict[str, Path], sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, dim_in: int,
+                *, reuse: bool) -> dict[str, np.ndarray]:
+    """The ``--dims`` PCA: the saved one when ``reuse`` (a resumed run) and it exists, else fitted
+    (:func:`fit_projection`) and saved atomically as ``.pca.npz`` and ``.pca.json``."""
+    if reuse and paths["pca"].is_file():
+        with np.load(paths["pca"]) as z:
+            return {k: z[k] for k in z.files}
+    proj = fit_projection(sp, s, encoder, dim_in)
+    tmp = paths["pca"].with_name(paths["pca"].name + ".tmp.npz")
+    np.savez(tmp, **proj)
+    os.replace(tmp, paths["pca"])
+    _write_json(paths["pca_json"], {"dims": s.dims, "input_features": dim_in, "seed": s.seed,
+                                    "pca_windows": s.pca_windows, "n_samples": int(proj["n_samples"]),
+                                    "explained_variance_ratio": proj["explained_variance_ratio"].tolist(),
+                                    "projection": "(feature - mean) @ components.T",
+                                    "file": paths["pca"].name})
+    return proj
+
+
+def _projector(proj: dict[str, np.ndarray] | None) -> Callable[[np.ndarray], np.ndarray]:
+    """Features [..., D_in] -> [..., dims] float32 by ``(f - mean) @ components.T`` in float64."""
+    if proj is None:
+        return lambda f: f
+    p_mean = proj["mean"].astype(np.float64)
+    p_comp = proj["components"].astype(np.float64).T
+    return lambda f: ((f.astype(np.float64) - p_mean) @ p_comp).astype(np.float32)
+
+
+def _tile_row(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, t: int, bands: int,
+              project: Callable[[np.ndarray], np.ndarray], pool, res: SceneResult, progress=None,
+              task=None) -> np.ndarray:
+    """Output rows of tile row ``t``: [rows, out_w, bands] float32, NaN where nodata. Its windows are
+    read a chunk of one window row at a time (the next chunk read by ``pool`` meanwhile) and batched
+    within the tile row only, so the result depends on ``t`` alone, not on what ran before (which is
+    what lets a resumed run, or another process, compute it bit for bit alike)."""
+    g = sp.grid
+    G = g.window_rows_per_tile_row
+    out_w = g.out_shape[1]
+    r0, r1 = t * G, min((t + 1) * G, g.rows)
+    buf = np.full(((r1 - r0) * g.k, out_w, bands), NODATA, dtype=np.float32)
+    chunks = [(r, c0, min(c0 + s.batch_size, g.cols)) for r in range(r0, r1)
+              for c0 in range(0, g.cols, s.batch_size)]
+    reads = [lambda a=a: sp.read_chunk(*a, s) for a in chunks]
+    pend_w, pend_pos, pend_mask = [], [], []
+
+    def flush():
+        if not pend_w:
+            return
+        f = encoder(np.stack(pend_w))
+        for (r, c), feat, mask in zip(pend_pos, f, pend_mask):
+            y, x = (r - r0) * g.k, c * g.k
+            if g.patch is None:
+                buf[y, x] = project(feat)
+            else:
+                block = project(feat.reshape(-1, feat.shape[-1])).reshape(g.k, g.k, bands)
+                block[mask] = NODATA
+                buf[y:y + g.k, x:x + g.k] = block
+        res.embedded += len(pend_w)
+        pend_w.clear(), pend_pos.clear(), pend_mask.clear()
+
+    for (r, c0, c1), (wins, masks) in zip(chunks, _prefetched(reads, pool)):
+        keep = _valid_windows(masks, s, g)
+        pmask = _patch_nodata(masks, g, s) if g.patch is not None else None
+        res.skipped_nodata += int((~keep).sum())
+        for i in np.flatnonzero(keep):
+            pend_w.append(wins[i])
+            pend_pos.append((r, c0 + int(i)))
+            pend_mask.append(pmask[i] if pmask is not None else None)
+            if len(pend_w) == s.batch_size:
+                flush()
+        if progress is not None:
+            progress.advance(task, c1 - c0)
+    flush()  # batches never span tile rows: a resumed run batches exactly as an uninterrupted one
+    sp.close()  # GDAL caches the blocks of an open dataset: closing once per tile row bounds that memory
+    return buf
 
 
 def embed_scene(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, *, dim_in: int, pool,
                 progress=None, log: Callable[[str], None] = lambda m: None) -> SceneResult:
     """Embed one checked scene (see the module docstring). Writes the GeoTIFF, the projection
-    (``dims``) and the preview PNG; returns a :class:`SceneResult`."""
+    (``dims``) and the preview PNG; returns a :class:`SceneResult`. GDAL's block cache is bounded
+    meanwhile (:meth:`ScenePlan.cache_bytes`)."""
+    with _bounded_cache(sp):
+        return _embed_scene(sp, s, encoder, dim_in=dim_in, pool=pool, progress=progress, log=log)
+
+
+def _embed_scene(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, *, dim_in: int, pool,
+                 progress=None, log: Callable[[str], None] = lambda m: None) -> SceneResult:
     import rasterio
     from rasterio.windows import Window
 
@@ -481,73 +594,18 @@ def embed_scene(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, *,
     start = _open_partial(paths, sp, s, bands, fp, log)
     res.resumed_from_row = start
 
-    proj = None
-    if s.dims:
-        if start and paths["pca"].is_file():
-            with np.load(paths["pca"]) as z:
-                proj = {k: z[k] for k in z.files}
-        else:
-            proj = fit_projection(sp, s, encoder, dim_in)
-            tmp = paths["pca"].with_name(paths["pca"].name + ".tmp.npz")
-            np.savez(tmp, **proj)
-            os.replace(tmp, paths["pca"])
-            _write_json(paths["pca_json"], {"dims": s.dims, "input_features": dim_in, "seed": s.seed,
-                                            "pca_windows": s.pca_windows, "n_samples": int(proj["n_samples"]),
-                                            "explained_variance_ratio": proj["explained_variance_ratio"].tolist(),
-                                            "projection": "(feature - mean) @ components.T",
-                                            "file": paths["pca"].name})
-        res.projection = str(paths["pca"])
-        p_mean = proj["mean"].astype(np.float64)
-        p_comp = proj["components"].astype(np.float64).T
-
-    def project(f: np.ndarray) -> np.ndarray:
-        if proj is None:
-            return f
-        return ((f.astype(np.float64) - p_mean) @ p_comp).astype(np.float32)
+    proj = _projection(paths, sp, s, encoder, dim_in, reuse=bool(start)) if s.dims else None
+    res.projection = str(paths["pca"]) if s.dims else None
+    project = _projector(proj)
 
     G = g.window_rows_per_tile_row
     out_w = g.out_shape[1]
     task = progress.add_task(sp.path.name, total=g.rows * g.cols, completed=min(start * G, g.rows) * g.cols) \
         if progress is not None else None
     for t in range(start, g.tile_rows):
-        r0, r1 = t * G, min((t + 1) * G, g.rows)
-        buf = np.full(((r1 - r0) * g.k, out_w, bands), NODATA, dtype=np.float32)
-        chunks = [(r, c0, min(c0 + s.batch_size, g.cols)) for r in range(r0, r1)
-                  for c0 in range(0, g.cols, s.batch_size)]
-        reads = [lambda a=a: sp.read_chunk(*a, s) for a in chunks]
-        pend_w, pend_pos, pend_mask = [], [], []
-
-        def flush():
-            if not pend_w:
-                return
-            f = encoder(np.stack(pend_w))
-            for (r, c), feat, mask in zip(pend_pos, f, pend_mask):
-                y, x = (r - r0) * g.k, c * g.k
-                if g.patch is None:
-                    buf[y, x] = project(feat)
-                else:
-                    block = project(feat.reshape(-1, feat.shape[-1])).reshape(g.k, g.k, bands)
-                    block[mask] = NODATA
-                    buf[y:y + g.k, x:x + g.k] = block
-            res.embedded += len(pend_w)
-            pend_w.clear(), pend_pos.clear(), pend_mask.clear()
-
-        for (r, c0, c1), (wins, masks) in zip(chunks, _prefetched(reads, pool)):
-            keep = _valid_windows(masks, s, g)
-            pmask = _patch_nodata(masks, g, s) if g.patch is not None else None
-            res.skipped_nodata += int((~keep).sum())
-            for i in np.flatnonzero(keep):
-                pend_w.append(wins[i])
-                pend_pos.append((r, c0 + int(i)))
-                pend_mask.append(pmask[i] if pmask is not None else None)
-                if len(pend_w) == s.batch_size:
-                    flush()
-            if progress is not None:
-                progress.advance(task, c1 - c0)
-        flush()  # batches never span tile rows: a resumed run batches exactly as an uninterrupted one
-        sp.close()  # GDAL caches the blocks of an open dataset: closing once per tile row bounds that memory
+        buf = _tile_row(sp, s, encoder, t, bands, project, pool, res, progress, task)
         with rasterio.open(paths["partial"], "r+") as dst:
-            dst.write(np.moveaxis(buf, -1, 0), window=Window(0, r0 * g.k, out_w, buf.shape[0]))
+            dst.write(np.moveaxis(buf, -1, 0), window=Window(0, t * G * g.k, out_w, buf.shape[0]))
         _write_json(paths["progress"], {"fingerprint": fp, "tile_rows_done": t + 1, "tile_rows": g.tile_rows})
         if s.stop_after_rows is not None and t + 1 - start >= s.stop_after_rows and t + 1 < g.tile_rows:
             log(f"stopped after {t + 1 - start} tile row(s) (--stop-after-rows)")
@@ -562,6 +620,188 @@ def embed_scene(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, *,
     if s.preview:
         res.preview = str(write_preview(sp, paths["tif"], paths["preview"]))
     return res
+
+
+# ---------------------------------------------------------------- across processes (Lightning's launcher)
+
+def _part_path(parts: Path, t: int) -> Path:
+    return parts / f"row_{t:05d}.npy"
+
+
+def _part_ok(path: Path, shape: tuple[int, int, int]) -> bool:
+    """A finished tile row: a readable .npy of the expected shape (a file cut short by a killed
+    copy, or one from other settings, is not)."""
+    try:
+        a = np.load(path, mmap_mode="r")
+        return a.shape == shape and a.dtype == np.float32
+    except Exception:  # noqa: BLE001 - any unreadable leftover is simply not done
+        return False
+
+
+def _part_shape(g: SceneGrid, t: int, bands: int) -> tuple[int, int, int]:
+    G = g.window_rows_per_tile_row
+    return ((min((t + 1) * G, g.rows) - t * G) * g.k, g.out_shape[1], bands)
+
+
+def _save_part(parts: Path, t: int, buf: np.ndarray) -> None:
+    """One tile row, written beside its name and renamed: a reader sees it whole or not at all."""
+    final = _part_path(parts, t)
+    tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, buf)
+    os.replace(tmp, final)
+
+
+def _parts_todo(paths: dict[str, Path], sp: ScenePlan, s: SceneEmbedSettings, bands: int, fp: str,
+                log: Callable[[str], None]) -> tuple[list[int], list[int]]:
+    """Rank 0: ``(done, todo)`` tile rows of a sharded run. The parts folder of another run's inputs
+    or settings (fingerprint) is emptied; leftovers of killed writers and unreadable rows removed."""
+    import shutil
+
+    parts, g = paths["parts"], sp.grid
+    record = parts / "fingerprint.json"
+    if parts.is_dir():
+        try:
+            same = json.loads(record.read_text()).get("fingerprint") == fp
+        except Exception:  # noqa: BLE001
+            same = False
+        if not same:
+            log(f"{parts.name} was made with other inputs or settings: starting over")
+            shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    if not record.is_file():
+        _write_json(record, {"fingerprint": fp, "tile_rows": g.tile_rows})
+    for leftover in parts.glob(".*.tmp.npy"):
+        leftover.unlink(missing_ok=True)
+    done, todo = [], []
+    for t in range(g.tile_rows):
+        f = _part_path(parts, t)
+        if f.is_file() and _part_ok(f, _part_shape(g, t, bands)):
+            done.append(t)
+        else:
+            f.unlink(missing_ok=True)
+            todo.append(t)
+    return done, todo
+
+
+def _assemble(paths: dict[str, Path], sp: ScenePlan, bands: int) -> None:
+    """Rank 0: the tile rows of the parts folder written in order into the output GeoTIFF (the same
+    profile as a single-process run), renamed when complete; the parts folder is then removed."""
+    import shutil
+
+    import rasterio
+    from rasterio.windows import Window
+
+    g = sp.grid
+    G, out_w = g.window_rows_per_tile_row, g.out_shape[1]
+    paths["progress"].unlink(missing_ok=True)  # a single-process run's record of the same partial name
+    _create_raster(paths["partial"], sp, bands)
+    with rasterio.open(paths["partial"], "r+") as dst:
+        for t in range(g.tile_rows):
+            buf = np.load(_part_path(paths["parts"], t))
+            dst.write(np.moveaxis(buf, -1, 0), window=Window(0, t * G * g.k, out_w, buf.shape[0]))
+    os.replace(paths["partial"], paths["tif"])
+    shutil.rmtree(paths["parts"], ignore_errors=True)
+
+
+def embed_scene_sharded(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, fabric, *, dim_in: int,
+                        pool, progress=None, log: Callable[[str], None] = lambda m: None) -> SceneResult | None:
+    """One scene shared by every process of a Lightning launch (``--devices``/``--num-nodes``).
+
+    Rank 0 lists the tile rows not yet done (``<name>.parts/row_NNNNN.npy`` that exist whole, for
+    the same inputs and settings) and fits or reuses the ``dims`` projection; every rank then takes
+    a disjoint share of those rows (:func:`domainfm.distributed.shard`), computes each exactly as a
+    single-process run does (:func:`_tile_row`) and writes it atomically. When all rows exist rank 0
+    assembles the GeoTIFF. A rerun after a rank died redoes its missing rows only. Returns the result
+    on rank 0 (counts summed over ranks; ``computed_rows`` lists the tile rows computed this time),
+    None on the others. Every rank must call it for every scene, in the same order."""
+    import torch.distributed as dist
+
+    from domainfm.distributed import shard
+
+    g = sp.grid
+    rank, world = fabric.global_rank, fabric.world_size
+    paths = output_paths(s.out_dir, sp.path, s.dense)
+    bands = s.dims or dim_in
+    res = SceneResult(str(sp.path), str(paths["tif"]), (bands, *g.out_shape), windows=g.rows * g.cols)
+    plan = None
+    if rank == 0:
+        if paths["tif"].is_file():
+            plan = {"skip": True}
+        else:
+            Path(s.out_dir).mkdir(parents=True, exist_ok=True)
+            done, todo = _parts_todo(paths, sp, s, bands, _fingerprint(sp, s), log)
+            if s.dims:  # fitted once, by rank 0, before any rank projects
+                _projection(paths, sp, s, encoder, dim_in, reuse=bool(done))
+            plan = {"skip": False, "done": done, "todo": todo}
+    plan = fabric.broadcast(plan, src=0)
+    if plan["skip"]:
+        if rank == 0:
+            log(f"{paths['tif']} exists: skipped (delete it to compute it again)")
+            res.complete = res.already_done = True
+            res.preview = str(paths["preview"]) if paths["preview"].is_file() else None
+            return res
+        return None
+    proj = None
+    if s.dims:
+        with np.load(paths["pca"]) as z:
+            proj = {k: z[k] for k in z.files}
+        res.projection = str(paths["pca"])
+    project = _projector(proj)
+    mine = shard(plan["todo"], rank, world)
+    G = g.window_rows_per_tile_row
+    task = progress.add_task(f"{sp.path.name} (rank {rank})", total=sum(min(G, g.rows - t * G) for t in mine) * g.cols) \
+        if progress is not None else None
+    computed = []
+    for t in mine:
+        _save_part(paths["parts"], t, _tile_row(sp, s, encoder, t, bands, project, pool, res, progress, task))
+        computed.append(t)
+        if s.stop_after_rows is not None and len(computed) >= s.stop_after_rows and len(computed) < len(mine):
+            log(f"rank {rank}: stopped after {len(computed)} tile row(s) (--stop-after-rows)")
+            break
+    if progress is not None:
+        progress.remove_task(task)
+    reports = [None] * world
+    dist.all_gather_object(reports, {"rows": computed, "embedded": res.embedded, "skipped": res.skipped_nodata})
+    if rank != 0:
+        return None
+    res.embedded = sum(r["embedded"] for r in reports)
+    res.skipped_nodata = sum(r["skipped"] for r in reports)
+    res.computed_rows = sorted(t for r in reports for t in r["rows"])
+    res.resumed_from_row = len(plan["done"])
+    log(f"{sp.path.name}: tile rows computed {res.computed_rows} by {world} processes, "
+        f"{len(plan['done'])} of {g.tile_rows} already done")
+    if len(plan["done"]) + len(res.computed_rows) < g.tile_rows:
+        return res  # a rank stopped early: a rerun computes the rest
+    _assemble(paths, sp, bands)
+    res.complete = True
+    if s.preview:
+        res.preview = str(write_preview(sp, paths["tif"], paths["preview"]))
+    return res
+
+
+def _bounded_cache(sp: ScenePlan):
+    """``rasterio.Env`` with GDAL_CACHEMAX (bytes, process-wide while it lasts) at :meth:`ScenePlan.cache_bytes`."""
+    import rasterio
+
+    return rasterio.Env(GDAL_CACHEMAX=sp.cache_bytes())
+
+
+def _rank_worker(fabric, job: "EmbedJob", log: Callable[[str], None]) -> list[SceneResult] | None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = job.settings
+    g0 = job.scenes[0].grid
+    encoder = WindowEncoder(job.backbone, fabric.device, s.precision, dense=s.dense, crop=g0.crop, k=g0.k)
+    results = []
+    with _progress_bar(s.progress) as progress, ThreadPoolExecutor(max_workers=1) as pool:
+        for sp in job.scenes:
+            try:
+                with _bounded_cache(sp):
+                    results.append(embed_scene_sharded(sp, s, encoder, fabric, dim_in=job.dim_in, pool=pool,
+                                                       progress=progress, log=log))
+            finally:
+                sp.close()
+    return results if fabric.global_rank == 0 else None
 
 
 # ---------------------------------------------------------------- preview
@@ -738,12 +978,23 @@ def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings, *, backbone=Non
     return EmbedJob(s, backbone, plans, int(backbone.embed_dim), messages)
 
 
-def run_embedding(job: EmbedJob, log: Callable[[str], None] = lambda m: None) -> list[SceneResult]:
-    """Embed every scene of a prepared job, one after the other (see :func:`embed_scene`)."""
+def run_embedding(job: EmbedJob, log: Callable[[str], None] = lambda m: None) -> list[SceneResult] | None:
+    """Embed every scene of a prepared job, one after the other (see :func:`embed_scene`).
+
+    ``devices * num_nodes > 1``: under Lightning's DDP launcher (gloo on CPU, NCCL on GPU; started
+    once per machine it starts the machine's other processes itself, started by ``srun``/``torchrun``
+    it uses theirs), every process shares each scene's tile rows (:func:`embed_scene_sharded`); the
+    results come back on global rank 0 only (None elsewhere)."""
     from concurrent.futures import ThreadPoolExecutor
 
     s = job.settings
     device = resolve_device(s.accelerator)
+    if s.devices * s.num_nodes > 1:
+        import lightning as L
+
+        fabric = L.Fabric(accelerator="gpu" if device.type == "cuda" else "cpu", devices=s.devices,
+                          num_nodes=s.num_nodes, strategy="ddp")
+        return fabric.launch(_rank_worker, job, log)
     g0 = job.scenes[0].grid
     encoder = WindowEncoder(job.backbone, device, s.precision, dense=s.dense, crop=g0.crop, k=g0.k)
     results = []
