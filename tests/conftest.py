@@ -14,6 +14,11 @@ import pytest
 # never let a test reach for the Hugging Face hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# under pytest-xdist each worker (and every CLI it starts) gets one intra-op thread: N workers with
+# N threads each on N cores oversubscribe OpenMP, whose spinning threads then slow every test
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINFM = Path(sys.executable).with_name("domainfm")

@@ -15,7 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 #: the pyfunc model files MLflow itself loads (models-from-code): they may import mlflow
-PYFUNC_MODEL_FILES = {"domainfm/raw_pixels_model.py", "domainfm/backbone_model.py", "plugins/histo/pyfunc_model.py"}
+PYFUNC_MODEL_FILES = {"domainfm/raw_pixels_model.py", "domainfm/backbone_model.py", "plugins/histo/pyfunc_model.py",
+                      "plugins/sgd_ft/classifier_model.py"}
 
 
 def _module_name(path: Path) -> str:

@@ -119,6 +119,7 @@ def test_predict_registered_backbone_on_patches_of_two_sizes(registered):
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}
     # the registered MLflow model's own weights name their plugin and input too
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(env["MLFLOW_TRACKING_URI"])  # an earlier test may have moved the registry
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{NAME}@champion"))
     registered_meta = read_metadata(next(local.rglob("backbone.safetensors")))
     assert registered_meta["plugin"] == "eo-sar" and registered_meta["input_units"] == '"reflectance x 10000"'
