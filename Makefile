@@ -53,7 +53,7 @@ test: install
 benchmarks: install
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
-# Each paper's claim measured on small synthetic data over 3 seeds, with 95 % intervals (about 20 min
-# on 2 CPU cores); writes benchmarks/claims/RESULTS.md and one PNG per claim. Not part of `make test`.
+# Each paper's claim measured on small synthetic data over 3 seeds, with 95 % intervals (7.6 min
+# on 2 idle CPU cores); writes benchmarks/claims/RESULTS.md and one PNG per claim. Not part of `make test`.
 claims: install
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/claims/run_all.py

@@ -144,6 +144,19 @@ class ImageInfo:
     dtype: str  # numpy name: uint8, uint16, float32...
 
 
+def write_csv_atomic(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """``rows`` as a CSV (columns from the first row), written under a temporary name in the same
+    folder and renamed: a reader never sees half a table, and a killed job leaves the old file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:200]

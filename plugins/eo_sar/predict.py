@@ -25,7 +25,6 @@ from the model's GSD, a model without band names, statistics or units.
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from domainfm.data import write_csv_atomic
 from domainfm.errors import DomainFMError
 
 #: A patch whose pixel size differs from the model's GSD by more than this fraction is refused.
@@ -292,16 +292,6 @@ def principal_components(x: np.ndarray, k: int = PCA_COMPONENTS) -> np.ndarray:
     return (centred @ comps.T).astype(np.float32)
 
 
-def write_atomic_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
-
-
 def write_atomic_npy(path: Path, array: np.ndarray) -> Path:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")
     np.save(tmp, array)
@@ -340,7 +330,7 @@ def predict(model, inputs: Sequence[str], out: Path, options: dict[str, Any]) ->
         rows.append(row)
     out = Path(out)
     emb = write_atomic_npy(out / "embeddings.npy", feats.astype(np.float32))
-    table = write_atomic_csv(out / "predictions.csv", rows)
+    table = write_csv_atomic(out / "predictions.csv", rows)
     for f in (emb, table):
         tracking.log_artifact(f, "predictions")
     tracking.set_tags({"eo_sar.model_bands": ",".join(spec.bands), "eo_sar.model_gsd_m": str(spec.gsd_m)})

@@ -191,7 +191,7 @@ def predict(model, inputs: Sequence[str], out: Path, options: dict[str, Any]) ->
             row["predicted"] = ";".join(chosen)
         else:
             row["predicted"] = classes[int(np.argmax(s))]
-    from plugins.sgd_ft.reports import write_csv_atomic
+    from domainfm.data import write_csv_atomic
 
     table = write_csv_atomic(Path(out) / "predictions.csv", rows)
     tracking.log_artifact(table, "predictions")

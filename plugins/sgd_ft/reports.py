@@ -4,9 +4,6 @@ side-by-side figure (``plots/compare.png``)."""
 
 from __future__ import annotations
 
-import csv
-import os
-from pathlib import Path
 from typing import Any
 
 from plugins.sgd_ft.arms import Arm
@@ -103,13 +100,3 @@ def summarise_compare(results: list[tuple[Arm, dict[str, Any]]], metric: str) ->
     return out, winner
 
 
-def write_csv_atomic(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """``rows`` as a CSV (columns from the first row), written under a temporary name and renamed."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
