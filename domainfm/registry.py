@@ -36,6 +36,21 @@ def version_metrics(tags: dict[str, str]) -> dict[str, str]:
             if k.startswith(METRIC_TAG_PREFIX) and k != f"{METRIC_TAG_PREFIX}run_id"}
 
 
+#: Name parts of the metrics `registry list` shows (the rest stay in `registry show`): the headline
+#: scores, not per-class APs, counts or the chance level.
+HEADLINE = ("mAP", "auc", "AUC", "rank1", "acc", "rankme", "mINP")
+NOT_HEADLINE = ("_AP_", "chance", "micro", "bands_", "feature_dim", "_ci", "_lo", "_hi")
+
+
+def headline_metrics(metrics: dict[str, str], n: int = 4) -> dict[str, str]:
+    """At most ``n`` headline scores of ``metrics`` (names containing one of :data:`HEADLINE` and
+    none of :data:`NOT_HEADLINE`), for the one-line-per-version `registry list`."""
+    out = {k: v for k, v in metrics.items()
+           if any(h in k for h in HEADLINE) and not any(x in k for x in NOT_HEADLINE)
+           and not k.startswith(("n_", "num_"))}
+    return dict(list(out.items())[:n])
+
+
 def list_rows(name: str | None = None) -> list[dict[str, Any]]:
     """One row per registered version: name, version, aliases, training run, data root with a short
     fingerprint, and the latest evaluation's metrics (from the version's tags)."""
@@ -45,7 +60,7 @@ def list_rows(name: str | None = None) -> list[dict[str, Any]]:
         data = tags.get(DATA_ROOT_TAG, "")
         if tags.get(DATA_FINGERPRINT_TAG):
             data = f"{data} ({short_fingerprint(tags[DATA_FINGERPRINT_TAG])})".strip()
-        metrics = version_metrics(tags)
+        metrics = headline_metrics(version_metrics(tags))
         rows.append({"name": r["name"], "version": r["version"], "aliases": r["aliases"],
                      "plugin": tags.get(PLUGIN_TAG, ""), "training_run": tags.get(TRAINING_RUN_TAG) or r["run_id"] or "",
                      "data": data, "metrics": ", ".join(f"{k}={v}" for k, v in metrics.items()),

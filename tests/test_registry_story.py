@@ -99,6 +99,7 @@ def test_registry_list_and_show_tell_the_story(mlflow_store, tmp_path):
     row = next(line for line in r.output.splitlines() if "story-bb" in line)
     for part in ("champion", train_id, "scorer", fp[:19], "accuracy=0.875"):
         assert part in row, (part, r.output)
+    assert "num_samples" not in row  # a count is not a headline score (`registry show` has it)
 
     r = runner.invoke(main, ["registry", "show", "story-bb@champion"])
     assert r.exit_code == 0, r.output
