@@ -34,6 +34,20 @@ def load_make_data(name: str):
     return module
 
 
+def assert_one_line_error(result, *phrases) -> str:
+    """A finished CLI call (``run_cli``'s CompletedProcess or click's Result) ended as an expected
+    mistake: exit 2, no traceback, exactly one ``error: ...`` line on stderr containing every
+    phrase. Returns that line."""
+    code = getattr(result, "returncode", getattr(result, "exit_code", None))
+    assert code == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for p in phrases:
+        assert p in lines[0], lines[0]
+    return lines[0]
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A fresh sqlite MLflow store under tmp_path, and tmp_path as the working folder."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 
 from domainfm.cli import main
 
@@ -31,17 +31,6 @@ TRAIN_FLAGS = ["--backbone", "test_resnet", "--init", "random", "--img-size", "3
 
 def _invoke(args, env):
     return CliRunner().invoke(main, args, env=env, catch_exceptions=False)
-
-
-def _one_line_error(r, *phrases):
-    code = getattr(r, "returncode", getattr(r, "exit_code", None))
-    assert code == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for p in phrases:
-        assert p in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -127,31 +116,31 @@ def test_registered_model_writes_the_challenge_submission_with_reranking(finetun
     assert info["num_queries"] == 4 and info["num_gallery"] == 20 and Path(info["submission"]) == sub.resolve()
 
 
-def test_bad_training_name_is_one_line_error(workdir, tmp_path):
+def test_bad_training_name_isassert_one_line_error(workdir, tmp_path):
     _, _, env = workdir
     root = make_data.make_mmsports(tmp_path / "d", train_players=2, test_players=2, frames=2, challenge_players=1)
     bad = root / "reid_training" / "goalkeeper.jpeg"
     (root / "reid_training" / "0_0_0.jpeg").rename(bad)
     r = run_cli(["finetune", "--plugin", "sports-reid", "--data", str(root), *TRAIN_FLAGS], cwd=tmp_path, env=env)
-    _one_line_error(r, str(bad), "<player_id>_<sequence>_<frame>.jpeg", "Fix: rename it")
+    assert_one_line_error(r, str(bad), "<player_id>_<sequence>_<frame>.jpeg", "Fix: rename it")
 
 
 def test_evaluate_input_errors(workdir, finetuned, tmp_path):
     work, root, env = workdir
     model = finetuned["backbone_path"]
     base = ["evaluate", "--plugin", "sports-reid"]
-    _one_line_error(_invoke(base + ["--model", model, "--data", str(root), "--split", "challenge"], env),
+    assert_one_line_error(_invoke(base + ["--model", model, "--data", str(root), "--split", "challenge"], env),
                     "--submission PATH is missing")
-    _one_line_error(_invoke(base + ["--model", model], env), "sports-reid needs --data ROOT")
-    _one_line_error(_invoke(base + ["--data", str(root)], env), "evaluate needs --model")
-    _one_line_error(_invoke(base + ["--model", str(tmp_path / "nope.safetensors"), "--data", str(root)], env),
+    assert_one_line_error(_invoke(base + ["--model", model], env), "sports-reid needs --data ROOT")
+    assert_one_line_error(_invoke(base + ["--data", str(root)], env), "evaluate needs --model")
+    assert_one_line_error(_invoke(base + ["--model", str(tmp_path / "nope.safetensors"), "--data", str(root)], env),
                     "nope.safetensors: model file not found")
     # a query whose player has no gallery crop
     bad = make_data.make_mmsports(tmp_path / "d", train_players=2, test_players=2, frames=2, challenge_players=1)
     gallery = bad / "reid_test" / "gallery"
     for p in gallery.glob("1001_*"):
         p.unlink()
-    _one_line_error(_invoke(base + ["--model", model, "--data", str(bad)], env),
+    assert_one_line_error(_invoke(base + ["--model", model, "--data", str(bad)], env),
                     "1001_500_0.jpeg: query player 1001 has no crop in the gallery")
 
 
@@ -190,20 +179,20 @@ def test_bad_flags_fail_in_the_plugin_check_before_any_mlflow_run(workdir, finet
     before = _all_run_ids(env["MLFLOW_TRACKING_URI"])
     ev = ["evaluate", "--plugin", "sports-reid", "--model", model, "--data", str(root)]
     # token merging needs a ViT: the test model is a ResNet
-    _one_line_error(_invoke(ev + ["--tome-r", "2"], env), "--tome-r", "ViT")
+    assert_one_line_error(_invoke(ev + ["--tome-r", "2"], env), "--tome-r", "ViT")
     # fp16 autocast exists on CUDA only
-    _one_line_error(_invoke(ev + ["--accelerator", "cpu", "--precision", "16-mixed"], env),
+    assert_one_line_error(_invoke(ev + ["--accelerator", "cpu", "--precision", "16-mixed"], env),
                     "--precision 16-mixed needs a GPU")
-    _one_line_error(_invoke(ev + ["--zero-shot", str(tmp_path / "start.safetensors")], env),
+    assert_one_line_error(_invoke(ev + ["--zero-shot", str(tmp_path / "start.safetensors")], env),
                     "start.safetensors: --zero-shot weights file not found")
     # re-ranking with k1=20 needs 21 crops in query + gallery: 2 players x 2 frames have 4 (2 + 2)
     small = make_data.make_mmsports(tmp_path / "small", train_players=2, test_players=2, frames=2, challenge_players=1)
     n_test = sum(1 for _ in (small / "reid_test").rglob("*.jpeg"))
-    line = _one_line_error(_invoke(ev[:-1] + [str(small), "--rerank"], env),
+    line = assert_one_line_error(_invoke(ev[:-1] + [str(small), "--rerank"], env),
                            f"needs more than 20 images in query + gallery, got {n_test}", "--no-rerank")
     assert line.startswith(f"error: {small}: ")
     # fine-tuning learns that before training, not after it
-    _one_line_error(_invoke(["finetune", "--plugin", "sports-reid", "--data", str(small), "--rerank", *TRAIN_FLAGS,
+    assert_one_line_error(_invoke(["finetune", "--plugin", "sports-reid", "--data", str(small), "--rerank", *TRAIN_FLAGS,
                              "--out", str(tmp_path / "out")], env), "got {}".format(n_test))
     assert not (tmp_path / "out").exists()
     assert _all_run_ids(env["MLFLOW_TRACKING_URI"]) == before

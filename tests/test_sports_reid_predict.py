@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 
 from domainfm.cli import main
 from domainfm.errors import DomainFMError
@@ -32,17 +32,6 @@ NAME = "reid-predict"
 
 def _invoke(args, env):
     return CliRunner().invoke(main, args, env=env, catch_exceptions=False)
-
-
-def _one_line_error(r, *phrases):
-    code = getattr(r, "returncode", getattr(r, "exit_code", None))
-    assert code == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for p in phrases:
-        assert p in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -208,22 +197,22 @@ def test_empty_gallery_and_a_crop_that_is_not_an_image_are_one_line(registered, 
     empty.mkdir()
     r = run_cli(["predict", "--model", f"models:/{NAME}@champion", str(root / "reid_test" / "query"),
                  "--gallery", str(empty), "--out", str(tmp_path / "o1")], env=env, timeout=300)
-    _one_line_error(r, str(empty), "no gallery crops")
+    assert_one_line_error(r, str(empty), "no gallery crops")
     bad = tmp_path / "q" / "7_1_0.jpeg"
     bad.parent.mkdir()
     bad.write_text("not an image")
     r = _invoke(["predict", "--model", f"models:/{NAME}@champion", str(bad.parent),
                  "--gallery", str(root / "reid_test" / "gallery"), "--out", str(tmp_path / "o2")], env)
-    _one_line_error(r, str(bad))
+    assert_one_line_error(r, str(bad))
     assert not (tmp_path / "o2" / "ranking.csv").exists()
     txt = tmp_path / "notes.txt"
     txt.write_text("x")
     r = _invoke(["predict", "--model", f"models:/{NAME}@champion", str(txt),
                  "--gallery", str(root / "reid_test" / "gallery"), "--out", str(tmp_path / "o3")], env)
-    _one_line_error(r, str(txt), "is not a crop image")
+    assert_one_line_error(r, str(txt), "is not a crop image")
     r = _invoke(["predict", "--model", f"models:/{NAME}@champion", str(root / "reid_challenge" / "query"),
                  "--gallery", str(root / "reid_challenge" / "gallery"), "--out", str(tmp_path / "o4"), "--rerank"], env)
-    _one_line_error(r, "re-ranking with k1=20 needs more than 20 images")
+    assert_one_line_error(r, "re-ranking with k1=20 needs more than 20 images")
 
 
 # ---------------------------------------------------------------- the loader refuses a disagreeing model
@@ -269,7 +258,7 @@ def test_a_foreign_model_through_predict_is_one_line(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
     r = _invoke(["predict", "--model", str(path), "--plugin", "sports-reid", str(root / "query"),
                  "--gallery", str(root / "gallery"), "--out", str(tmp_path / "o")], env)
-    _one_line_error(r, "in_chans = 13", "re-id crops are RGB")
+    assert_one_line_error(r, "in_chans = 13", "re-id crops are RGB")
 
 
 # ---------------------------------------------------------------- the crop reader
