@@ -483,6 +483,9 @@ def predict_cmd(inputs: tuple[str, ...], model: str, out: str, plugin: str | Non
         sys.exit(130)
 
 
+
+renamed_flags(predict_cmd, {"--output-dir": "--out"})  # the training commands' old spelling, here too
+
 def run_cli_command(fn, *args, **kwargs):
     """Run ``fn`` and turn a DomainFMError into the one-line error and exit 2 (for plugin commands)."""
     try:
