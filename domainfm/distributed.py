@@ -232,3 +232,287 @@ def handed_off() -> tuple[str | None, Path | None]:
 
     ckpt = os.environ.get(CKPT_DIR_VAR)
     return os.environ.get(RUN_ID_VAR) or None, Path(ckpt) if ckpt else None
+
+
+# ---------------------------------------------------------------- one failing rank ends the whole job
+
+#: Store keys of the failure protocol (see :func:`end_job_on_rank_failure`).
+FAILED_KEY = "domainfm/failed"
+STOPPED_KEY = "domainfm/stopped"
+#: Seconds a rank that stops waits for the others (a backstop: they normally answer within a poll).
+STOP_GRACE_S = 30.0
+POLL_S = 0.25
+
+
+class PeerRankFailed(BaseException):
+    """Raised in a rank's main thread when another rank of the job failed. A BaseException, like
+    KeyboardInterrupt, so that a per-item ``except Exception`` (one slide's failure) does not take
+    it for the item's own error."""
+
+
+def _rank_failed_class():
+    from domainfm.errors import DomainFMError
+
+    class _RankFailed(DomainFMError):
+        """A DomainFMError of one rank, its text prefixed with ``rank R of W:``."""
+
+        def __init__(self, text: str, original: BaseException):
+            Exception.__init__(self, text)
+            self.path = getattr(original, "path", None)
+            self.fix = getattr(original, "fix", None)
+
+    return _RankFailed
+
+
+def _one_line(exc: BaseException) -> str:
+    from domainfm.errors import DomainFMError
+
+    text = [line for line in str(exc).strip().splitlines() if line.strip()]
+    msg = text[0].strip() if text else ""
+    return msg if isinstance(exc, DomainFMError) else f"{type(exc).__name__}: {msg}".rstrip(": ")
+
+
+def _node_rank() -> int:
+    import os
+
+    for var in ("NODE_RANK", "GROUP_RANK", "SLURM_NODEID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+class _RankGuard:
+    """The failure protocol of one process (see :func:`end_job_on_rank_failure`)."""
+
+    def __init__(self):
+        import os
+        import threading
+
+        self.main = threading.get_ident()
+        self.ppid = os.getppid()
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.handling = False
+        self.sent = False
+        self.store = None
+        self.rank = self.world = None
+        self.thread = None
+
+    # -- state shared with the other ranks
+    def attach(self) -> bool:
+        """Find the job's store (the default process group's) once a group of > 1 process exists."""
+        if self.store is not None:
+            return True
+        if not is_distributed():
+            return False
+        import torch.distributed as dist
+
+        self.store = dist.distributed_c10d._get_default_store()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        return True
+
+    def record(self) -> dict | None:
+        import json
+
+        try:
+            if self.store.check([FAILED_KEY]):
+                return json.loads(self.store.get(FAILED_KEY))
+        except Exception:  # noqa: BLE001 - the store's host (rank 0) has ended
+            return None
+        return None
+
+    def start(self) -> None:
+        import threading
+
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._watch, name="domainfm-rank-watch", daemon=True)
+            self.thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+
+    # -- the watcher thread: another rank failed -> stop this one's main thread
+    def _watch(self) -> None:
+        import ctypes
+        import os
+
+        while not self.done.wait(POLL_S):
+            try:
+                if not self.attach():
+                    continue
+            except Exception:  # noqa: BLE001
+                return
+            rec = self.record()
+            if rec is None or rec["rank"] == self.rank:
+                continue
+            with self.lock:
+                if not self.handling:  # the main thread is not already on its way out
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.main),
+                                                               ctypes.py_object(PeerRankFailed))
+                    self.sent = True
+            # backstop: a main thread stuck in C (an NCCL collective) never sees the exception
+            if not self.done.wait(STOP_GRACE_S):
+                self._say_peer(rec)
+                os._exit(int(rec.get("code", 1)))
+            return
+
+    def _say_peer(self, rec: dict) -> None:
+        import sys
+
+        if rec.get("node") != _node_rank():  # on its own node the failing rank has said it already
+            print(f"error: {rec['line']} (rank {self.rank} stopped)", file=sys.stderr, flush=True)
+
+    def _wait(self, until, timeout: float = STOP_GRACE_S) -> None:
+        import time
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                if until():
+                    return
+            except Exception:  # noqa: BLE001 - the store went away: rank 0 has ended
+                return
+            time.sleep(POLL_S / 2)
+
+    def _wait_for_launcher(self) -> None:
+        """In a process Lightning's launcher started (local rank > 0 under its own environment):
+        wait for the launching process to end first; it SIGKILLs everyone, itself included, when
+        a child exits non-zero before it (``_ChildProcessObserver``), which would lose its status."""
+        import os
+
+        if os.environ.get("LOCAL_RANK", "0") == "0" or launcher_environment() not in (None, "env"):
+            return
+        self._wait(lambda: os.getppid() != self.ppid)
+
+    # -- the main thread: this rank's exception
+    def handle(self, exc: BaseException) -> BaseException:
+        """What to raise instead of ``exc`` (``exc`` itself when there is no job to end)."""
+        import json
+        import sys
+
+        import torch.distributed as dist
+
+        from domainfm.errors import DomainFMError
+
+        with self.lock:
+            self.handling = True
+            if self.sent:  # an exception the watcher sent may still be pending: cancel it
+                import ctypes
+
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.main), None)
+        self.done.set()
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            return exc
+        try:
+            if not self.attach():
+                return exc
+        except Exception:  # noqa: BLE001
+            return exc
+        code = 2 if isinstance(exc, DomainFMError) else 130 if isinstance(exc, KeyboardInterrupt) else 1
+        mine = {"rank": self.rank, "node": _node_rank(), "code": code,
+                "line": f"rank {self.rank} of {self.world}: {_one_line(exc)}"}
+        first = self.record()
+        if first is None and not isinstance(exc, PeerRankFailed):
+            try:  # the first failure wins; a later one is its consequence
+                first = json.loads(self.store.compare_set(FAILED_KEY, "", json.dumps(mine)))
+            except Exception:  # noqa: BLE001 - rank 0 (the store's host) has ended
+                first = None
+        if first is None:  # rank 0 ended without a record (killed): nothing to tell anyone
+            return exc
+        # unblock every rank waiting for this one in a collective (gloo: they see the closed pairs)
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+        if first["rank"] != self.rank:  # another rank failed first: stop quietly, with its status
+            try:
+                self.store.add(STOPPED_KEY, 1)
+            except Exception:  # noqa: BLE001
+                pass
+            self._say_peer(first)
+            self._wait_for_launcher()
+            return SystemExit(first["code"])
+        if self.rank == 0:  # the others stop first, then the command reports as usual
+            self._wait(lambda: self.store.add(STOPPED_KEY, 0) >= self.world - 1)
+            if isinstance(exc, DomainFMError):
+                return _rank_failed_class()(f"rank 0 of {self.world}: {exc}", exc)
+            exc.add_note(f"(in rank 0 of {self.world}; the other ranks were stopped)")
+            return exc
+        # a worker: say it now (its launcher may end it), then wait for rank 0 to end
+        if isinstance(exc, DomainFMError):
+            print(f"error: {mine['line']}", file=sys.stderr, flush=True)
+        else:
+            import traceback
+
+            traceback.print_exception(exc)
+            print(f"error: {mine['line']}", file=sys.stderr, flush=True)
+        self._wait_for_launcher()
+        return SystemExit(code)
+
+
+@contextlib.contextmanager
+def end_job_on_rank_failure() -> Iterator[None]:
+    """Wrap the part of a multi-process job that runs on every rank (Lightning Fabric's launched
+    function; :func:`rank_failure_callback` does the same around ``Trainer.fit``).
+
+    Without it, one rank's exception leaves the others to find out on their own: a rank waiting
+    in a collective for it waits for the process group's timeout (NCCL: minutes), a rank still
+    computing carries on until its next collective, and Lightning's launcher SIGKILLs the
+    launching process when a child it started exits non-zero (exit status 137, no message).
+
+    With it, within a fraction of a second:
+
+    - the first rank to fail records ``rank R of W: <its one-line error>`` in the job's store
+      (the default process group's TCPStore) and closes its process group, which ends the
+      collectives the others wait in;
+    - every other rank's watcher thread sees the record and stops that rank's main thread (a
+      :class:`PeerRankFailed`), which ends quietly with the failing rank's exit status (2 for a
+      DomainFMError, else 1) - saying the line itself only on another node, whose log would
+      otherwise not show it;
+    - the failing rank reports as one line ``error: rank R of W: <message>`` (an unexpected error
+      keeps its traceback); global rank 0, whose exit status the user sees, ends last.
+
+    Files that ranks finished (written atomically) stay for a rerun. A main thread stuck in C
+    (an NCCL collective) is ended with ``os._exit`` after :data:`STOP_GRACE_S` seconds. Does
+    nothing in a single process."""
+    guard = _RankGuard()
+    if guard.attach():
+        guard.start()
+    try:
+        yield
+    except BaseException as exc:  # noqa: BLE001 - every exception ends the job
+        out = guard.handle(exc)
+        if out is exc:
+            raise
+        raise out from None
+    finally:
+        guard.stop()
+
+
+def rank_failure_callback():
+    """A Lightning Callback doing what :func:`end_job_on_rank_failure` does, around ``Trainer.fit``
+    of a multi-process run: the watcher starts once the process group exists (``setup``), and an
+    exception in the loop (``on_exception``, before Lightning's teardown) ends every rank."""
+    from lightning.pytorch.callbacks import Callback
+
+    class RankFailureCallback(Callback):
+        def __init__(self):
+            self.guard = None
+
+        def setup(self, trainer, pl_module, stage):
+            self.guard = _RankGuard()
+            if self.guard.attach():
+                self.guard.start()
+
+        def on_exception(self, trainer, pl_module, exception):
+            if self.guard is None:
+                return
+            out = self.guard.handle(exception)
+            if out is not exception:
+                raise out from None
+
+        def teardown(self, trainer, pl_module, stage):
+            if self.guard is not None:
+                self.guard.stop()
+
+    return RankFailureCallback()

@@ -257,6 +257,10 @@ def build_trainer(cfg: "RunConfig", *, callbacks: Iterable[Any] = (), ckpt_dir: 
     if _RICH_AVAILABLE and kwargs.get("enable_progress_bar", True) and not any(
             isinstance(cb, ProgressBar) for cb in kwargs["callbacks"]):
         kwargs["callbacks"] = [*kwargs["callbacks"], _step_progress_bar_class()()]
+    if cfg.devices * cfg.num_nodes > 1:  # one rank's error ends every rank at once, with one line
+        from domainfm.distributed import rank_failure_callback
+
+        kwargs["callbacks"] = [*kwargs["callbacks"], rank_failure_callback()]
     try:
         return L.Trainer(**kwargs)
     except (ValueError, RuntimeError) as e:

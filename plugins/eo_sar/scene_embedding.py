@@ -787,6 +787,15 @@ def _bounded_cache(sp: ScenePlan):
 
 
 def _rank_worker(fabric, job: "EmbedJob", log: Callable[[str], None]) -> list[SceneResult] | None:
+    """One process's part of every scene; an error in any rank (a scene whose rows of one rank's
+    share cannot be read, say) ends every rank at once, finished rows kept for a rerun."""
+    from domainfm.distributed import end_job_on_rank_failure
+
+    with end_job_on_rank_failure():
+        return _rank_work(fabric, job, log)
+
+
+def _rank_work(fabric, job: "EmbedJob", log: Callable[[str], None]) -> list[SceneResult] | None:
     from concurrent.futures import ThreadPoolExecutor
 
     s = job.settings

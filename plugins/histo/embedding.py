@@ -423,7 +423,15 @@ def write_failures(out_dir: str | Path, failures: list[dict[str, str]]) -> Path 
 
 def _shard_worker(fabric, paths: list[Path], s: EmbedSettings) -> dict[str, Any] | None:
     """One rank's part: rank 0 lists the slides still to do and broadcasts the list, so every rank
-    splits the same list (a slide another rank finishes meanwhile cannot move between shares)."""
+    splits the same list (a slide another rank finishes meanwhile cannot move between shares).
+    An error outside one slide's (which failures.csv records) ends every rank at once."""
+    from domainfm.distributed import end_job_on_rank_failure
+
+    with end_job_on_rank_failure():
+        return _shard_work(fabric, paths, s)
+
+
+def _shard_work(fabric, paths: list[Path], s: EmbedSettings) -> dict[str, Any] | None:
     from domainfm.distributed import shard
 
     todo = [str(p) for p in paths if not features_path(s.out_dir, slides_mod.slide_id(p)).is_file()]
