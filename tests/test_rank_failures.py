@@ -44,7 +44,7 @@ def scenes(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("rank_failures")
     torch.manual_seed(0)
-    b = create_backbone("vit_small_patch14_dinov2", in_chans=13, img_size=W, init="random", depth=2)
+    b = create_backbone("vit_small_patch14_dinov2", in_chans=13, img_size=W, init="random")
     b.input_spec = InputSpec(bands=tuple(S2_L1C_BANDS), mean=tuple(1000.0 + 50 * i for i in range(13)),
                              std=tuple(500.0 + 10 * i for i in range(13)), modality="s2", gsd_m=10.0,
                              units="reflectance x 10000")
