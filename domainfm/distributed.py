@@ -268,6 +268,8 @@ def _one_line(exc: BaseException) -> str:
     from domainfm.errors import DomainFMError
 
     text = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if len(text) > 1 and text[0].startswith("Caught ") and "Original Traceback" in str(exc):
+        return text[-1].strip()  # raised in a DataLoader worker: the original error's own line
     msg = text[0].strip() if text else ""
     return msg if isinstance(exc, DomainFMError) else f"{type(exc).__name__}: {msg}".rstrip(": ")
 

@@ -98,3 +98,36 @@ def test_one_rank_failing_ends_every_rank_with_one_line(scenes, failing_rank, tm
     client = mlflow.MlflowClient(tracking_uri=mlflow_store)
     runs = client.search_runs([client.get_experiment_by_name("domainfm-eo-sar").experiment_id])
     assert [run.info.status for run in runs] == ["FAILED"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_ddp_pretraining_rank_that_meets_a_broken_patch_ends_the_job(scenes, tmp_path, mlflow_store):
+    """``pretrain --devices 2 --strategy ddp``: one training patch's pixel data is overwritten (its
+    header intact). Normalising with the backbone's recorded statistics, nothing reads its pixels
+    before training; the rank whose share holds it fails in its DataLoader, inside the DDP loop
+    where the other rank waits in the gradient all-reduce. Both end with the one line."""
+    import re
+
+    import mlflow
+    import rasterio
+
+    train = make_data.write_dataset(tmp_path / "train", n_patches=8, modalities=("s2",))
+    broken = train / "s2" / "p03.tif"
+    with rasterio.open(broken) as src:  # its first strip of pixels, overwritten; the header intact
+        offset, size = (int(src.get_tag_item(f"BLOCK_{k}_0_0", "TIFF", bidx=1)) for k in ("OFFSET", "SIZE"))
+    with open(broken, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    r = run_cli(["pretrain", "--plugin", "eo-sar", "--data", str(train), "--weights", str(scenes["model"]),
+                 "--stats", "backbone", "--img-size", "28", "--batch-size", "2", "--proj-dim", "16",
+                 "--max-steps", "8", "--num-workers", "0", "--devices", "2", "--strategy", "ddp",
+                 "--accelerator", "cpu"], cwd=tmp_path, env=ENV, timeout=800)
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.fullmatch(
+        rf"error: rank [01] of 2: {re.escape(str(broken))}: {re.escape(MESSAGE)}\. Fix: .*", errors[0]), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "Connection closed by peer" not in r.stderr, r.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("domainfm-eo-sar").experiment_id])
+    assert [run.info.status for run in runs] == ["FAILED"]
