@@ -1,6 +1,8 @@
 """Everything about processes and ranks: gathering a batch across processes so that contrastive
-losses see the global batch, launcher detection, which process is rank 0 (:func:`is_global_zero`)
-and how rank 0 hands its MLflow run to the workers Lightning starts (:func:`handoff_to_workers`).
+losses see the global batch, launcher detection, which process is rank 0 (:func:`is_global_zero`),
+how rank 0 hands its MLflow run to the workers Lightning starts (:func:`handoff_to_workers`), and
+how one rank's error ends every rank at once (:func:`end_job_on_rank_failure`,
+:func:`rank_failure_callback`).
 
 Contrastive losses use the other samples of the batch as negatives (and, for the soft loss, as
 soft positives), so under data parallelism every rank must see every rank's embeddings. A plain
