@@ -42,5 +42,5 @@ if [ -n "$slide" ]; then
 fi
 bench eo_sar_embed 100 python3 benchmarks/eo_sar_embed.py --device cuda --sizes 2048 4096 8192 --depth 12 \
   --window 224 --batch-size 64 --precision bf16-mixed --json "$out/eo_sar_embed.json"
-[ -f benchmarks/gpu/fsdp_pretrain.py ] && [ "${WITH_FSDP:-0}" = 1 ] && bench fsdp_pretrain 45 python3 benchmarks/gpu/fsdp_pretrain.py --devices 1
+[ -f benchmarks/gpu/fsdp_pretrain.py ] && [ "${WITH_FSDP:-0}" = 1 ] && bench fsdp_pretrain 120 python3 benchmarks/gpu/fsdp_pretrain.py --devices 1
 exit 0
