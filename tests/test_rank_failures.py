@@ -10,9 +10,10 @@ rank 1 tile row 1 (:func:`domainfm.distributed.shard`). So
 - cutting the file at scene row 260 breaks only tile row 2: rank 0 fails, after finishing row 0;
 - garbling scene rows 150-199 breaks only tile row 1: rank 1 fails.
 
-Before the fix the first case left rank 1 running alone after the command returned, until its next
-collective raised a gloo traceback; the second had Lightning's launcher SIGKILL rank 0 (exit 137,
-no rank named, the MLflow run left RUNNING).
+Before the fix the first case printed the line without its rank and left rank 1 running alone after
+the command returned, until its next collective raised a gloo traceback; in the second, rank 0
+either died of a gloo "Connection closed by peer" traceback (exit 1) or was SIGKILLed by Lightning's
+launcher (exit 137, the MLflow run left RUNNING), whichever came first.
 """
 
 from __future__ import annotations
