@@ -2,18 +2,26 @@
 
 1. tiles/s with ``--tome-r R`` against unmerged, for ViT-B/14 at 224 (and ViT-L/14 at 224 with
    ``--large``, the default on cuda), same tiles, same batches;
-2. mean cosine similarity of the pooled features to the unmerged ones;
+2. mean cosine similarity of the pooled features to the unmerged ones, plain and *centred* (the
+   unmerged features' mean over the tiles subtracted first: random-init features of all tiles are
+   nearly parallel, so the plain cosine is ~1 whatever merging does);
 3. the slide-biomarker pipeline (ABMIL ensemble, external cohort) on a synthetic image cohort
-   (tiles drawn by tests/data/histo/make_data.py's tissue generator; positive slides carry a few
-   tiles with dense dark nuclei) embedded merged and unmerged: external AUC of each.
+   embedded merged and unmerged: the external AUC with its 95% bootstrap interval, and the AUC loss
+   against unmerged with a paired bootstrap interval (same external slides). Tiles are random
+   crops, rotations and flips of tests/data/histo/make_data.py's tissue field with per-slide stain
+   variation; ``--signal-tiles`` tiles of each positive slide carry ``--signal-nuclei`` extra dark
+   nuclei (the difficulty: the defaults keep the unmerged AUC below 1, so a loss can show).
 
     python benchmarks/tome.py [--quick] [--device cpu|cuda] [--rs 4,8,12,16] [--weights FILE]
+                              [--skip-auc | --skip-speed] [--reps N] [--tiles N]
 
 Offline there are no DINOv2 weights: the encoder is a random-init DINOv2 architecture whose
 LayerScale factors (1e-5 at init, which makes every block nearly the identity and merging free)
-are set to --layer-scale, an order of magnitude of trained models. Speed does not depend on the
-weights; cosine and AUC do, so re-measure them with --weights on real weights. On cuda the
-forward runs under bf16 autocast (on cpu with ``--precision bf16-mixed``).
+are set to --layer-scale, an order of magnitude of trained models. Its attention is uniform
+(random q and k), under which merging with proportional attention is nearly exact; --attn-scale
+sharpens it. Speed does not depend on the weights; cosine and AUC do, so re-measure them with
+--weights on real weights. On cuda the forward runs under bf16 autocast (on cpu with
+``--precision bf16-mixed``).
 """
 
 from __future__ import annotations
@@ -35,7 +43,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
-def encoder(name: str, weights: str | None, layer_scale: float, device):
+def encoder(name: str, weights: str | None, layer_scale: float, device, attn_scale: float = 1.0):
+    """The benchmark's encoder: ``weights`` (an export), or the random-init architecture ``name``
+    with LayerScale ``layer_scale`` and attention logits multiplied by ``attn_scale`` (the query and
+    key projections scaled by its square root). Random-init attention is uniform (normalised
+    entropy 1.00 in every block of ViT-S/14), and under uniform attention a size-weighted merge with
+    proportional attention leaves the attention output unchanged: ``--attn-scale 64`` gives peaked
+    attention (entropy 0.2-0.45), closer to a trained model's, so merging has something to lose."""
     import torch
 
     from domainfm.backbones import create_backbone
@@ -48,6 +62,10 @@ def encoder(name: str, weights: str | None, layer_scale: float, device):
                 for ls in (blk.ls1, blk.ls2):
                     if hasattr(ls, "gamma"):
                         ls.gamma.fill_(layer_scale)
+                qkv, d = blk.attn.qkv, blk.attn.qkv.in_features
+                qkv.weight[:2 * d] *= attn_scale ** 0.5
+                if qkv.bias is not None:
+                    qkv.bias[:2 * d] *= attn_scale ** 0.5
     return b.eval().requires_grad_(False).to(device)
 
 
@@ -145,7 +163,7 @@ def speed_and_cosine(name, args, device, tiles) -> list[dict]:
 
     from domainfm.inference import apply_token_merging
 
-    b = encoder(name, args.weights, args.layer_scale, device)
+    b = encoder(name, args.weights, args.layer_scale, device, args.attn_scale)
     ref = features(b, tiles[:args.batch_size], device, args.batch_size)  # warm-up
     ref = features(b, tiles, device, args.batch_size)
     rows, base_times = [], []
@@ -242,7 +260,7 @@ def cohort_auc(name, args, device, r_values) -> dict[int, dict]:
             plan.append((cohort, f"{cohort}_{i:03d}", label,
                          make_tiles(args.tiles_per_slide, seed, signal_tiles=args.signal_tiles * label,
                                     nuclei=args.signal_nuclei)))
-    b = encoder(name, args.weights, args.layer_scale, device)
+    b = encoder(name, args.weights, args.layer_scale, device, args.attn_scale)
     results, ref, ref_scores = {}, None, None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -303,6 +321,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="Side-by-side repetitions per r (default 3; quick cpu 1).")
     ap.add_argument("--weights", default=None, help="A domainfm export of real weights (ViT-B/14 architecture).")
     ap.add_argument("--layer-scale", type=float, default=0.5, help="LayerScale of the random encoder.")
+    ap.add_argument("--attn-scale", type=float, default=1.0,
+                    help="Multiply the random encoder's attention logits (1: uniform attention as initialised; "
+                         "64: peaked, entropy 0.2-0.45 of the maximum).")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--auc-r", default=None,
                     help="Comma-separated r of the merged cohorts (default: every r; quick: 16).")
