@@ -275,7 +275,7 @@ def test_soft_term_responds_to_the_labels():
 
 # ---------------------------------------------------------------- resume
 
-TINY = ["--backbone", "vit_small_patch14_dinov2", "--init", "random", "--img-size", "28", "--batch-size", "8",
+TINY = ["--backbone", "test_vit", "--init", "random", "--img-size", "32", "--batch-size", "8",
         "--num-samples", "16", "--proj-dim", "32", "--val-every", "0"]
 
 
