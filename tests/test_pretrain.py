@@ -15,8 +15,8 @@ from safetensors import safe_open
 
 from conftest import run_cli
 
-# timm's test_vit (6 blocks, 64-d, 0.4 M parameters) at 32 px: 4 tokens, as a real ViT of the DINOv2 family
-# would have at 28 px, with checkpoints of a few MB instead of 400 MB each (22 M parameters x 4 copies)
+# timm's test_vit (a real ViT: 6 blocks, 64-d, 0.4 M parameters) at 32 px, 4 tokens: what ViT-S/14 had at
+# 28 px, with checkpoints of a few MB instead of 400 MB each (22 M parameters x 4 copies)
 TINY = ["--backbone", "test_vit", "--init", "random", "--img-size", "32", "--batch-size", "8",
         "--num-samples", "16", "--proj-dim", "32"]
 
