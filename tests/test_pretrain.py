@@ -265,6 +265,7 @@ def test_fsdp_two_cpu_processes_resume_and_export(tmp_path, monkeypatch):
     assert all(torch.equal(saved[k], teacher[k]) for k in teacher)
 
 
+@pytest.mark.fresh_store  # checks that no MLflow store file is made
 def test_fsdp_on_cpu_is_one_line_before_any_run(tmp_path, toy_env):
     r = run_cli(["pretrain", "--plugin", "toy", *TINY, "--max-steps", "1", "--strategy", "fsdp", "--devices", "2",
                  "--accelerator", "cpu"], cwd=tmp_path, env=toy_env, timeout=300)
