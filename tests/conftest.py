@@ -55,7 +55,12 @@ def empty_store_template(tmp_path_factory) -> Path:
     from mlflow import MlflowClient
 
     db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    assert [e.name for e in MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()] == ["Default"]
+    cwd = os.getcwd()
+    os.chdir(db.parent)  # MLflow's "Default" experiment records ./mlruns of the folder it was made in
+    try:
+        assert [e.name for e in MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()] == ["Default"]
+    finally:
+        os.chdir(cwd)
     return db
 
 
