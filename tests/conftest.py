@@ -48,10 +48,35 @@ def assert_one_line_error(result, *phrases) -> str:
     return lines[0]
 
 
+@pytest.fixture(scope="session")
+def empty_store_template(tmp_path_factory) -> Path:
+    """An empty sqlite MLflow store, its tables created by MLflow itself (alembic's ~50 migrations,
+    about 4 s of CPU), once per test process; each test's store starts as a copy of it."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    cwd = os.getcwd()
+    os.chdir(db.parent)  # MLflow's "Default" experiment records ./mlruns of the folder it was made in
+    try:
+        assert [e.name for e in MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()] == ["Default"]
+    finally:
+        os.chdir(cwd)
+    return db
+
+
+def _new_store(request, tmp_path: Path) -> str:
+    """The URI of tmp_path/mlflow.db: a copy of the empty template, or no file at all for a test
+    marked ``fresh_store`` (one that checks no store was created, or how the product creates one)."""
+    db = tmp_path / "mlflow.db"
+    if request.node.get_closest_marker("fresh_store") is None:
+        shutil.copyfile(request.getfixturevalue("empty_store_template"), db)
+    return f"sqlite:///{db}"
+
+
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
-    """A fresh sqlite MLflow store under tmp_path, and tmp_path as the working folder."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def mlflow_store(request, tmp_path, monkeypatch):
+    """An empty sqlite MLflow store under tmp_path, and tmp_path as the working folder."""
+    uri = _new_store(request, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     return uri
@@ -80,7 +105,7 @@ def toy_plugin_site(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def toy_env(toy_plugin_site, tmp_path):
+def toy_env(request, toy_plugin_site, tmp_path):
     """Environment for a subprocess that sees the toy plugin and an isolated MLflow store."""
     path = os.pathsep.join([str(toy_plugin_site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return {"PYTHONPATH": path, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    return {"PYTHONPATH": path, "MLFLOW_TRACKING_URI": _new_store(request, tmp_path)}

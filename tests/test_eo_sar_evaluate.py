@@ -114,8 +114,8 @@ def test_pretrain_on_embedded_sample_then_evaluate_registered_model(tmp_path, mo
 
     # pretraining in its own process, as a user runs it (it also sets per-run environment variables)
     out = tmp_path / "pretrain.json"
-    r = subprocess.run([str(DOMAINFM), "pretrain", "--plugin", "eo-sar", "--init", "random", "--backbone", "vit_small_patch14_dinov2",
-            "--img-size", "28", "--max-steps", "3", "--batch-size", "8", "--proj-dim", "32",
+    r = subprocess.run([str(DOMAINFM), "pretrain", "--plugin", "eo-sar", "--init", "random", "--backbone", "test_vit",
+            "--img-size", "32", "--max-steps", "3", "--batch-size", "8", "--proj-dim", "32",
             "--register", "eo-s2", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "embedded synthetic sample" in r.stderr
@@ -135,7 +135,7 @@ def test_pretrain_on_embedded_sample_then_evaluate_registered_model(tmp_path, mo
                                   str(data), "--batch-size", "8", "--knn-k", "3", "--json", str(out)])
     assert r.exit_code == 0, r.output[-3000:]
     metrics = json.loads(out.read_text())
-    assert metrics["n_train"] + metrics["n_test"] == 12 and metrics["feature_dim"] == 384
+    assert metrics["n_train"] + metrics["n_test"] == 12 and metrics["feature_dim"] == 64
     for key in ("linear_mAP_macro", "linear_mAP_micro", "knn_mAP_macro", "knn_mAP_micro"):
         assert 0.0 < metrics[key] <= 1.0, key
 

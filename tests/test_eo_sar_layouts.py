@@ -224,7 +224,7 @@ def test_pretrain_and_evaluate_every_layout(roots, tmp_path, monkeypatch):
         name = f"lay-{key}"
         out = tmp_path / f"{key}_pre.json"
         r = runner.invoke(main, ["pretrain", "--plugin", "eo-sar", "--data", str(roots[key]), "--modality", modality,
-                                 "--init", "random", "--backbone", "vit_small_patch14_dinov2", "--img-size", "28",
+                                 "--init", "random", "--backbone", "test_vit", "--img-size", "32",
                                  "--max-steps", "2", "--batch-size", "4", "--proj-dim", "16", "--register", name,
                                  "--json", str(out), *pre_args])
         assert r.exit_code == 0, r.output[-3000:]

@@ -27,7 +27,7 @@ def registered(tmp_path_factory):
     train = make_data.write_dataset(root / "train", n_patches=4, modalities=("s2",))
     out = root / "pretrain.json"
     r = run_cli(["pretrain", "--plugin", "eo-sar", "--data", str(train), "--init", "random",
-                 "--backbone", "vit_small_patch14_dinov2", "--img-size", "28", "--max-steps", "1", "--batch-size", "4",
+                 "--backbone", "test_vit", "--img-size", "32", "--max-steps", "1", "--batch-size", "4",
                  "--proj-dim", "16", "--accelerator", "cpu", "--out", str(root / "runs"), "--register", NAME,
                  "--json", str(out)], cwd=root, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -123,7 +123,7 @@ def test_predict_registered_backbone_on_patches_of_two_sizes(registered):
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{NAME}@champion"))
     registered_meta = read_metadata(next(local.rglob("backbone.safetensors")))
     assert registered_meta["plugin"] == "eo-sar" and registered_meta["input_units"] == '"reflectance x 10000"'
-    assert json.loads(registered_meta["input_gsd_m"]) == 10.0 and registered_meta["img_size"] == "28"
+    assert json.loads(registered_meta["input_gsd_m"]) == 10.0 and registered_meta["img_size"] == "32"
     assert logged == {"predictions/embeddings.npy", "predictions/predictions.csv"}
 
 

@@ -91,7 +91,7 @@ def test_statistics_travel_from_pretraining_to_evaluate_and_the_registered_pyfun
     train = make_data.write_dataset(tmp_path / "train", n_patches=4, modalities=("s2",))
     out = tmp_path / "pretrain.json"
     r = subprocess.run([str(DOMAINFM), "pretrain", "--plugin", "eo-sar", "--data", str(train), "--init", "random",
-                        "--backbone", "vit_small_patch14_dinov2", "--img-size", "28", "--max-steps", "2",
+                        "--backbone", "test_vit", "--img-size", "32", "--max-steps", "2",
                         "--batch-size", "4", "--proj-dim", "16", "--register", "eo-stats", "--json", str(out)],
                        capture_output=True, text=True, timeout=800)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -105,7 +105,7 @@ def test_statistics_travel_from_pretraining_to_evaluate_and_the_registered_pyfun
     assert json.loads(meta["input_bands"]) == list(S2_L1C_BANDS)
     np.testing.assert_allclose(json.loads(meta["input_mean"]), mean, rtol=1e-9)
     np.testing.assert_allclose(json.loads(meta["input_std"]), std, rtol=1e-6)
-    assert (json.loads(meta["input_modality"]), json.loads(meta["input_gsd_m"]), meta["img_size"]) == ("s2", 10.0, "28")
+    assert (json.loads(meta["input_modality"]), json.loads(meta["input_gsd_m"]), meta["img_size"]) == ("s2", 10.0, "32")
     assert json.loads(meta["input_units"]) == "reflectance x 10000"
 
     # evaluate on another folder: the backbone's statistics by default, the data's on request

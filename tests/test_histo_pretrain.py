@@ -67,7 +67,7 @@ def test_tile_labels_drive_the_soft_target(slide_dir):
 def test_pretrain_cli_end_to_end(slide_dir, tmp_path):
     out = tmp_path / "m.json"
     r = run_cli(["pretrain", "--plugin", "histo", "--data", str(slide_dir / "slides"), "--backbone",
-                 "vit_small_patch14_dinov2", "--init", "random", "--img-size", "28", "--batch-size", "4",
+                 "test_vit", "--init", "random", "--img-size", "32", "--batch-size", "4",
                  "--max-steps", "1", "--proj-dim", "16", "--mpp", "1", "--tile-size", "48", "--tiles-per-epoch", "8",
                  "--tile-labels", str(slide_dir / "labels.csv"), "--json", str(out)],
                 cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})

@@ -82,6 +82,7 @@ EXPECTED = ("error: --num-nodes 2 needs a launcher's environment, and none is se
     ["pretrain", "--plugin", "toy", "--init", "random", "--img-size", "28", "--max-steps", "1"],
     ["finetune", "--plugin", "sgd-ft", "--init", "random", "--max-steps", "1"],
 ], ids=["pretrain", "finetune"])
+@pytest.mark.fresh_store  # checks that no MLflow store file is made
 def test_num_nodes_without_launcher_is_one_line(tmp_path, toy_env, argv):
     env = _bare_subprocess_env(toy_env)
     r = run_cli([*argv, "--num-nodes", "2", "--devices", "2"], cwd=tmp_path, env=env, timeout=240)

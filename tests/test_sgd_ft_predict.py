@@ -29,7 +29,7 @@ def registered(tmp_path_factory):
     data = write_sample(root / "eo", n_patches=10)
     out = root / "m.json"
     r = run_cli(["finetune", "--plugin", "sgd-ft", "--task", "multilabel", "--modality", "s2", "--data", str(data),
-                 "--backbone", "vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "8", "--init", "random",
+                 "--backbone", "test_vit", "--img-size", "32", "--batch-size", "8", "--init", "random",
                  "--accelerator", "cpu", "--max-steps", "2", "--no-measure-memory", "--out", str(root / "runs"),
                  "--register", NAME, "--json", str(out)], cwd=root, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -163,7 +163,7 @@ def test_predict_registered_rgb_classifier_on_images_of_two_sizes(registered):
     root, env, _ = registered
     data = sgd_data.write_imagefolder(root / "rgb", train=4, val=3, size=32)
     out = root / "rgb.json"
-    r = run_cli(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", "vit_tiny_patch16_224",
+    r = run_cli(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", "test_vit",
                  "--img-size", "32", "--batch-size", "8", "--init", "random", "--accelerator", "cpu", "--max-steps", "2",
                  "--no-measure-memory", "--out", str(root / "runs"), "--register", "sgd-rgb", "--json", str(out)],
                 cwd=root, env=env)

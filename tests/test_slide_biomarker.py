@@ -319,6 +319,7 @@ def test_pipeline_on_a_cohort_with_nothing_to_learn_reports_ties_and_no_gain(tmp
     assert "ensemble_gain_auc" not in run.data.metrics
 
 
+@pytest.mark.fresh_store  # checks that no MLflow store file is made
 def test_split_preconditions_are_checked_before_training(cohort_dir, tmp_path, mlflow_store):
     feats = cohort_dir / "train"
     # 4 patients of class 1 among 10: the default --folds 5 cannot put one in each validation fold
