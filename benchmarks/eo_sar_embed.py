@@ -18,6 +18,9 @@ functions ``eo-sar embed`` runs, no MLflow: usable on hosts without it), and rep
   zeros: reading, decoding, normalising, nodata masks, batching, the output buffer), with 1 and
   with ``--reader-threads`` threads (``eo-sar embed --reader-threads``): the most any model, e.g.
   a GPU's, could be fed on this machine (scene file in the page cache: decoding, not the disk);
+- ``decode_wps``: the same number of windows per second of decoding each tile of the scene once
+  (plain rasterio reads of whole block rows): the reader's own ceiling; reader / decode is the
+  reader's efficiency;
 - ``load``: the 1-minute load average before and after (the machine may be shared).
 
 Targets (ratios): memory growth at the largest size <= 1.2 x at the smallest; job_wps / model_wps
@@ -97,6 +100,26 @@ def reader_only(sp, s, device, dim: int, threads: int) -> float:
     return (res.embedded + res.skipped_nodata) / (time.perf_counter() - t)
 
 
+def decode_only(path, window: int, stride: int) -> float:
+    """Windows/s (as many as the job's grid has) of decoding every tile of the scene exactly once:
+    plain rasterio reads of whole block rows, GDAL's threads as the job's reader has them. The
+    ceiling of ``reader_wps`` on this machine: what is left is the reader's own cost."""
+    import math
+
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(path, NUM_THREADS="ALL_CPUS") as src:
+        H, W = src.height, src.width
+        bh = src.block_shapes[0][0]
+        t = time.perf_counter()
+        for y in range(0, H, bh):
+            src.read(window=Window(0, y, W, min(bh, H - y)))
+        dt = time.perf_counter() - t
+    n = (math.ceil((H - window) / stride) + 1) * (math.ceil((W - window) / stride) + 1)
+    return n / dt
+
+
 def child(args) -> dict:
     """One size in this (fresh) process; prints a JSON line."""
     import numpy as np
@@ -172,7 +195,8 @@ def child(args) -> dict:
     reader = {"1": reader_only(sp, s, device, job.dim_in, 1)}
     if threads > 1:
         reader[str(threads)] = reader_only(sp, s, device, job.dim_in, threads)
-    return {"size": args.size, "windows": res.embedded, "job_s": round(job_s, 3), "loop_s": round(loop["s"], 3),
+    decode = decode_only(sp.path, sp.grid.window, sp.grid.stride)
+    return {"size": args.size, "windows": res.embedded, "decode_wps": decode, "job_s": round(job_s, 3), "loop_s": round(loop["s"], 3),
             "job_wps": res.embedded / job_s, "loop_wps": res.embedded / loop["s"],
             "model_wps": n_batches * args.batch_size / model_s, "reader_wps": reader,
             "job_reader_threads": s.reader_threads_for(device),
@@ -240,7 +264,7 @@ def main(argv=None) -> dict:
             print(f"{size:>6}² px: {row['windows']:>6} windows, model {row['model_wps']:.1f} win/s; whole job "
                   f"{row['job_wps']:.1f} win/s (ratio {row['job_wps'] / row['model_wps']:.2f}), its loop "
                   f"{row['loop_wps']:.1f} win/s (ratio {row['loop_wps'] / row['model_wps']:.2f}); reader alone: "
-                  f"{readers} win/s; RSS growth {row['rss_growth_mb']:.1f} MiB"
+                  f"{readers} win/s (decoding alone {row['decode_wps']:.0f}); RSS growth {row['rss_growth_mb']:.1f} MiB"
                   + (f", CUDA peak {row['cuda_peak_mb']:.1f} MiB" if row['cuda_peak_mb'] is not None else "")
                   + f"; load {row['load_1min'][0]:.1f} -> {row['load_1min'][1]:.1f}", flush=True)
     finally:

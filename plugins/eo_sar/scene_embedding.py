@@ -1,7 +1,9 @@
 """Embedding maps of whole scenes (``domainfm eo-sar embed``), streamed from disk and resumable.
 
 A scene of any size and CRS is read window by window with rasterio (:func:`plugins.eo_sar.radiometry.read_patch`
-on a rectangle of at most ``batch_size`` windows of one row: memory does not grow with the scene),
+on the rectangle of one window row of a tile-aligned column group at most 2048 px wide, each group top
+to bottom: GDAL's block cache, bounded to one group's tiles, decodes each tile once, and memory grows
+neither with the scene's height nor its width; ``reader_threads`` threads share one dataset handle),
 normalised with the backbone's recorded statistics and aligned to its bands by name
 (:func:`plugins.eo_sar.normalization.plan_input`), batched through the frozen backbone and written as a
 georeferenced GeoTIFF:
@@ -328,7 +330,8 @@ class ScenePlan:
         inside = data[:, :h_in, :w_in]
         np.subtract(image, self.mean, out=inside)  # in place: one pass each, no temporaries
         np.divide(inside, self.std, out=inside)
-        np.copyto(data, np.float32(0.0), where=invalid[None])  # nodata -> the band mean
+        if not info.valid.all():  # nodata -> the band mean (beyond the scene edge: zeros already)
+            np.copyto(inside, np.float32(0.0), where=~info.valid[None])
         al = self.plan.alignment
         if list(al.index) != list(range(data.shape[0])):  # the model's bands differ from the data's
             data = al.apply(data)
