@@ -192,10 +192,12 @@ def child(args) -> dict:
     model_s += bare(n_side)
     n_batches = 2 * n_side
     threads = args.reader_threads or os.cpu_count() or 1
-    reader = {"1": reader_only(sp, s, device, job.dim_in, 1)}
-    if threads > 1:
-        reader[str(threads)] = reader_only(sp, s, device, job.dim_in, threads)
-    decode = decode_only(sp.path, sp.grid.window, sp.grid.stride)
+    reader, decode = {}, float("nan")
+    if not args.memory_only:
+        reader["1"] = reader_only(sp, s, device, job.dim_in, 1)
+        if threads > 1:
+            reader[str(threads)] = reader_only(sp, s, device, job.dim_in, threads)
+        decode = decode_only(sp.path, sp.grid.window, sp.grid.stride)
     return {"size": args.size, "windows": res.embedded, "decode_wps": decode, "job_s": round(job_s, 3), "loop_s": round(loop["s"], 3),
             "job_wps": res.embedded / job_s, "loop_wps": res.embedded / loop["s"],
             "model_wps": n_batches * args.batch_size / model_s, "reader_wps": reader,
@@ -221,6 +223,7 @@ def main(argv=None) -> dict:
                    help="threads of the reader-only figure's second run (0: the CPU count; the first uses 1)")
     p.add_argument("--job-reader-threads", type=int, default=0,
                    help="--reader-threads of the job itself (0: the command's default: 1 on CPU, 8 on a GPU)")
+    p.add_argument("--memory-only", action="store_true", help="skip the reader-only and decode-only figures")
     p.add_argument("--json", default=None, help="Write the figures here too.")
     p.add_argument("--tmp", default=None, help="Folder for the scenes (default: a temp folder)")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
@@ -249,6 +252,7 @@ def main(argv=None) -> dict:
                    "--window", str(args.window), "--batch-size", str(args.batch_size), "--precision", args.precision,
                    "--threads", str(args.threads), "--model-batches", str(args.model_batches),
                    "--reader-threads", str(args.reader_threads), "--job-reader-threads", str(args.job_reader_threads)]
+            cmd += ["--memory-only"] if args.memory_only else []
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
             finally:  # an 8192² scene is ~1.4 GB: never left behind
