@@ -82,7 +82,7 @@ class SceneEmbedSettings:
     stop_after_rows: int | None = None  # tests only: stop (as if killed) after this many tile rows
     devices: int = 1  # processes per machine sharing the tile rows (Lightning's launcher)
     num_nodes: int = 1
-    reader_threads: int = 0  # threads preparing windows (0: 1 on CPU, where the model needs the cores; else 8)
+    reader_threads: int = 0  # threads preparing windows (0: 1 on CPU, where the model needs the cores; else <= 8)
 
     def reader_threads_for(self, device) -> int:
         """Reader threads to use on ``device`` (a torch.device): ``reader_threads``, or when 0, 1 on
@@ -262,9 +262,9 @@ class ScenePlan:
     def chunk_windows(self, batch_size: int) -> int:
         """Windows per read (one window row, these many columns). Tiled files are read in column
         groups at most 2048 px wide (or one window) whose left edges fall on tile edges where the
-        stride allows (no tile decoded by two groups): GDAL's block cache then needs the tiles of one group's width,
-        not of the scene's, and memory does not grow with the scene. Striped files (a block is a
-        whole-width strip): ``batch_size`` windows, the rows read in order."""
+        stride allows (no tile decoded by two groups): GDAL's block cache then needs the tiles of
+        one group's width, not of the scene's, and memory does not grow with the scene. Striped
+        files (a block is a whole-width strip): ``batch_size`` windows, the rows read in order."""
         g = self.grid
         bh, bw = self.dataset().block_shapes[0]
         if bw >= g.width:
