@@ -30,7 +30,7 @@ a GPU.
 
     python benchmarks/eo_sar_embed.py [--sizes 2048 4096 8192] [--device cpu|cuda] [--window 112]
                                       [--batch-size 32] [--depth 2] [--precision 32-true]
-                                      [--reader-threads N] [--json OUT] [--tmp DIR]
+                                      [--reader-threads N] [--memory-only] [--json OUT] [--tmp DIR]
 """
 
 from __future__ import annotations
