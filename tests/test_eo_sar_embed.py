@@ -47,7 +47,7 @@ def _embed(args, files, out: Path):
                                      "--out", str(out), "--window", str(W), "--batch-size", "8", *args])
 
 
-def _window_by_hand(files, row_off, col_off, *, dense=False):
+def _window_by_hand(files, row_off, col_off, *, dense=False, scene=None):
     """Read and normalise one window directly, invalid pixels at the mean (0), and run the backbone."""
     import torch
     from rasterio.windows import Window
@@ -55,7 +55,7 @@ def _window_by_hand(files, row_off, col_off, *, dense=False):
     from domainfm.backbones import create_backbone
     from plugins.eo_sar.radiometry import read_patch
 
-    img, names, info = read_patch(files["scene"], modality="s2", window=Window(col_off, row_off, W, W))
+    img, names, info = read_patch(scene or files["scene"], modality="s2", window=Window(col_off, row_off, W, W))
     x = (img - np.asarray(MEAN, np.float32)[:, None, None]) / np.asarray(STD, np.float32)[:, None, None]
     x[:, ~info.valid] = 0.0
     b = create_backbone(files["model"], img_size=W).eval()
@@ -155,6 +155,42 @@ def test_dims_projection_saved_reproducible_and_resume_bit_identical(files, tmp_
     for name in ("scene_dense.tif", "scene_dense.pca.npz", "scene_dense.pca.json"):
         assert (part / name).read_bytes() == (full / name).read_bytes(), name
     assert not (part / "scene_dense.progress.json").exists()
+
+
+@pytest.mark.timeout(600)
+def test_reader_threads_and_column_groups_write_the_same_map(files, tmp_path, mlflow_store):
+    """A tiled scene wider than one read (64-px tiles, 2300 px): read in column groups whose edges
+    fall on tile edges, 1 reader thread and 3 write the same GeoTIFF bit for bit, and a window of
+    the second group is the backbone run by hand on it."""
+    from domainfm.backbones import create_backbone
+    from plugins.eo_sar.scene_embedding import SceneEmbedSettings, plan_scene
+
+    scene = make_data.write_scene(tmp_path / "wide.tif", height=64, width=2300, tiled=True, block=64,
+                                  nodata_box=(30, 40), seed=7)
+    # lcm(28, 64) = 448 px = 16 windows from tile edge to tile edge; 2048 // 448 = 4 of them per read:
+    # 64 windows; ceil((2300 - 28) / 28) + 1 = 83 columns -> groups 0-63 and 64-82, each top to bottom
+    spec = create_backbone(files["model"], img_size=W).input_spec
+    sp = plan_scene(scene, SceneEmbedSettings(out_dir=str(tmp_path), model=str(files["model"]), window=W), spec, 14)
+    assert sp.chunks(0, 3, 8) == [(0, 0, 64), (1, 0, 64), (2, 0, 64), (0, 64, 83), (1, 64, 83), (2, 64, 83)]
+    sp.close()
+
+    from domainfm.cli import main
+
+    maps = []
+    for threads in ("1", "3"):
+        out = tmp_path / f"threads{threads}"
+        r = CliRunner().invoke(main, ["eo-sar", "embed", str(scene), "--model", str(files["model"]), "--out", str(out),
+                                      "--window", str(W), "--batch-size", "8", "--reader-threads", threads])
+        assert r.exit_code == 0, r.output
+        with rasterio.open(out / "wide_embedding.tif") as src:
+            assert (src.count, src.height, src.width) == (384, 3, 83)
+            maps.append(src.read())
+    assert np.array_equal(maps[0], maps[1], equal_nan=True)
+    # nodata: window (0, 0) in the 30 x 40 corner; row 2 (px 56-83 of 64) and column 82 mostly past the edge
+    nodata = np.isnan(maps[0]).all(axis=0)
+    assert nodata[0, 0] and nodata[2].all() and nodata[:, 82].all() and not np.isnan(maps[0][:, :2, 1:82]).any()
+    np.testing.assert_allclose(maps[1][:, 1, 70], _window_by_hand(files, 28, 70 * W, scene=scene),
+                               atol=2e-4, rtol=1e-4)
 
 
 def _one_line_error(r, *fragments):

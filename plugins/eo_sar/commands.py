@@ -235,10 +235,13 @@ def sample_command(out: str, patches: int, seed: int) -> None:
               help="Processes (one per GPU, or CPU processes) sharing each scene's rows of windows.")
 @click.option("--num-nodes", type=int, default=1, show_default=True,
               help="Machines: start the command on each with srun (SLURM) or MASTER_ADDR/MASTER_PORT/NODE_RANK.")
+@click.option("--reader-threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Threads reading and normalising windows ahead of the model (0: 1 on CPU, where the model "
+                   "needs the cores; 8 on a GPU). The output is the same, bit for bit, with any number.")
 @click.option("--stop-after-rows", type=int, default=None, hidden=True)  # tests: stop as if killed
 def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windows, batch_size, tome_r, modality,
                   s2_harmonize, s1_units, precision, accelerator, nodata_fraction, seed, devices, num_nodes,
-                  stop_after_rows) -> None:
+                  reader_threads, stop_after_rows) -> None:
     """Embed whole scenes (any size, any CRS) window by window with a frozen backbone.
 
     Each SCENE gives OUT/<scene>_embedding.tif: one pixel per window position, one float32 band per
@@ -262,7 +265,7 @@ def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windo
                                       s2_harmonize=s2_harmonize, s1_units=s1_units, precision=precision,
                                       accelerator=accelerator, nodata_fraction=nodata_fraction, pca_windows=pca_windows,
                                       seed=seed, stop_after_rows=stop_after_rows, devices=devices,
-                                      num_nodes=num_nodes)
+                                      num_nodes=num_nodes, reader_threads=reader_threads)
         job = prepare(scenes, settings)  # every check before a run opens or a file is written
         if not is_global_zero():  # a worker process of a multi-process run: rank 0 logs and reports
             run_embedding(job, log=lambda m: click.echo(f"eo-sar: {m}", err=True))

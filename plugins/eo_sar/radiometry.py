@@ -237,10 +237,12 @@ def read_patch(path: str | Path, *, modality: str, s2_harmonize: str = "auto", s
     if nodata_value is None:
         nodata_value = DEFAULT_NODATA.get(sensor)
     image = raw.astype(np.float32, copy=True)
-    invalid = ~np.isfinite(image)
+    # integers are always finite: one pass over the pixels less for the usual uint16 scene
+    invalid = ~np.isfinite(image) if raw.dtype.kind == "f" else None
     if nodata_value is not None and np.isfinite(nodata_value):
-        invalid |= raw == np.asarray(nodata_value).astype(raw.dtype)
-    invalid_any = invalid.any(axis=0)
+        equal = raw == np.asarray(nodata_value).astype(raw.dtype)
+        invalid = equal if invalid is None else invalid | equal
+    invalid_any = invalid.any(axis=0) if invalid is not None else np.zeros(image.shape[1:], dtype=bool)
 
     info = PatchInfo(path=path, modality=modality, band_names=order, file_band_names=file_names,
                      bands_from=bands_from, reordered=list(order) != list(file_names), s2_harmonize=s2_harmonize,
@@ -249,7 +251,8 @@ def read_patch(path: str | Path, *, modality: str, s2_harmonize: str = "auto", s
         image = _s2_units(path, image, scales, offsets, tags, band_tags, s2_harmonize, info)
     else:
         image, invalid_any = _s1_units(path, image, invalid_any, scales, offsets, units, tags, s1_units, info)
-    image = image[perm]
+    if perm != list(range(len(perm))):  # fancy indexing copies: only when the stored order differs
+        image = image[perm]
     info.valid = ~invalid_any
     return np.ascontiguousarray(image, dtype=np.float32), order, info
 
@@ -270,6 +273,11 @@ def declared_s2_offset(scales: Sequence[float], offsets: Sequence[float], tags: 
             except ValueError:
                 continue
     return None, None
+
+
+def _s2_to_units(scale: float) -> float:
+    """Factor from a band's DN to reflectance x 10000 (GDAL scale ~1e-4: reflectance; else the scale)."""
+    return 10000.0 * scale if 0 < scale < 0.01 else scale
 
 
 def _s2_units(path: Path, image: np.ndarray, scales, offsets, tags, band_tags, mode: str, info: PatchInfo) -> np.ndarray:
@@ -301,11 +309,15 @@ def _s2_units(path: Path, image: np.ndarray, scales, offsets, tags, band_tags, m
 
     # GDAL's value = DN * scale + offset. The offset in DN is offset / scale (declared_s2_offset);
     # DN * scale is reflectance (scale ~1e-4, brought back to x 10000) or reflectance x 10000 (1).
+    info.harmonized = bool(subtract)
+    if not subtract and all(s == 1.0 for s in scales[:image.shape[0]]):
+        info.scale_applied = False
+        return image  # DN = reflectance x 10000 already (the usual file): x * 1.0 == x, no pass needed
     out = np.empty_like(image)
     any_scale = False
     for b in range(image.shape[0]):
         s = scales[b] if b < len(scales) else 1.0
-        to_units = 10000.0 * s if 0 < s < 0.01 else s
+        to_units = _s2_to_units(s)
         if not math.isclose(s, 1.0, rel_tol=1e-6):
             any_scale = True
         dn = np.maximum(image[b] - subtract, 0.0) if subtract else image[b]

@@ -1,7 +1,9 @@
 """Embedding maps of whole scenes (``domainfm eo-sar embed``), streamed from disk and resumable.
 
 A scene of any size and CRS is read window by window with rasterio (:func:`plugins.eo_sar.radiometry.read_patch`
-on a rectangle of at most ``batch_size`` windows of one row: memory does not grow with the scene),
+on the rectangle of one window row of a tile-aligned column group at most 2048 px wide, each group top
+to bottom: GDAL's block cache, bounded to one group's tiles, decodes each tile once, and memory grows
+neither with the scene's height nor its width; ``reader_threads`` threads share one dataset handle),
 normalised with the backbone's recorded statistics and aligned to its bands by name
 (:func:`plugins.eo_sar.normalization.plan_input`), batched through the frozen backbone and written as a
 georeferenced GeoTIFF:
@@ -39,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,6 +82,14 @@ class SceneEmbedSettings:
     stop_after_rows: int | None = None  # tests only: stop (as if killed) after this many tile rows
     devices: int = 1  # processes per machine sharing the tile rows (Lightning's launcher)
     num_nodes: int = 1
+    reader_threads: int = 0  # threads preparing windows (0: 1 on CPU, where the model needs the cores; else <= 8)
+
+    def reader_threads_for(self, device) -> int:
+        """Reader threads to use on ``device`` (a torch.device): ``reader_threads``, or when 0, 1 on
+        CPU and min(8, CPUs) on an accelerator (the GPU would otherwise wait for the reader)."""
+        if self.reader_threads:
+            return int(self.reader_threads)
+        return 1 if getattr(device, "type", "cpu") == "cpu" else max(1, min(8, os.cpu_count() or 1))
 
     @property
     def step(self) -> int:
@@ -245,18 +256,49 @@ class ScenePlan:
         if self._src is None:
             import rasterio
 
-            self._src = rasterio.open(self.path, NUM_THREADS="ALL_CPUS")
+            self._src = _SceneSource(rasterio.open(self.path, NUM_THREADS="ALL_CPUS"))
         return self._src
 
-    def cache_bytes(self) -> int:
-        """GDAL block cache to hold while this scene is read: the decoded blocks of the block rows one
-        window row touches (window + one block of rows, the scene's width), plus 16 MiB. Enough that
-        the next window row finds the blocks it shares with this one; small enough that memory does
-        not grow with the height of a tile row (GDAL's default is 5 % of the machine's RAM)."""
+    def chunk_windows(self, batch_size: int) -> int:
+        """Windows per read (one window row, these many columns). Tiled files are read in column
+        groups at most 2048 px wide (or one window) whose left edges fall on tile edges where the
+        stride allows (no tile decoded by two groups): GDAL's block cache then needs the tiles of
+        one group's width, not of the scene's, and memory does not grow with the scene. Striped
+        files (a block is a whole-width strip): ``batch_size`` windows, the rows read in order."""
+        g = self.grid
+        bh, bw = self.dataset().block_shapes[0]
+        if bw >= g.width:
+            return max(1, batch_size)
+        aligned = math.lcm(g.stride, bw) // g.stride  # windows from one tile edge to the next shared one
+        if aligned * g.stride <= 2048:
+            n = aligned * max(1, 2048 // (aligned * g.stride))
+        else:  # no tile-aligned group this narrow: one tile column decoded twice per group edge
+            n = max(1, 2048 // g.stride)
+        return min(n, g.cols)
+
+    def chunks(self, r0: int, r1: int, batch_size: int) -> list[tuple[int, int, int]]:
+        """The reads of window rows ``r0..r1-1``, in order: ``(row, first col, end col)``. Column
+        group by column group, each top to bottom, so the tiles a window shares with the one below
+        are still in the (bounded) cache; striped files row by row."""
+        g = self.grid
+        n = self.chunk_windows(batch_size)
+        groups = [(c0, min(c0 + n, g.cols)) for c0 in range(0, g.cols, n)]
+        if self.dataset().block_shapes[0][1] >= g.width:
+            return [(r, c0, c1) for r in range(r0, r1) for c0, c1 in groups]
+        return [(r, c0, c1) for c0, c1 in groups for r in range(r0, r1)]
+
+    def cache_bytes(self, batch_size: int = 16) -> int:
+        """GDAL block cache to hold while this scene is read: the decoded blocks one read touches and
+        the next read of its column group shares (window + one block of rows, the read's width + one
+        block; a striped file: the scene's width), plus 16 MiB. Enough that no tile is decoded twice
+        within a column group; small enough that memory grows neither with the height of a tile row
+        nor with the width of the scene (GDAL's default is 5 % of the machine's RAM)."""
         src = self.dataset()
         bh, bw = src.block_shapes[0]
-        rows = (math.ceil(self.grid.window / bh) + 1) * bh
-        cols = math.ceil(src.width / bw) * bw
+        g = self.grid
+        rows = (math.ceil(g.window / bh) + 1) * bh
+        span = (self.chunk_windows(batch_size) - 1) * g.stride + g.window
+        cols = min(math.ceil(src.width / bw), math.ceil(span / bw) + 1) * bw
         return int(rows * cols * src.count * np.dtype(src.dtypes[0]).itemsize * 1.25) + (16 << 20)
 
     def close(self) -> None:
@@ -279,7 +321,7 @@ class ScenePlan:
         h_in, w_in = min(w, g.height - y0), min(span, g.width - x0)
         image, names, info = read_patch(self.path, modality=self.modality, s2_harmonize=s.s2_harmonize,
                                         s1_units=s.s1_units, window=Window(x0, y0, w_in, h_in),
-                                        src=self.dataset())
+                                        src=self.dataset())  # thread-safe: reads take turns on one handle
         if tuple(names) != self.plan.data_bands:
             raise DomainFMError(f"bands changed while reading ({', '.join(names)})", path=self.path)
         invalid = np.ones((w, span), dtype=bool)
@@ -288,7 +330,8 @@ class ScenePlan:
         inside = data[:, :h_in, :w_in]
         np.subtract(image, self.mean, out=inside)  # in place: one pass each, no temporaries
         np.divide(inside, self.std, out=inside)
-        np.copyto(data, np.float32(0.0), where=invalid[None])  # nodata -> the band mean
+        if not info.valid.all():  # nodata -> the band mean (beyond the scene edge: zeros already)
+            np.copyto(inside, np.float32(0.0), where=~info.valid[None])
         al = self.plan.alignment
         if list(al.index) != list(range(data.shape[0])):  # the model's bands differ from the data's
             data = al.apply(data)
@@ -296,6 +339,31 @@ class ScenePlan:
         out = np.lib.stride_tricks.sliding_window_view(data, w, axis=2)[:, :, ::st].transpose(2, 0, 1, 3)
         masks = np.lib.stride_tricks.sliding_window_view(invalid, w, axis=1)[:, ::st].transpose(1, 0, 2)
         return out, masks
+
+
+class _SceneSource:
+    """One open rasterio dataset shared by the reader threads: GDAL handles are not thread-safe,
+    so reads take turns (a lock held only while GDAL decodes, with its own threads: the tiles of one
+    read in parallel); the metadata ``read_patch`` asks for is read once, not per window. The
+    conversion to model units and the normalisation then run in the reader threads in parallel
+    (numpy releases the GIL). Quacks like the dataset for :func:`plugins.eo_sar.radiometry.read_patch`."""
+
+    def __init__(self, src) -> None:
+        self._src, self._lock = src, threading.Lock()
+        self.count, self.height, self.width = src.count, src.height, src.width
+        self.descriptions, self.scales, self.offsets, self.units = src.descriptions, src.scales, src.offsets, src.units
+        self.nodata, self.crs, self.dtypes, self.block_shapes = src.nodata, src.crs, src.dtypes, src.block_shapes
+        self._tags = [dict(src.tags(i)) for i in range(src.count + 1)]
+
+    def tags(self, bidx: int = 0) -> dict:
+        return self._tags[bidx]
+
+    def read(self, window=None) -> np.ndarray:
+        with self._lock:
+            return self._src.read(window=window)
+
+    def close(self) -> None:
+        self._src.close()
 
 
 def _scene_modality(path: Path, requested: str | None, spec) -> tuple[str, tuple]:
@@ -352,14 +420,19 @@ def plan_scene(path: str | Path, s: SceneEmbedSettings, spec, patch: int | None)
     return ScenePlan(path, modality, grid, plan, crs, transform, mean, std)
 
 
-def _prefetched(jobs: Sequence[Callable[[], Any]], pool) -> Iterator[Any]:
-    """Results of ``jobs`` in order, the next one read by ``pool`` while the caller works."""
-    if not jobs:
-        return
-    pending = pool.submit(jobs[0])
-    for nxt in list(jobs[1:]) + [None]:
-        result = pending.result()
-        pending = pool.submit(nxt) if nxt is not None else None
+def _prefetched(jobs: Sequence[Callable[[], Any]], pool, ahead: int = 1) -> Iterator[Any]:
+    """Results of ``jobs`` in order, the next ``ahead`` run by ``pool`` while the caller works (at
+    most ``ahead`` + 1 results exist at once: memory does not grow with the number of jobs)."""
+    from collections import deque
+
+    todo = iter(jobs)
+    # range first: zip stops there without taking one job more from ``todo``
+    pending = deque(pool.submit(j) for _, j in zip(range(max(1, ahead)), todo))
+    while pending:
+        result = pending.popleft().result()
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending.append(pool.submit(nxt))
         yield result
 
 
@@ -379,7 +452,8 @@ def _fingerprint(sp: ScenePlan, s: SceneEmbedSettings) -> str:
     model = Path(s.model)
     model_id = f"{model.resolve()}:{model.stat().st_size}:{model.stat().st_mtime_ns}" if model.is_file() else s.model
     keys = {k: v for k, v in asdict(s).items() if k not in ("out_dir", "progress", "preview", "stop_after_rows",
-                                                          "accelerator", "model", "devices", "num_nodes")}
+                                                          "accelerator", "model", "devices", "num_nodes",
+                                                          "reader_threads")}
     record = {"scene": str(sp.path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns, "model": model_id,
               "modality": sp.modality, **keys}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -521,17 +595,32 @@ def _tile_row(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, t: i
               project: Callable[[np.ndarray], np.ndarray], pool, res: SceneResult, progress=None,
               task=None) -> np.ndarray:
     """Output rows of tile row ``t``: [rows, out_w, bands] float32, NaN where nodata. Its windows are
-    read a chunk of one window row at a time (the next chunk read by ``pool`` meanwhile) and batched
-    within the tile row only, so the result depends on ``t`` alone, not on what ran before (which is
-    what lets a resumed run, or another process, compute it bit for bit alike)."""
+    read a chunk of one window row at a time (:meth:`ScenePlan.chunks`; the next chunks read by
+    ``pool``, or by ``s.reader_threads`` threads when more than 1, meanwhile) and batched within the
+    tile row only, in the chunks' order whichever thread read them, so the result depends on ``t``
+    alone, not on what ran before nor on the reader threads (which is what lets a resumed run, or
+    another process, compute it bit for bit alike)."""
     g = sp.grid
     G = g.window_rows_per_tile_row
     out_w = g.out_shape[1]
     r0, r1 = t * G, min((t + 1) * G, g.rows)
     buf = np.full(((r1 - r0) * g.k, out_w, bands), NODATA, dtype=np.float32)
-    chunks = [(r, c0, min(c0 + s.batch_size, g.cols)) for r in range(r0, r1)
-              for c0 in range(0, g.cols, s.batch_size)]
+    chunks = sp.chunks(r0, r1, s.batch_size)
     reads = [lambda a=a: sp.read_chunk(*a, s) for a in chunks]
+    n_threads = s.reader_threads_for(getattr(encoder, "device", None))
+    if n_threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="eo-sar-reader") as readers:
+            return _tile_row_loop(sp, s, encoder, chunks, _prefetched(reads, readers, ahead=n_threads), buf, r0,
+                                  bands, project, res, progress, task)
+    return _tile_row_loop(sp, s, encoder, chunks, _prefetched(reads, pool), buf, r0, bands, project, res, progress,
+                          task)
+
+
+def _tile_row_loop(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, chunks, results: Iterator, buf,
+                   r0: int, bands: int, project, res: SceneResult, progress, task) -> np.ndarray:
+    g = sp.grid
     pend_w, pend_pos, pend_mask = [], [], []
 
     def flush():
@@ -549,7 +638,7 @@ def _tile_row(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, t: i
         res.embedded += len(pend_w)
         pend_w.clear(), pend_pos.clear(), pend_mask.clear()
 
-    for (r, c0, c1), (wins, masks) in zip(chunks, _prefetched(reads, pool)):
+    for (r, c0, c1), (wins, masks) in zip(chunks, results):
         keep = _valid_windows(masks, s, g)
         pmask = _patch_nodata(masks, g, s) if g.patch is not None else None
         res.skipped_nodata += int((~keep).sum())
