@@ -447,6 +447,12 @@ def output_paths(out_dir: str | Path, scene: str | Path, dense: bool) -> dict[st
             "parts": out / f"{stem}.parts"}
 
 
+#: How windows are grouped into batches (tile-aligned column groups):
+#: batches of another grouping round differently at float precision, so a partial output written by an
+#: older reader must be restarted, not continued — it is part of the resume fingerprint.
+READ_ORDER = "column-groups-1"
+
+
 def _fingerprint(sp: ScenePlan, s: SceneEmbedSettings) -> str:
     st = sp.path.stat()
     model = Path(s.model)
@@ -455,7 +461,7 @@ def _fingerprint(sp: ScenePlan, s: SceneEmbedSettings) -> str:
                                                           "accelerator", "model", "devices", "num_nodes",
                                                           "reader_threads")}
     record = {"scene": str(sp.path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns, "model": model_id,
-              "modality": sp.modality, **keys}
+              "modality": sp.modality, "read_order": READ_ORDER, **keys}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
