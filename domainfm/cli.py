@@ -195,9 +195,73 @@ def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
         sys.exit(130)
 
 
+def usage_error_line(e: click.ClickException, ctx: click.Context | None = None) -> str:
+    """Click's own mistake (missing argument, unknown option, bad choice, bad number...) as the
+    project's one line: ``error: <command>: <what>. Fix: <suggestion>; see <command> --help.``.
+    Click's suggestions (``Did you mean --out?``, ``Possible options: ...``) become the fix."""
+    ctx = getattr(e, "ctx", None) or _deepest_context(e) or ctx
+    where = ctx.command_path if ctx is not None else None
+    possible = getattr(e, "possibilities", None)
+    if isinstance(e, getattr(click.exceptions, "NoSuchCommand", ())) and not possible and ctx is not None:
+        import difflib  # commands found through entry points (plugins, pipelines) too
+
+        possible = difflib.get_close_matches(e.command_name, ctx.command.list_commands(ctx))
+    if isinstance(e, (click.exceptions.NoSuchOption, getattr(click.exceptions, "NoSuchCommand", ()))):
+        message = e.message  # without click's suggestion sentence: it goes into the fix
+    else:
+        message = e.format_message()
+    message = " ".join(message.split())  # one line, whatever the message held
+    message = message.replace("No such option: ", "No such option ").rstrip(".")
+    message = message[:1].lower() + message[1:]
+    see = f"see {where} --help" if where else None
+    if possible:
+        names = list(possible)  # closest first
+        names = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        fix = f"did you mean {names}?" + (f" S{see[1:]}" if see else "")
+    else:
+        fix = see
+    return f"error: {DomainFMError(message, path=where, fix=fix)}"
+
+
+def _deepest_context(e: BaseException) -> click.Context | None:
+    """The context of the innermost command the error went through: click's parser raises some
+    usage errors (``--model`` without its value) with no context attached."""
+    found, tb = None, e.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals.get("ctx")
+        if isinstance(local, click.Context):
+            found = local
+        tb = tb.tb_next
+    return found
+
+
+def _one_line(e: click.ClickException, ctx: click.Context) -> click.ClickException:
+    """``e`` with a ``show`` that prints :func:`usage_error_line` (exit status unchanged: 2 for a
+    usage error). Click's ``--help``-when-no-arguments stays as it is."""
+    if not isinstance(e, click.exceptions.NoArgsIsHelpError):
+        line = usage_error_line(e, ctx)
+        e.show = lambda file=None: click.echo(line, err=True)
+    return e
+
+
 class DomainFMGroup(click.Group):
     """Top-level group: core commands, plus one sub-group per plugin with extra commands and the
-    pipelines of the ``domainfm.pipelines`` entry-point group under ``domainfm pipeline``."""
+    pipelines of the ``domainfm.pipelines`` entry-point group under ``domainfm pipeline``.
+
+    Click's usage errors, from this group and every command under it (plugin commands and
+    pipelines included), print as one ``error: ...`` line (:func:`usage_error_line`), exit 2."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as e:
+            raise _one_line(e, click.Context(self, info_name=info_name, parent=parent)) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            raise _one_line(e, ctx) from None
 
     def list_commands(self, ctx):
         from domainfm import plugins
