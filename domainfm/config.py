@@ -240,13 +240,20 @@ def click_options(command: str) -> list:
         if extra.pop("is_flag", False):
             opts.append(click.Option([flag], is_flag=True, default=f.default, help=meta["help"]))
             continue
-        if choice:
+        if f.name in ("output_dir", "json"):  # a file where a folder goes (or back): one line saying so
+            from domainfm.cli import PathParam
+
+            kwargs["type"] = (PathParam(file_okay=False, fix="give a folder for the run's outputs")
+                              if f.name == "output_dir" else PathParam(dir_okay=False, fix="give a file name, e.g. metrics.json"))
+        elif choice:
             kwargs["type"] = click.Choice(choice)
         elif f.type in ("int", "int | None"):
             kwargs["type"] = int
         elif f.type in ("float", "float | None"):
             kwargs["type"] = float
         opts.append(click.Option([flag, f.name], **kwargs))
-    opts.append(click.Option(["--config"], type=click.Path(dir_okay=False), default=None,
+    from domainfm.cli import PathParam
+
+    opts.append(click.Option(["--config"], type=PathParam(dir_okay=False, fix="give the path of a YAML file"), default=None,
                              help="YAML file of options; flags given on the command line override it."))
     return opts

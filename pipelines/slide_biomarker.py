@@ -21,20 +21,24 @@ from typing import Any
 
 import click
 
-from domainfm.cli import fail, renamed_flags
+from domainfm.cli import PathParam, fail, renamed_flags
 from domainfm.errors import DomainFMError
 
 
 @click.command("slide-biomarker", context_settings={"max_content_width": 110})
 @click.argument("slides", nargs=-1, required=False)
 @click.option("--features", "features_dir", required=True,
+              type=PathParam(file_okay=False, fix="give the --out folder of `domainfm histo embed`"),
               help="Tile features of the training cohort: the --out folder of `histo embed` (or a folder of .h5).")
 @click.option("--labels", "labels_csv", required=True,
+              type=PathParam(dir_okay=False, fix="give a CSV with columns slide_id,patient_id,label"),
               help="CSV with slide_id,patient_id,label (or a column named --target).")
 @click.option("--target", required=True,
               help="Biomarker name (MSI, HER2...): the label column if the CSV has one, and the model's name.")
-@click.option("--external-features", default=None, help="Tile features of an external test cohort.")
-@click.option("--external-labels", default=None, help="Labels CSV of the external cohort.")
+@click.option("--external-features", default=None,
+              type=PathParam(file_okay=False, fix="give the --out folder of `domainfm histo embed` for that cohort"), help="Tile features of an external test cohort.")
+@click.option("--external-labels", default=None,
+              type=PathParam(dir_okay=False, fix="give a CSV with columns slide_id,patient_id,label"), help="Labels CSV of the external cohort.")
 @click.option("--external-slides", default=None,
               help="Whole slides (a folder or file) of the external cohort, embedded into --external-features.")
 @click.option("--backbone", default="vit_small_patch14_dinov2", show_default=True, help="Encoder for SLIDES (timm name).")

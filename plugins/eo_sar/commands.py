@@ -9,11 +9,12 @@ from pathlib import Path
 
 import click
 
-from domainfm.cli import run_cli_command
+from domainfm.cli import PathParam, run_cli_command
 from domainfm.errors import DomainFMError
 from plugins.eo_sar.bands import CLASS_NAMES, MODALITY_BANDS
 
-_data = click.option("--data", type=click.Path(file_okay=False), default=None,
+_data = click.option("--data", type=PathParam(file_okay=False, fix="give the folder holding s2/<patch_id>.tif (and s1/, "
+                                                                 "landcover/, labels.csv)"), default=None,
                      help="Data root (s2/, s1/, landcover/, labels.csv); the embedded sample when omitted.")
 _modality = click.option("--modality", type=click.Choice(tuple(MODALITY_BANDS)), default="s2", show_default=True,
                          help="Which images to read: s2 (L1C, 13 bands), s2-l2a (L2A, 12 bands) or s1 (VV, VH in dB).")
@@ -156,7 +157,8 @@ def check_command(data: str | None, modality: str, label_threshold: float, s2_ha
 @_s1_units
 @_layout_opts
 @click.option("--patch-id", default=None, help="Patch to draw (file name without .tif); the first one when omitted.")
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG file to write.")
+@click.option("--out", type=PathParam(dir_okay=False, fix="give a file name, e.g. patch.png"), required=True,
+              help="PNG file to write.")
 def plot_command(data: str | None, modality: str, label_threshold: float, s2_harmonize: str, s1_units: str,
                  patch_id: str | None, out: str, **layout_kw) -> None:
     """Draw one patch: true colour (B4, B3, B2) for S2, VV / VH / VV-VH false colour for S1, titled
@@ -183,7 +185,7 @@ def plot_command(data: str | None, modality: str, label_threshold: float, s2_har
 
 
 @click.command("sample", short_help="Write a synthetic S2 / S1 / land-cover data folder.")
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=PathParam(file_okay=False, fix="give a new or empty folder to write the sample to"))
 @click.option("--patches", type=click.IntRange(min=1), default=48, show_default=True, help="Number of patches.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (same seed, same files).")
 def sample_command(out: str, patches: int, seed: int) -> None:
@@ -204,10 +206,11 @@ def sample_command(out: str, patches: int, seed: int) -> None:
 
 @click.command("embed", short_help="Embedding maps of whole scenes: a georeferenced GeoTIFF per scene.",
                context_settings={"max_content_width": 110})
-@click.argument("scenes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("scenes", nargs=-1, required=True,
+                type=PathParam(dir_okay=False, fix="give the scene GeoTIFF files (a shell glob: folder/*.tif)"))
 @click.option("--model", required=True, help="The frozen backbone: a domainfm export (.safetensors) or models:/NAME@ALIAS; "
                                              "its recorded bands and statistics decide how the scene is normalised.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", required=True, type=PathParam(file_okay=False, fix="give a folder for the maps"),
               help="Output folder: <scene>_embedding.tif (or _dense.tif), .preview.png, .pca.npz/.json with --dims.")
 @click.option("--window", type=int, default=224, show_default=True, help="Window side in scene pixels (the model's input).")
 @click.option("--stride", type=int, default=None, help="Step between windows in scene pixels: one output pixel per "

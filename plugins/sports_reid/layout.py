@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from domainfm.errors import DomainFMError
+from domainfm.errors import DomainFMError, expect_folder
 
 MMSPORTS_NAME = re.compile(r"^(?P<pid>\d+)_(?P<sequence>\d+)_(?P<frame>\d+)$")
 CHALLENGE_NAME = re.compile(r"^\d+$")
@@ -47,8 +47,7 @@ class ReIDRecord:
 
 def detect_layout(root: str | Path) -> str:
     root = Path(root)
-    if not root.is_dir():
-        raise DomainFMError("data folder not found", path=root, fix=LAYOUT_FIX)
+    expect_folder(root, "--data", missing="data folder not found", fix=LAYOUT_FIX)
     if (root / "reid_training").is_dir() or (root / "reid_test").is_dir() or (root / "reid_challenge").is_dir():
         return "mmsports"
     if any((root / d).is_dir() for d in ("train", "query", "gallery")):
