@@ -157,6 +157,11 @@ def print_metrics(title: str, metrics: dict[str, Any]) -> None:
 def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
     try:
         cfg, plugin = _resolve_config(ctx, command, params)
+        supported = getattr(plugin, "supported", None)
+        if supported is not None and command not in supported:  # before a run is opened or any data read
+            raise DomainFMError(f"plugin {cfg.plugin!r} does not support {command}",
+                                fix=f"it supports {', '.join(supported) or 'none of the core commands'} "
+                                    "(see `domainfm plugins`)")
         # checked before any MLflow run exists, so a mistyped command leaves no empty run
         if command == "evaluate" and not cfg.model:
             raise DomainFMError("evaluate needs --model", fix="pass a weights file or models:/NAME@ALIAS")

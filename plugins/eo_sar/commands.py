@@ -212,17 +212,17 @@ def sample_command(out: str, patches: int, seed: int) -> None:
                                              "its recorded bands and statistics decide how the scene is normalised.")
 @click.option("--out", "out_dir", required=True, type=PathParam(file_okay=False, fix="give a folder for the maps"),
               help="Output folder: <scene>_embedding.tif (or _dense.tif), .preview.png, .pca.npz/.json with --dims.")
-@click.option("--window", type=int, default=224, show_default=True, help="Window side in scene pixels (the model's input).")
-@click.option("--stride", type=int, default=None, help="Step between windows in scene pixels: one output pixel per "
+@click.option("--window", type=click.IntRange(min=1), default=224, show_default=True, help="Window side in scene pixels (the model's input).")
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="Step between windows in scene pixels: one output pixel per "
                                                        "window position  [default: the window]")
 @click.option("--dense", is_flag=True, help="Write the ViT patch-token features (one output pixel per patch) instead "
                                             "of one pooled feature per window.")
-@click.option("--dims", type=int, default=None, help="Project to this many principal components, fitted on a seeded "
+@click.option("--dims", type=click.IntRange(min=1), default=None, help="Project to this many principal components, fitted on a seeded "
                                                      "sample of windows (saved beside the output).")
 @click.option("--pca-windows", type=click.IntRange(min=1), default=256, show_default=True,
               help="Windows sampled to fit --dims.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Windows per forward pass.")
-@click.option("--tome-r", type=int, default=0, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Windows per forward pass.")
+@click.option("--tome-r", type=click.IntRange(min=0), default=0, show_default=True,
               help="Token merging (ToMe): tokens merged in every ViT block; faster, features approximate.")
 @click.option("--modality", type=click.Choice(("s2", "s2-l2a", "s1")), default=None,
               help="How to read the scenes  [default: from their band names, else the model's]")
@@ -236,7 +236,7 @@ def sample_command(out: str, patches: int, seed: int) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --dims sample.")
 @click.option("--devices", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes (one per GPU, or CPU processes) sharing each scene's rows of windows.")
-@click.option("--num-nodes", type=int, default=1, show_default=True,
+@click.option("--num-nodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Machines: start the command on each with srun (SLURM) or MASTER_ADDR/MASTER_PORT/NODE_RANK.")
 @click.option("--stop-after-rows", type=int, default=None, hidden=True)  # tests: stop as if killed
 def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windows, batch_size, tome_r, modality,
