@@ -157,6 +157,11 @@ def print_metrics(title: str, metrics: dict[str, Any]) -> None:
 def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
     try:
         cfg, plugin = _resolve_config(ctx, command, params)
+        supported = getattr(plugin, "supported", None)
+        if supported is not None and command not in supported:  # before a run is opened or any data read
+            raise DomainFMError(f"plugin {cfg.plugin!r} does not support {command}",
+                                fix=f"it supports {', '.join(supported) or 'none of the core commands'} "
+                                    "(see `domainfm plugins`)")
         # checked before any MLflow run exists, so a mistyped command leaves no empty run
         if command == "evaluate" and not cfg.model:
             raise DomainFMError("evaluate needs --model", fix="pass a weights file or models:/NAME@ALIAS")
@@ -195,9 +200,110 @@ def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
         sys.exit(130)
 
 
+class PathMismatch(click.BadParameter):
+    """A path given to a flag that takes a folder is a file, or the other way round."""
+
+    def __init__(self, message: str, *, path: str, fix: str | None, ctx=None, param=None):
+        super().__init__(message, ctx=ctx, param=param)
+        self.path, self.fix = path, fix
+
+    def format_message(self) -> str:
+        return self.message
+
+
+class PathParam(click.Path):
+    """A ``click.Path`` whose refusal says what is there and what the flag takes, as one line:
+    ``error: a.txt: is a file, but --data takes a folder. Fix: <fix>; see <command> --help.``
+    ``fix``: what the flag's folder or file should be (e.g. "a folder holding s2/<patch_id>.tif")."""
+
+    def __init__(self, *, fix: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.fix = fix
+
+    def convert(self, value, param, ctx):
+        p = Path(value)
+        flag = (max(param.opts, key=len) if isinstance(param, click.Option) else param.human_readable_name) \
+            if param is not None else "this flag"
+        if not self.file_okay and p.is_file():
+            raise PathMismatch(f"is a file, but {flag} takes a folder", path=str(value), fix=self.fix, ctx=ctx,
+                               param=param)
+        if not self.dir_okay and p.is_dir():
+            raise PathMismatch(f"is a folder, but {flag} takes a file", path=str(value), fix=self.fix, ctx=ctx,
+                               param=param)
+        return super().convert(value, param, ctx)
+
+
+def usage_error_line(e: click.ClickException, ctx: click.Context | None = None) -> str:
+    """Click's own mistake (missing argument, unknown option, bad choice, bad number...) as the
+    project's one line: ``error: <command>: <what>. Fix: <suggestion>; see <command> --help.``.
+    Click's suggestions (``Did you mean --out?``, ``Possible options: ...``) become the fix."""
+    ctx = getattr(e, "ctx", None) or _deepest_context(e) or ctx
+    where = ctx.command_path if ctx is not None else None
+    possible = getattr(e, "possibilities", None)
+    if isinstance(e, getattr(click.exceptions, "NoSuchCommand", ())) and not possible and ctx is not None:
+        import difflib  # commands found through entry points (plugins, pipelines) too
+
+        possible = difflib.get_close_matches(e.command_name, ctx.command.list_commands(ctx))
+    if isinstance(e, (click.exceptions.NoSuchOption, getattr(click.exceptions, "NoSuchCommand", ()))):
+        message = e.message  # without click's suggestion sentence: it goes into the fix
+    else:
+        message = e.format_message()
+    message = " ".join(message.split())  # one line, whatever the message held
+    message = message.replace("No such option: ", "No such option ").rstrip(".")
+    if not isinstance(e, PathMismatch):
+        message = message[:1].lower() + message[1:]
+    see = f"see {where} --help" if where else None
+    if isinstance(e, PathMismatch):  # the file is what the line names; the command goes into the fix
+        fix = "; ".join(x for x in (e.fix, see) if x)
+        return f"error: {DomainFMError(message, path=e.path, fix=fix or None)}"
+    if possible:
+        names = list(possible)  # closest first
+        names = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        fix = f"did you mean {names}?" + (f" S{see[1:]}" if see else "")
+    else:
+        fix = see
+    return f"error: {DomainFMError(message, path=where, fix=fix)}"
+
+
+def _deepest_context(e: BaseException) -> click.Context | None:
+    """The context of the innermost command the error went through: click's parser raises some
+    usage errors (``--model`` without its value) with no context attached."""
+    found, tb = None, e.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals.get("ctx")
+        if isinstance(local, click.Context):
+            found = local
+        tb = tb.tb_next
+    return found
+
+
+def _one_line(e: click.ClickException, ctx: click.Context) -> click.ClickException:
+    """``e`` with a ``show`` that prints :func:`usage_error_line` (exit status unchanged: 2 for a
+    usage error). Click's ``--help``-when-no-arguments stays as it is."""
+    if not isinstance(e, click.exceptions.NoArgsIsHelpError):
+        line = usage_error_line(e, ctx)
+        e.show = lambda file=None: click.echo(line, err=True)
+    return e
+
+
 class DomainFMGroup(click.Group):
     """Top-level group: core commands, plus one sub-group per plugin with extra commands and the
-    pipelines of the ``domainfm.pipelines`` entry-point group under ``domainfm pipeline``."""
+    pipelines of the ``domainfm.pipelines`` entry-point group under ``domainfm pipeline``.
+
+    Click's usage errors, from this group and every command under it (plugin commands and
+    pipelines included), print as one ``error: ...`` line (:func:`usage_error_line`), exit 2."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as e:
+            raise _one_line(e, click.Context(self, info_name=info_name, parent=parent)) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            raise _one_line(e, ctx) from None
 
     def list_commands(self, ctx):
         from domainfm import plugins
@@ -391,7 +497,8 @@ def registry_promote(name: str, version: int, alias: str) -> None:
 @click.option("--model", required=True, help="A domainfm export (.safetensors) or models:/NAME@ALIAS.")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), required=True,
               help="onnx (needs the [export] extra: onnx, onnxruntime) or torchscript.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The file to write.")
+@click.option("--out", required=True, type=PathParam(dir_okay=False, fix="give a file name, e.g. model.onnx"),
+              help="The file to write.")
 @click.option("--with-normalization", is_flag=True,
               help="Put the per-band (x - mean) / std inside the graph: the file then takes raw values.")
 def export_cmd(model: str, fmt: str, out: str, with_normalization: bool) -> None:
@@ -447,11 +554,12 @@ class PredictCommand(click.Command):
 @click.option("--model", required=True,
               help="The trained model to apply: models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow model folder "
                    "or a domainfm export. Its plugin and settings come from the model itself.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the results.")
+@click.option("--out", required=True, type=PathParam(file_okay=False, fix="give a new or existing folder for the results"),
+              help="Folder for the results.")
 @click.option("--plugin", default=None, help="The plugin that applies the model (default: the one that made it).")
 @click.option("--experiment", default="domainfm-predict", show_default=True, help="MLflow experiment of the run.")
 @click.option("--run-name", default=None, help="MLflow run name (default: predict-PLUGIN-MODEL).")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+@click.option("--json", "json_path", default=None, type=PathParam(dir_okay=False, fix="give a file name, e.g. summary.json"),
               help="Also write the summary to this JSON file.")
 def predict_cmd(inputs: tuple[str, ...], model: str, out: str, plugin: str | None, experiment: str,
                 run_name: str | None, json_path: str | None, **options) -> None:

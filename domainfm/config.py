@@ -183,7 +183,35 @@ def resolve(command: str, values: dict[str, Any], explicit: set[str], *,
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 
 
+#: The lowest value each numeric flag takes: (lowest, lowest excluded, other values allowed). Checked
+#: before any data is read or any MLflow run opens (Lightning and PyTorch would otherwise stop with a
+#: traceback, or quietly run nothing: --max-steps 0 trained zero steps and still registered a model).
+_LOWEST: dict[str, tuple[float, bool, tuple]] = {
+    "img_size": (1, False, ()), "in_chans": (1, False, ()), "max_steps": (1, False, (-1,)),
+    "max_epochs": (1, False, ()), "lr": (0, True, ()), "weight_decay": (0, False, ()),
+    "warmup_steps": (0, False, ()), "layer_decay": (0, True, ()), "temperature": (0, True, ()),
+    "hard_weight": (0, False, ()), "soft_weight": (0, False, ()), "chunk_size": (1, False, ()),
+    "ema_momentum": (0, False, ()), "proj_dim": (1, False, ()), "collapse_rankme": (0, False, ()),
+    "collapse_knn_drop": (0, False, ()), "devices": (1, False, ()), "num_nodes": (1, False, ()),
+    "num_workers": (0, False, ()), "checkpoint_every": (1, False, ()), "keep_checkpoints": (0, False, (-1,)),
+}
+
+
+def _check_lowest(cfg: RunConfig) -> None:
+    for name, (low, excluded, allowed) in _LOWEST.items():
+        value = getattr(cfg, name)
+        if value is None or value in allowed or (value > low if excluded else value >= low):
+            continue
+        flag = "--" + name.replace("_", "-")
+        bound = f"more than {low}" if excluded else f"at least {low}"
+        extra = f" (or {', '.join(map(str, allowed))})" if allowed else ""
+        fix = f"pass a positive {flag}" if excluded else f"pass {flag} {low} or more"
+        raise DomainFMError(f"{flag} must be {bound}{extra}, got {value}",
+                            fix=fix + (f", or {flag} {allowed[0]}" if allowed else ""))
+
+
 def _validate(cfg: RunConfig) -> None:
+    _check_lowest(cfg)
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise DomainFMError(f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
     if cfg.command == PRETRAIN and not 0.0 < cfg.val_fraction < 1.0:
@@ -240,13 +268,20 @@ def click_options(command: str) -> list:
         if extra.pop("is_flag", False):
             opts.append(click.Option([flag], is_flag=True, default=f.default, help=meta["help"]))
             continue
-        if choice:
+        if f.name in ("output_dir", "json"):  # a file where a folder goes (or back): one line saying so
+            from domainfm.cli import PathParam
+
+            kwargs["type"] = (PathParam(file_okay=False, fix="give a folder for the run's outputs")
+                              if f.name == "output_dir" else PathParam(dir_okay=False, fix="give a file name, e.g. metrics.json"))
+        elif choice:
             kwargs["type"] = click.Choice(choice)
         elif f.type in ("int", "int | None"):
             kwargs["type"] = int
         elif f.type in ("float", "float | None"):
             kwargs["type"] = float
         opts.append(click.Option([flag, f.name], **kwargs))
-    opts.append(click.Option(["--config"], type=click.Path(dir_okay=False), default=None,
+    from domainfm.cli import PathParam
+
+    opts.append(click.Option(["--config"], type=PathParam(dir_okay=False, fix="give the path of a YAML file"), default=None,
                              help="YAML file of options; flags given on the command line override it."))
     return opts

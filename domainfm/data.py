@@ -76,6 +76,8 @@ def read_csv_rows(path: str | Path, required: Sequence[str] = (), *, what: str =
     messages ("labels CSV"); ``fix`` replaces the default advice for missing columns.
     """
     p = Path(path)
+    if p.is_dir():
+        raise DomainFMError(f"is a folder, but the {what} is a file", path=p, fix="give the CSV file itself")
     if not p.is_file():
         raise DomainFMError(f"{what} not found", path=p, fix="check the path")
     try:

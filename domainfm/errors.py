@@ -24,3 +24,27 @@ class DomainFMError(Exception):
         super().__init__(text + ".")
         self.path = path
         self.fix = fix
+
+
+def expect_folder(path: str | Path, flag: str, *, fix: str, missing: str | None = None) -> Path:
+    """``path`` as a folder, or a DomainFMError that says what was found there instead: nothing
+    (``missing``, default "<flag> folder not found") or a file ("is a file, but <flag> takes a
+    folder"). ``fix`` says what the folder should hold."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise DomainFMError(f"is a file, but {flag} takes a folder", path=p, fix=fix)
+    raise DomainFMError(missing or f"{flag} folder not found", path=p, fix=fix)
+
+
+def expect_file(path: str | Path, flag: str, *, fix: str, missing: str | None = None) -> Path:
+    """``path`` as a file, or a DomainFMError that says what was found there instead: nothing
+    (``missing``, default "<flag> file not found") or a folder ("is a folder, but <flag> takes a
+    file"). ``fix`` says what the file should be."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        raise DomainFMError(f"is a folder, but {flag} takes a file", path=p, fix=fix)
+    raise DomainFMError(missing or f"{flag} file not found", path=p, fix=fix)

@@ -175,18 +175,30 @@ def run_prediction(model, inputs: list[str], out: str | Path, plugin, options: d
     from domainfm.predict import MODEL_URI_TAG, MODEL_VERSION_TAG
 
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     what = model.uri[len("models:/"):] if model.uri.startswith("models:/") else Path(model.uri).stem
-    with tracking.start_run(experiment=experiment, run_name=run_name or f"predict-{model.plugin}-{what}"[:250]) as run:
-        tags = {"domainfm.command": "predict", "domainfm.plugin": model.plugin, MODEL_URI_TAG: model.uri}
-        if model.version_label:
-            tags[MODEL_VERSION_TAG] = model.version_label
-        tracking.set_tags(tags)
-        tracking.log_params({"model": model.uri, "inputs": len(inputs), "out": str(out),
-                             **{k: v for k, v in options.items() if v is not None}})
-        summary = dict(plugin.predict(model, list(inputs), out, options) or {})
-        tracking.log_metrics(summary)
-        summary["mlflow_run_id"] = run.info.run_id
+    run_id = None
+    try:
+        with tracking.start_run(experiment=experiment, run_name=run_name or f"predict-{model.plugin}-{what}"[:250]) as run:
+            run_id = run.info.run_id
+            tags = {"domainfm.command": "predict", "domainfm.plugin": model.plugin, MODEL_URI_TAG: model.uri}
+            if model.version_label:
+                tags[MODEL_VERSION_TAG] = model.version_label
+            tracking.set_tags(tags)
+            tracking.log_params({"model": model.uri, "inputs": len(inputs), "out": str(out),
+                                 **{k: v for k, v in options.items() if v is not None}})
+            summary = dict(plugin.predict(model, list(inputs), out, options) or {})
+            tracking.log_metrics(summary)
+            summary["mlflow_run_id"] = run.info.run_id
+    except DomainFMError:
+        # an input mistake (a missing gallery, a file that is not an image...) leaves nothing behind:
+        # no FAILED run in the store, no empty --out folder
+        if run_id is not None:
+            tracking.discard_run(run_id)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     return summary
 
 

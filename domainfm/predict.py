@@ -90,6 +90,11 @@ def resolve_model(uri: str, plugin: str | None = None) -> ModelRef:
         if not path.exists():
             raise DomainFMError(f"model {uri} does not exist",
                                 fix="pass a domainfm export, an MLflow model folder or models:/NAME@ALIAS")
+        from domainfm.backbones.sources import WEIGHT_SUFFIXES
+
+        if path.is_file() and path.suffix not in WEIGHT_SUFFIXES:
+            raise DomainFMError(f"is not a model: a {path.suffix or 'extension-less'} file", path=path,
+                                fix="pass a domainfm export (.safetensors), an MLflow model folder or models:/NAME@ALIAS")
         ref = ModelRef(uri, plugin or _recorded_plugin(path) or "", _local=path)
     if not ref.plugin:
         raise DomainFMError(f"{uri} does not record which plugin made it",

@@ -406,6 +406,14 @@ def search_runs_by_tag(key: str, value: str) -> list[Any]:
                                    order_by=["attributes.start_time DESC"]))
 
 
+def discard_run(run_id: str) -> None:
+    """Delete run ``run_id`` (one an input mistake ended before it recorded anything worth keeping):
+    it leaves the experiment's list of runs (MLflow's deleted stage)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().delete_run(run_id)
+
+
 def get_run(run_id: str):
     """The MLflow ``Run`` ``run_id`` (``info``, ``data``), or None when the store does not know it."""
     from mlflow import MlflowClient

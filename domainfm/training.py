@@ -40,6 +40,23 @@ def warmup_poly(step: int, warmup: int, total: int, *, power: float = 1.0, final
     return final + (1.0 - final) * (1.0 - progress) ** power
 
 
+def fitted_warmup(requested: int, total: int) -> tuple[int, str | None]:
+    """The warm-up a run of ``total`` optimiser steps uses for ``--warmup-steps requested``: at most
+    half the run, so that a short run (``--max-steps 10`` with the default 50) still reaches its
+    peak learning rate and decays from it. Returns ``(steps, warning)``: ``warning`` is one line
+    saying what was shortened (None when ``requested`` fits).
+
+    timm's schedulers and Hugging Face's ``get_*_schedule_with_warmup`` do not shorten it: there
+    the learning rate would still be climbing when the run ends. Shortening it, and saying so, keeps
+    the schedule's shape (warm-up, peak, decay) whatever the run's length."""
+    fitted = min(requested, max(0, total // 2))
+    if fitted >= requested:
+        return requested, None
+    return fitted, (f"--warmup-steps {requested} is more than half of this run's {total} optimiser steps: "
+                    f"warming up over {fitted} steps instead, so the learning rate reaches --lr at step {fitted} "
+                    f"(pass --warmup-steps {fitted} or fewer to silence this)")
+
+
 def ema_momentum(step: int, total: int, base: float) -> float:
     """Teacher momentum: cosine from ``base`` to 1.0 over training (DINO's schedule)."""
     if total <= 0:

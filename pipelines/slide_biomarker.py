@@ -21,20 +21,24 @@ from typing import Any
 
 import click
 
-from domainfm.cli import fail, renamed_flags
+from domainfm.cli import PathParam, fail, renamed_flags
 from domainfm.errors import DomainFMError
 
 
 @click.command("slide-biomarker", context_settings={"max_content_width": 110})
 @click.argument("slides", nargs=-1, required=False)
 @click.option("--features", "features_dir", required=True,
+              type=PathParam(file_okay=False, fix="give the --out folder of `domainfm histo embed`"),
               help="Tile features of the training cohort: the --out folder of `histo embed` (or a folder of .h5).")
 @click.option("--labels", "labels_csv", required=True,
+              type=PathParam(dir_okay=False, fix="give a CSV with columns slide_id,patient_id,label"),
               help="CSV with slide_id,patient_id,label (or a column named --target).")
 @click.option("--target", required=True,
               help="Biomarker name (MSI, HER2...): the label column if the CSV has one, and the model's name.")
-@click.option("--external-features", default=None, help="Tile features of an external test cohort.")
-@click.option("--external-labels", default=None, help="Labels CSV of the external cohort.")
+@click.option("--external-features", default=None,
+              type=PathParam(file_okay=False, fix="give the --out folder of `domainfm histo embed` for that cohort"), help="Tile features of an external test cohort.")
+@click.option("--external-labels", default=None,
+              type=PathParam(dir_okay=False, fix="give a CSV with columns slide_id,patient_id,label"), help="Labels CSV of the external cohort.")
 @click.option("--external-slides", default=None,
               help="Whole slides (a folder or file) of the external cohort, embedded into --external-features.")
 @click.option("--backbone", default="vit_small_patch14_dinov2", show_default=True, help="Encoder for SLIDES (timm name).")
@@ -42,29 +46,29 @@ from domainfm.errors import DomainFMError
               help="Encoder weights for SLIDES: dinov2, pretrained, random.")
 @click.option("--encoder", "encoder", default=None,
               help="Encoder for SLIDES from a domainfm export or models:/NAME@ALIAS (beats --backbone/--init).")
-@click.option("--mpp", type=float, default=0.5, show_default=True, help="µm/px of the tiles embedded from SLIDES.")
-@click.option("--tile-size", type=int, default=224, show_default=True, help="Tile side embedded from SLIDES.")
-@click.option("--min-tissue", type=float, default=0.6, show_default=True,
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True, help="µm/px of the tiles embedded from SLIDES.")
+@click.option("--tile-size", type=click.IntRange(min=1), default=224, show_default=True, help="Tile side embedded from SLIDES.")
+@click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=0.6, show_default=True,
               help="Tissue fraction a tile embedded from SLIDES must have.")
 @click.option("--slide-mpp", default=None,
               help="µm/px of the slides (a number or a CSV slide_id,mpp); beats a file's own value, needed where "
                    "a file has none or a placeholder.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Tiles per forward pass when embedding.")
-@click.option("--num-workers", type=int, default=None,
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per forward pass when embedding.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=None,
               help="Slide-reading processes when embedding [default: min(4, CPUs available)].")
 @click.option("--mil", "model_name", type=click.Choice(["abmil", "chowder", "meanpool"]), default="abmil",
               show_default=True, help="Slide model: gated attention MIL, Chowder, or mean pooling.")
-@click.option("--folds", type=int, default=5, show_default=True, help="Cross-validation folds, split by patient.")
-@click.option("--seeds", type=int, default=5, show_default=True, help="Members per fold (different seeds).")
-@click.option("--max-epochs", "epochs", type=int, default=30, show_default=True, help="Maximum epochs per member.")
-@click.option("--patience", type=int, default=5, show_default=True,
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Cross-validation folds, split by patient.")
+@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="Members per fold (different seeds).")
+@click.option("--max-epochs", "epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Maximum epochs per member.")
+@click.option("--patience", type=click.IntRange(min=0), default=5, show_default=True,
               help="Early stopping: epochs without a lower validation loss.")
-@click.option("--lr", type=float, default=2e-4, show_default=True, help="AdamW learning rate.")
-@click.option("--max-tiles", "max_tiles_per_slide", type=int, default=5000, show_default=True,
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True, help="AdamW learning rate.")
+@click.option("--max-tiles", "max_tiles_per_slide", type=click.IntRange(min=1), default=5000, show_default=True,
               help="Tiles sampled per slide at each training step (prediction uses all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fold split and the first member.")
-@click.option("--n-boot", type=int, default=1000, show_default=True, help="Bootstrap resamples of the AUC intervals.")
-@click.option("--max-heatmaps", type=int, default=16, show_default=True,
+@click.option("--n-boot", type=click.IntRange(min=1), default=1000, show_default=True, help="Bootstrap resamples of the AUC intervals.")
+@click.option("--max-heatmaps", type=click.IntRange(min=0), default=16, show_default=True,
               help="Slides drawn as attention heatmaps: the most confidently positive external slides, or "
                    "without an external cohort the most and least confident cross-validation slides.")
 @click.option("--register", "register_name", default=None, help="Registered model name (default: histo-<target>).")

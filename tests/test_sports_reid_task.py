@@ -78,6 +78,27 @@ def test_vit_trains_with_warmup_then_polynomial_decay():
     assert any(n.startswith("model.blocks") for n in changed) and any("patch_embed" in n for n in changed)
 
 
+def test_warmup_longer_than_half_the_run_is_shortened_with_one_warning(capsys):
+    """The default 50 warm-up steps in a 6-step run: the learning rate still reaches --lr (at step
+    3, half the run) and decays, and one warning line says so; a warm-up that fits warns nothing."""
+    from domainfm.training import fitted_warmup
+
+    assert fitted_warmup(50, 6) == (3, fitted_warmup(50, 6)[1]) and fitted_warmup(3, 6) == (3, None)
+    torch.manual_seed(0)
+    backbone = create_backbone("test_vit", img_size=32, init="random")
+    task = ReIDContrastiveTask(backbone, lr=1e-3, weight_decay=0.05, warmup_steps=50, logit_scale=10.0)
+    lrs = LRRecorder()
+    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[lrs], accelerator="cpu")
+    trainer.fit(task, torch.utils.data.DataLoader(RandomPairs(16, 32), batch_size=4))
+    # by hand: warm-up 1/3, 2/3, 3/3 of 1e-3, then linear decay (1 - (s - 3) / 3)
+    assert lrs.lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: --warmup-steps 50 is more than half of this run's 6 optimiser steps: warming up "
+                        "over 3 steps instead, so the learning rate reaches --lr at step 3 (pass --warmup-steps 3 "
+                        "or fewer to silence this)"]
+
+
 def test_logged_loss_is_symmetric_smoothed_info_nce_by_hand():
     torch.manual_seed(0)
     backbone = create_backbone("test_vit", img_size=32, init="random")  # no BatchNorm, no dropout

@@ -244,16 +244,19 @@ def layout_options(command: str) -> list:
     """``--layout`` and the flags of the standard datasets (plugins.eo_sar.layouts)."""
     import click
 
+    from domainfm.cli import PathParam
     from plugins.eo_sar.layout_names import EXPECTS, LAYOUTS, VIEWS
 
     opts = [
         click.Option(["--layout"], type=click.Choice(LAYOUTS), default="auto", show_default=True,
                      help="Data folder layout; auto recognises it from the contents and says which: "
                           + "; ".join(f"{k}: {v}" for k, v in EXPECTS.items()) + "."),
-        click.Option(["--labels"], type=click.Path(dir_okay=False), default=None,
+        click.Option(["--labels"], type=PathParam(dir_okay=False, fix="give the labels CSV (patch_id + one 0/1 column per "
+                                                                  "Dynamic World class)"), default=None,
                      help="ssl4eo-s12: multi-labels per location from a CSV (patch_id = location id, one 0/1 "
                           "column per Dynamic World class)."),
-        click.Option(["--landcover"], type=click.Path(file_okay=False), default=None,
+        click.Option(["--landcover"], type=PathParam(file_okay=False, fix="give the folder of Dynamic World rasters "
+                                                                     "<location id>.tif"), default=None,
                      help="ssl4eo-s12: multi-labels from Dynamic World rasters DIR/<location id>.tif "
                           "(a class is a label when it covers --label-threshold of the map)."),
     ]

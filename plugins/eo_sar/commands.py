@@ -9,11 +9,12 @@ from pathlib import Path
 
 import click
 
-from domainfm.cli import run_cli_command
+from domainfm.cli import PathParam, run_cli_command
 from domainfm.errors import DomainFMError
 from plugins.eo_sar.bands import CLASS_NAMES, MODALITY_BANDS
 
-_data = click.option("--data", type=click.Path(file_okay=False), default=None,
+_data = click.option("--data", type=PathParam(file_okay=False, fix="give the folder holding s2/<patch_id>.tif (and s1/, "
+                                                                 "landcover/, labels.csv)"), default=None,
                      help="Data root (s2/, s1/, landcover/, labels.csv); the embedded sample when omitted.")
 _modality = click.option("--modality", type=click.Choice(tuple(MODALITY_BANDS)), default="s2", show_default=True,
                          help="Which images to read: s2 (L1C, 13 bands), s2-l2a (L2A, 12 bands) or s1 (VV, VH in dB).")
@@ -156,7 +157,8 @@ def check_command(data: str | None, modality: str, label_threshold: float, s2_ha
 @_s1_units
 @_layout_opts
 @click.option("--patch-id", default=None, help="Patch to draw (file name without .tif); the first one when omitted.")
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG file to write.")
+@click.option("--out", type=PathParam(dir_okay=False, fix="give a file name, e.g. patch.png"), required=True,
+              help="PNG file to write.")
 def plot_command(data: str | None, modality: str, label_threshold: float, s2_harmonize: str, s1_units: str,
                  patch_id: str | None, out: str, **layout_kw) -> None:
     """Draw one patch: true colour (B4, B3, B2) for S2, VV / VH / VV-VH false colour for S1, titled
@@ -183,7 +185,7 @@ def plot_command(data: str | None, modality: str, label_threshold: float, s2_har
 
 
 @click.command("sample", short_help="Write a synthetic S2 / S1 / land-cover data folder.")
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=PathParam(file_okay=False, fix="give a new or empty folder to write the sample to"))
 @click.option("--patches", type=click.IntRange(min=1), default=48, show_default=True, help="Number of patches.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (same seed, same files).")
 def sample_command(out: str, patches: int, seed: int) -> None:
@@ -204,22 +206,23 @@ def sample_command(out: str, patches: int, seed: int) -> None:
 
 @click.command("embed", short_help="Embedding maps of whole scenes: a georeferenced GeoTIFF per scene.",
                context_settings={"max_content_width": 110})
-@click.argument("scenes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("scenes", nargs=-1, required=True,
+                type=PathParam(dir_okay=False, fix="give the scene GeoTIFF files (a shell glob: folder/*.tif)"))
 @click.option("--model", required=True, help="The frozen backbone: a domainfm export (.safetensors) or models:/NAME@ALIAS; "
                                              "its recorded bands and statistics decide how the scene is normalised.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", required=True, type=PathParam(file_okay=False, fix="give a folder for the maps"),
               help="Output folder: <scene>_embedding.tif (or _dense.tif), .preview.png, .pca.npz/.json with --dims.")
-@click.option("--window", type=int, default=224, show_default=True, help="Window side in scene pixels (the model's input).")
-@click.option("--stride", type=int, default=None, help="Step between windows in scene pixels: one output pixel per "
+@click.option("--window", type=click.IntRange(min=1), default=224, show_default=True, help="Window side in scene pixels (the model's input).")
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="Step between windows in scene pixels: one output pixel per "
                                                        "window position  [default: the window]")
 @click.option("--dense", is_flag=True, help="Write the ViT patch-token features (one output pixel per patch) instead "
                                             "of one pooled feature per window.")
-@click.option("--dims", type=int, default=None, help="Project to this many principal components, fitted on a seeded "
+@click.option("--dims", type=click.IntRange(min=1), default=None, help="Project to this many principal components, fitted on a seeded "
                                                      "sample of windows (saved beside the output).")
 @click.option("--pca-windows", type=click.IntRange(min=1), default=256, show_default=True,
               help="Windows sampled to fit --dims.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Windows per forward pass.")
-@click.option("--tome-r", type=int, default=0, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Windows per forward pass.")
+@click.option("--tome-r", type=click.IntRange(min=0), default=0, show_default=True,
               help="Token merging (ToMe): tokens merged in every ViT block; faster, features approximate.")
 @click.option("--modality", type=click.Choice(("s2", "s2-l2a", "s1")), default=None,
               help="How to read the scenes  [default: from their band names, else the model's]")
@@ -233,7 +236,7 @@ def sample_command(out: str, patches: int, seed: int) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --dims sample.")
 @click.option("--devices", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes (one per GPU, or CPU processes) sharing each scene's rows of windows.")
-@click.option("--num-nodes", type=int, default=1, show_default=True,
+@click.option("--num-nodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Machines: start the command on each with srun (SLURM) or MASTER_ADDR/MASTER_PORT/NODE_RANK.")
 @click.option("--reader-threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Threads reading and normalising windows ahead of the model (0: 1 on CPU, where the model "

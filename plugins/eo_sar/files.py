@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from domainfm.errors import DomainFMError
+from domainfm.errors import DomainFMError, expect_folder
 from plugins.eo_sar.bands import BANDS, FILES_CACHE_FILE, MODALITY_NAMES
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -47,9 +47,8 @@ def check_data_root(root: str | Path, modality: str) -> Path:
     if modality not in BANDS:
         raise DomainFMError(f"unknown modality {modality!r}", fix=f"use --modality {' or '.join(BANDS)}")
     root = Path(root)
-    if not root.is_dir():
-        raise DomainFMError("data folder does not exist", path=root,
-                            fix=f"give --data a folder holding {modality}/<patch_id>.tif, or omit --data to use the embedded sample")
+    expect_folder(root, "--data", missing="data folder does not exist",
+                  fix=f"give --data a folder holding {modality}/<patch_id>.tif, or omit --data to use the embedded sample")
     folder = root / modality
     if not any(root.iterdir()):
         raise DomainFMError("data folder is empty", path=root,

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from domainfm.errors import DomainFMError
+from domainfm.errors import DomainFMError, expect_folder
 from plugins.eo_sar.bands import CLASS_NAMES, LANDCOVER_NODATA, MODALITY_BANDS, S1_BANDS, canonical_order, normalize_band_name, sensor_of
 
 from plugins.eo_sar.layout_names import EXPECTS, LAYOUT_MODALITIES, LAYOUTS, VIEWS  # noqa: E402
@@ -85,9 +85,8 @@ def detect_layout(root: str | Path) -> str:
     """The one layout ``root`` is in; a one-line DomainFMError listing the layouts and what each
     expects when it matches none or several."""
     root = Path(root)
-    if not root.is_dir():
-        raise DomainFMError("data folder does not exist", path=root,
-                            fix="give --data the root of a dataset (" + ", ".join(LAYOUTS[1:]) + ")")
+    expect_folder(root, "--data", missing="data folder does not exist",
+                  fix="give --data the root of a dataset (" + ", ".join(LAYOUTS[1:]) + ")")
     found = layout_signatures(root)
     if not found:
         raise DomainFMError(f"unrecognised data layout (expected {_all_expectations()})", path=root,

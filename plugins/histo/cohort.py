@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from domainfm.data import read_csv_rows
-from domainfm.errors import DomainFMError
+from domainfm.errors import DomainFMError, expect_file, expect_folder
 
 _LIST_MAX = 8
 
@@ -62,8 +62,7 @@ class Cohort:
 def feature_files(features_dir: str | Path) -> dict[str, Path]:
     """{slide_id: path} of ``DIR/features/*.h5`` (``histo embed --out DIR``) or ``DIR/*.h5``."""
     d = Path(features_dir)
-    if not d.is_dir():
-        raise DomainFMError("features folder not found", path=d, fix="give the --out folder of `domainfm histo embed`")
+    expect_folder(d, "--features", missing="features folder not found", fix="give the --out folder of `domainfm histo embed`")
     sub = d / "features"
     files = sorted((sub if sub.is_dir() else d).glob("*.h5"))
     if not files:
@@ -84,8 +83,7 @@ def _label_column(fieldnames: list[str], target: str | None) -> str:
 def read_labels(path: str | Path, target: str | None = None) -> tuple[list[dict[str, str]], str]:
     """Rows with slide_id, patient_id and the label (empty labels skipped), and the label column."""
     path = Path(path)
-    if not path.is_file():
-        raise DomainFMError("labels CSV not found", path=path, fix="give a CSV with columns slide_id,patient_id,label")
+    expect_file(path, "--labels", missing="labels CSV not found", fix="give a CSV with columns slide_id,patient_id,label")
     # the core's one CSV reader: Excel's BOM, CRLF and spaces around names are read as meant
     rows = read_csv_rows(path, ("slide_id", "patient_id"), what="labels CSV",
                          fix="use the header slide_id,patient_id,label")

@@ -15,12 +15,12 @@ _SLIDE_MPP_HELP = ("µm/px of the slides: a number for all, or a CSV with column
 
 def _tiling_options(fn):
     for opt in reversed([
-        click.option("--mpp", type=float, default=0.5, show_default=True,
+        click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
                      help="Target µm per pixel of the tiles (0.5 ≈ 20x, 0.25 ≈ 40x)."),
-        click.option("--tile-size", type=int, default=224, show_default=True, help="Tile side in pixels at --mpp."),
-        click.option("--min-tissue", type=float, default=0.6, show_default=True,
+        click.option("--tile-size", type=click.IntRange(min=1), default=224, show_default=True, help="Tile side in pixels at --mpp."),
+        click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=0.6, show_default=True,
                      help="Keep a tile when at least this fraction of it is tissue."),
-        click.option("--max-tiles", type=int, default=None,
+        click.option("--max-tiles", type=click.IntRange(min=1), default=None,
                      help="Keep at most this many tissue tiles per slide, drawn at random with --seed."),
         click.option("--slide-mpp", default=None, help=_SLIDE_MPP_HELP),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --max-tiles draw."),
@@ -40,12 +40,14 @@ def _finish(kind: str, n_total: int, failures: list[dict[str, str]], out_dir: st
     sys.exit(1)
 
 
-from domainfm.cli import fail, renamed_flags  # noqa: E402 - the one error -> exit 2
+from domainfm.cli import PathParam, fail, renamed_flags  # noqa: E402 - the one error -> exit 2
+
+_FOLDER = PathParam(file_okay=False, fix="give a new or existing folder for the results")
 
 
 @click.command("tile", context_settings={"max_content_width": 110})
 @click.argument("slides", nargs=-1, required=True)
-@click.option("--out", "out_dir", required=True, help="Output folder: coords/<slide_id>.h5 and thumbnails/<slide_id>.png.")
+@click.option("--out", "out_dir", required=True, type=_FOLDER, help="Output folder: coords/<slide_id>.h5 and thumbnails/<slide_id>.png.")
 @_tiling_options
 def tile_command(slides, out_dir, mpp, tile_size, min_tissue, max_tiles, slide_mpp, seed):
     """Find the tissue tiles of whole-slide images at a fixed µm/px.
@@ -88,8 +90,9 @@ def tile_command(slides, out_dir, mpp, tile_size, min_tissue, max_tiles, slide_m
 
 @click.command("embed", context_settings={"max_content_width": 110})
 @click.argument("slides", nargs=-1, required=True)
-@click.option("--out", "out_dir", required=True, help="Output folder: features/<slide_id>.h5 (+ failures.csv).")
+@click.option("--out", "out_dir", required=True, type=_FOLDER, help="Output folder: features/<slide_id>.h5 (+ failures.csv).")
 @click.option("--coords", "coords_dir", default=None,
+              type=PathParam(file_okay=False, fix="give the --out folder of `domainfm histo tile`"),
               help="Reuse the tiles of `histo tile --out DIR` instead of tiling again.")
 @click.option("--backbone", default="vit_small_patch14_dinov2", show_default=True, help="timm architecture name.")
 @click.option("--init", default="dinov2", show_default=True,
@@ -99,17 +102,17 @@ def tile_command(slides, out_dir, mpp, tile_size, min_tissue, max_tiles, slide_m
               help="The encoder to apply: a domainfm export (.safetensors) or models:/NAME@ALIAS; overrides "
                    "--init and --backbone.")
 @_tiling_options
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Tiles per forward pass.")
-@click.option("--num-workers", type=int, default=None,
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per forward pass.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=None,
               help="DataLoader processes reading tiles while the model runs [default: min(4, CPUs available)].")
 @click.option("--precision", default="32-true", show_default=True,
               help="32-true, bf16-mixed (CPU or GPU) or 16-mixed (GPU).")
 @click.option("--accelerator", default="auto", show_default=True, help="cpu, gpu or auto.")
-@click.option("--devices", type=int, default=1, show_default=True,
+@click.option("--devices", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes (one per GPU, or CPU processes) sharing the slides between them.")
-@click.option("--num-nodes", type=int, default=1, show_default=True,
+@click.option("--num-nodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Machines: start the command on each with srun (SLURM) or MASTER_ADDR/MASTER_PORT/NODE_RANK.")
-@click.option("--tome-r", type=int, default=0, show_default=True,
+@click.option("--tome-r", type=click.IntRange(min=0), default=0, show_default=True,
               help="Token merging (ToMe): merge this many tokens in every ViT block; faster, features approximate.")
 def embed_command(slides, out_dir, coords_dir, backbone, init, weights, mpp, tile_size, min_tissue, max_tiles,
                   slide_mpp, seed, batch_size, num_workers, precision, accelerator, devices, num_nodes, tome_r):
@@ -155,11 +158,14 @@ def embed_command(slides, out_dir, coords_dir, backbone, init, weights, mpp, til
 
 @click.command("heatmap", context_settings={"max_content_width": 110})
 @click.argument("slide")
-@click.option("--features", "features_file", required=True, help="The slide's features/<slide_id>.h5 from `histo embed`.")
+@click.option("--features", "features_file", required=True,
+              type=PathParam(dir_okay=False, fix="give the slide's features/<slide_id>.h5 written by `domainfm histo embed`"),
+              help="The slide's features/<slide_id>.h5 from `histo embed`.")
 @click.option("--model", "model_uri", required=True,
               help="The slide-biomarker ensemble: models:/NAME@ALIAS, runs:/ID/ensemble, or the pipeline's "
                    "--out DIR/model folder.")
-@click.option("--out", "out_file", required=True, help="PNG to write.")
+@click.option("--out", "out_file", required=True, type=PathParam(dir_okay=False, fix="give a file name, e.g. heatmap.png"),
+              help="PNG to write.")
 @click.option("--class-index", type=int, default=None,
               help="Class whose probability is shown (default: the positive class).")
 def heatmap_command(slide, features_file, model_uri, out_file, class_index):

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from domainfm.data import read_csv_rows
-from domainfm.errors import DomainFMError
+from domainfm.errors import DomainFMError, expect_file
 from plugins.histo import slides as slides_mod
 from plugins.histo import tiling
 
@@ -51,8 +51,7 @@ class HistoViews:
 def read_tile_labels(path: str | Path) -> tuple[list[str], dict[str, list[tuple[int, int, np.ndarray]]]]:
     """``slide_id,x,y,<label columns>`` -> label names and {slide_id: [(x, y, multi-hot)]}."""
     path = Path(path)
-    if not path.is_file():
-        raise DomainFMError("tile labels CSV not found", path=path, fix="give a CSV slide_id,x,y,<label columns>")
+    expect_file(path, "--tile-labels", missing="tile labels CSV not found", fix="give a CSV slide_id,x,y,<label columns>")
     fix = "write a header like slide_id,x,y,tumor,stroma,necrosis"
     rows = read_csv_rows(path, ("slide_id", "x", "y"), what="tile labels CSV", fix=fix)
     names = [f for f in rows.columns if f not in ("slide_id", "x", "y", "patient_id")]  # patient: a group

@@ -43,6 +43,12 @@ def find_slides(inputs: list[str] | tuple[str, ...]) -> list[Path]:
             found += sorted(q for q in p.iterdir()
                             if q.is_file() and q.suffix.lower() in SLIDE_EXTENSIONS + IMAGE_EXTENSIONS)
         elif p.is_file():
+            if p.suffix.lower() not in SLIDE_EXTENSIONS + IMAGE_EXTENSIONS and not _openslide_vendor(p):
+                # refused before any output exists: a CSV or .h5 given among the slides is a typo
+                raise DomainFMError(f"is not a slide ({p.suffix or 'no extension'}: neither a whole-slide format "
+                                    "OpenSlide recognises nor an image)", path=p,
+                                    fix=f"give slide files ({', '.join(SLIDE_EXTENSIONS)}) or images "
+                                        f"({', '.join(IMAGE_EXTENSIONS)}), or folders of them")
             found.append(p)
         else:
             raise DomainFMError("no such slide file or folder", path=p, fix="check the path")
@@ -56,6 +62,16 @@ def find_slides(inputs: list[str] | tuple[str, ...]) -> list[Path]:
                                 path=p, fix="rename one of them: outputs are named by slide id")
         ids[slide_id(p)] = p
     return found
+
+
+def _openslide_vendor(path: Path) -> str | None:
+    """The slide format OpenSlide recognises in ``path`` by its content (None: none)."""
+    import openslide
+
+    try:
+        return openslide.OpenSlide.detect_format(str(path))
+    except openslide.OpenSlideError:
+        return None
 
 
 def open_slide(path: str | Path):

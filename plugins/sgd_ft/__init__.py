@@ -21,6 +21,15 @@ class SGDFinetunePlugin(Plugin):
     description = ("Fine-tuning with SGD and a frozen embedding layer (Kumar et al.), against AdamW: "
                    "ImageFolder images/GeoTIFFs or eo-sar multi-labels, LR sweeps, memory comparison")
 
+    def check(self, cfg) -> None:
+        """--data before the core opens an MLflow run (the datamodule reads it inside the run)."""
+        if cfg.command == "finetune" and cfg.data:
+            from domainfm.errors import expect_folder
+
+            expect_folder(cfg.data, "--data", missing="data folder not found",
+                          fix="give --data the folder holding train/<class>/<image> (and val/, test/), or with "
+                              "--task multilabel an eo-sar data root (s2/<patch_id>.tif)")
+
     def options(self, command: str) -> list:
         import click
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from domainfm.data import dict_loader
-from domainfm.errors import DomainFMError
+from domainfm.errors import DomainFMError, expect_folder
 from plugins.sgd_ft.datasets import PIL_SUFFIXES, ImageFolderClassification, check_channels, scan_split, split_statistics
 
 MULTICLASS, MULTILABEL = "multiclass", "multilabel"
@@ -69,8 +69,8 @@ class ImageFolderDataModule(_Loaders):
                  rgb_std: Sequence[float] = (0.229, 0.224, 0.225)) -> None:
         super().__init__(batch_size, num_workers)
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DomainFMError("data folder not found", path=self.root, fix="give --data an existing folder")
+        expect_folder(self.root, "--data", missing="data folder not found",
+                      fix="give --data the folder holding train/<class>/<image> (and val/, test/)")
         self.classes, train = scan_split(self.root, "train")
         if len(self.classes) < 2:  # accuracy (torchmetrics) and cross-entropy need two classes
             raise DomainFMError(f"holds one class folder ({self.classes[0]}); classification needs at least two",

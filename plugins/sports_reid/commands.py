@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import click
 
+from domainfm.cli import PathParam
+
 
 def predict_options() -> list[click.Option]:
     """``domainfm predict --model <a sports-reid model> QUERY... --gallery DIR``: the input size,
     normalisation and distance come from the model; these say what to rank and how."""
     return [
-        click.Option(["--gallery"], required=True, type=click.Path(file_okay=False),
+        click.Option(["--gallery"], required=True,
+                     type=PathParam(file_okay=False, fix="give the folder of gallery crops (<player_id>/ sub-folders "
+                                                         "or <player_id>_<sequence>_<frame>.jpeg files)"),
                      help="Folder of gallery crops to rank for every query (<player_id>/ sub-folders, "
                           "MMSports <player_id>_<sequence>_<frame>.jpeg names, or any names)."),
         click.Option(["--top-k"], type=click.IntRange(min=1), default=10, show_default=True,
@@ -60,7 +64,8 @@ def options(command: str) -> list[click.Option]:
                          show_default=True,
                          help="test: score reid_test (or query/ + gallery/); challenge: rank "
                               "reid_challenge and write --submission."),
-            click.Option(["--submission"], type=click.Path(dir_okay=False), default=None,
+            click.Option(["--submission"], type=PathParam(dir_okay=False, fix="give a file name, e.g. submission.csv"),
+                         default=None,
                          help="Challenge CSV to write: gallery ids in the first row, query ids in the "
                               "first column, distances between."),
             click.Option(["--zero-shot"], default="auto", show_default=True,

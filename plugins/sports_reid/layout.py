@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from domainfm.errors import DomainFMError
+from domainfm.errors import DomainFMError, expect_folder
 
 MMSPORTS_NAME = re.compile(r"^(?P<pid>\d+)_(?P<sequence>\d+)_(?P<frame>\d+)$")
 CHALLENGE_NAME = re.compile(r"^\d+$")
@@ -29,6 +29,28 @@ LAYOUT_FIX = ("give --data the folder holding reid_training/ and reid_test/ (MMS
 MMSPORTS_DIRS = {"train": "reid_training", "test_query": "reid_test/query", "test_gallery": "reid_test/gallery",
                  "challenge_query": "reid_challenge/query", "challenge_gallery": "reid_challenge/gallery"}
 GENERIC_DIRS = {"train": "train", "test_query": "query", "test_gallery": "gallery"}
+#: What a folder of crops given to ``predict`` (INPUT... or --gallery) may hold.
+CROPS_LAYOUT = ("<player_id>/ sub-folders of .jpg/.jpeg/.png crops, crops named <player_id>_<sequence>_<frame>.jpeg "
+                "(MMSports), or any crops (ranked without scores)")
+
+
+def _part_layout(layout: str, part: str) -> str:
+    """What the folder of ``part`` holds in ``layout``, for messages."""
+    if layout == "mmsports":
+        names = "<integer>.jpeg" if part.startswith("challenge") else "<player_id>_<sequence>_<frame>.jpeg"
+        return f"{MMSPORTS_DIRS[part]}/ of {names} crops"
+    return f"{GENERIC_DIRS[part]}/<player_id>/ sub-folders of .jpg/.jpeg/.png crops"
+
+
+def _what_is_there(folder: Path) -> str:
+    """What a folder without crops holds, for messages: empty, other files, empty sub-folders."""
+    entries = sorted(folder.iterdir())
+    if not entries:
+        return "it is empty"
+    files = [e.name for e in entries if e.is_file()]
+    if files:
+        return f"it holds {len(files)} other file(s), e.g. {files[0]}"
+    return f"it holds only {len(entries)} sub-folder(s) without crops, e.g. {entries[0].name}/"
 
 
 @dataclass(frozen=True)
@@ -47,8 +69,7 @@ class ReIDRecord:
 
 def detect_layout(root: str | Path) -> str:
     root = Path(root)
-    if not root.is_dir():
-        raise DomainFMError("data folder not found", path=root, fix=LAYOUT_FIX)
+    expect_folder(root, "--data", missing="data folder not found", fix=LAYOUT_FIX)
     if (root / "reid_training").is_dir() or (root / "reid_test").is_dir() or (root / "reid_challenge").is_dir():
         return "mmsports"
     if any((root / d).is_dir() for d in ("train", "query", "gallery")):
@@ -96,8 +117,9 @@ def read_part(root: str | Path, part: str, layout: str | None = None) -> list[Re
     ``challenge_gallery``. An empty or missing folder is an error naming it."""
     layout = layout or detect_layout(root)
     folder = part_folder(root, layout, part)
-    if not folder.is_dir():
-        raise DomainFMError("folder not found", path=folder, fix=LAYOUT_FIX)
+    expect_folder(folder, "--data", missing=f"{part.replace('_', ' ')} folder not found",
+                  fix=f"the {'MMSports 2022' if layout == 'mmsports' else 'generic'} layout keeps it in "
+                      f"{_part_layout(layout, part)}")
     if layout == "mmsports":
         files = _images(folder)
         parse = parse_challenge_name if part.startswith("challenge") else parse_mmsports_name
@@ -117,8 +139,9 @@ def read_part(root: str | Path, part: str, layout: str | None = None) -> list[Re
             raise DomainFMError("some file names carry a camera token (c<k>) and this one does not", path=bad,
                                 fix="name every crop with its camera (e.g. c1_f000.jpg) or none of them")
     if not records:
-        raise DomainFMError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found", path=folder,
-                            fix="put the crops there, or point --data at the right folder")
+        raise DomainFMError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found: {_what_is_there(folder)}", path=folder,
+                            fix=f"put the crops there ({_part_layout(layout, part)}), or point --data at the right "
+                                "folder")
     return records
 
 
@@ -170,11 +193,12 @@ def read_crops(sources: list[str | Path], *, what: str = "query") -> list[ReIDRe
         if p.is_file():
             if p.suffix.lower() not in IMAGE_SUFFIXES:
                 raise DomainFMError(f"is not a crop image ({', '.join(IMAGE_SUFFIXES)})", path=p,
-                                    fix=f"give {what} crops or folders of crops")
+                                    fix=f"give {what} crops or folders of {CROPS_LAYOUT}")
             records.append(_loose_record(p, p.stem))
             continue
+        flag = "--gallery" if what == "gallery" else f"INPUT (the {what} crops)"
         if not p.is_dir():
-            raise DomainFMError(f"{what} path not found", path=p, fix=f"give existing {what} crops or folders of crops")
+            raise DomainFMError(f"{what} path not found", path=p, fix=f"give {flag} a folder of {CROPS_LAYOUT}")
         before = len(records)
         players = sorted(d for d in p.iterdir() if d.is_dir())
         loose = _images(p)
@@ -188,8 +212,8 @@ def read_crops(sources: list[str | Path], *, what: str = "query") -> list[ReIDRe
                 records += [ReIDRecord(path=f, pid=d.name, item_id=f"{d.name}/{f.stem}", camera=camera_of(f))
                             for f in _images(d)]
         if len(records) == before:
-            raise DomainFMError(f"no {what} crops ({', '.join(IMAGE_SUFFIXES)}) found", path=p,
-                                fix=f"put the {what} crops there (or in <player_id>/ sub-folders)")
+            raise DomainFMError(f"no {what} crops ({', '.join(IMAGE_SUFFIXES)}) found: {_what_is_there(p)}", path=p,
+                                fix=f"give {flag} a folder of {CROPS_LAYOUT}")
     if not records:
         raise DomainFMError(f"no {what} crops given", fix=f"give {what} crops or folders of crops")
     return records

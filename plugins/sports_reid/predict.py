@@ -75,7 +75,7 @@ def run_predict(model, inputs: list[str], out: Path, options: dict[str, Any]) ->
     from domainfm.inference import autocast_dtype, resolve_device
     from domainfm.metrics import retrieval_metrics
     from plugins.sports_reid.datasets import ReIDDataset
-    from plugins.sports_reid.layout import read_crops
+    from plugins.sports_reid.layout import CROPS_LAYOUT, read_crops
     from plugins.sports_reid.model import load_reid_model
     from plugins.sports_reid.rerank import check_rerank
     from plugins.sports_reid.retrieval import (EvalSettings, RetrievalResult, distance_matrix, embed,
@@ -91,8 +91,8 @@ def run_predict(model, inputs: list[str], out: Path, options: dict[str, Any]) ->
         raise DomainFMError(f"--top-k must be at least 1, got {top_k}")
     gallery_root = Path(gallery_dir)
     if gallery_root.exists() and not gallery_root.is_dir():
-        raise DomainFMError("--gallery must be a folder of crops", path=gallery_root,
-                            fix="give the folder holding the gallery crops")
+        raise DomainFMError("is a file, but --gallery takes a folder", path=gallery_root,
+                            fix=f"give the folder of gallery crops ({CROPS_LAYOUT})")
     queries = read_crops(inputs, what="query")
     gallery = read_crops([gallery_root], what="gallery")
     rerank = bool(options.get("rerank"))

@@ -8,6 +8,7 @@ other row a negative. The logit scale is learned as a log-parameter, as in CLIP.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 
 from domainfm.errors import DomainFMError
 from domainfm.losses import info_nce_loss
-from domainfm.training import param_groups, warmup_poly
+from domainfm.training import fitted_warmup, param_groups, warmup_poly
 
 DEFAULT_LOGIT_SCALE = 1.0 / 0.07  # CLIP's initial temperature
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp: keeps the learned temperature from collapsing
@@ -107,7 +108,9 @@ class ReIDContrastiveTask(L.LightningModule):
         groups = param_groups(self, self.weight_decay, lr=self.lr, layer_decay=self.layer_decay, vit=vit)
         opt = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.98))
         total = int(self.trainer.estimated_stepping_batches)
-        warmup = min(self.warmup_steps, max(0, total // 2))
+        warmup, warning = fitted_warmup(self.warmup_steps, total)
+        if warning and self.trainer.is_global_zero:  # once per run, on one line
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_poly(s, warmup, total, power=self.poly_power))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
