@@ -122,7 +122,6 @@ def decode_only(path, window: int, stride: int) -> float:
 
 def child(args) -> dict:
     """One size in this (fresh) process; prints a JSON line."""
-    import numpy as np
     import torch
 
     from plugins.eo_sar import scene_embedding as se

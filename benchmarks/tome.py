@@ -159,7 +159,6 @@ def speed_and_cosine(name, args, device, tiles) -> list[dict]:
     """tiles/s unmerged and at each r, measured side by side: each repetition embeds the same tiles
     unmerged then merged, so a machine shared with other jobs slows both alike; the speed-up is the
     ratio of the summed times."""
-    import numpy as np
 
     from domainfm.inference import apply_token_merging
 
