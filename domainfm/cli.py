@@ -18,6 +18,7 @@ from click.core import ParameterSource
 
 from domainfm import __version__
 from domainfm.errors import DomainFMError
+from domainfm.path_params import PathMismatch, PathParam  # noqa: F401 - plugins' commands use them
 
 
 def _peek_plugin(args: list[str]) -> str | None:
@@ -198,39 +199,6 @@ def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-
-
-class PathMismatch(click.BadParameter):
-    """A path given to a flag that takes a folder is a file, or the other way round."""
-
-    def __init__(self, message: str, *, path: str, fix: str | None, ctx=None, param=None):
-        super().__init__(message, ctx=ctx, param=param)
-        self.path, self.fix = path, fix
-
-    def format_message(self) -> str:
-        return self.message
-
-
-class PathParam(click.Path):
-    """A ``click.Path`` whose refusal says what is there and what the flag takes, as one line:
-    ``error: a.txt: is a file, but --data takes a folder. Fix: <fix>; see <command> --help.``
-    ``fix``: what the flag's folder or file should be (e.g. "a folder holding s2/<patch_id>.tif")."""
-
-    def __init__(self, *, fix: str | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.fix = fix
-
-    def convert(self, value, param, ctx):
-        p = Path(value)
-        flag = (max(param.opts, key=len) if isinstance(param, click.Option) else param.human_readable_name) \
-            if param is not None else "this flag"
-        if not self.file_okay and p.is_file():
-            raise PathMismatch(f"is a file, but {flag} takes a folder", path=str(value), fix=self.fix, ctx=ctx,
-                               param=param)
-        if not self.dir_okay and p.is_dir():
-            raise PathMismatch(f"is a folder, but {flag} takes a file", path=str(value), fix=self.fix, ctx=ctx,
-                               param=param)
-        return super().convert(value, param, ctx)
 
 
 def usage_error_line(e: click.ClickException, ctx: click.Context | None = None) -> str:

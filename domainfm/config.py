@@ -186,9 +186,11 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 #: The lowest value each numeric flag takes: (lowest, lowest excluded, other values allowed). Checked
 #: before any data is read or any MLflow run opens (Lightning and PyTorch would otherwise stop with a
 #: traceback, or quietly run nothing: --max-steps 0 trained zero steps and still registered a model).
+#: ``--lr 0`` stays allowed: a run at learning rate 0 exports and logs its starting weights unchanged
+#: (how a checkpoint is checked end to end), while a negative one would climb the loss.
 _LOWEST: dict[str, tuple[float, bool, tuple]] = {
     "img_size": (1, False, ()), "in_chans": (1, False, ()), "max_steps": (1, False, (-1,)),
-    "max_epochs": (1, False, ()), "lr": (0, True, ()), "weight_decay": (0, False, ()),
+    "max_epochs": (1, False, ()), "lr": (0, False, ()), "weight_decay": (0, False, ()),
     "warmup_steps": (0, False, ()), "layer_decay": (0, True, ()), "temperature": (0, True, ()),
     "hard_weight": (0, False, ()), "soft_weight": (0, False, ()), "chunk_size": (1, False, ()),
     "ema_momentum": (0, False, ()), "proj_dim": (1, False, ()), "collapse_rankme": (0, False, ()),
@@ -269,7 +271,7 @@ def click_options(command: str) -> list:
             opts.append(click.Option([flag], is_flag=True, default=f.default, help=meta["help"]))
             continue
         if f.name in ("output_dir", "json"):  # a file where a folder goes (or back): one line saying so
-            from domainfm.cli import PathParam
+            from domainfm.path_params import PathParam
 
             kwargs["type"] = (PathParam(file_okay=False, fix="give a folder for the run's outputs")
                               if f.name == "output_dir" else PathParam(dir_okay=False, fix="give a file name, e.g. metrics.json"))
@@ -280,7 +282,7 @@ def click_options(command: str) -> list:
         elif f.type in ("float", "float | None"):
             kwargs["type"] = float
         opts.append(click.Option([flag, f.name], **kwargs))
-    from domainfm.cli import PathParam
+    from domainfm.path_params import PathParam
 
     opts.append(click.Option(["--config"], type=PathParam(dir_okay=False, fix="give the path of a YAML file"), default=None,
                              help="YAML file of options; flags given on the command line override it."))

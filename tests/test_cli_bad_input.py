@@ -111,7 +111,7 @@ def test_a_command_the_plugin_lacks_opens_no_run(mlflow_store, plugin, command, 
 
 
 @pytest.mark.parametrize("flag, value, line", [
-    ("--lr", "-1", "error: --lr must be more than 0, got -1.0. Fix: pass a positive --lr."),
+    ("--lr", "-1", "error: --lr must be at least 0, got -1.0. Fix: pass --lr 0 or more."),
     ("--max-steps", "0", "error: --max-steps must be at least 1 (or -1), got 0. Fix: pass --max-steps 1 or more, "
                          "or --max-steps -1."),
     ("--devices", "0", "error: --devices must be at least 1, got 0. Fix: pass --devices 1 or more."),

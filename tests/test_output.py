@@ -166,6 +166,11 @@ def test_tiny_pretrain_prints_no_third_party_chatter_and_a_loss_span(tmp_path, m
         assert noise not in text, (noise, text)
     # no Python warning line (…Warning: message) from any library
     assert not re.search(r"\b[A-Za-z]*Warning\b", text), text
+    # the default 10 warm-up steps do not fit 2 steps: said once, with what is used instead (1 = 2 // 2)
+    warmup = [line for line in r.stderr.splitlines() if line.startswith("warning: --warmup-steps")]
+    assert warmup == ["warning: --warmup-steps 10 is more than half of this run's 2 optimiser steps: warming up "
+                      "over 1 step instead, so the learning rate reaches --lr at step 1 (pass --warmup-steps 1 or "
+                      "fewer to silence this)"], r.stderr
 
     client = mlflow.MlflowClient(uri)
     import json

@@ -7,6 +7,7 @@ run, checkpoints and resume, export and registration) is :func:`domainfm.jobs.ru
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from torch import nn
 from domainfm.backbones import create_backbone
 from domainfm.losses import soft_contrastive_loss
 from domainfm.masking import random_keep_indices
-from domainfm.training import ema_momentum, param_groups, warmup_cosine
+from domainfm.training import ema_momentum, fitted_warmup, param_groups, warmup_cosine
 
 if TYPE_CHECKING:  # pragma: no cover
     from domainfm.config import RunConfig
@@ -131,7 +132,9 @@ class ContinualPretrainingTask(L.LightningModule):
                               model=self.student.backbone.model, ndims=self._param_ndims)
         opt = torch.optim.AdamW(groups, lr=c["lr"], betas=(0.9, 0.999))
         total = int(self.trainer.estimated_stepping_batches)
-        warmup = min(c["warmup_steps"], max(0, total // 2))
+        warmup, warning = fitted_warmup(c["warmup_steps"], total)
+        if warning and self.trainer.is_global_zero:  # once per run, on one line
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, final=0.01))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
