@@ -310,3 +310,46 @@ def test_num_nodes_without_launcher_is_one_line(files, tmp_path, mlflow_store, m
     _one_line_error(r, "error: --num-nodes 2 needs a launcher's environment", "MASTER_ADDR, MASTER_PORT and NODE_RANK",
                     "srun")
     assert not out.exists()
+
+
+def _embedding_tif(path: Path, x: np.ndarray) -> Path:
+    """x [C, H, W] float32 (NaN = nodata) as a tiled GeoTIFF like the ones embed writes."""
+    profile = dict(driver="GTiff", width=x.shape[2], height=x.shape[1], count=x.shape[0], dtype="float32",
+                   crs="EPSG:32632", transform=Affine(140, 0, 500000, 0, -140, 5000000), nodata=float("nan"),
+                   tiled=True, blockxsize=16, blockysize=16, compress="deflate")
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(x)
+    return path
+
+
+def test_preview_components_equal_a_direct_pca_and_a_sample_fit_spans_the_same_components(tmp_path):
+    """The preview's PCA reads the map piece by piece (memory bounded whatever its size): with every
+    pixel in the fit it equals numpy's PCA of the whole map; fitted on a grid sample of a map with
+    three strong directions it gives the same three components (up to sign)."""
+    from plugins.eo_sar.scene_embedding import _stretch, preview_components
+
+    rng = np.random.default_rng(0)
+    C, H, W = 12, 37, 45
+    basis = rng.normal(size=(3, C)) * np.array([[9.0], [4.0], [1.5]])
+    coef = rng.normal(size=(H * W, 3))
+    x = (coef @ basis + 0.01 * rng.normal(size=(H * W, C))).astype(np.float32).T.reshape(C, H, W)
+    x[:, :4, :6] = np.nan                                   # a nodata corner
+    tif = _embedding_tif(tmp_path / "emb.tif", x)
+
+    # independent: numpy's SVD of every valid pixel, as float64
+    v = np.moveaxis(x, 0, -1).astype(np.float64)
+    valid = np.isfinite(v).all(axis=-1)
+    centred = v[valid] - v[valid].mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    direct = np.zeros((H, W, 3))
+    direct[valid] = centred @ vt[:3].T
+
+    rgb, ok = preview_components(tif, fit_pixels=H * W)
+    np.testing.assert_array_equal(ok, valid)
+    np.testing.assert_allclose(rgb, _stretch(direct, valid), atol=1e-5)
+
+    sampled, ok = preview_components(tif, fit_pixels=256)     # a grid of every 3rd pixel fits it
+    np.testing.assert_array_equal(ok, valid)
+    for i in range(3):  # each channel the same picture (a component's sign is arbitrary)
+        r = np.corrcoef(sampled[..., i][valid], rgb[..., i][valid])[0, 1]
+        assert abs(r) > (0.99 if i == 0 else 0.95), (i, r)  # later components rotate a little with the sample

@@ -55,6 +55,8 @@ from domainfm.inference import autocast_dtype, resolve_device  # noqa: F401  (re
 TILE_ROWS = 16  # GeoTIFF tile height (and the unit of progress)
 NODATA = float("nan")
 PREVIEW_MAX_PX = 512
+#: valid pixels at most (about) that fit the preview's principal components
+PREVIEW_FIT_PIXELS = 4096
 
 
 @dataclass
@@ -920,32 +922,42 @@ def _stretch(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out
 
 
-def decimated_read(path: Path, max_px: int = PREVIEW_MAX_PX, *, masked: bool = False) -> np.ndarray:
-    """All bands of ``path`` resampled (nearest) so that the longer side is at most ``max_px``:
-    [C, h, w]. Read in pieces of about 512 x 2048 scene pixels, the file reopened for each, so GDAL's
-    block cache never holds more than a piece (memory does not grow with the scene). ``masked``: a
-    masked array (the file's nodata masked)."""
+def _decimated_shape(H: int, W: int, max_px: int) -> tuple[int, int]:
+    f = min(1.0, max_px / max(H, W))
+    return max(1, round(H * f)), max(1, round(W * f))
+
+
+def _decimated_pieces(path: Path, max_px: int, *, masked: bool = False) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(y0, x0, block)`` pieces of :func:`decimated_read`'s result, block [C, h', w'], in row order.
+    Each piece is about 512 x 2048 scene pixels, read with the file reopened, so GDAL's block cache
+    never holds more than a piece."""
     import rasterio
     from rasterio.windows import Window
 
     with rasterio.open(path) as src:
         H, W, C = src.height, src.width, src.count
-    f = min(1.0, max_px / max(H, W))
-    h, w = max(1, round(H * f)), max(1, round(W * f))
+    h, w = _decimated_shape(H, W, max_px)
     step_y, step_x = max(1, round(512 * h / H)), max(1, round(2048 * w / W))  # output px per piece
-    rows = []
     for y0 in range(0, h, step_y):
         y1 = min(h, y0 + step_y)
         top, bottom = round(y0 * H / h), round(y1 * H / h)
-        row = []
         for x0 in range(0, w, step_x):
             x1 = min(w, x0 + step_x)
             left, right = round(x0 * W / w), round(x1 * W / w)
             with rasterio.open(path) as src:
-                row.append(src.read(window=Window(left, top, right - left, bottom - top),
-                                    out_shape=(C, y1 - y0, x1 - x0), masked=masked))
-        rows.append(np.ma.concatenate(row, axis=2) if masked else np.concatenate(row, axis=2))
-    return np.ma.concatenate(rows, axis=1) if masked else np.concatenate(rows, axis=1)
+                yield y0, x0, src.read(window=Window(left, top, right - left, bottom - top),
+                                       out_shape=(C, y1 - y0, x1 - x0), masked=masked)
+
+
+def decimated_read(path: Path, max_px: int = PREVIEW_MAX_PX, *, masked: bool = False) -> np.ndarray:
+    """All bands of ``path`` resampled (nearest) so that the longer side is at most ``max_px``:
+    [C, h, w]. Read in pieces of about 512 x 2048 scene pixels (:func:`_decimated_pieces`), so GDAL's
+    block cache never holds more than a piece. ``masked``: a masked array (the file's nodata masked)."""
+    rows: dict[int, list] = {}
+    for y0, _, block in _decimated_pieces(path, max_px, masked=masked):
+        rows.setdefault(y0, []).append(block)
+    cat = np.ma.concatenate if masked else np.concatenate
+    return cat([cat(row, axis=2) for _, row in sorted(rows.items())], axis=1)
 
 
 def scene_thumbnail(sp: ScenePlan, max_px: int = PREVIEW_MAX_PX) -> np.ndarray:
@@ -971,19 +983,42 @@ def scene_thumbnail(sp: ScenePlan, max_px: int = PREVIEW_MAX_PX) -> np.ndarray:
     return _stretch(rgb, valid) * valid[..., None]
 
 
-def preview_components(tif: Path, max_px: int = PREVIEW_MAX_PX) -> tuple[np.ndarray, np.ndarray]:
-    """The first three principal components of an embedding GeoTIFF, read decimated, as RGB
-    [h, w, 3] in 0..1, and its valid mask."""
-    x = np.moveaxis(decimated_read(tif, max_px), 0, -1).astype(np.float64)
-    shape = x.shape[:2]
-    valid = np.isfinite(x).all(axis=-1)
-    pcs = np.zeros((*shape, 3))
-    v = x[valid]
+def preview_components(tif: Path, max_px: int = PREVIEW_MAX_PX,
+                       fit_pixels: int = PREVIEW_FIT_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+    """The first three principal components of an embedding GeoTIFF, read decimated (longer side
+    at most ``max_px``), as RGB [h, w, 3] in 0..1, and its valid mask [h, w].
+
+    Memory does not grow with the embedding: the components are fitted on at most about
+    ``fit_pixels`` valid pixels (a regular grid over the decimated raster; all of them when it is
+    smaller), then every piece is projected as it is read. A dense D=768 map of a full Sentinel-2
+    tile read whole would be 512² x 768 float64 = 1.6 GB."""
+    import rasterio
+
+    with rasterio.open(tif) as src:
+        H, W = src.height, src.width
+    h, w = _decimated_shape(H, W, max_px)
+    s = max(1, math.ceil(math.sqrt(h * w / fit_pixels)))  # grid step of the fitting sample
+    sample = []
+    for y0, x0, block in _decimated_pieces(tif, max_px):
+        ys = np.arange((-y0) % s, block.shape[1], s)
+        xs = np.arange((-x0) % s, block.shape[2], s)
+        v = block[:, ys][:, :, xs].reshape(block.shape[0], -1).T.astype(np.float64)
+        sample.append(v[np.isfinite(v).all(axis=1)])
+    v = np.concatenate(sample)
+    mean, comps = None, None
     if len(v) >= 2:
-        v = v - v.mean(axis=0)
-        _, _, vt = np.linalg.svd(v, full_matrices=False)
-        n = min(3, vt.shape[0])
-        pcs[valid, :n] = v @ vt[:n].T
+        mean = v.mean(axis=0)
+        _, _, vt = np.linalg.svd(v - mean, full_matrices=False)
+        comps = vt[:3].T                                     # [C, n <= 3]
+    del v, sample
+    pcs = np.zeros((h, w, 3))
+    valid = np.zeros((h, w), bool)
+    for y0, x0, block in _decimated_pieces(tif, max_px):
+        x = np.moveaxis(block, 0, -1)
+        ok = np.isfinite(x).all(axis=-1)
+        valid[y0:y0 + x.shape[0], x0:x0 + x.shape[1]] = ok
+        if comps is not None:
+            pcs[y0:y0 + x.shape[0], x0:x0 + x.shape[1], :comps.shape[1]][ok] = (x[ok] - mean) @ comps
     return _stretch(pcs, valid), valid
 
 
