@@ -185,11 +185,12 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 
 #: The lowest value each numeric flag takes: (lowest, lowest excluded, other values allowed). Checked
 #: before any data is read or any MLflow run opens (Lightning and PyTorch would otherwise stop with a
-#: traceback, or quietly run nothing: --max-steps 0 trained zero steps and still registered a model).
+#: traceback). ``--max-steps 0`` stays allowed: it exports and registers the starting weights untouched,
+#: which `make demo` evaluates as the baseline of its pretraining.
 #: ``--lr 0`` stays allowed: a run at learning rate 0 exports and logs its starting weights unchanged
 #: (how a checkpoint is checked end to end), while a negative one would climb the loss.
 _LOWEST: dict[str, tuple[float, bool, tuple]] = {
-    "img_size": (1, False, ()), "in_chans": (1, False, ()), "max_steps": (1, False, (-1,)),
+    "img_size": (1, False, ()), "in_chans": (1, False, ()), "max_steps": (0, False, (-1,)),
     "max_epochs": (1, False, ()), "lr": (0, False, ()), "weight_decay": (0, False, ()),
     "warmup_steps": (0, False, ()), "layer_decay": (0, True, ()), "temperature": (0, True, ()),
     "hard_weight": (0, False, ()), "soft_weight": (0, False, ()), "chunk_size": (1, False, ()),
@@ -219,9 +220,9 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.command == PRETRAIN and not 0.0 < cfg.val_fraction < 1.0:
         raise DomainFMError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
     if cfg.command == PRETRAIN and cfg.val_every is not None and cfg.val_every < 0:
-        raise DomainFMError(f"--val-every must be >= 0 (0: off), got {cfg.val_every}")
+        raise DomainFMError(f"--val-every must be >= 0 (0: off), got {cfg.val_every}", fix="pass --val-every 0 (off) or a number of steps")
     if cfg.batch_size < 1:
-        raise DomainFMError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+        raise DomainFMError(f"--batch-size must be at least 1, got {cfg.batch_size}", fix="pass --batch-size 1 or more")
     if str(cfg.precision) not in PRECISIONS:  # Lightning takes more (64, transformer-engine...), our models do not
         raise DomainFMError(f"unknown --precision {cfg.precision!r}", fix=f"use one of {', '.join(PRECISIONS)}")
     if cfg.strategy not in ("auto", "ddp", "fsdp", "ddp_spawn", "ddp_find_unused_parameters_true"):

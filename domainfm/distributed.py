@@ -148,7 +148,7 @@ def check_launch(*, num_nodes: int = 1, strategy: str = "auto", accelerator: str
     from domainfm.errors import DomainFMError
 
     if num_nodes < 1:
-        raise DomainFMError(f"--num-nodes must be at least 1, got {num_nodes}")
+        raise DomainFMError(f"--num-nodes must be at least 1, got {num_nodes}", fix="pass --num-nodes 1 or more")
     if num_nodes > 1 and launcher_environment() is None:
         import os
 

@@ -112,17 +112,17 @@ def test_a_command_the_plugin_lacks_opens_no_run(mlflow_store, plugin, command, 
 
 @pytest.mark.parametrize("flag, value, line", [
     ("--lr", "-1", "error: --lr must be at least 0, got -1.0. Fix: pass --lr 0 or more."),
-    ("--max-steps", "0", "error: --max-steps must be at least 1 (or -1), got 0. Fix: pass --max-steps 1 or more, "
-                         "or --max-steps -1."),
+    ("--max-steps", "-5", "error: --max-steps must be at least 0 (or -1), got -5. Fix: pass --max-steps 0 or more, "
+                          "or --max-steps -1."),
     ("--devices", "0", "error: --devices must be at least 1, got 0. Fix: pass --devices 1 or more."),
     ("--img-size", "0", "error: --img-size must be at least 1, got 0. Fix: pass --img-size 1 or more."),
     ("--num-workers", "-1", "error: --num-workers must be at least 0, got -1. Fix: pass --num-workers 0 or more."),
-    ("--batch-size", "0", "error: --batch-size must be at least 1, got 0."),
+    ("--batch-size", "0", "error: --batch-size must be at least 1, got 0. Fix: pass --batch-size 1 or more."),
 ])
 def test_numbers_a_run_cannot_take(mlflow_store, flag, value, line):
     """Lightning or PyTorch stopped these with a traceback after the data was read (--lr -1,
-    --devices 0, --img-size 0, --max-steps -5), or ran zero steps and registered a model
-    (--max-steps 0)."""
+    --devices 0, --img-size 0, --max-steps -5); --max-steps 0 stays allowed (it registers the
+    starting weights untouched: make demo's baseline)."""
     r = invoke(["pretrain", "--plugin", "eo-sar", "--init", "random", "--backbone", "resnet18", flag, value])
     assert assert_one_line_error(r) == line
     assert live_runs(mlflow_store) == 0

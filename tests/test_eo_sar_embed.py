@@ -216,6 +216,12 @@ def test_bad_inputs_are_one_line_and_leave_nothing(files, tmp_path, mlflow_store
     _one_line_error(r, "--tome-r 3 is too large", "it has 4 patch tokens")
     r = _embed(["--dense", "--stride", "14"], files, out)
     _one_line_error(r, "--dense needs --window and --stride in whole 14-px patches")
+    r = _embed(["--dims", "500"], files, out)  # ViT-S: 384 features
+    _one_line_error(r, "--dims 500 is more than the model's 384 features", "Fix: pass --dims 384 or less")
+    r = CliRunner().invoke(main, ["eo-sar", "embed", str(files["scene"]), "--model", str(files["model"]),
+                                  "--out", str(out), "--window", "252", "--stride", "252", "--dims", "8"])  # windows to the edges: 2 x 2
+    _one_line_error(r, f"{files['scene']}: --dims 8 needs at least 8 samples to fit its principal components, "
+                       "and this scene gives 4 (4 window(s))", "Fix: pass --dims 4 or less, or a smaller --stride")
     assert not out.exists()
 
 

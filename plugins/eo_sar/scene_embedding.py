@@ -691,7 +691,13 @@ def _embed_scene(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, *
     start = _open_partial(paths, sp, s, bands, fp, log)
     res.resumed_from_row = start
 
-    proj = _projection(paths, sp, s, encoder, dim_in, reuse=bool(start)) if s.dims else None
+    try:
+        proj = _projection(paths, sp, s, encoder, dim_in, reuse=bool(start)) if s.dims else None
+    except DomainFMError:
+        if not start:  # nothing computed yet (e.g. too few valid windows to fit): leave nothing behind
+            paths["partial"].unlink(missing_ok=True)
+            paths["progress"].unlink(missing_ok=True)
+        raise
     res.projection = str(paths["pca"]) if s.dims else None
     project = _projector(proj)
 
@@ -1080,6 +1086,24 @@ class EmbedJob:
         return tags
 
 
+def _check_dims(s: SceneEmbedSettings, plans: list[ScenePlan], dim_in: int, patch: int | None) -> None:
+    """``--dims`` that the PCA could never fit, refused before any output is opened: more than the
+    model's features, or more than the samples a scene can give (windows drawn, x patch tokens each
+    with --dense). Nodata windows can still leave too few; :func:`fit_projection` says so then."""
+    if s.dims > dim_in:
+        raise DomainFMError(f"--dims {s.dims} is more than the model's {dim_in} features",
+                            fix=f"pass --dims {dim_in} or less")
+    tokens = (s.window // patch) ** 2 if s.dense and patch else 1
+    for sp in plans:
+        windows = sp.grid.rows * sp.grid.cols
+        n = min(windows, s.pca_windows) * tokens
+        if n < s.dims:
+            more = "a larger --pca-windows" if s.pca_windows < windows else "a smaller --stride"
+            raise DomainFMError(f"--dims {s.dims} needs at least {s.dims} samples to fit its principal components, "
+                                f"and this scene gives {n} ({min(windows, s.pca_windows)} window(s))", path=sp.path,
+                                fix=f"pass --dims {n} or less, or {more}")
+
+
 def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings, *, backbone=None) -> EmbedJob:
     """Load the model and check every scene and setting before anything is written (one-line
     DomainFMError for: bands not alignable, a window larger than a scene, a bad --tome-r,
@@ -1111,6 +1135,8 @@ def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings, *, backbone=Non
         if len(sp.plan.model_bands) != backbone.in_chans:
             raise DomainFMError(f"the model takes {backbone.in_chans} bands but records {len(sp.plan.model_bands)} "
                                 "band names", path=s.model, fix="re-export the backbone")
+    if s.dims:
+        _check_dims(s, plans, int(backbone.embed_dim), patch)
     if s.tome_r:
         apply_token_merging(backbone, s.tome_r)
     messages = list(plans[0].plan.messages) if plans else []

@@ -88,7 +88,7 @@ def run_predict(model, inputs: list[str], out: Path, options: dict[str, Any]) ->
                             fix="add --gallery GALLERY_DIR")
     top_k = int(options.get("top_k") or 10)
     if top_k < 1:
-        raise DomainFMError(f"--top-k must be at least 1, got {top_k}")
+        raise DomainFMError(f"--top-k must be at least 1, got {top_k}", fix="pass --top-k 1 or more")
     gallery_root = Path(gallery_dir)
     if gallery_root.exists() and not gallery_root.is_dir():
         raise DomainFMError("is a file, but --gallery takes a folder", path=gallery_root,
