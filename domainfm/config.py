@@ -215,6 +215,10 @@ def _check_lowest(cfg: RunConfig) -> None:
 
 def _validate(cfg: RunConfig) -> None:
     _check_lowest(cfg)
+    from domainfm.backbones.sources import check_weights_path  # a .txt as a model: before any run opens
+
+    check_weights_path(getattr(cfg, "model", None))
+    check_weights_path(getattr(cfg, "weights", None))
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise DomainFMError(f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
     if cfg.command == PRETRAIN and not 0.0 < cfg.val_fraction < 1.0:

@@ -54,7 +54,7 @@ def fitted_warmup(requested: int, total: int) -> tuple[int, str | None]:
         return requested, None
     return fitted, (f"--warmup-steps {requested} is more than half of this run's {total} optimiser steps: "
                     f"warming up over {fitted} step{'' if fitted == 1 else 's'} instead, so the learning rate reaches --lr at step {fitted} "
-                    f"(pass --warmup-steps {fitted} or fewer to silence this)")
+                    f"(pass --warmup-steps {fitted}{' or fewer' if fitted else ''} to silence this)")
 
 
 def ema_momentum(step: int, total: int, base: float) -> float:

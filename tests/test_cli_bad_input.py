@@ -182,3 +182,17 @@ def test_reid_gallery_mistakes_name_the_folder_and_leave_nothing(tmp_path, junk,
     assert_one_line_error(invoke(base + ["--gallery", txt]), f"error: {txt}: is a file, but --gallery takes a folder.")
     assert not (tmp_path / "o").exists()
     assert live_runs(mlflow_store) == 0
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--plugin", "eo-sar", "--model"],
+                                     ["pretrain", "--plugin", "eo-sar", "--weights"]])
+def test_a_text_file_as_a_model_is_refused_before_any_run(tmp_path, mlflow_store, command):
+    """Found by a new user's trial: `evaluate --model notes.txt` printed a normalisation note, then the
+    error, and left a FAILED run; the check now runs with the other settings, before any run opens."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not weights\n")
+    r = invoke([*command, str(notes), "--data", str(tmp_path)])
+    assert assert_one_line_error(r) == (
+        f"error: {notes}: is not a model: a .txt file, not weights (.safetensors, .pth, .pt, .bin, .ckpt). "
+        "Fix: give a domainfm export (.safetensors), a checkpoint (.pth, .pt, .bin, .ckpt) or models:/NAME@ALIAS.")
+    assert live_runs(mlflow_store) == 0

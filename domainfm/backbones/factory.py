@@ -82,12 +82,9 @@ def _load_as_trained(source, *, cfg, in_chans, img_size, patch_embed_init, model
     if not name:
         local = Path(src.path) if src.path else None
         if local is not None and local.is_file():  # a file that is not weights at all says so first
-            from domainfm.backbones.sources import WEIGHT_SUFFIXES
+            from domainfm.backbones.sources import check_weights_path
 
-            if local.suffix not in WEIGHT_SUFFIXES:
-                raise DomainFMError(f"is not a model: a {local.suffix or 'extension-less'} file, not weights "
-                                    f"({', '.join(WEIGHT_SUFFIXES)})", path=local,
-                                    fix="give a domainfm export (.safetensors) or models:/NAME@ALIAS")
+            check_weights_path(str(local))
             read_state_dict(local)  # a damaged or foreign file: its own one-line error
         raise DomainFMError("weights carry no architecture name", path=src.path or spec, fix="pass --backbone NAME")
     chans = src.in_chans or in_chans or (cfg.in_chans if cfg is not None else None) or 3

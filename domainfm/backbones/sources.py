@@ -45,6 +45,24 @@ PRETRAINED_INITS = ("dinov2", "pretrained")
 TORCHGEO_PREFIX = "torchgeo:"
 REGISTRY_PREFIX = "models:/"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+NOT_WEIGHTS_FIX = "give a domainfm export (.safetensors), a checkpoint (.pth, .pt, .bin, .ckpt) or models:/NAME@ALIAS"
+
+
+def not_weights_message(path: str | Path) -> str:
+    """What a file that cannot hold weights is (by its suffix), for the one-line error."""
+    suffix = Path(path).suffix
+    return f"is not a model: a {suffix or 'extension-less'} file, not weights ({', '.join(WEIGHT_SUFFIXES)})"
+
+
+def check_weights_path(spec: str | None) -> None:
+    """Refuse, before anything runs, a local ``--model``/``--weights`` that is an existing file
+    whose suffix no weights format has (a .txt, a .tif...). Names, ``models:/`` and ``runs:/`` URIs
+    and folders (an MLflow model) pass; their own loaders check them."""
+    if not spec or "://" in spec or spec.startswith(("models:/", "runs:/")):
+        return
+    p = Path(spec)
+    if p.is_file() and p.suffix not in WEIGHT_SUFFIXES:
+        raise DomainFMError(not_weights_message(p), path=p, fix=NOT_WEIGHTS_FIX)
 HUB_HOST = ("huggingface.co", 443)
 IMAGENET_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -237,7 +255,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, "torch.Tensor"], dict[s
             raise DomainFMError("is not a state dict (expected a mapping of parameter names to tensors)", path=p,
                                 fix="save it with torch.save(model.state_dict(), path)")
     else:
-        raise DomainFMError(f"unknown weights format {p.suffix!r}", path=p, fix="use .safetensors, .pth or .pt")
+        raise DomainFMError(not_weights_message(p), path=p, fix=NOT_WEIGHTS_FIX)
     return sd, meta
 
 
