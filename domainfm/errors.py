@@ -26,25 +26,28 @@ class DomainFMError(Exception):
         self.fix = fix
 
 
+def _expect(path: str | Path, flag: str, kind: str, *, fix: str, missing: str | None) -> Path:
+    """``path`` when it is a ``kind`` ("folder" or "file"), else one DomainFMError saying what is
+    there instead: the other kind, or nothing (``missing``, default "<flag> <kind> not found")."""
+    p = Path(path)
+    is_kind, is_other = (p.is_dir(), p.is_file()) if kind == "folder" else (p.is_file(), p.is_dir())
+    if is_kind:
+        return p
+    if is_other:
+        other = "file" if kind == "folder" else "folder"
+        raise DomainFMError(f"is a {other}, but {flag} takes a {kind}", path=p, fix=fix)
+    raise DomainFMError(missing or f"{flag} {kind} not found", path=p, fix=fix)
+
+
 def expect_folder(path: str | Path, flag: str, *, fix: str, missing: str | None = None) -> Path:
     """``path`` as a folder, or a DomainFMError that says what was found there instead: nothing
     (``missing``, default "<flag> folder not found") or a file ("is a file, but <flag> takes a
     folder"). ``fix`` says what the folder should hold."""
-    p = Path(path)
-    if p.is_dir():
-        return p
-    if p.exists():
-        raise DomainFMError(f"is a file, but {flag} takes a folder", path=p, fix=fix)
-    raise DomainFMError(missing or f"{flag} folder not found", path=p, fix=fix)
+    return _expect(path, flag, "folder", fix=fix, missing=missing)
 
 
 def expect_file(path: str | Path, flag: str, *, fix: str, missing: str | None = None) -> Path:
     """``path`` as a file, or a DomainFMError that says what was found there instead: nothing
     (``missing``, default "<flag> file not found") or a folder ("is a folder, but <flag> takes a
     file"). ``fix`` says what the file should be."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        raise DomainFMError(f"is a folder, but {flag} takes a file", path=p, fix=fix)
-    raise DomainFMError(missing or f"{flag} file not found", path=p, fix=fix)
+    return _expect(path, flag, "file", fix=fix, missing=missing)
