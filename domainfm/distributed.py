@@ -244,6 +244,9 @@ STOPPED_KEY = "domainfm/stopped"
 #: Seconds a rank that stops waits for the others (a backstop: they normally answer within a poll).
 STOP_GRACE_S = 30.0
 POLL_S = 0.25
+#: Seconds the job's store must stay unreachable before a worker concludes that rank 0 (its host) is
+#: gone: a worker's last collective returns a moment before rank 0 may end, so one miss is not enough.
+STORE_GONE_S = 5.0
 
 
 class PeerRankFailed(BaseException):
@@ -285,6 +288,43 @@ def _node_rank() -> int:
     return 0
 
 
+def _say(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
+def _lightning_observer():
+    """Lightning's ``child-process-observer`` thread of this process, if its subprocess launcher
+    started workers here (private API of Lightning 2.x: ``_child_processes``, ``_run``; used
+    defensively, nothing is done when it is absent or shaped otherwise)."""
+    import threading
+
+    for t in threading.enumerate():
+        if t.name == "child-process-observer" and hasattr(t, "_child_processes"):
+            return t
+    return None
+
+
+def _disarm_lightning_observer(while_watching: "_RankGuard | None" = None) -> None:
+    """Keep Lightning's observer from SIGKILLing this process and its workers (exit 137, no
+    word, the MLflow run left RUNNING) when a worker dies: this guard sees the dead worker and
+    ends the job itself, with a line. ``while_watching``: only while that guard watches (after it
+    stops, the observer does its job again); None: for good."""
+    observer = _lightning_observer()
+    if observer is None:
+        return
+    if while_watching is None:
+        observer._run = lambda: True  # its loop ends at its next check without killing anyone
+        return
+    check = type(observer)._run.__get__(observer)
+
+    def _run() -> bool:
+        return False if not while_watching.done.is_set() else check()
+
+    observer._run = _run
+
+
 class _RankGuard:
     """The failure protocol of one process (see :func:`end_job_on_rank_failure`)."""
 
@@ -301,6 +341,9 @@ class _RankGuard:
         self.store = None
         self.rank = self.world = None
         self.thread = None
+        self.store_lost_at = None  # monotonic time of the first failed store call in a row
+        # started by Lightning's launcher on this node (not by srun/torchrun): its parent is a rank
+        self.launched_here = os.environ.get("LOCAL_RANK", "0") != "0" and launcher_environment() in (None, "env")
 
     # -- state shared with the other ranks
     def attach(self) -> bool:
@@ -318,17 +361,113 @@ class _RankGuard:
     def record(self) -> dict | None:
         import json
 
+        import time
+
         try:
             if self.store.check([FAILED_KEY]):
                 return json.loads(self.store.get(FAILED_KEY))
         except Exception:  # noqa: BLE001 - the store's host (rank 0) has ended
+            if self.store_lost_at is None:
+                self.store_lost_at = time.monotonic()
             return None
+        self.store_lost_at = None
         return None
+
+    # -- processes that die without a word (SIGKILL, the out-of-memory killer, a crash in C)
+    def _children(self) -> list:
+        """The worker processes this one launched (Lightning's subprocess launcher, in the local
+        rank 0 of a node): they are what its ``child-process-observer`` thread watches."""
+        observer = _lightning_observer()
+        return list(getattr(observer, "_child_processes", None) or [])
+
+    def dead_child_record(self) -> dict | None:
+        """A record of the first launched worker that ended non-zero without recording a failure
+        (killed by a signal, or a crash in native code: a worker that fails through this protocol
+        records first and outlives its launcher), stored as the job's failure; None when every
+        worker is alive or ended cleanly. Disarms Lightning's observer first, which would otherwise
+        SIGKILL this process (exit 137, no word, the MLflow run left RUNNING) within 5 s."""
+        import json
+        import signal
+
+        for i, proc in enumerate(self._children()):
+            code = proc.poll()
+            if not code:
+                continue
+            if self.record() is not None:  # it failed through the protocol: handled as usual
+                return None
+            _disarm_lightning_observer()
+            rank = (self.rank or 0) + i + 1  # Lightning numbers a node's children after its rank 0
+            if code < 0:
+                name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+                why = f"was killed by {name}" + (" (often the kernel's out-of-memory killer: check `dmesg`, "
+                                                 "or lower --batch-size)" if -code == signal.SIGKILL else "")
+            else:
+                why = f"ended with exit status {code} without reporting an error (a crash in native code?)"
+            rec = {"rank": rank, "node": _node_rank(), "code": 1,
+                   "line": f"rank {rank} of {self.world} (PID {proc.pid}) {why}; what finished is kept: "
+                           f"rerun the same command to resume"}
+            try:
+                first = json.loads(self.store.compare_set(FAILED_KEY, "", json.dumps(rec)))
+            except Exception:  # noqa: BLE001
+                first = rec
+            if first == rec:
+                _say(f"error: {rec['line']}")
+            return first
+        return None
+
+    def _store_unreachable(self) -> bool:
+        """Ask the store until it answers or :data:`STORE_GONE_S` pass; True if it never did."""
+        import time
+
+        end = time.monotonic() + STORE_GONE_S
+        while time.monotonic() < end:
+            try:
+                self.store.check([FAILED_KEY])
+                return False
+            except Exception:  # noqa: BLE001
+                time.sleep(POLL_S)
+        return True
+
+    def store_gone(self) -> bool:
+        """True once the job's store (hosted by global rank 0) has not answered for
+        :data:`STORE_GONE_S` seconds: rank 0 ended without a word (killed, or its machine failed)."""
+        import time
+
+        return self.store_lost_at is not None and time.monotonic() - self.store_lost_at >= STORE_GONE_S
+
+    def launcher_gone(self) -> bool:
+        """True in a worker that Lightning's launcher started on this node once the launching
+        process (the node's local rank 0) has ended: this process was handed to another parent."""
+        import os
+
+        return self.launched_here and os.getppid() != self.ppid
+
+    def _end_orphan(self, last_error: str = "") -> None:
+        """This worker's job is gone with the rank that launched it or hosts the job's store: say
+        so in one line and end now (its finished files are complete, written atomically; nothing
+        is left to tell anyone)."""
+        import os
+        import sys
+
+        if self.launcher_gone():
+            gone = f"rank {self.rank - int(os.environ.get('LOCAL_RANK', '0'))}, which launched it,"
+        else:
+            gone = "rank 0, which hosts the job,"
+        cause = f" (last error here: {last_error})" if last_error else ""
+        _say(f"error: rank {self.rank} of {self.world} stopped: {gone} is gone without a word (killed, out of "
+             f"memory, or its machine failed){cause}; what finished is kept: rerun the same command to resume")
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(1)
 
     def start(self) -> None:
         import threading
 
         if self.thread is None:
+            _disarm_lightning_observer(while_watching=self)  # this guard's watcher watches the workers
             self.thread = threading.Thread(target=self._watch, name="domainfm-rank-watch", daemon=True)
             self.thread.start()
 
@@ -346,7 +485,19 @@ class _RankGuard:
                     continue
             except Exception:  # noqa: BLE001
                 return
+            if self.launcher_gone():  # before asking its store: a dead host's store logs C++ warnings
+                with self.lock:
+                    if self.handling:
+                        return
+                    self._end_orphan()
             rec = self.record()
+            if rec is None:
+                rec = self.dead_child_record()
+            if rec is None and self.rank != 0 and self.store_gone():
+                with self.lock:
+                    if self.handling:  # the main thread is on its way out and will say it
+                        return
+                    self._end_orphan()
             if rec is None or rec["rank"] == self.rank:
                 continue
             with self.lock:
@@ -384,9 +535,8 @@ class _RankGuard:
         a child exits non-zero before it (``_ChildProcessObserver``), which would lose its status."""
         import os
 
-        if os.environ.get("LOCAL_RANK", "0") == "0" or launcher_environment() not in (None, "env"):
-            return
-        self._wait(lambda: os.getppid() != self.ppid)
+        if self.launched_here:
+            self._wait(lambda: os.getppid() != self.ppid)
 
     def _end_worker(self, code: int) -> None:
         """A rank other than 0, done: wait for the launching process to end (see
@@ -428,16 +578,21 @@ class _RankGuard:
                 return exc
         except Exception:  # noqa: BLE001
             return exc
+        if not isinstance(exc, KeyboardInterrupt) and self.launcher_gone():
+            self._end_orphan(_one_line(exc))  # what this rank met (a closed connection) came from that
         code = 2 if isinstance(exc, DomainFMError) else 130 if isinstance(exc, KeyboardInterrupt) else 1
         mine = {"rank": self.rank, "node": _node_rank(), "code": code,
                 "line": f"rank {self.rank} of {self.world}: {_one_line(exc)}"}
-        first = self.record()
+        # a worker killed outright is the cause of what this rank then meets (a closed connection)
+        first = self.record() or self.dead_child_record()
         if first is None and not isinstance(exc, PeerRankFailed):
             try:  # the first failure wins; a later one is its consequence
                 first = json.loads(self.store.compare_set(FAILED_KEY, "", json.dumps(mine)))
             except Exception:  # noqa: BLE001 - rank 0 (the store's host) has ended
                 first = None
-        if first is None:  # rank 0 ended without a record (killed): nothing to tell anyone
+        if first is None:
+            if self.rank != 0 and not isinstance(exc, KeyboardInterrupt) and self._store_unreachable():
+                self._end_orphan(_one_line(exc))  # rank 0 ended without a word (killed)
             return exc
         # unblock every rank waiting for this one in a collective (gloo: they see the closed pairs)
         try:
