@@ -186,7 +186,8 @@ def plot_command(data: str | None, modality: str, label_threshold: float, s2_har
 
 @click.command("sample", short_help="Write a synthetic S2 / S1 / land-cover data folder, or a whole S2 scene.")
 @click.argument("out", type=PathParam(file_okay=False, fix="give a new or empty folder to write the sample to"))
-@click.option("--patches", type=click.IntRange(min=1), default=48, show_default=True, help="Number of patches.")
+@click.option("--patches", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Number of patches (without --scene).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (same seed, same files).")
 @click.option("--scene", is_flag=True, help="Write one whole Sentinel-2 L1C scene, OUT/s2_scene.tif (13 uint16 bands "
                                             "B1..B12/B8A, UTM 10 m grid, tiled, nodata 0 along a swath edge), to try "
@@ -228,7 +229,8 @@ def sample_command(out: str, patches: int, seed: int, scene: bool, size: int) ->
 @click.option("--dense", is_flag=True, help="Write the ViT patch-token features (one output pixel per patch) instead "
                                             "of one pooled feature per window.")
 @click.option("--dims", type=click.IntRange(min=1), default=None, help="Project to this many principal components, fitted on a seeded "
-                                                     "sample of windows (saved beside the output).")
+                                                     "sample of windows (saved beside the output).  [default: every "
+                                                     "feature, no projection]")
 @click.option("--pca-windows", type=click.IntRange(min=1), default=256, show_default=True,
               help="Windows sampled to fit --dims.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Windows per forward pass.")

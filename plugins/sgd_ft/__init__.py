@@ -80,7 +80,7 @@ class SGDFinetunePlugin(Plugin):
             click.Option(["--patience"], type=click.IntRange(min=0), default=5, show_default=True,
                          help="Early stopping: validations without improvement before stopping (0: off)."),
             click.Option(["--val-every"], type=click.IntRange(min=1), default=None,
-                         help="Validate every N training steps (default: once per epoch)."),
+                         help="Validate every N training steps.  [default: once per epoch]"),
             click.Option(["--measure-memory/--no-measure-memory"], default=True, show_default=True,
                          help="Report the peak memory of a training step (CUDA: max allocated; CPU: peak RSS "
                               "growth of a one-off process running two steps of the same model and batch)."),
