@@ -243,7 +243,8 @@ def scene_nodata_strip(rng: np.random.Generator, size: int) -> np.ndarray:
 def write_scene(path: str | Path, *, size: int = 1024, seed: int = 0) -> Path:
     """Write a synthetic Sentinel-2 L1C scene GeoTIFF: ``size`` x ``size`` px on a 10 m UTM grid
     (EPSG:32632), 13 uint16 bands (reflectance x 10000) described B1..B12 with B8A after B8, nodata 0
-    in a slanted strip along the west edge (:func:`scene_nodata_strip`), 256 px deflate tiles.
+    in a slanted strip along the west edge (:func:`scene_nodata_strip`), 256 px deflate tiles
+    (half the side or less in a scene of 256 px or less).
 
     The land cover mixes every class but snow (:func:`landcover_map`) and the bands are rendered
     from it (:func:`s2_from_landcover`), so embeddings of the scene show its regions. Deterministic
@@ -262,8 +263,8 @@ def write_scene(path: str | Path, *, size: int = 1024, seed: int = 0) -> Path:
     s2[:, scene_nodata_strip(rng, size)] = 0
     profile = _profile(SCENE_GRID["crs"], utm_transform(SCENE_GRID["west"], SCENE_GRID["north"]), len(S2_BANDS),
                        size, size, "uint16", 0)
-    tile = SCENE_TILE if size >= SCENE_TILE else 16 * max(1, size // 16)
-    profile.update(tiled=size >= 16, blockxsize=tile, blockysize=tile, predictor=2)
+    tile = SCENE_TILE if size > SCENE_TILE else 16 * max(1, size // 32)  # smaller than the scene: tiled
+    profile.update(tiled=True, blockxsize=tile, blockysize=tile, predictor=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with rasterio.open(tmp, "w", **profile) as dst:
