@@ -319,8 +319,14 @@ def main() -> None:
                                               offline: add --init random)
       domainfm pretrain --plugin eo-sar --help    every flag, the plugin's own included
 
-    Runs go to $MLFLOW_TRACKING_URI, else to sqlite:///mlruns/mlflow.db in the current folder
-    (open it with `mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`).
+    Runs go to $MLFLOW_TRACKING_URI, else to sqlite:///mlruns/mlflow.db in the current folder, their
+    files to mlruns/artifacts beside it. Open them in the MLflow UI with:
+
+    \b
+      mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts
+
+    (with MLFLOW_TRACKING_URI=sqlite:///PATH/mlflow.db: --backend-store-uri sqlite:///PATH/mlflow.db
+    --default-artifact-root PATH/artifacts).
     """
     from domainfm.output import quiet_third_parties
 
@@ -405,7 +411,7 @@ def registry_group() -> None:
 
 
 @registry_group.command("list")
-@click.option("--name", default=None, help="Only this registered model.")
+@click.option("--name", default=None, help="Only this registered model.  [default: every registered model]")
 def registry_list(name: str | None) -> None:
     """Registered models, one row per version: aliases, training run, the data it saw (root and a
     short fingerprint) and the latest evaluation's metrics."""

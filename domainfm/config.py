@@ -28,7 +28,8 @@ def _opt(default, help: str, commands=_ALL, **click_kwargs):
 @dataclass
 class RunConfig:
     # what to run
-    plugin: str | None = _opt(None, "Plugin that brings the data (see `domainfm plugins`).")
+    plugin: str | None = _opt(None, "Plugin that brings the data (see `domainfm plugins`).  [default: the "
+                              "plugin: key of --config]")
     data: str | None = _opt(None, "Data root folder; the plugin's embedded sample when omitted.")
     # backbone
     backbone: str = _opt("vit_small_patch14_dinov2", "timm architecture name (DINOv2, CLIP, ResNet...).", _TRAIN)
@@ -43,7 +44,8 @@ class RunConfig:
     # optimisation
     batch_size: int = _opt(32, "Images per device per step.")
     max_steps: int = _opt(-1, "Stop after this many optimiser steps (-1: no limit).", _TRAIN)
-    max_epochs: int | None = _opt(None, "Stop after this many epochs.", _TRAIN)
+    max_epochs: int | None = _opt(None, "Stop after this many epochs.  [default: no limit with --max-steps, else "
+                                 "10]", _TRAIN)
     lr: float = _opt(5e-4, "Peak learning rate (scaled by nothing: what you give is what is used).", _TRAIN)
     weight_decay: float = _opt(0.05, "Weight decay.", _TRAIN)
     warmup_steps: int = _opt(10, "Linear warm-up steps.", _TRAIN)
@@ -59,12 +61,13 @@ class RunConfig:
     hard_weight: float = _opt(1.0, "Weight of the hard (identity) term.", (PRETRAIN,))
     soft_weight: float = _opt(1.0, "Weight of the soft (multi-label) term.", (PRETRAIN,))
     symmetric: bool = _opt(False, "Average the loss over both directions.", (PRETRAIN,), is_flag=True)
-    chunk_size: int | None = _opt(None, "Compute the loss in blocks of this many rows (memory-bounded).", (PRETRAIN,))
+    chunk_size: int | None = _opt(None, "Compute the loss in blocks of this many rows (memory-bounded).  "
+                                 "[default: the whole batch at once]", (PRETRAIN,))
     ema_momentum: float = _opt(0.996, "Start momentum of the EMA teacher (cosine schedule to 1.0).", (PRETRAIN,))
     proj_dim: int = _opt(256, "Projector output size.", (PRETRAIN,))
     # the health monitor (domainfm/monitor.py)
     val_every: int | None = _opt(None, "Evaluate the teacher on a held-out split every N steps (k-NN, RankMe, "
-                                 "feature std); default a fifth of the run, 0 turns it off.", (PRETRAIN,))
+                                 "feature std); 0 turns it off.  [default: a fifth of the run]", (PRETRAIN,))
     val_fraction: float = _opt(0.1, "Fraction of the labelled samples held out from pretraining for the monitor.",
                                (PRETRAIN,))
     collapse_rankme: float = _opt(0.5, "Collapse guard: warn when RankMe falls below this fraction of its step-0 "
@@ -92,7 +95,8 @@ class RunConfig:
     alias: str = _opt("candidate", "Registry alias given to the registered version.", _TRAIN)
     model: str | None = _opt(None, "Model to evaluate: a weights file or models:/NAME@ALIAS.", (EVALUATE,))
     experiment: str | None = _opt(None, "MLflow experiment (default: domainfm-<plugin>).")
-    run_name: str | None = _opt(None, "MLflow run name.")
+    run_name: str | None = _opt(None, "MLflow run name.  [default: command-plugin-modality-backbone, "
+                                 "e.g. pretrain-eo-sar-s2-vit_small_patch14_dinov2; evaluate: the model]")
     json: str | None = _opt(None, "Write the final metrics (and mlflow_run_id) to this JSON file.")
     # plugin-specific options, read as attributes (cfg.modality)
     options: dict[str, Any] = field(default_factory=dict)

@@ -59,20 +59,25 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3e}"
 
 
-def loss_rows(metrics: Mapping[str, Any], spans: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
+def loss_rows(metrics: Mapping[str, Any], spans: Mapping[str, tuple[float, ...]]) -> dict[str, Any]:
     """``metrics`` with each value that has a span (a loss, a health-monitor figure) shown as
-    ``"first → last"`` from ``spans`` (its first and last logged value); other keys keep their value."""
+    ``"first → last"`` from ``spans`` (its first and last logged value, then optionally their steps);
+    other keys keep their value."""
     return {k: (f"{_fmt(spans[k][0])} → {_fmt(spans[k][1])}" if k in spans else v)
             for k, v in metrics.items()}
 
 
-def stalled_loss_warning(spans: Mapping[str, tuple[float, float]], *, key: str = "loss/total",
+def stalled_loss_warning(spans: Mapping[str, tuple[float, ...]], *, key: str = "loss/total",
                          rel_tol: float = STALLED_REL_CHANGE) -> str | None:
-    """One line when ``key`` moved by less than ``rel_tol`` of its first value (None otherwise, or
-    when it was not logged): a run whose loss never moved looks like any other in a table."""
+    """One line when ``key`` moved by less than ``rel_tol`` of its first value (None otherwise, when
+    it was not logged, or when it was logged at one step only: ``spans[key]`` is ``(first, last)``
+    or ``(first, last, first_step, last_step)``, and one value says nothing about movement): a run
+    whose loss never moved looks like any other in a table."""
     if key not in spans:
         return None
-    first, last = spans[key]
+    first, last, *steps = spans[key]
+    if len(steps) == 2 and steps[0] == steps[1]:
+        return None
     change = abs(last - first) / max(abs(first), 1e-12)
     if change >= rel_tol:
         return None
@@ -80,7 +85,7 @@ def stalled_loss_warning(spans: Mapping[str, tuple[float, float]], *, key: str =
             f"check --lr, --warmup-steps and --max-steps, and that the data's labels and views vary")
 
 
-def pretrain_summary(metrics: dict[str, Any], spans: Mapping[str, tuple[float, float]]) -> tuple[dict[str, Any], str | None]:
+def pretrain_summary(metrics: dict[str, Any], spans: Mapping[str, tuple[float, ...]]) -> tuple[dict[str, Any], str | None]:
     """What ``domainfm pretrain`` prints: the metrics with each loss from start to end (``spans``,
     read back from the run's MLflow history by ``tracking.metric_spans``) and the stalled-loss
     warning line, if any."""

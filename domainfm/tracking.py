@@ -68,7 +68,8 @@ def configure() -> str:
 def artifact_root(uri: str | None = None) -> str | None:
     """Where a new experiment's artifacts go: beside a sqlite store, ``<folder of the .db>/artifacts``
     (the default store's is ``mlruns/artifacts``), whatever folder the command runs from, so that
-    ``mlflow ui --backend-store-uri sqlite:///PATH/mlflow.db`` finds every file the runs wrote.
+    ``mlflow ui --backend-store-uri sqlite:///PATH/mlflow.db --default-artifact-root PATH/artifacts``
+    finds every file the runs wrote.
     None for a server or another database: the server decides."""
     from urllib.parse import unquote
 
@@ -589,18 +590,18 @@ def model_run_tag(model_uri: str, key: str) -> str | None:
         return None
 
 
-def metric_spans(run_id: str, keys: tuple[str, ...]) -> dict[str, tuple[float, float]]:
-    """``{key: (first, last)}``: the values of each metric at its lowest and highest logged step
-    in run ``run_id`` (keys never logged are left out)."""
+def metric_spans(run_id: str, keys: tuple[str, ...]) -> dict[str, tuple[float, float, int, int]]:
+    """``{key: (first, last, first_step, last_step)}``: the values of each metric at its lowest and
+    highest logged step in run ``run_id``, and those steps (keys never logged are left out)."""
     from mlflow import MlflowClient
 
     configure()
     client = MlflowClient()
-    out: dict[str, tuple[float, float]] = {}
+    out: dict[str, tuple[float, float, int, int]] = {}
     for key in keys:
         hist = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
         if hist:
-            out[key] = (float(hist[0].value), float(hist[-1].value))
+            out[key] = (float(hist[0].value), float(hist[-1].value), int(hist[0].step), int(hist[-1].step))
     return out
 
 

@@ -188,6 +188,16 @@ def _after_validation_only(callbacks: list[Any]) -> None:
             cb._save_on_train_epoch_end = False
 
 
+def bar_metrics(metrics: dict) -> dict:
+    """The progress bar's metrics with the learning rate (``lr``, and any ``lr...``/``.../lr`` key)
+    as text in scientific notation, ``1.0e-05``: the bar shows other numbers with three decimals."""
+    def is_lr(k: str) -> bool:
+        return k == "lr" or k.startswith("lr-") or k.startswith("lr/") or k.endswith("/lr")
+
+    return {k: (f"{float(v):.1e}" if is_lr(k) and isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+            for k, v in metrics.items()}
+
+
 def _step_progress_bar_class():
     from lightning.pytorch.callbacks import RichProgressBar
 
@@ -204,6 +214,10 @@ def _step_progress_bar_class():
                 return super()._get_train_description(current_epoch)
             text = f"Step {self.trainer.global_step}/{self.trainer.max_steps} (epoch {current_epoch})"
             return f"{text:{len(self.validation_description)}}"
+
+        def get_metrics(self, trainer, pl_module):
+            # the bar prints numbers as .3f: a learning rate of 1e-05 would read "lr: 0.000"
+            return bar_metrics(super().get_metrics(trainer, pl_module))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

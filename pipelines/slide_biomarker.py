@@ -52,7 +52,7 @@ from domainfm.errors import DomainFMError
               help="Tissue fraction a tile embedded from SLIDES must have.")
 @click.option("--slide-mpp", default=None,
               help="µm/px of the slides (a number or a CSV slide_id,mpp); beats a file's own value, needed where "
-                   "a file has none or a placeholder.")
+                   "a file has none or a placeholder.  [default: the file's own]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per forward pass when embedding.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=None,
               help="Slide-reading processes when embedding [default: min(4, CPUs available)].")

@@ -228,7 +228,8 @@ def predict_options() -> list:
     return [
         click.Option(["--batch-size"], type=click.IntRange(min=1), default=16, show_default=True,
                      help="Patches per forward pass."),
-        click.Option(["--accelerator"], type=click.Choice(("auto", "cpu", "gpu")), default="auto", show_default=True),
+        click.Option(["--accelerator"], type=click.Choice(("auto", "cpu", "gpu")), default="auto", show_default=True,
+                     help="Where the model runs: auto takes a GPU when there is one, else the CPU."),
         click.Option(["--precision"], type=click.Choice(("32-true", "bf16-mixed", "16-mixed")), default="32-true",
                      show_default=True, help="bf16-mixed autocasts on CPU or GPU; 16-mixed on GPU only."),
         click.Option(["--gsd-tolerance"], type=click.FloatRange(0.0, min_open=True), default=0.25, show_default=True,

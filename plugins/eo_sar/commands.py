@@ -184,20 +184,31 @@ def plot_command(data: str | None, modality: str, label_threshold: float, s2_har
     run_cli_command(run)
 
 
-@click.command("sample", short_help="Write a synthetic S2 / S1 / land-cover data folder.")
+@click.command("sample", short_help="Write a synthetic S2 / S1 / land-cover data folder, or a whole S2 scene.")
 @click.argument("out", type=PathParam(file_okay=False, fix="give a new or empty folder to write the sample to"))
-@click.option("--patches", type=click.IntRange(min=1), default=48, show_default=True, help="Number of patches.")
+@click.option("--patches", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Number of patches (without --scene).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (same seed, same files).")
-def sample_command(out: str, patches: int, seed: int) -> None:
+@click.option("--scene", is_flag=True, help="Write one whole Sentinel-2 L1C scene, OUT/s2_scene.tif (13 uint16 bands "
+                                            "B1..B12/B8A, UTM 10 m grid, tiled, nodata 0 along a swath edge), to try "
+                                            "`domainfm eo-sar embed` on, instead of the patches.")
+@click.option("--size", type=click.IntRange(min=64, max=2048), default=1024, show_default=True,
+              help="With --scene: its width and height in pixels (10 m each; about 0.4 GB of memory at 1024).")
+def sample_command(out: str, patches: int, seed: int, scene: bool, size: int) -> None:
     """Write a synthetic Sentinel-2 / Sentinel-1 / Dynamic World data folder to OUT (the generator
-    of the embedded sample): a template of the expected layout."""
+    of the embedded sample): a template of the expected layout. With --scene: one whole Sentinel-2
+    scene instead, the input `domainfm eo-sar embed` takes."""
 
     def run():
-        from plugins.eo_sar.synthetic import write_sample
+        from plugins.eo_sar.synthetic import write_sample, write_scene
 
         root = Path(out)
         if root.exists() and any(root.iterdir()):
             raise DomainFMError("folder is not empty", path=root, fix="give a new or empty folder")
+        if scene:
+            path = write_scene(root / "s2_scene.tif", size=size, seed=seed)
+            click.echo(f"wrote a {size} x {size} px Sentinel-2 L1C scene to {path}")
+            return
         write_sample(root, n_patches=patches, seed=seed)
         click.echo(f"wrote {patches} patches to {root}/s2, s1, landcover")
 
@@ -218,7 +229,8 @@ def sample_command(out: str, patches: int, seed: int) -> None:
 @click.option("--dense", is_flag=True, help="Write the ViT patch-token features (one output pixel per patch) instead "
                                             "of one pooled feature per window.")
 @click.option("--dims", type=click.IntRange(min=1), default=None, help="Project to this many principal components, fitted on a seeded "
-                                                     "sample of windows (saved beside the output).")
+                                                     "sample of windows (saved beside the output).  [default: every "
+                                                     "feature, no projection]")
 @click.option("--pca-windows", type=click.IntRange(min=1), default=256, show_default=True,
               help="Windows sampled to fit --dims.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Windows per forward pass.")
@@ -230,7 +242,8 @@ def sample_command(out: str, patches: int, seed: int) -> None:
 @_s1_units
 @click.option("--precision", type=click.Choice(("32-true", "bf16-mixed", "16-mixed")), default="32-true",
               show_default=True, help="bf16-mixed autocasts on CPU or GPU; 16-mixed on GPU only.")
-@click.option("--accelerator", type=click.Choice(("auto", "cpu", "gpu")), default="auto", show_default=True)
+@click.option("--accelerator", type=click.Choice(("auto", "cpu", "gpu")), default="auto", show_default=True,
+              help="Where the model runs: auto takes a GPU when there is one, else the CPU.")
 @click.option("--nodata-fraction", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
               help="A window (dense: a patch) with more nodata pixels than this is nodata in the output.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --dims sample.")
@@ -261,7 +274,7 @@ def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windo
         from domainfm.distributed import check_launch, is_global_zero
 
         check_launch(num_nodes=num_nodes)  # before any scene is read: a machine alone would wait forever
-        from plugins.eo_sar.scene_embedding import SceneEmbedSettings, prepare, run_embedding
+        from plugins.eo_sar.scene_embedding import SceneEmbedSettings, finished_scenes, prepare, run_embedding
 
         settings = SceneEmbedSettings(out_dir=out_dir, model=model, window=window, stride=stride, dense=dense,
                                       dims=dims, batch_size=batch_size, tome_r=tome_r, modality=modality,
@@ -270,6 +283,14 @@ def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windo
                                       seed=seed, stop_after_rows=stop_after_rows, devices=devices,
                                       num_nodes=num_nodes, reader_threads=reader_threads)
         job = prepare(scenes, settings)  # every check before a run opens or a file is written
+        done = finished_scenes(job)  # every rank alike: nothing to compute, nothing to launch
+        if done is not None:
+            if is_global_zero():
+                which = "the scene is" if len(done) == 1 else f"all {len(done)} scenes are"
+                click.echo(f"eo-sar: {which} already done with these settings: no MLflow run opened (delete an "
+                           "output to compute it again)", err=True)
+                _print_results(done)
+            return
         if not is_global_zero():  # a worker process of a multi-process run: rank 0 logs and reports
             run_embedding(job, log=lambda m: click.echo(f"eo-sar: {m}", err=True))
             return
@@ -295,8 +316,13 @@ def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windo
                 if r.projection:
                     tracking.log_artifact(r.projection, "projections")
             click.echo(f"eo-sar: MLflow run {run.info.run_id}", err=True)
-        for r in results:
-            state = "already done" if r.already_done else "done" if r.complete else "stopped (rerun to resume)"
-            click.echo(f"{r.path}\t{r.shape[0]} bands x {r.shape[1]} x {r.shape[2]} px\t{state}")
+        _print_results(results)
 
     run_cli_command(run)
+
+
+def _print_results(results) -> None:
+    """``eo-sar embed``'s stdout: one line per scene, its output, shape and state."""
+    for r in results:
+        state = "already done" if r.already_done else "done" if r.complete else "stopped (rerun to resume)"
+        click.echo(f"{r.path}\t{r.shape[0]} bands x {r.shape[1]} x {r.shape[2]} px\t{state}")

@@ -529,9 +529,34 @@ def fit_projection(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder,
             "explained_variance_ratio": pca.explained_variance_ratio_, "n_samples": np.int64(len(x))}
 
 
-def _create_raster(path: Path, sp: ScenePlan, bands: int) -> None:
+def band_descriptions(bands: int, dims: int | None) -> tuple[str, ...]:
+    """The output's band names: ``PC1``.. ``PC<dims>`` with ``--dims``, else ``feature_000``.. (the
+    pooled or patch-token feature index, zero-padded to at least three digits)."""
+    if dims:
+        return tuple(f"PC{i + 1}" for i in range(bands))
+    width = max(3, len(str(bands - 1)))
+    return tuple(f"feature_{i:0{width}d}" for i in range(bands))
+
+
+def output_tags(sp: ScenePlan, s: SceneEmbedSettings, fp: str) -> dict[str, str]:
+    """Dataset tags of an embedding GeoTIFF: what made it (model source, window and stride in scene
+    pixels, pooled or dense features, the PCA), the scene and the bands read from it, and the resume
+    fingerprint (:func:`finished_scenes` compares it to tell a finished output of these settings)."""
+    tags = {"DOMAINFM_COMMAND": "eo-sar embed", "MODEL_SOURCE": s.model, "SCENE": sp.path.name,
+            "MODALITY": sp.modality, "WINDOW": str(s.window), "STRIDE": str(s.step),
+            "FEATURES": "dense ViT patch tokens" if s.dense else "pooled, one per window",
+            "BANDS_READ": ",".join(sp.plan.data_bands), "MODEL_BANDS": ",".join(sp.plan.model_bands),
+            "RESUME_FINGERPRINT": fp}
+    if s.dims:
+        tags["PROJECTION"] = f"first {s.dims} principal components ({Path(sp.path).stem}" \
+                             f"{'_dense' if s.dense else '_embedding'}.pca.npz)"
+    return tags
+
+
+def _create_raster(path: Path, sp: ScenePlan, bands: int, s: SceneEmbedSettings, fp: str) -> None:
     """An empty output GeoTIFF at ``path`` (written beside it, then renamed): the scene's CRS, the
-    grid's transform, NaN nodata, 16-row deflate tiles."""
+    grid's transform, NaN nodata, 16-row deflate tiles, band names (:func:`band_descriptions`) and
+    the tags of :func:`output_tags`."""
     import rasterio
 
     out_h, out_w = sp.grid.out_shape
@@ -540,8 +565,9 @@ def _create_raster(path: Path, sp: ScenePlan, bands: int) -> None:
                "tiled": True, "blockysize": TILE_ROWS, "blockxsize": 256 if out_w > 256 else 16 * math.ceil(out_w / 16),
                "compress": "deflate", "predictor": 3, "interleave": "pixel", "BIGTIFF": "IF_SAFER"}
     tmp = path.with_name(path.name + ".new")
-    with rasterio.open(tmp, "w", **profile):
-        pass
+    with rasterio.open(tmp, "w", **profile) as dst:
+        dst.descriptions = band_descriptions(bands, s.dims)
+        dst.update_tags(**output_tags(sp, s, fp))
     os.replace(tmp, path)
 
 
@@ -566,7 +592,7 @@ def _open_partial(paths: dict[str, Path], sp: ScenePlan, s: SceneEmbedSettings, 
             log(f"{paths['partial'].name} is unreadable: starting over")
     for key in ("partial", "progress"):
         paths[key].unlink(missing_ok=True)
-    _create_raster(paths["partial"], sp, bands)
+    _create_raster(paths["partial"], sp, bands, s, fp)
     _write_json(paths["progress"], {"fingerprint": fp, "tile_rows_done": 0, "tile_rows": sp.grid.tile_rows})
     return 0
 
@@ -786,7 +812,7 @@ def _parts_todo(paths: dict[str, Path], sp: ScenePlan, s: SceneEmbedSettings, ba
     return done, todo
 
 
-def _assemble(paths: dict[str, Path], sp: ScenePlan, bands: int) -> None:
+def _assemble(paths: dict[str, Path], sp: ScenePlan, bands: int, s: SceneEmbedSettings) -> None:
     """Rank 0: the tile rows of the parts folder written in order into the output GeoTIFF (the same
     profile as a single-process run), renamed when complete; the parts folder is then removed."""
     import shutil
@@ -797,7 +823,7 @@ def _assemble(paths: dict[str, Path], sp: ScenePlan, bands: int) -> None:
     g = sp.grid
     G, out_w = g.window_rows_per_tile_row, g.out_shape[1]
     paths["progress"].unlink(missing_ok=True)  # a single-process run's record of the same partial name
-    _create_raster(paths["partial"], sp, bands)
+    _create_raster(paths["partial"], sp, bands, s, _fingerprint(sp, s))
     with rasterio.open(paths["partial"], "r+") as dst:
         for t in range(g.tile_rows):
             buf = np.load(_part_path(paths["parts"], t))
@@ -875,7 +901,7 @@ def embed_scene_sharded(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEnc
         f"{len(plan['done'])} of {g.tile_rows} already done")
     if len(plan["done"]) + len(res.computed_rows) < g.tile_rows:
         return res  # a rank stopped early: a rerun computes the rest
-    _assemble(paths, sp, bands)
+    _assemble(paths, sp, bands, s)
     res.complete = True
     if s.preview:
         res.preview = str(write_preview(sp, paths["tif"], paths["preview"]))
@@ -1143,6 +1169,36 @@ def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings, *, backbone=Non
     return EmbedJob(s, backbone, plans, int(backbone.embed_dim), messages)
 
 
+def finished_scenes(job: EmbedJob) -> list[SceneResult] | None:
+    """The results of a job whose every scene is already done: each output GeoTIFF exists, has the
+    expected bands and size, and records the resume fingerprint of these inputs and settings
+    (:func:`output_tags`). None when any scene is left to compute (or was made otherwise): the job
+    then runs as usual. Reads headers only."""
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    s, results = job.settings, []
+    for sp in job.scenes:
+        paths = output_paths(s.out_dir, sp.path, s.dense)
+        bands = s.dims or job.dim_in
+        if not paths["tif"].is_file():
+            return None
+        try:
+            with rasterio.open(paths["tif"]) as src:
+                same = ((src.count, src.height, src.width) == (bands, *sp.grid.out_shape)
+                        and src.tags().get("RESUME_FINGERPRINT") == _fingerprint(sp, s))
+        except RasterioError:
+            return None
+        if not same:
+            return None
+        res = SceneResult(str(sp.path), str(paths["tif"]), (bands, *sp.grid.out_shape),
+                          windows=sp.grid.rows * sp.grid.cols, complete=True, already_done=True)
+        res.preview = str(paths["preview"]) if paths["preview"].is_file() else None
+        res.projection = str(paths["pca"]) if s.dims and paths["pca"].is_file() else None
+        results.append(res)
+    return results
+
+
 def run_embedding(job: EmbedJob, log: Callable[[str], None] = lambda m: None) -> list[SceneResult] | None:
     """Embed every scene of a prepared job, one after the other (see :func:`embed_scene`).
 
@@ -1182,11 +1238,16 @@ class _NoProgress:
 
 
 def _progress_bar(enabled: bool):
-    """Rich progress bars over windows, on stderr (stdout stays clean for pipes)."""
+    """Rich progress bars over windows, on stderr (stdout stays clean for pipes); none when stderr is
+    not a terminal: a transient bar shows nothing there, and rich's Progress ends with an empty line
+    when not interactive (a stray blank line in a log or before the next message)."""
     if not enabled:
         return _NoProgress()
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    console = Console(stderr=True)
+    if not console.is_interactive:
+        return _NoProgress()
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
-                    TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+                    TimeRemainingColumn(), console=console, transient=True)

@@ -224,3 +224,52 @@ def write_sample(root: str | Path, *, n_patches: int = 48, seed: int = 0) -> Pat
                     abundance=abundance, s2_edge=bool(i % 2),
                     s1_nodata=float("nan") if i % len(SAMPLE_GRIDS) == 0 else S1_NODATA, s1_edge=bool(i % 3 == 0))
     return root
+
+
+#: A whole scene's place: a 10 m UTM grid in zone 32N (northern Italy), like tile 32TPR's.
+SCENE_GRID = {"crs": "EPSG:32632", "west": 600_000.0, "north": 5_100_000.0}
+SCENE_TILE = 256  # GeoTIFF tile side of a written scene
+
+
+def scene_nodata_strip(rng: np.random.Generator, size: int) -> np.ndarray:
+    """True in the nodata strip of a scene: the pixels west of a slanted swath edge running top to
+    bottom (between 1/16 and 1/6 of the width from the left), as a Sentinel-2 tile cut by the edge
+    of the orbit's swath has. Shape [size, size] bool."""
+    top, bottom = rng.uniform(size / 16, size / 6, size=2)
+    edge = np.linspace(top, bottom, size)[:, None]  # the edge's column on each row
+    return np.arange(size)[None, :] < edge
+
+
+def write_scene(path: str | Path, *, size: int = 1024, seed: int = 0) -> Path:
+    """Write a synthetic Sentinel-2 L1C scene GeoTIFF: ``size`` x ``size`` px on a 10 m UTM grid
+    (EPSG:32632), 13 uint16 bands (reflectance x 10000) described B1..B12 with B8A after B8, nodata 0
+    in a slanted strip along the west edge (:func:`scene_nodata_strip`), 256 px deflate tiles
+    (half the side or less in a scene of 256 px or less).
+
+    The land cover mixes every class but snow (:func:`landcover_map`) and the bands are rendered
+    from it (:func:`s2_from_landcover`), so embeddings of the scene show its regions. Deterministic
+    for a given ``(size, seed)``; about 350 x size² bytes of memory while rendering (0.4 GB at
+    1024 px). Written beside
+    ``path`` and renamed. Returns ``path``."""
+    import rasterio
+
+    path = Path(path)
+    rng = np.random.default_rng([seed, size, 2])
+    abundance = np.mean([b for b in BIOMES.values()], axis=0)
+    abundance[CLASS_NAMES.index("snow_and_ice")] = 0.0
+    lc = landcover_map(rng, size, abundance)
+    s2 = s2_from_landcover(rng, lc)
+    del lc
+    s2[:, scene_nodata_strip(rng, size)] = 0
+    profile = _profile(SCENE_GRID["crs"], utm_transform(SCENE_GRID["west"], SCENE_GRID["north"]), len(S2_BANDS),
+                       size, size, "uint16", 0)
+    tile = SCENE_TILE if size > SCENE_TILE else 16 * max(1, size // 32)  # smaller than the scene: tiled
+    profile.update(tiled=True, blockxsize=tile, blockysize=tile, predictor=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(s2)
+        dst.descriptions = tuple(S2_BANDS)
+        dst.update_tags(SENSOR="Sentinel-2 L1C (synthetic)", SCALE="10000", PRODUCT_TYPE="S2MSI1C")
+    tmp.replace(path)
+    return path

@@ -41,7 +41,8 @@ class HistoPlugin(Plugin):
             click.Option(["--min-tissue"], type=float, default=0.6, show_default=True,
                          help="Tissue fraction a sampled tile must have."),
             click.Option(["--slide-mpp"], default=None,
-                         help="µm/px of slides that carry none: a number, or a CSV slide_id,mpp."),
+                         help="µm/px of slides that carry none: a number, or a CSV slide_id,mpp.  [default: the "
+                              "file's own]"),
             click.Option(["--tile-labels"], default=None,
                          help="CSV slide_id,x,y,<label columns 0/1>: multi-labelled tiles for the soft "
                               "contrastive loss (tiles are then sampled from this list only); an optional "

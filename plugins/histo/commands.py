@@ -10,7 +10,7 @@ from domainfm.errors import DomainFMError
 
 _SLIDE_MPP_HELP = ("µm/px of the slides: a number for all, or a CSV with columns slide_id,mpp. Beats the file's "
                    "own value (a note says so when they differ); needed where a file carries none or only a "
-                   "placeholder outside 0.05-20 µm/px (72 or 300 dpi).")
+                   "placeholder outside 0.05-20 µm/px (72 or 300 dpi).  [default: the file's own]")
 
 
 def _tiling_options(fn):
@@ -21,7 +21,8 @@ def _tiling_options(fn):
         click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=0.6, show_default=True,
                      help="Keep a tile when at least this fraction of it is tissue."),
         click.option("--max-tiles", type=click.IntRange(min=1), default=None,
-                     help="Keep at most this many tissue tiles per slide, drawn at random with --seed."),
+                     help="Keep at most this many tissue tiles per slide, drawn at random with --seed.  "
+                          "[default: every tissue tile]"),
         click.option("--slide-mpp", default=None, help=_SLIDE_MPP_HELP),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --max-tiles draw."),
     ]):

@@ -38,7 +38,8 @@ class SGDFinetunePlugin(Plugin):
                 click.Option(["--batch-size"], type=click.IntRange(min=1), default=16, show_default=True,
                              help="Inputs per forward pass."),
                 click.Option(["--accelerator"], type=click.Choice(("auto", "cpu", "gpu")), default="auto",
-                             show_default=True),
+                             show_default=True,
+                             help="Where the model runs: auto takes a GPU when there is one, else the CPU."),
                 click.Option(["--precision"], type=click.Choice(("32-true", "bf16-mixed", "16-mixed")),
                              default="32-true", show_default=True,
                              help="bf16-mixed autocasts on CPU or GPU; 16-mixed on GPU only."),
@@ -79,7 +80,7 @@ class SGDFinetunePlugin(Plugin):
             click.Option(["--patience"], type=click.IntRange(min=0), default=5, show_default=True,
                          help="Early stopping: validations without improvement before stopping (0: off)."),
             click.Option(["--val-every"], type=click.IntRange(min=1), default=None,
-                         help="Validate every N training steps (default: once per epoch)."),
+                         help="Validate every N training steps.  [default: once per epoch]"),
             click.Option(["--measure-memory/--no-measure-memory"], default=True, show_default=True,
                          help="Report the peak memory of a training step (CUDA: max allocated; CPU: peak RSS "
                               "growth of a one-off process running two steps of the same model and batch)."),
