@@ -1,5 +1,6 @@
-"""What a command prints: third-party chatter silenced at its source, and the pretrain summary
-(each loss from its first to its last logged value, one warning line when the total did not move).
+"""What a command prints: third-party chatter silenced at its source, the pretrain summary
+(each loss from its first to its last logged value, one warning line when the total did not move),
+and the one progress bar of long jobs (:func:`progress_bar`).
 
 Only the standard library at import time: the CLI calls :func:`quiet_third_parties` before any
 command runs.
@@ -15,6 +16,20 @@ from typing import Any, Mapping
 #: Relative change of ``loss/total`` (|last - first| / |first|) below which a run "did not move".
 STALLED_REL_CHANGE = 1e-3
 LOSS_PREFIX = "loss/"
+
+def progress_bar(*columns: Any, enabled: bool = True, transient: bool = True):
+    """The progress bar of every long job: a ``rich.progress.Progress`` on stderr (stdout stays
+    clean for pipes), with ``columns`` (rich's default columns when none). Disabled, drawing and
+    printing nothing, when ``enabled`` is False or stderr is not a terminal: a transient bar
+    shows nothing in a log anyway, and rich's Progress ends with an empty line when it is not
+    interactive (a stray blank line before the next message). A disabled bar accepts the same
+    calls (``add_task``, ``advance``, ``update``), so callers need no second code path."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    return Progress(*columns, console=console, transient=transient, disable=not (enabled and console.is_interactive))
+
 
 # (category, regex matched against the start of the message; MLflow colours its warnings, so the
 # pattern allows the ANSI escape before the text)

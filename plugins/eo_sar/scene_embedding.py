@@ -1229,25 +1229,11 @@ def run_embedding(job: EmbedJob, log: Callable[[str], None] = lambda m: None) ->
     return results
 
 
-class _NoProgress:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _progress_bar(enabled: bool):
-    """Rich progress bars over windows, on stderr (stdout stays clean for pipes); none when stderr is
-    not a terminal: a transient bar shows nothing there, and rich's Progress ends with an empty line
-    when not interactive (a stray blank line in a log or before the next message)."""
-    if not enabled:
-        return _NoProgress()
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """Rich progress bars over windows, on stderr (:func:`domainfm.output.progress_bar`)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
-    if not console.is_interactive:
-        return _NoProgress()
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
-                    TimeRemainingColumn(), console=console, transient=True)
+    from domainfm.output import progress_bar
+
+    return progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
+                        TimeRemainingColumn(), enabled=enabled)

@@ -25,14 +25,13 @@ from plugins.histo import ensemble as ens
 
 def train_members(bags, y, folds_idx, n_classes, settings, seeds, seed, experiment, *, ext_bags, ext_y):
     """One member per (fold, seed), each logged as a child run with its learning curves."""
-    from rich.progress import Progress
-
     from domainfm import tracking
     from domainfm.metrics import roc_auc
+    from domainfm.output import progress_bar
     from plugins.histo.slide_metrics import balanced_accuracy
 
     members = []
-    with Progress(transient=True) as progress:
+    with progress_bar() as progress:
         task = progress.add_task(f"{len(folds_idx)} folds x {seeds} seeds", total=len(folds_idx) * seeds)
         for k, (tr, va) in enumerate(folds_idx):
             for member_seed in range(seed, seed + seeds):

@@ -56,13 +56,12 @@ def distance_matrix(query: torch.Tensor, gallery: torch.Tensor, distance: str = 
 
 
 def reranked_distances(query: torch.Tensor, gallery: torch.Tensor, distance: str) -> np.ndarray:
-    from rich.progress import Progress
-
+    from domainfm.output import progress_bar
     from plugins.sports_reid.rerank import K1, K2, LAMBDA, re_ranking
 
     if distance == "cosine":  # squared Euclidean of unit vectors = 2 - 2 cos: cosine neighbours
         query, gallery = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
-    with Progress(transient=True, disable=not os.isatty(2)) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("k-reciprocal re-ranking", total=None)
 
         def advance(done: int, total: int) -> None:
