@@ -77,6 +77,9 @@ def test_histo_pretrain_batches_are_the_samplers_draws_in_order_full_batches_onl
     _assert_same_batches(got, want)
     assert got[0]["view_teacher"].shape == (4, 3, 28, 28)
     _assert_no_fork(dm, "train")
+    # an epoch smaller than one batch is one batch (it was none: a run that never took a step)
+    small = HistoPretrainDataModule(slide_dir, mpp=1.0, tile_size=48, img_size=28, tiles_per_epoch=3, batch_size=4)
+    assert [len(b["labels"]) for b in small.train_dataloader()] == [3]
 
 
 # ---------------------------------------------------------------- sgd-ft ImageFolder
