@@ -1,5 +1,6 @@
 """Data shared by every plugin: the one CSV reader, the one image reader, DataLoader workers, and
-:class:`DictBatchDataModule`, the base of the plugins' datamodules (built on first access, so this
+:class:`DictBatchDataModule`, the base of the plugins' datamodules, and :class:`LabelledDataModule`,
+its form for fine-tuning's labelled train/val/test data (both built on first access, so this
 module imports no lightning until a datamodule is wanted).
 
 Every CSV the product reads (labels, tile labels, lists) goes through :func:`read_csv_rows`, and
@@ -403,14 +404,18 @@ def loader_kwargs(num_workers: int, *, persistent: bool = False, prefetch_factor
 # ------------------------------------------------------------------------- dict-batch datamodule
 
 def dict_loader(dataset, *, batch_size: int, shuffle: bool, num_workers: int = 0, collate_fn=None,
-                drop_last: bool = False, persistent: bool = True):
+                drop_last: bool = False, persistent: bool = True, batch_sampler=None):
     """The one DataLoader factory of the datamodules: ``batch_size``, ``shuffle``, ``collate_fn``
     (None: torch's default collate of dict samples), workers from :func:`loader_kwargs` (never a
-    fork of a threaded process; ``persistent`` kept between epochs)."""
+    fork of a threaded process; ``persistent`` kept between epochs). A ``batch_sampler`` (lists of
+    indices) replaces ``batch_size``/``shuffle``/``drop_last``."""
     from torch.utils.data import DataLoader
 
+    workers = loader_kwargs(num_workers, persistent=persistent)
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, **workers)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=collate_fn,
-                      **loader_kwargs(num_workers, persistent=persistent))
+                      **workers)
 
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
@@ -438,19 +443,24 @@ def _datamodule_base():
         line each (``def val_dataloader(self): return self.dataloader("val")``) — Lightning runs
         a validation loop whenever ``val_dataloader`` is defined, so the base does not define it.
 
-        :meth:`dataloader` (the factory): ``batch_size``; shuffled for ``train`` only;
+        :meth:`dataloader` (the factory): ``batch_size``; shuffled for ``train`` only (unless
+        ``shuffle_train=False``: a dataset that draws random samples itself, read in index order);
         ``drop_last_train`` drops the last partial training batch unless the whole training set
         is smaller than one batch (contrastive losses want full batches); ``collate_fn`` (None:
         torch's default collate of the dicts); workers from :func:`loader_kwargs` (never a fork
-        of a threaded process; ``persistent_workers`` kept between epochs).
+        of a threaded process; ``persistent_workers`` kept between epochs). A subclass whose
+        batches are composed by a sampler overrides :meth:`batch_sampler` (per split; it then
+        replaces batch size, shuffling and dropping).
         """
 
         splits: tuple[str, ...] = ("train",)
 
         def __init__(self, *, batch_size: int = 32, num_workers: int = 0, collate_fn=None,
-                     drop_last_train: bool = False, persistent_workers: bool = True) -> None:
+                     drop_last_train: bool = False, shuffle_train: bool = True,
+                     persistent_workers: bool = True) -> None:
             super().__init__()
             self.batch_size = int(batch_size)
+            self.shuffle_train = bool(shuffle_train)
             self.num_workers = int(num_workers)
             self.collate_fn = collate_fn
             self.drop_last_train = bool(drop_last_train)
@@ -475,9 +485,14 @@ def _datamodule_base():
             dataset = self.datasets[split]
             train = split == "train"
             drop_last = train and self.drop_last_train and len(dataset) > self.batch_size
-            return dict_loader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=drop_last,
-                               collate_fn=self.collate_fn, num_workers=self.num_workers,
-                               persistent=self.persistent_workers)
+            return dict_loader(dataset, batch_size=self.batch_size, shuffle=train and self.shuffle_train,
+                               drop_last=drop_last, collate_fn=self.collate_fn, num_workers=self.num_workers,
+                               persistent=self.persistent_workers, batch_sampler=self.batch_sampler(split, dataset))
+
+        def batch_sampler(self, split: str, dataset):
+            """The batch sampler of ``split`` (an iterable of index lists), or None (default: batches
+            of ``batch_size``, as the class doc says)."""
+            return None
 
         def train_dataloader(self) -> DataLoader:
             return self.dataloader("train")
@@ -487,10 +502,74 @@ def _datamodule_base():
     return DictBatchDataModule
 
 
+def _labelled_base():
+    """Build :class:`LabelledDataModule` (a :class:`DictBatchDataModule`) on first use."""
+    base = globals().get("DictBatchDataModule") or __getattr__("DictBatchDataModule")
+
+    def _split_property(split: str):
+        def get(self):
+            return self.datasets.get(split)
+
+        def put(self, dataset) -> None:
+            if dataset is None:
+                self.datasets.pop(split, None)
+            else:
+                self.datasets[split] = dataset
+
+        return property(get, put, doc=f"The {split} dataset (``datasets[{split!r}]``), or None.")
+
+    class LabelledDataModule(base):
+        """The labelled data of fine-tuning (the ``Plugin.finetune_datamodule`` contract): a subclass
+        builds its datasets in ``__init__`` (so every data mistake surfaces before a model exists)
+        and sets ``train_set``, ``val_set`` and ``test_set`` (None when the data has no test split),
+        ``classes`` and ``in_chans``. The three are ``datasets["train" | "val" | "test"]``, so a
+        split replaced later (wrapped to align bands, say) is the one the next loader reads.
+
+        Loaders from the base's factory: ``train`` shuffled, ``val`` and ``test`` in order, nothing
+        dropped; ``test`` reads ``val_set`` when there is no test split (``has_test`` says which).
+        ``setup`` builds nothing (it is all built).
+        """
+
+        splits = ("train", "val", "test")
+        task: str
+        classes: list[str]
+        in_chans: int
+        train_set = _split_property("train")
+        val_set = _split_property("val")
+        test_set = _split_property("test")
+
+        def setup(self, stage: str | None = None) -> None:
+            pass  # built in __init__
+
+        @property
+        def num_outputs(self) -> int:
+            return len(self.classes)
+
+        @property
+        def has_test(self) -> bool:
+            return self.test_set is not None
+
+        def dataloader(self, split: str):
+            if split == "test" and self.test_set is None:
+                split = "val"
+            return super().dataloader(split)
+
+        def val_dataloader(self):
+            return self.dataloader("val")
+
+        def test_dataloader(self):
+            return self.dataloader("test")
+
+    LabelledDataModule.__module__ = __name__
+    LabelledDataModule.__qualname__ = "LabelledDataModule"
+    return LabelledDataModule
+
+
 def __getattr__(name: str):
-    # DictBatchDataModule is built (lightning imported) only when someone asks for it
-    if name == "DictBatchDataModule":
-        cls = _datamodule_base()
+    # the datamodule bases are built (lightning imported) only when someone asks for them
+    builders = {"DictBatchDataModule": _datamodule_base, "LabelledDataModule": _labelled_base}
+    if name in builders:
+        cls = builders[name]()
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,8 @@
 """Frozen-feature inference: device and precision, feature extraction (+ flip TTA), token merging.
 
-:func:`extract_features` is the one loop that turns a dataset of images into a feature matrix for
+:class:`FrozenEncoder` is the one frozen forward pass (raw pixels normalised on the device with the
+backbone's mean/std, resize to a ViT's input size, ``inference_mode``, autocast); histo's tile
+encoder and eo-sar's window encoder are it. :func:`extract_features` is the one loop that turns a dataset of images into a feature matrix for
 every frozen-feature job (probes, retrieval, embeddings): device from :func:`resolve_device`,
 autocast from :func:`autocast_dtype`, optional horizontal-flip test-time augmentation and optional
 token merging (below).
@@ -284,6 +286,88 @@ def autocast_dtype(precision: str, device) -> Any:
 
 # ---------------------------------------------------------------- frozen-feature extraction
 
+class FrozenEncoder:
+    """A frozen backbone on a device: images in, ``float32`` features out. The one forward pass of
+    the frozen-feature paths (:func:`extract_features`, ``histo embed``'s tiles, ``eo-sar embed``'s
+    windows): the backbone in eval mode on ``device``; :meth:`prepare` moves a batch there and, as
+    asked, normalises raw pixels and resizes; :meth:`forward` runs under ``torch.inference_mode``
+    and autocast (:func:`autocast_dtype` of ``precision``; features cast back to float32).
+
+    - ``backbone``: a module mapping ``float [B, C, H, W]`` to ``[B, D]`` (a domainfm ``Backbone``).
+    - ``device``: a ``torch.device`` or name (:func:`resolve_device` for an ``--accelerator``).
+    - ``pixel_scale``: None (inputs already normalised), or the value of white in the raw pixels
+      (255 for uint8 tiles): inputs are then normalised on the device with the backbone's own
+      mean/std (:func:`domainfm.backbones.input_normalization`, for pixels in [0, 1]) as
+      ``(x - mean * scale) / (std * scale)``, and may be channels-last ``[B, H, W, C]``.
+    - ``resize``: a ViT's input resized (bilinear, antialiased) to its ``img_size`` when the images
+      are of another size (a CNN takes them as they are).
+    - ``flip_tta``: the feature of an image is the mean of the features of the image and of its
+      horizontal mirror (flip of the last axis, W).
+
+    Raises DomainFMError of :func:`autocast_dtype` for a bad precision.
+    """
+
+    def __init__(self, backbone, device="cpu", precision: str = "32-true", *, pixel_scale: float | None = None,
+                 resize: bool = False, flip_tta: bool = False) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.dtype = autocast_dtype(precision, self.device)
+        self.backbone = backbone.to(self.device).eval()
+        self.flip_tta = bool(flip_tta)
+        self.mean = self.std = None
+        if pixel_scale is not None:
+            from domainfm.backbones import input_normalization
+
+            mean, std = input_normalization(backbone)  # the one normalisation source of the backbone
+            self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * float(pixel_scale)
+            self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * float(pixel_scale)
+        self.img_size = backbone.img_size if resize and getattr(backbone, "is_vit", False) else None
+
+    def autocast(self):
+        """The autocast context of this encoder's precision (a null context for 32-bit)."""
+        import contextlib
+
+        import torch
+
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+
+    def prepare(self, images) -> "torch.Tensor":
+        """A batch (torch tensor or numpy array, ``[B, C, H, W]``; channels-last ``[B, H, W, C]`` too
+        with ``pixel_scale``) on the device, normalised and resized as the encoder was built to."""
+        import torch
+        import torch.nn.functional as F
+
+        with torch.inference_mode():
+            x = torch.as_tensor(images).to(self.device, non_blocking=True)
+            if self.mean is not None:
+                c = self.mean.shape[1]
+                if x.shape[-1] == c and x.shape[1] != c:
+                    x = x.permute(0, 3, 1, 2)
+                x = (x.float() - self.mean) / self.std
+            if self.img_size and x.shape[-1] != self.img_size:
+                x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True)
+            return x
+
+    def forward(self, x: "torch.Tensor", fn: Callable[["torch.Tensor"], "torch.Tensor"] | None = None) -> "torch.Tensor":
+        """Features of a prepared batch, float32 on the device: ``fn(x)`` (default the backbone's
+        pooled ``[B, D]``; any function of the backbone, e.g. its patch tokens) under
+        ``inference_mode`` and autocast, with flip TTA when the encoder has it."""
+        import torch
+
+        fn = fn or self.backbone
+        with torch.inference_mode(), self.autocast():
+            f = fn(x).float()
+            if self.flip_tta:
+                f = (f + fn(torch.flip(x, dims=[-1])).float()) / 2
+            return f
+
+    def __call__(self, images) -> "np.ndarray":
+        """``forward(prepare(images))`` as a numpy array."""
+        return self.forward(self.prepare(images)).cpu().numpy()
+
+
+
 def _stack_key(samples, key: str = "image"):
     """Collate only ``sample[key]`` of dict samples (or the samples themselves when they are
     tensors): strings, tuples of band names and the like never reach ``default_collate``. A
@@ -327,7 +411,7 @@ def extract_features(backbone, data, *, device="cpu", precision: str = "32-true"
     from domainfm.data import loader_kwargs
 
     device = torch.device(device)
-    dtype = autocast_dtype(precision, device)
+    autocast_dtype(precision, device)  # a bad precision stops before any data is read
     if isinstance(data, DataLoader):
         loader = data
     else:
@@ -335,7 +419,7 @@ def extract_features(backbone, data, *, device="cpu", precision: str = "32-true"
                             collate_fn=functools.partial(_stack_key, key=image_key),
                             **loader_kwargs(num_workers))  # never fork a threaded process
     was_training = backbone.training
-    backbone = backbone.to(device).eval()
+    encoder = FrozenEncoder(backbone, device, precision, flip_tta=flip_tta)
     show = progress is not None and sys.stderr.isatty()
     out = []
     try:
@@ -350,13 +434,7 @@ def extract_features(backbone, data, *, device="cpu", precision: str = "32-true"
             task = bar.add_task(progress or "", total=len(loader))
             for batch in loader:
                 x = batch[image_key] if isinstance(batch, dict) else batch
-                x = x.to(device, non_blocking=True)
-                autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-                with autocast:
-                    f = backbone(x).float()
-                    if flip_tta:
-                        f = (f + backbone(torch.flip(x, dims=[-1])).float()) / 2
-                out.append(f.cpu())
+                out.append(encoder.forward(encoder.prepare(x)).cpu())
                 bar.advance(task)
     finally:
         backbone.train(was_training)

@@ -95,3 +95,47 @@ def test_lightning_runs_only_the_loops_a_module_defines():
     for hook in ("val_dataloader", "test_dataloader", "predict_dataloader"):
         assert not is_overridden(hook, dm)  # no validation loop on a split that does not exist
     assert is_overridden("val_dataloader", _module({"train": 2, "val": 2}))
+
+
+def test_unshuffled_training_and_a_batch_sampler_per_split():
+    unshuffled = _module({"train": 5}, batch_size=2, drop_last_train=True, shuffle_train=False)
+    assert [b["index"].tolist() for b in unshuffled.train_dataloader()] == [[0, 1], [2, 3]]  # in order, 4 dropped
+
+    from domainfm.data import DictBatchDataModule
+
+    class Composed(DictBatchDataModule):
+        splits = ("train",)
+
+        def build_dataset(self, split):
+            return Numbered(6, split)
+
+        def batch_sampler(self, split, dataset):
+            return [[5, 0], [3], [1, 2, 4]]  # the sampler decides sizes and order
+
+    dm = Composed(batch_size=4, drop_last_train=True)
+    assert [b["index"].tolist() for b in dm.train_dataloader()] == [[5, 0], [3], [1, 2, 4]]
+
+
+def test_labelled_module_reads_the_splits_it_holds_now_and_test_falls_back_to_val():
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    from domainfm.data import DictBatchDataModule, LabelledDataModule
+
+    class Labelled(LabelledDataModule):
+        def __init__(self, test: bool) -> None:
+            super().__init__(batch_size=3)
+            self.classes = ["a", "b"]
+            self.train_set, self.val_set = Numbered(4, "train"), Numbered(2, "val")
+            self.test_set = Numbered(3, "test") if test else None
+
+    dm = Labelled(test=False)
+    assert isinstance(dm, DictBatchDataModule) and dm.num_outputs == 2 and not dm.has_test
+    assert all(is_overridden(h, dm) for h in ("train_dataloader", "val_dataloader", "test_dataloader"))
+    dm.setup("test")  # built in __init__: nothing to build, no split invented
+    assert dm.test_set is None and set(dm.datasets) == {"train", "val"}
+    assert [b["split"] for b in dm.test_dataloader()] == [["val", "val"]]  # no test split: val's samples
+    dm.val_set = Numbered(1, "replaced")  # e.g. wrapped to align bands: the next loader reads it
+    assert [b["split"] for b in dm.val_dataloader()] == [["replaced"]]
+    with_test = Labelled(test=True)
+    assert with_test.has_test and [len(b["index"]) for b in with_test.test_dataloader()] == [3]
+    assert sorted(sum((b["index"].tolist() for b in with_test.train_dataloader()), [])) == [0, 1, 2, 3]

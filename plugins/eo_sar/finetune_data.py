@@ -13,11 +13,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
-import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
 
-from domainfm.data import dict_loader
+from domainfm.data import LabelledDataModule
 from domainfm.errors import DomainFMError
 
 MULTILABEL = "multilabel"
@@ -47,23 +45,22 @@ class _LabelledSubset:
         return {"image": image.contiguous(), "labels": sample["labels"].float()}
 
 
-class EOSARMultilabelDataModule(L.LightningDataModule):
+class EOSARMultilabelDataModule(LabelledDataModule):
     """The eo-sar layout or a standard dataset read by eo-sar's own datasets, set up in
     ``__init__`` so every data mistake surfaces before a model is built. Attributes as documented
-    by :meth:`domainfm.plugins.Plugin.finetune_datamodule`."""
+    by :meth:`domainfm.plugins.Plugin.finetune_datamodule`; loaders as
+    :class:`domainfm.data.LabelledDataModule` makes them (test: val's patches without a test split)."""
 
     task = MULTILABEL
 
     def __init__(self, root: str | Path, *, modality: str = "s2", label_threshold: float = 0.01, img_size: int,
                  batch_size: int, num_workers: int = 0, in_chans: int | None = None, seed: int = 0,
                  layout: str = "domainfm") -> None:
-        super().__init__()
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
         from plugins.eo_sar.bands import CLASS_NAMES, MODALITY_BANDS
         from plugins.eo_sar.datasets import EOSARPatches
         from plugins.eo_sar.layouts import open_layout, resolve_layout
 
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.root = Path(root)
         self.modality = modality
         bands = len(MODALITY_BANDS[modality])
@@ -99,14 +96,6 @@ class EOSARMultilabelDataModule(L.LightningDataModule):
     # -- what a consumer reads ---------------------------------------------------------------------
 
     @property
-    def num_outputs(self) -> int:
-        return len(self.classes)
-
-    @property
-    def has_test(self) -> bool:
-        return self.test_set is not None
-
-    @property
     def bands(self) -> tuple[str, ...]:
         return tuple(self.patches.bands)
 
@@ -140,20 +129,6 @@ class EOSARMultilabelDataModule(L.LightningDataModule):
                                 f"({', '.join(self.bands)})", fix="give one value per band")
         self.patches.use_stats(dataclasses.replace(self.patches.stats, mean=tuple(float(m) for m in mean),
                                                    std=tuple(float(s) for s in std)))
-
-    # -- loaders -----------------------------------------------------------------------------------
-
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        return dict_loader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set if self.test_set is not None else self.val_set, False)
 
 
 def finetune_datamodule(cfg, *, img_size: int, batch_size: int, num_workers: int = 0, in_chans: int | None = None,

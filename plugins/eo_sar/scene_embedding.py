@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from domainfm.errors import DomainFMError
-from domainfm.inference import autocast_dtype, resolve_device  # noqa: F401  (re-exported for callers)
+from domainfm.inference import FrozenEncoder, autocast_dtype, resolve_device  # noqa: F401  (re-exported for callers)
 
 TILE_ROWS = 16  # GeoTIFF tile height (and the unit of progress)
 NODATA = float("nan")
@@ -201,39 +201,27 @@ def check_geometry(path: Path, height: int, width: int, window: int, stride: int
 
 
 
-class WindowEncoder:
+class WindowEncoder(FrozenEncoder):
     """Normalised windows [B, C, w, w] (numpy float32) in, float32 features out: pooled [B, D], or
-    dense [B, k, k, D] (the central ``k`` x ``k`` patch tokens from token ``crop``)."""
+    dense [B, k, k, D] (the central ``k`` x ``k`` patch tokens from token ``crop``). The core's
+    :class:`~domainfm.inference.FrozenEncoder` (device, inference mode, autocast from ``precision``)."""
 
     def __init__(self, backbone, device, precision: str = "32-true", *, dense: bool = False, crop: int = 0,
                  k: int = 1) -> None:
-        self.backbone = backbone.to(device).eval().requires_grad_(False)
-        self.device = device
-        self.dtype = autocast_dtype(precision, device)
+        super().__init__(backbone.requires_grad_(False), device, precision)
         self.dense, self.crop, self.k = dense, crop, k
+
+    def _patch_tokens(self, x):
+        m = self.backbone.model
+        tokens = m.forward_features(x)[:, m.num_prefix_tokens:]
+        g = int(math.isqrt(tokens.shape[1]))
+        grid = tokens.reshape(tokens.shape[0], g, g, tokens.shape[-1])
+        c, k = self.crop, self.k
+        return grid[:, c:c + k, c:c + k]
 
     def forward(self, x):
         """``x``: a torch tensor already on the device; returns a torch tensor on the device."""
-        import contextlib
-
-        import torch
-
-        ctx = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
-        with torch.inference_mode(), ctx:
-            if not self.dense:
-                return self.backbone(x).float()
-            m = self.backbone.model
-            tokens = m.forward_features(x)[:, m.num_prefix_tokens:]
-            g = int(math.isqrt(tokens.shape[1]))
-            grid = tokens.reshape(tokens.shape[0], g, g, tokens.shape[-1])
-            c, k = self.crop, self.k
-            return grid[:, c:c + k, c:c + k].float()
-
-    def __call__(self, windows: np.ndarray) -> np.ndarray:
-        import torch
-
-        x = torch.from_numpy(windows).to(self.device, non_blocking=True)
-        return self.forward(x).cpu().numpy()
+        return super().forward(x, self._patch_tokens if self.dense else None)
 
 
 # ---------------------------------------------------------------- reading

@@ -13,12 +13,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from domainfm.data import read_csv_rows
+from domainfm.data import DictBatchDataModule, read_csv_rows
 from domainfm.errors import DomainFMError, expect_file
 from plugins.histo import slides as slides_mod
 from plugins.histo import tiling
@@ -168,17 +167,23 @@ class SlideTileSampler(Dataset):
         return fig
 
 
-class HistoPretrainDataModule(L.LightningDataModule):
+class HistoPretrainDataModule(DictBatchDataModule):
     """Batches ``{"view_teacher", "view_student": float[B, 3, S, S], "labels": float[B, K]}``.
 
+    One split, ``train``: :class:`SlideTileSampler`'s random draws read in index order (the sampler
+    is random itself, so the loader does not shuffle), full batches only (unless the epoch is
+    smaller than one batch). The slides are found in ``__init__``, their tissue in :meth:`setup`.
     ``normalization``: the backbone's (mean, std); :meth:`from_config` asks the core for the one
     of the backbone the run builds (ImageNet's when None)."""
+
+    splits = ("train",)
 
     def __init__(self, data: str | Path, *, mpp: float = 0.5, tile_size: int = 256, img_size: int = 224,
                  min_tissue: float = 0.6, slide_mpp=None, tile_labels: str | None = None,
                  tiles_per_epoch: int = 1024, batch_size: int = 32, num_workers: int = 0, seed: int = 0,
                  normalization=None):
-        super().__init__()
+        # workers from a forkserver (the base's loader): Lightning and MLflow run threads in this process
+        super().__init__(batch_size=batch_size, num_workers=num_workers, drop_last_train=True, shuffle_train=False)
         if data is None:
             raise DomainFMError("histo pretraining needs --data SLIDES_DIR", fix="give a folder of whole-slide images")
         self.paths = slides_mod.find_slides([str(data)])
@@ -186,8 +191,11 @@ class HistoPretrainDataModule(L.LightningDataModule):
                            slide_mpp=slides_mod.parse_slide_mpp(slide_mpp) if isinstance(slide_mpp, str) else slide_mpp,
                            tile_labels=tile_labels, samples_per_epoch=tiles_per_epoch, seed=seed,
                            normalization=normalization)
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.dataset: SlideTileSampler | None = None
+
+    @property
+    def dataset(self) -> SlideTileSampler | None:
+        """The training tiles once :meth:`setup` ran, else None."""
+        return self.datasets.get("train")
 
     @classmethod
     def from_config(cls, cfg) -> "HistoPretrainDataModule":
@@ -200,14 +208,5 @@ class HistoPretrainDataModule(L.LightningDataModule):
                    batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
                    normalization=normalization_for_config(cfg))
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:
-            self.dataset = SlideTileSampler(self.paths, **self.kwargs)
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup("fit")
-        from domainfm.data import loader_kwargs
-
-        # workers from a forkserver: Lightning and MLflow run threads in this process
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, drop_last=True,
-                          **loader_kwargs(self.num_workers, persistent=True))
+    def build_dataset(self, split: str) -> SlideTileSampler:
+        return SlideTileSampler(self.paths, **self.kwargs)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from domainfm.errors import DomainFMError
-from domainfm.inference import autocast_dtype, resolve_device  # noqa: F401  (re-exported for callers)
+from domainfm.inference import FrozenEncoder, autocast_dtype, resolve_device  # noqa: F401  (re-exported for callers)
 from plugins.histo import slides as slides_mod
 from plugins.histo import tiling
 
@@ -134,43 +134,14 @@ def build_encoder(s: EmbedSettings):
     return backbone.eval().requires_grad_(False)
 
 
-
-
-class TileEncoder:
-    """uint8 tiles in, float32 features out: normalisation on the device, optional autocast."""
+class TileEncoder(FrozenEncoder):
+    """uint8 tiles in (``[B, S, S, 3]`` as read, or ``[B, 3, S, S]``), float32 features out: the
+    core's :class:`~domainfm.inference.FrozenEncoder` normalising on the device with the backbone's
+    own mean/std (the one pretraining used) and resizing to a ViT's input size, autocast from
+    ``precision``."""
 
     def __init__(self, backbone, device, precision: str):
-        import torch
-
-        self.backbone = backbone.to(device)
-        self.device = device
-        self.dtype = autocast_dtype(precision, device)
-        from domainfm.backbones import input_normalization
-
-        mean, std = input_normalization(backbone)  # the same as pretraining used (one source)
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
-        self.img_size = backbone.img_size if backbone.is_vit else None
-
-    def __call__(self, images) -> np.ndarray:
-        """``images``: uint8 [B, S, S, 3] (as read) or [B, 3, S, S]."""
-        import torch
-        import torch.nn.functional as F
-
-        with torch.inference_mode():
-            x = images.to(self.device, non_blocking=True)
-            if x.shape[-1] == 3 and x.shape[1] != 3:
-                x = x.permute(0, 3, 1, 2)
-            x = x.float()
-            x = (x - self.mean) / self.std
-            if self.img_size and x.shape[-1] != self.img_size:
-                x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True)
-            if self.dtype is not None:
-                with torch.autocast(self.device.type, dtype=self.dtype):
-                    out = self.backbone(x)
-            else:
-                out = self.backbone(x)
-            return out.float().cpu().numpy()
+        super().__init__(backbone, device, precision, pixel_scale=255.0, resize=True)
 
 
 def coords_file(s: EmbedSettings, path: Path) -> Path:

@@ -8,12 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from domainfm.data import dict_loader
+from domainfm.data import LabelledDataModule
 from domainfm.errors import DomainFMError, expect_folder
 from plugins.sgd_ft.datasets import PIL_SUFFIXES, ImageFolderClassification, check_channels, scan_split, split_statistics
 
@@ -24,50 +22,18 @@ def _collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"image": torch.stack([s["image"] for s in samples]), "label": torch.as_tensor([s["label"] for s in samples])}
 
 
-class _Loaders(L.LightningDataModule):
-    task: str
-    classes: list[str]
-    in_chans: int
-
-    def __init__(self, batch_size: int, num_workers: int) -> None:
-        super().__init__()
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.train_set = self.val_set = self.test_set = None
-
-    @property
-    def num_outputs(self) -> int:
-        return len(self.classes)
-
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        return dict_loader(dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=_collate,
-                           num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set if self.test_set is not None else self.val_set, False)
-
-    @property
-    def has_test(self) -> bool:
-        return self.test_set is not None
-
-
-class ImageFolderDataModule(_Loaders):
+class ImageFolderDataModule(LabelledDataModule):
     """``ROOT/{train,val[,test]}/<class>/<image>``. RGB images are normalised with the backbone's
     mean/std (``rgb_mean``/``rgb_std``, as timm does); GeoTIFF bands with their own statistics over
-    the train split."""
+    the train split. Loaders as :class:`domainfm.data.LabelledDataModule` makes them (test: val's
+    images when there is no test/ folder)."""
 
     task = MULTICLASS
 
     def __init__(self, root: str | Path, *, img_size: int, batch_size: int, num_workers: int = 0,
                  in_chans: int | None = None, rgb_mean: Sequence[float] = (0.485, 0.456, 0.406),
                  rgb_std: Sequence[float] = (0.229, 0.224, 0.225)) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
         self.root = Path(root)
         expect_folder(self.root, "--data", missing="data folder not found",
                       fix="give --data the folder holding train/<class>/<image> (and val/, test/)")
