@@ -423,14 +423,13 @@ def extract_features(backbone, data, *, device="cpu", precision: str = "32-true"
     show = progress is not None and sys.stderr.isatty()
     out = []
     try:
-        from rich.console import Console
-        from rich.progress import Progress
+        from domainfm.output import progress_bar
 
         with contextlib.ExitStack() as stack:
             if tome_r:
                 stack.enter_context(apply_token_merging(backbone, tome_r))  # removed on leaving
             stack.enter_context(torch.inference_mode())
-            bar = stack.enter_context(Progress(transient=True, disable=not show, console=Console(stderr=True)))
+            bar = stack.enter_context(progress_bar(enabled=show))
             task = bar.add_task(progress or "", total=len(loader))
             for batch in loader:
                 x = batch[image_key] if isinstance(batch, dict) else batch

@@ -292,12 +292,14 @@ def tissue_attrs(path: Path, s: EmbedSettings) -> dict[str, Any]:
 
 
 def progress_bar(enabled: bool = True):
-    """Rich progress bars on stderr (stdout stays clean for pipes)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """The slides' progress bar (:func:`domainfm.output.progress_bar`); it stays on the terminal
+    when done, as a record of the slides embedded."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=False)
+    from domainfm.output import progress_bar as bar
+
+    return bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               enabled=enabled, transient=False)
 
 
 def embed_shard(paths: list[Path], s: EmbedSettings, *, device=None, label: str = "slides") -> EmbedReport:
