@@ -90,6 +90,92 @@ def run_cli(args: list[str], *, cwd: Path | None = None, env: dict[str, str] | N
                           timeout=timeout)
 
 
+def invoke_cli(args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None):
+    """Run ``domainfm ARGS`` in this test process through click's CliRunner: the same command code,
+    with torch/lightning/mlflow imported once per test process instead of once per call (~10 CPU-s
+    each). For calls whose test does not depend on a fresh process (a launcher, per-process
+    environment, import-time behaviour, what a new interpreter prints); those use :func:`run_cli`.
+    ``env`` holds for the call only, ``cwd`` is the working folder during it, and the MLflow
+    tracking/registry URIs the command sets are put back afterwards. Returns click's Result
+    (``exit_code``, ``stdout``, ``stderr``)."""
+    from click.testing import CliRunner
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    from domainfm.cli import main
+
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    here = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        return CliRunner().invoke(main, [str(a) for a in args], env=env)
+    finally:
+        os.chdir(here)
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+
+
+@pytest.fixture
+def toy_in_process(toy_plugin_site, monkeypatch):
+    """The toy plugin importable in this process (for :func:`invoke_cli`) for one test."""
+    monkeypatch.syspath_prepend(str(toy_plugin_site))
+    return toy_plugin_site
+
+
+def shared_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` run once per test session, whichever xdist worker asks first (a file lock in
+    the session's shared temp folder; the others wait and reuse what it made). Returns the folder.
+    For artefacts several test files use the same way and none asserts on how it was made."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-N/ shared by this session's workers (each has pytest-N/popen-gwK/)
+    folder, done = base / f"shared-{name}", base / f"shared-{name}.done"
+    with FileLock(str(base / f"shared-{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half-way
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
+EO_TINY_MODEL = "eo-tiny"
+
+
+def _pretrain_eo_tiny(root: Path) -> None:
+    """A tiny random-init eo-sar pretraining (test_vit, 32 px, 2 steps) on 4 Sentinel-2 patches,
+    in its own process, registered as EO_TINY_MODEL (version 1, @candidate) in root/mlflow.db."""
+    import json
+
+    train = load_make_data("eo_sar").write_dataset(root / "train", n_patches=4, modalities=("s2",))
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
+    r = run_cli(["pretrain", "--plugin", "eo-sar", "--data", str(train), "--init", "random", "--backbone", "test_vit",
+                 "--img-size", "32", "--max-steps", "2", "--batch-size", "4", "--proj-dim", "16", "--accelerator", "cpu",
+                 "--out", str(root / "runs"), "--register", EO_TINY_MODEL, "--json", str(root / "pretrain.json")],
+                cwd=root, env=env, timeout=800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (root / "pretrain.stderr").write_text(r.stderr)
+    json.loads((root / "pretrain.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def eo_tiny_pretrained(tmp_path_factory) -> Path:
+    """The folder of one tiny eo-sar pretraining run shared by the test files that only use its
+    result (train/, pretrain.json, pretrain.stderr, mlflow.db, artifacts/): built once per session.
+    A test takes its own copy of the store with :func:`copy_store` and leaves the folder as it is."""
+    return shared_once(tmp_path_factory, "eo-tiny", _pretrain_eo_tiny)
+
+
+def copy_store(shared: Path, dest: Path) -> str:
+    """A private copy of ``shared``/mlflow.db at ``dest``/mlflow.db (its runs' artifacts stay in the
+    shared folder; new runs write theirs there too, each under its own run id). Returns its URI."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shared / "mlflow.db", dest / "mlflow.db")
+    return f"sqlite:///{dest / 'mlflow.db'}"
+
+
 @pytest.fixture(scope="session")
 def toy_plugin_site(tmp_path_factory) -> Path:
     """The toy plugin package pip-installed into its own site folder (put it on PYTHONPATH)."""

@@ -254,41 +254,21 @@ def one_process(files, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_two_processes_write_what_one_process_writes(files, one_process, tmp_path, mlflow_store):
-    """--devices 2: two CPU processes under Lightning's launcher (gloo) share the tile rows; the
-    GeoTIFF rank 0 assembles equals the single-process one (data, transform, CRS, nodata, tiling), the
-    --dims projection fitted once by rank 0; one MLflow run, opened by rank 0."""
+def test_two_processes_write_what_one_process_writes_and_a_rerun_computes_only_the_rows_left(
+        files, one_process, tmp_path, mlflow_store):
+    """--devices 2: two CPU processes under Lightning's launcher (gloo) share the tile rows. A run
+    stopped early leaves rows behind, one finished row is then cut short and a writer's temp file is
+    left over: the rerun computes exactly the rows missing, and the GeoTIFF rank 0 assembles equals
+    the single-process one (data, transform, CRS, nodata, tiling), the --dims projection fitted once
+    by rank 0 (in the first run, reused by the rerun); one MLflow run per command, opened by rank 0.
+    (One test: a separate uninterrupted two-process run would prove nothing this does not.)"""
     import mlflow
 
-    r = _embed_cli(files, tmp_path / "two", "--devices", "2")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "scene.tif: tile rows computed [0, 1, 2] by 2 processes, 0 of 3 already done" in r.stderr
-    one = _read_all(one_process / "scene_embedding.tif")
-    two = _read_all(tmp_path / "two" / "scene_embedding.tif")
-    assert one[0].shape == (4, 40, 35)
-    np.testing.assert_array_equal(one[0], two[0])  # NaN nodata in the same places, every value equal
-    assert one[1] == two[1] == Affine(70.0, 0.0, 500_105.0, 0.0, -70.0, 4_999_895.0)  # 7 px, centred: + (28 - 7) / 2 px
-    assert one[2] == two[2] and two[2].to_epsg() == 32632
-    assert np.isnan(one[3]) and np.isnan(two[3]) and one[4] == two[4] == 16
-    for name in ("scene_embedding.pca.npz", "scene_embedding.pca.json"):
-        assert (one_process / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
-        "scene_embedding.pca.json", "scene_embedding.pca.npz", "scene_embedding.preview.png", "scene_embedding.tif"]
-    client = mlflow.MlflowClient(tracking_uri=mlflow_store)  # this test's store (the CLI ran in it)
-    runs = client.search_runs([client.get_experiment_by_name("domainfm-eo-sar").experiment_id])
-    assert len(runs) == 1 and runs[0].data.metrics["tile_rows_computed"] == 3.0  # the worker opened no run
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_a_rerun_computes_only_the_rows_a_dead_process_left(files, one_process, tmp_path, mlflow_store):
-    """A run stopped early leaves rows behind, one finished row is then cut short and a writer's temp
-    file is left over: the rerun computes exactly the rows missing and gives the same GeoTIFF."""
     res = tmp_path / "resume"
     # each rank stops after one of its rows (rank 0 has rows 0 and 2, rank 1 row 1)
     r = _embed_cli(files, res, "--devices", "2", "--stop-after-rows", "1")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "tile rows computed [0, 1] by 2 processes, 0 of 3 already done" in r.stderr
+    assert "scene.tif: tile rows computed [0, 1] by 2 processes, 0 of 3 already done" in r.stderr
     parts = res / "scene_embedding.parts"
     assert sorted(p.name for p in parts.glob("row_*.npy")) == ["row_00000.npy", "row_00001.npy"]
     assert not (res / "scene_embedding.tif").exists()
@@ -297,12 +277,25 @@ def test_a_rerun_computes_only_the_rows_a_dead_process_left(files, one_process, 
     (parts / ".row_00002.4242.tmp.npy").write_bytes(b"half")  # a killed writer's temp file
     r = _embed_cli(files, res, "--devices", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "tile rows computed [1, 2] by 2 processes, 1 of 3 already done" in r.stderr  # row 0 not redone
-    np.testing.assert_array_equal(_read_all(res / "scene_embedding.tif")[0],
-                                  _read_all(one_process / "scene_embedding.tif")[0])
+    assert "scene.tif: tile rows computed [1, 2] by 2 processes, 1 of 3 already done" in r.stderr  # row 0 not redone
+    one = _read_all(one_process / "scene_embedding.tif")
+    two = _read_all(res / "scene_embedding.tif")
+    assert one[0].shape == (4, 40, 35)
+    np.testing.assert_array_equal(one[0], two[0])  # NaN nodata in the same places, every value equal
+    assert one[1] == two[1] == Affine(70.0, 0.0, 500_105.0, 0.0, -70.0, 4_999_895.0)  # 7 px, centred: + (28 - 7) / 2 px
+    assert one[2] == two[2] and two[2].to_epsg() == 32632
+    assert np.isnan(one[3]) and np.isnan(two[3]) and one[4] == two[4] == 16
     assert not parts.exists()
     # the projection saved by the first run was reused: the same bytes as one process's
-    assert (res / "scene_embedding.pca.npz").read_bytes() == (one_process / "scene_embedding.pca.npz").read_bytes()
+    for name in ("scene_embedding.pca.npz", "scene_embedding.pca.json"):
+        assert (one_process / name).read_bytes() == (res / name).read_bytes(), name
+    assert sorted(p.name for p in res.iterdir()) == [
+        "scene_embedding.pca.json", "scene_embedding.pca.npz", "scene_embedding.preview.png", "scene_embedding.tif"]
+    client = mlflow.MlflowClient(tracking_uri=mlflow_store)  # this test's store (the CLI ran in it)
+    runs = client.search_runs([client.get_experiment_by_name("domainfm-eo-sar").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    assert len(runs) == 2  # one per command: the worker opened none
+    assert runs[1].data.metrics["tile_rows_computed"] == 2.0
 
 
 def test_num_nodes_without_launcher_is_one_line(files, tmp_path, mlflow_store, monkeypatch):

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from domainfm.errors import DomainFMError
 
-from conftest import load_make_data, run_cli
+from conftest import invoke_cli, load_make_data
 from plugins.eo_sar.layouts import LAYOUTS, detect_layout, open_layout, resolve_layout
 
 ssl4eo = load_make_data("ssl4eo_s12")
@@ -66,15 +66,15 @@ def test_unrecognised_and_ambiguous_folders_are_one_line_errors(roots, tmp_path)
     odd = tmp_path / "odd"
     (odd / "images").mkdir(parents=True)
     (odd / "images" / "a.png").write_bytes(b"x")
-    r = run_cli(["eo-sar", "check", "--data", str(odd)])
+    r = invoke_cli(["eo-sar", "check", "--data", str(odd)])
     line = _one_line_error(r.stderr, odd)
-    assert r.returncode == 2 and "unrecognised data layout" in line
+    assert r.exit_code == 2 and "unrecognised data layout" in line
     for layout in LAYOUTS[1:]:  # every layout is listed with what it expects
         assert f"{layout}: " in line
     both = tmp_path / "both"
     shutil.copytree(roots["eurosat"], both)
     shutil.copy(roots["ben"] / "bigearthnet-train.csv", both)
-    r = run_cli(["eo-sar", "check", "--data", str(both)])
+    r = invoke_cli(["eo-sar", "check", "--data", str(both)])
     line = _one_line_error(r.stderr, both)
     assert "ambiguous data layout" in line and "bigearthnet and eurosat" in line and "--layout" in line
 
@@ -197,8 +197,8 @@ def _copy_and(src, dst, edit, named, args, phrase):
 def test_bad_layout_inputs_are_one_line_errors(case, roots, tmp_path):
     root, named, args, phrase = BAD[case](roots, tmp_path)
     before = sorted(p.name for p in Path(root).rglob("*"))
-    r = run_cli(["eo-sar", "check", "--data", str(root), *args])
-    assert r.returncode == 2, r.stderr
+    r = invoke_cli(["eo-sar", "check", "--data", str(root), *args])
+    assert r.exit_code == 2, r.stderr
     line = _one_line_error(r.stderr, named)
     assert phrase in line
     assert sorted(p.name for p in Path(root).rglob("*")) == before  # nothing written
@@ -263,9 +263,9 @@ def test_pretrain_and_evaluate_every_layout(roots, tmp_path, monkeypatch):
 def test_a_dataset_layout_without_data_is_refused_before_any_run(tmp_path):
     # found by trying it: `--layout bigearthnet` with no --data silently evaluated the embedded sample
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    r = run_cli(["evaluate", "--plugin", "eo-sar", "--model", str(tmp_path / "unused.safetensors"),
-                 "--layout", "bigearthnet"], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
-    assert r.returncode == 2, r.stderr
+    r = invoke_cli(["evaluate", "--plugin", "eo-sar", "--model", str(tmp_path / "unused.safetensors"),
+                    "--layout", "bigearthnet"], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    assert r.exit_code == 2, r.stderr
     assert r.stderr.strip().splitlines() == [
         "error: --layout bigearthnet names a downloaded dataset, but no --data was given. Fix: pass --data ROOT "
         "(the bigearthnet download), or drop --layout to use the embedded sample."]
@@ -275,8 +275,8 @@ def test_a_dataset_layout_without_data_is_refused_before_any_run(tmp_path):
 @pytest.mark.timeout(300)
 def test_a_folder_of_another_layout_is_named_as_such(roots):
     # found by trying it: the domainfm sample with --layout bigearthnet was told to change --modality
-    r = run_cli(["eo-sar", "check", "--data", str(roots["eurosat"]), "--layout", "bigearthnet", "--modality", "s2-l2a"])
-    assert r.returncode == 2, r.stderr
+    r = invoke_cli(["eo-sar", "check", "--data", str(roots["eurosat"]), "--layout", "bigearthnet", "--modality", "s2-l2a"])
+    assert r.exit_code == 2, r.stderr
     line = _one_line_error(r.stderr, str(roots["eurosat"]))
     assert "the folder is not in layout bigearthnet (it looks like eurosat;" in line
     assert line.endswith("Fix: pass --layout eurosat.")

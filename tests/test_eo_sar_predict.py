@@ -13,27 +13,21 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_make_data, run_cli
+from conftest import EO_TINY_MODEL, copy_store, invoke_cli, load_make_data, run_cli
 
 make_data = load_make_data("eo_sar")
-NAME = "eo-predict"
+NAME = EO_TINY_MODEL
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory):
-    """One pretraining run registered as NAME (version 1), promoted to @champion."""
+def registered(eo_tiny_pretrained, tmp_path_factory):
+    """One pretraining run registered as NAME (version 1; the session's shared one, this module's
+    own copy of its store), promoted to @champion."""
     root = tmp_path_factory.mktemp("eo_predict")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
-    train = make_data.write_dataset(root / "train", n_patches=4, modalities=("s2",))
-    out = root / "pretrain.json"
-    r = run_cli(["pretrain", "--plugin", "eo-sar", "--data", str(train), "--init", "random",
-                 "--backbone", "test_vit", "--img-size", "32", "--max-steps", "1", "--batch-size", "4",
-                 "--proj-dim", "16", "--accelerator", "cpu", "--out", str(root / "runs"), "--register", NAME,
-                 "--json", str(out)], cwd=root, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli(["registry", "promote", NAME, "1", "--alias", "champion"], cwd=root, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return root, env, json.loads(out.read_text())
+    env = {"MLFLOW_TRACKING_URI": copy_store(eo_tiny_pretrained, root), "HF_HUB_OFFLINE": "1"}
+    r = invoke_cli(["registry", "promote", NAME, "1", "--alias", "champion"], cwd=root, env=env)
+    assert r.exit_code == 0, r.output[-2000:]
+    return root, env, json.loads((eo_tiny_pretrained / "pretrain.json").read_text())
 
 
 def _independent_embedding(weights: Path, tifs: list[Path], names: list[str] | None = None) -> np.ndarray:
@@ -128,8 +122,9 @@ def test_predict_registered_backbone_on_patches_of_two_sizes(registered):
 
 
 def _one_error_line(r) -> str:
+    """The one error line of a finished call (run_cli's CompletedProcess or invoke_cli's Result)."""
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " INFO " not in ln]
-    assert r.returncode == 2, r.stderr[-3000:]
+    assert getattr(r, "returncode", getattr(r, "exit_code", None)) == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     assert len(lines) == 1, lines
     return lines[0]
@@ -139,8 +134,8 @@ def _one_error_line(r) -> str:
 def test_sar_patch_for_an_s2_model_is_one_line_naming_the_bands(registered):
     root, env, _ = registered
     data = make_data.write_dataset(root / "sar", n_patches=1, modalities=("s1",))
-    r = run_cli(["predict", "--model", f"models:/{NAME}@champion", str(data / "s1" / "p00.tif"),
-                 "--out", str(root / "bad1")], cwd=root, env=env)
+    r = invoke_cli(["predict", "--model", f"models:/{NAME}@champion", str(data / "s1" / "p00.tif"),
+                    "--out", str(root / "bad1")], cwd=root, env=env)
     line = _one_error_line(r)
     assert line.startswith(f"error: {data / 's1' / 'p00.tif'}: cannot align the patch's bands to the model's: "
                            "the data bands (VV, VH) and the model bands (B1, B2"), line
@@ -162,15 +157,15 @@ def test_patch_at_another_pixel_size_is_one_line_naming_the_gsd(registered):
     with rasterio.open(coarse, "w", **profile) as dst:
         dst.write(pixels)
         dst.descriptions = desc
-    r = run_cli(["predict", "--model", f"models:/{NAME}@champion", str(coarse), "--out", str(root / "bad2")],
-                cwd=root, env=env)
+    r = invoke_cli(["predict", "--model", f"models:/{NAME}@champion", str(coarse), "--out", str(root / "bad2")],
+                   cwd=root, env=env)
     line = _one_error_line(r)
     assert line == (f"error: {coarse}: its pixels are 30 m but the model's GSD is 10 m (tolerance 25%). "
                     "Fix: resample the patch to 10 m (e.g. gdalwarp -tr 10 10 -r bilinear).")
     # within the tolerance it is accepted
-    r = run_cli(["predict", "--model", f"models:/{NAME}@champion", str(coarse), "--out", str(root / "ok2"),
-                 "--gsd-tolerance", "2.5", "--accelerator", "cpu"], cwd=root, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = invoke_cli(["predict", "--model", f"models:/{NAME}@champion", str(coarse), "--out", str(root / "ok2"),
+                    "--gsd-tolerance", "2.5", "--accelerator", "cpu"], cwd=root, env=env)
+    assert r.exit_code == 0, r.output[-2000:]
     assert np.load(root / "ok2" / "embeddings.npy").shape[0] == 1
 
 
@@ -189,6 +184,6 @@ def test_model_missing_units_or_statistics_is_one_line(tmp_path, drop, setting):
     weights = save_backbone(create_backbone("resnet18", in_chans=13, img_size=32, init="random"),
                             tmp_path / "bare.safetensors", extra_meta={"plugin": "eo-sar", **spec})
     patch = make_data.write_dataset(tmp_path / "d", n_patches=1, modalities=("s2",)) / "s2" / "p00.tif"
-    r = run_cli(["predict", "--model", str(weights), str(patch), "--out", str(tmp_path / "out")], cwd=tmp_path,
-                env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    r = invoke_cli(["predict", "--model", str(weights), str(patch), "--out", str(tmp_path / "out")], cwd=tmp_path,
+                   env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     assert _one_error_line(r).startswith(f"error: {weights}: the model {setting}. Fix: use a backbone exported by")

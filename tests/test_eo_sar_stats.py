@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,6 @@ _spec = importlib.util.spec_from_file_location("eo_sar_make_data", Path(__file__
 make_data = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_data)
 
-DOMAINFM = Path(sys.executable).with_name("domainfm")
 SOFTCON_S2 = "torchgeo:ViTSmall14_DINOv2_Weights.SENTINEL2_ALL_SOFTCON"
 
 
@@ -80,23 +77,22 @@ def test_sar_into_an_optical_backbone_is_one_line():
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_statistics_travel_from_pretraining_to_evaluate_and_the_registered_pyfunc(tmp_path, monkeypatch):
+def test_statistics_travel_from_pretraining_to_evaluate_and_the_registered_pyfunc(eo_tiny_pretrained, tmp_path,
+                                                                                  monkeypatch):
     import mlflow
     from safetensors import safe_open
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from conftest import EO_TINY_MODEL, copy_store
+
+    # the session's tiny eo-sar pretraining (4 S2 patches, test_vit, 32 px, its own process), this
+    # test's own copy of its store
+    uri = copy_store(eo_tiny_pretrained, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    train = make_data.write_dataset(tmp_path / "train", n_patches=4, modalities=("s2",))
-    out = tmp_path / "pretrain.json"
-    r = subprocess.run([str(DOMAINFM), "pretrain", "--plugin", "eo-sar", "--data", str(train), "--init", "random",
-                        "--backbone", "test_vit", "--img-size", "32", "--max-steps", "2",
-                        "--batch-size", "4", "--proj-dim", "16", "--register", "eo-stats", "--json", str(out)],
-                       capture_output=True, text=True, timeout=800)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "the backbone records no normalisation statistics" in r.stderr
-    pre = json.loads(out.read_text())
+    train = eo_tiny_pretrained / "train"
+    assert "the backbone records no normalisation statistics" in (eo_tiny_pretrained / "pretrain.stderr").read_text()
+    pre = json.loads((eo_tiny_pretrained / "pretrain.json").read_text())
 
     # the export records the bands and the statistics the run normalised with (hand-computed here)
     with safe_open(pre["backbone_path"], framework="pt") as f:
@@ -115,14 +111,14 @@ def test_statistics_travel_from_pretraining_to_evaluate_and_the_registered_pyfun
 
     data = make_data.write_dataset(tmp_path / "eval", n_patches=8, seed=7, modalities=("s2",))
     res = tmp_path / "evaluate.json"
-    r = CliRunner().invoke(main, ["evaluate", "--plugin", "eo-sar", "--model", "models:/eo-stats@candidate",
+    r = CliRunner().invoke(main, ["evaluate", "--plugin", "eo-sar", "--model", f"models:/{EO_TINY_MODEL}@candidate",
                                   "--data", str(data), "--batch-size", "4", "--knn-k", "3", "--json", str(res)])
     assert r.exit_code == 0, r.output[-3000:]
     assert "eo-sar: normalising with the backbone's own statistics (13 bands" in r.stderr
     assert not (data / ".domainfm_stats_s2.json").exists()  # the folder's own statistics were never needed
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(json.loads(res.read_text())["mlflow_run_id"])
     assert run.data.tags["eo_sar.stats_from"] == "backbone"
-    r = CliRunner().invoke(main, ["evaluate", "--plugin", "eo-sar", "--model", "models:/eo-stats@candidate",
+    r = CliRunner().invoke(main, ["evaluate", "--plugin", "eo-sar", "--model", f"models:/{EO_TINY_MODEL}@candidate",
                                   "--data", str(data), "--batch-size", "4", "--knn-k", "3", "--stats", "data"])
     assert r.exit_code == 0, r.output[-3000:]
     assert "--stats data: normalising with the data's own statistics" in r.stderr
@@ -135,7 +131,7 @@ def test_statistics_travel_from_pretraining_to_evaluate_and_the_registered_pyfun
     from domainfm.inference import extract_features
     from plugins.eo_sar.transforms import ResizeWhole
 
-    backbone = create_backbone("models:/eo-stats@candidate")
+    backbone = create_backbone(f"models:/{EO_TINY_MODEL}@candidate")
     plan = plan_input("s2", backbone.input_spec)
     ds = EOSARPatches(data, "s2", stats=BandStats(plan.mean, plan.std), patch_ids=["p00"])  # p00: no nodata
     ds.transforms = AlignBands(plan.alignment, ResizeWhole(backbone.img_size))
@@ -143,7 +139,7 @@ def test_statistics_travel_from_pretraining_to_evaluate_and_the_registered_pyfun
     with rasterio.open(data / "s2" / "p00.tif") as src:
         raw = src.read().astype(np.float32)
     assert (raw != 0).all()
-    model = mlflow.pyfunc.load_model("models:/eo-stats@candidate")
+    model = mlflow.pyfunc.load_model(f"models:/{EO_TINY_MODEL}@candidate")
     schema_names = model.metadata.get_input_schema().input_names()
     assert schema_names == list(S2_L1C_BANDS)
     got = model.predict({b: raw[i][None] for i, b in enumerate(S2_L1C_BANDS)})

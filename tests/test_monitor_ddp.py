@@ -43,12 +43,13 @@ def _step0_direct(root, weights):
             "knn_map": knn_quality(feats, labels, groups=list(held.groups))[1]}
 
 
-def _run(tmp_path, root, weights, strategy):
+def _run(tmp_path, root, weights, strategy, max_steps=2, *extra):
     out = tmp_path / f"{strategy}.json"
     r = run_cli(["pretrain", "--plugin", "eo-sar", "--data", str(root), "--weights", str(weights), "--backbone",
                  "vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "4", "--proj-dim", "16", "--max-steps",
-                 "2", "--val-every", "1", "--val-fraction", "0.25", "--devices", "2", "--strategy", strategy,
-                 "--accelerator", "cpu", "--json", str(out)], cwd=tmp_path, timeout=840)
+                 str(max_steps), "--val-every", "1", "--val-fraction", "0.25", "--devices", "2", "--strategy", strategy,
+                 "--accelerator", "cpu", "--checkpoint-every", "2", "--json", str(out), *extra], cwd=tmp_path,
+                timeout=840)
     return r, out
 
 
@@ -69,11 +70,27 @@ def _check(tmp_path, mlflow_store, strategy):
         # one point per evaluation: rank 1 evaluated too, but only rank 0 logged
         assert sorted(step for step, _ in logged) == [0, 1, 2], (key, logged)
         assert dict(logged)[0] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    return root, weights, result
 
 
 @pytest.mark.timeout(900)
 def test_ddp_monitor_logs_once_from_rank0_with_the_single_process_step0_values(tmp_path, mlflow_store):
-    _check(tmp_path, mlflow_store, "ddp")
+    """... and the job is one MLflow run, not one per process; --resume under DDP continues that run
+    from the last checkpoint: the same run id, the loss curve at steps 0..3 once each (the resumed
+    fit logs from step 2 on, rank 0 only). (The resume was tests/test_pretrain.py's own DDP test on
+    the toy plugin; one DDP job here proves both.)"""
+    from mlflow import MlflowClient
+
+    root, weights, result = _check(tmp_path, mlflow_store, "ddp")
+    client = MlflowClient(tracking_uri=mlflow_store)
+    experiment = client.get_run(result["mlflow_run_id"]).info.experiment_id
+    assert len(client.search_runs([experiment])) == 1
+    r, out = _run(tmp_path, root, weights, "ddp", 4, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = json.loads(out.read_text())
+    assert resumed["mlflow_run_id"] == result["mlflow_run_id"] and resumed["global_step"] == 4
+    assert len(client.search_runs([experiment])) == 1
+    assert sorted(step for step, _ in _history(mlflow_store, result["mlflow_run_id"], "loss/total")) == [0, 1, 2, 3]
 
 
 @pytest.mark.timeout(900)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from conftest import run_cli
+from conftest import assert_one_line_error, invoke_cli, run_cli
 
 # timm's test_vit (a real ViT: 6 blocks, 64-d, 0.4 M parameters) at 32 px, 4 tokens: what ViT-S/14 had at
 # 28 px, with checkpoints of a few MB instead of 400 MB each (22 M parameters x 4 copies)
@@ -71,17 +71,19 @@ def test_pretrain_logs_checkpoints_registers_and_resumes(tmp_path, toy_env):
                 cwd=tmp_path, env=toy_env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(out.read_text())["feature_norm"] > 0
-    r = run_cli(["registry", "promote", "toy-bb", "1", "--alias", "champion"], cwd=tmp_path, env=toy_env)
-    assert r.returncode == 0, r.stderr
-    r = run_cli(["registry", "list"], cwd=tmp_path, env=toy_env)
+    # (in this process: the registry commands need no fresh one, and each would import mlflow again)
+    r = invoke_cli(["registry", "promote", "toy-bb", "1", "--alias", "champion"], cwd=tmp_path, env=toy_env)
+    assert r.exit_code == 0, r.output
+    r = invoke_cli(["registry", "list"], cwd=tmp_path, env=toy_env)
     assert "champion" in r.stdout and "candidate" in r.stdout
-    r = run_cli(["registry", "promote", "toy-bb", "9", "--alias", "x"], cwd=tmp_path, env=toy_env)
-    assert r.returncode == 2 and "no version 9" in r.stderr
+    r = invoke_cli(["registry", "promote", "toy-bb", "9", "--alias", "x"], cwd=tmp_path, env=toy_env)
+    assert r.exit_code == 2 and "no version 9" in r.stderr
 
 
-def test_resume_without_earlier_run_is_one_line(tmp_path, toy_env):
-    r = run_cli(["pretrain", "--plugin", "toy", *TINY, "--max-steps", "2", "--resume"], cwd=tmp_path, env=toy_env)
-    assert r.returncode == 2 and "nothing to resume" in r.stderr and "Traceback" not in r.stderr
+@pytest.mark.timeout(300)
+def test_resume_without_earlier_run_is_one_line(tmp_path, toy_env, toy_in_process):
+    r = invoke_cli(["pretrain", "--plugin", "toy", *TINY, "--max-steps", "2", "--resume"], cwd=tmp_path, env=toy_env)
+    assert r.exit_code == 2 and "nothing to resume" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_default_store_is_sqlite_under_mlruns(tmp_path, toy_env):
@@ -96,27 +98,8 @@ def test_default_store_is_sqlite_under_mlruns(tmp_path, toy_env):
     assert any((tmp_path / "mlruns" / "artifacts").rglob("config.yaml"))
 
 
-def test_ddp_two_cpu_processes(tmp_path, toy_env):
-    out = tmp_path / "ddp.json"
-    r = run_cli(["pretrain", "--plugin", "toy", *TINY, "--max-steps", "2", "--devices", "2", "--strategy", "ddp",
-                 "--accelerator", "cpu", "--checkpoint-every", "2", "--json", str(out)], cwd=tmp_path, env=toy_env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["global_step"] == 2
-    client = _client(toy_env["MLFLOW_TRACKING_URI"])
-    # one MLflow run for the job, not one per process
-    runs = client.search_runs([client.get_run(result["mlflow_run_id"]).info.experiment_id])
-    assert len(runs) == 1
-    # --resume under DDP continues that MLflow run from the last checkpoint: the same run id, the loss
-    # curve at steps 0..3 once each (the resumed fit logs from step 2 on, rank 0 only)
-    r = run_cli(["pretrain", "--plugin", "toy", *TINY, "--max-steps", "4", "--devices", "2", "--strategy", "ddp",
-                 "--accelerator", "cpu", "--checkpoint-every", "2", "--resume", "--json", str(out)],
-                cwd=tmp_path, env=toy_env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    resumed = json.loads(out.read_text())
-    assert resumed["mlflow_run_id"] == result["mlflow_run_id"] and resumed["global_step"] == 4
-    assert len(client.search_runs([runs[0].info.experiment_id])) == 1
-    assert sorted(m.step for m in client.get_metric_history(resumed["mlflow_run_id"], "loss/total")) == [0, 1, 2, 3]
+# DDP (two CPU processes, one MLflow run, --resume continuing it): tests/test_monitor_ddp.py, whose DDP
+# pretraining job checks the monitor too (one DDP job instead of two)
 
 
 def _free_port() -> int:
@@ -126,6 +109,11 @@ def _free_port() -> int:
 
 
 def test_pretrain_against_a_real_mlflow_server(tmp_path, toy_env):
+    import shutil
+
+    # the server's store starts as a copy of the empty one toy_env made (tables already created:
+    # the server skips alembic's ~50 migrations, seconds of CPU that prove nothing here)
+    shutil.copyfile(tmp_path / "mlflow.db", tmp_path / "server.db")
     port = _free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
@@ -164,18 +152,18 @@ def test_pretrain_against_a_real_mlflow_server(tmp_path, toy_env):
     (["--weights", "{bad}"], "not a state dict"),
     (["--weights", "{missing}"], "weights file not found"),
 ])
-def test_bad_backbone_input_is_one_line(tmp_path, toy_env, args, expected):
+@pytest.mark.timeout(300)
+def test_bad_backbone_input_is_one_line(tmp_path, toy_env, toy_in_process, args, expected):
     import torch
 
     torch.save({"epoch": 1, "lr": 0.1}, tmp_path / "bad.pt")
     args = [a.format(bad=tmp_path / "bad.pt", missing=tmp_path / "nope.pth") for a in args]
     # offline, an unknown or unfetchable backbone fails at once instead of retrying the hub; the
-    # timeout is only the hang guard (timm's offline retries alone take ~47 s per attempt)
-    r = run_cli(["pretrain", "--plugin", "toy", "--img-size", "28", "--max-steps", "1", *args], cwd=tmp_path,
-                env=toy_env, timeout=300)
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], r.stderr
+    # timeout is only the hang guard (timm's offline retries alone take ~47 s per attempt). In this
+    # process: the check needs no fresh one (HF_HUB_OFFLINE=1 is set before anything imports the hub)
+    r = invoke_cli(["pretrain", "--plugin", "toy", "--img-size", "28", "--max-steps", "1", *args], cwd=tmp_path,
+                   env=toy_env)
+    assert_one_line_error(r, expected)
 
 
 # ---------------------------------------------------------------- issue 9, items 18 and 19
@@ -191,12 +179,12 @@ EVALUATE_SETTINGS = {"command", "plugin", "data", "batch_size", "precision", "ac
                      "model", "experiment", "run_name", "json", "bands", "num_samples"}
 
 
-def test_evaluate_logs_only_the_settings_it_uses(tmp_path, toy_env):
+def test_evaluate_logs_only_the_settings_it_uses(tmp_path, toy_env, toy_in_process):
     import yaml
 
     model = _tiny_model(tmp_path / "model.safetensors")
-    r = run_cli(["evaluate", "--plugin", "toy", "--model", str(model), "--json", "e.json"], cwd=tmp_path, env=toy_env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = invoke_cli(["evaluate", "--plugin", "toy", "--model", str(model), "--json", "e.json"], cwd=tmp_path, env=toy_env)
+    assert r.exit_code == 0, r.output[-3000:]
     run_id = json.loads((tmp_path / "e.json").read_text())["mlflow_run_id"]
     client = _client(toy_env["MLFLOW_TRACKING_URI"])
     params = client.get_run(run_id).data.params
@@ -279,11 +267,12 @@ def test_fsdp_two_cpu_processes_resume_and_export(tmp_path, monkeypatch):
     assert all(torch.equal(saved[k], teacher[k]) for k in teacher)
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.fresh_store  # checks that no MLflow store file is made
-def test_fsdp_on_cpu_is_one_line_before_any_run(tmp_path, toy_env):
-    r = run_cli(["pretrain", "--plugin", "toy", *TINY, "--max-steps", "1", "--strategy", "fsdp", "--devices", "2",
-                 "--accelerator", "cpu"], cwd=tmp_path, env=toy_env, timeout=300)
-    assert r.returncode == 2, r.stderr[-2000:]
+def test_fsdp_on_cpu_is_one_line_before_any_run(tmp_path, toy_env, toy_in_process):
+    r = invoke_cli(["pretrain", "--plugin", "toy", *TINY, "--max-steps", "1", "--strategy", "fsdp", "--devices", "2",
+                    "--accelerator", "cpu"], cwd=tmp_path, env=toy_env)
+    assert r.exit_code == 2, r.output[-2000:]
     lines = r.stderr.strip().splitlines()
     assert lines == ["error: --strategy fsdp needs GPUs (Lightning's FSDP runs only on a CUDA accelerator). "
                      "Fix: use --strategy ddp on CPU, or run on GPUs."], r.stderr

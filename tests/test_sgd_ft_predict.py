@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_make_data, run_cli
+from conftest import invoke_cli, load_make_data, run_cli
 
 make_data = load_make_data("eo_sar")
 NAME = "sgd-landcover"
@@ -118,10 +118,10 @@ def test_predict_registered_classifier_on_patches_of_two_sizes(registered):
     version = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_model_version(NAME, "1")
     assert version.tags["domainfm.plugin"] == "sgd-ft" and version.tags["domainfm.training_run"]
 
-    # the classifier's own file applies the same way
-    r = run_cli(["predict", "--model", str(weights), str(p48), "--out", str(root / "pred_file"),
-                 "--accelerator", "cpu"], cwd=root, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # the classifier's own file applies the same way (in this process: a second fresh one proves nothing more)
+    r = invoke_cli(["predict", "--model", str(weights), str(p48), "--out", str(root / "pred_file"),
+                    "--accelerator", "cpu"], cwd=root, env=env)
+    assert r.exit_code == 0, r.output[-3000:]
     with (root / "pred_file" / "predictions.csv").open() as f:
         again = next(csv.DictReader(f))
     np.testing.assert_allclose([float(again[c]) for c in CLASS_NAMES], expected[1], atol=1e-5, rtol=0)
@@ -141,10 +141,10 @@ def test_sar_patch_for_an_s2_classifier_is_one_line_naming_the_bands(registered)
     root, env, _ = registered
     data = make_data.write_dataset(root / "sar", n_patches=1, modalities=("s1",))
     bad = data / "s1" / "p00.tif"
-    r = run_cli(["predict", "--model", f"models:/{NAME}@candidate", str(bad), "--out", str(root / "bad")],
-                cwd=root, env=env)
+    r = invoke_cli(["predict", "--model", f"models:/{NAME}@candidate", str(bad), "--out", str(root / "bad")],
+                   cwd=root, env=env)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " INFO " not in ln]
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.exit_code == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"error: {bad}: cannot align the patch's bands to the model's: the data bands "
                                "(VV, VH) and the model bands (B1, B2"), lines[0]
@@ -163,11 +163,13 @@ def test_predict_registered_rgb_classifier_on_images_of_two_sizes(registered):
     root, env, _ = registered
     data = sgd_data.write_imagefolder(root / "rgb", train=4, val=3, size=32)
     out = root / "rgb.json"
-    r = run_cli(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", "test_vit",
-                 "--img-size", "32", "--batch-size", "8", "--init", "random", "--accelerator", "cpu", "--max-steps", "2",
-                 "--no-measure-memory", "--out", str(root / "runs"), "--register", "sgd-rgb", "--json", str(out)],
-                cwd=root, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # fine-tuned in this process (the module's fixture already ran one in its own): the predict below
+    # is the fresh process a user starts
+    r = invoke_cli(["finetune", "--plugin", "sgd-ft", "--data", str(data), "--backbone", "test_vit",
+                    "--img-size", "32", "--batch-size", "8", "--init", "random", "--accelerator", "cpu", "--max-steps",
+                    "2", "--no-measure-memory", "--out", str(root / "runs"), "--register", "sgd-rgb", "--json", str(out)],
+                   cwd=root, env=env)
+    assert r.exit_code == 0, r.output[-3000:]
     weights = Path(json.loads(out.read_text())["weights"])
     meta = read_metadata(weights)
     assert json.loads(meta["classes"]) == list(sgd_data.CLASSES) and meta["task"] == "multiclass"
@@ -202,8 +204,8 @@ def test_predict_registered_rgb_classifier_on_images_of_two_sizes(registered):
     # a 13-band GeoTIFF for this RGB model: one line naming the band count
     bad = root / "bad13.tif"
     sgd_data.write_geotiff(bad, np.ones((13, 16, 16), np.float32))
-    r = run_cli(["predict", "--model", "models:/sgd-rgb@candidate", str(bad), "--out", str(root / "bad13")],
-                cwd=root, env=env)
+    r = invoke_cli(["predict", "--model", "models:/sgd-rgb@candidate", str(bad), "--out", str(root / "bad13")],
+                   cwd=root, env=env)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " INFO " not in ln]
-    assert r.returncode == 2 and lines == [f"error: {bad}: has 13 band(s) but the model takes 3. "
+    assert r.exit_code == 2 and lines == [f"error: {bad}: has 13 band(s) but the model takes 3. "
                                            "Fix: give images with the 3 bands the model was trained on."], r.stderr
