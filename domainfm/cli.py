@@ -145,14 +145,18 @@ def print_metrics(title: str, metrics: dict[str, Any]) -> None:
 
     table = Table(title=title)
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")
+    rows = []
     for k, v in metrics.items():
         if isinstance(v, float):
             v = f"{v:.4f}"
         elif isinstance(v, list):
             v = ", ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in v[:5])
-        table.add_row(k, str(v))
-    Console(stderr=True).print(table)
+        rows.append((str(k), str(v)))
+        table.add_row(*rows[-1])
+    # wide enough for whole values: paths (backbone_path, for --model) and run ids are copied from here
+    need = max((len(k) for k, _ in rows), default=6) + max((len(v) for _, v in rows), default=5) + 7
+    Console(stderr=True, width=max(Console(stderr=True).width, need)).print(table)
 
 
 def _run(ctx: click.Context, command: str, params: dict[str, Any]) -> None:

@@ -20,6 +20,14 @@ _TRAIN = (PRETRAIN, FINETUNE)
 _ALL = (PRETRAIN, FINETUNE, EVALUATE)
 
 
+# --precision and --accelerator: one click.Choice, one help, for every command that takes them
+# (pretrain, finetune, evaluate, histo embed, eo-sar embed, predict)
+PRECISION_CHOICES = ("32-true", "bf16-mixed", "16-mixed")
+PRECISION_HELP = "bf16-mixed autocasts on CPU or GPU; 16-mixed on GPU only."
+ACCELERATOR_CHOICES = ("auto", "cpu", "gpu")
+ACCELERATOR_HELP = "Where the model runs: auto takes a GPU when there is one, else the CPU."
+
+
 def _opt(default, help: str, commands=_ALL, **click_kwargs):
     """A config field that is also a CLI flag of ``commands``."""
     return field(default=default, metadata={"help": help, "commands": commands, "click": click_kwargs})
@@ -77,8 +85,8 @@ class RunConfig:
     stop_on_collapse: bool = _opt(False, "End the run at a collapse, keeping the last healthy weights.", (PRETRAIN,),
                                   is_flag=True)
     # hardware
-    precision: str = _opt("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed.")
-    accelerator: str = _opt("auto", "cpu, gpu or auto.")
+    precision: str = _opt("32-true", PRECISION_HELP, type_choice=PRECISION_CHOICES)
+    accelerator: str = _opt("auto", ACCELERATOR_HELP, type_choice=ACCELERATOR_CHOICES)
     devices: int = _opt(1, "Devices (processes) per node.", _TRAIN)
     strategy: str = _opt("auto", "auto, ddp or fsdp.", _TRAIN)
     num_nodes: int = _opt(1, "Nodes.", _TRAIN)

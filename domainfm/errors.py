@@ -17,7 +17,7 @@ class DomainFMError(Exception):
         parts = []
         if path is not None:
             parts.append(f"{path}:")
-        parts.append(message.rstrip("."))
+        parts.append(message.rstrip().rstrip("."))  # a re-raised worker error ends in a newline
         text = " ".join(parts)
         if fix:
             text += f". Fix: {fix.rstrip('.')}"

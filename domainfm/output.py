@@ -39,6 +39,9 @@ _WARNINGS = (
     # MLflow's advice on models-from-code without type hints; our pyfuncs log an explicit signature
     (UserWarning, r".*Add type hints to the `predict` method"),
     (UserWarning, r".*An input example was not provided when logging the model"),
+    # torch's TorchScript deprecation, raised on every save/load of an `export --format torchscript`
+    # file (torch >= 2.9); the format stays supported by the torch versions we depend on
+    (FutureWarning, r"`torch\.jit\.(save|load|trace)` (is deprecated|is not supported in Python 3\.14)"),
 )
 # Lightning's rank_zero_info logs to whichever of these loggers was bound last (fabric or pytorch)
 # the standalone pytorch_lightning / lightning_fabric packages (installed beside lightning, and
@@ -58,7 +61,8 @@ class _DropLightningTips(logging.Filter):
 def quiet_third_parties() -> None:
     """Silence, in this process, the third-party output that tells the user nothing about the run:
     Lightning's third-party logger tip, torch's ``_pytree`` deprecation warning raised from inside
-    Lightning, MLflow's type-hint and input-example advice, and MLflow's "Downloading artifacts"
+    Lightning, torch's TorchScript (``torch.jit.save``/``load``) deprecation, MLflow's type-hint and
+    input-example advice, and MLflow's "Downloading artifacts"
     progress bars (``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``, unless the user set it). Idempotent;
     other warnings and Lightning's own messages are left alone."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

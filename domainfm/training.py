@@ -44,12 +44,15 @@ def fitted_warmup(requested: int, total: int) -> tuple[int, str | None]:
     """The warm-up a run of ``total`` optimiser steps uses for ``--warmup-steps requested``: at most
     half the run, so that a short run (``--max-steps 10`` with the default 50) still reaches its
     peak learning rate and decays from it. Returns ``(steps, warning)``: ``warning`` is one line
-    saying what was shortened (None when ``requested`` fits).
+    saying what was shortened (None when ``requested`` fits, and for a run with no steps at all,
+    ``--max-steps 0``: registering the starting weights has no schedule to warn about).
 
     timm's schedulers and Hugging Face's ``get_*_schedule_with_warmup`` do not shorten it: there
     the learning rate would still be climbing when the run ends. Shortening it, and saying so, keeps
     the schedule's shape (warm-up, peak, decay) whatever the run's length."""
     fitted = min(requested, max(0, total // 2))
+    if total <= 0:
+        return fitted, None
     if fitted >= requested:
         return requested, None
     return fitted, (f"--warmup-steps {requested} is more than half of this run's {total} optimiser steps: "

@@ -96,7 +96,8 @@ def test_plugin_defaults_show_in_help_and_do_not_leak():
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("args, line", [
     (["pretrain", "--plugin", "eo-sar", "--init", "random", "--precision", "64"],
-     "error: unknown --precision '64'. Fix: use one of 32-true, 32, bf16-mixed, 16-mixed."),
+     "error: domainfm pretrain: invalid value for '--precision': '64' is not one of '32-true', 'bf16-mixed', "
+     "'16-mixed'. Fix: see domainfm pretrain --help."),
     (["evaluate", "--plugin", "eo-sar", "--model", "models:/nosuch@candidate"],
      "is not in the MLflow registry at"),
 ])

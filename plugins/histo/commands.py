@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from domainfm.config import ACCELERATOR_CHOICES, ACCELERATOR_HELP, PRECISION_CHOICES, PRECISION_HELP
 from domainfm.errors import DomainFMError
 
 _SLIDE_MPP_HELP = ("µm/px of the slides: a number for all, or a CSV with columns slide_id,mpp. Beats the file's "
@@ -106,9 +107,10 @@ def tile_command(slides, out_dir, mpp, tile_size, min_tissue, max_tiles, slide_m
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per forward pass.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=None,
               help="DataLoader processes reading tiles while the model runs [default: min(4, CPUs available)].")
-@click.option("--precision", default="32-true", show_default=True,
-              help="32-true, bf16-mixed (CPU or GPU) or 16-mixed (GPU).")
-@click.option("--accelerator", default="auto", show_default=True, help="cpu, gpu or auto.")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="32-true", show_default=True,
+              help=PRECISION_HELP)
+@click.option("--accelerator", type=click.Choice(ACCELERATOR_CHOICES), default="auto", show_default=True,
+              help=ACCELERATOR_HELP)
 @click.option("--devices", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes (one per GPU, or CPU processes) sharing the slides between them.")
 @click.option("--num-nodes", type=click.IntRange(min=1), default=1, show_default=True,

@@ -39,7 +39,7 @@ class SlideTileDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         x, y = self.coords[index]
-        tile = slides_mod.read_tile(self._handle(), x, y, self.geometry)
+        tile = slides_mod.read_tile(self._handle(), x, y, self.geometry, self.slide_path)
         return {"image": torch.from_numpy(tile),
                 "coords": torch.as_tensor(self.coords[index])}
 

@@ -144,15 +144,62 @@ class TileEncoder(FrozenEncoder):
         super().__init__(backbone, device, precision, pixel_scale=255.0, resize=True)
 
 
-def coords_file(s: EmbedSettings, path: Path) -> Path:
+def coords_file(s: EmbedSettings, path: Path, slide=None) -> Path:
     """``--coords DIR``'s file for this slide: ``DIR/coords/<id>.h5`` (``histo tile``) or ``DIR/<id>.h5``
-    (CLAM's ``patches/`` folder, TRIDENT's ``patches/`` folder given directly)."""
+    (CLAM's ``patches/`` folder, TRIDENT's ``patches/`` folder given directly).
+
+    Raises DomainFMError when there is none; its fix names ``--slide-mpp`` when the slide states no
+    µm/px of its own (and none is given): ``histo tile`` failed on it for that reason, and rerunning it
+    unchanged would fail again. ``DIR/failures.csv``'s line for the slide, if any, is quoted."""
     sid = slides_mod.slide_id(path)
     for cpath in (Path(s.coords_dir) / "coords" / f"{sid}.h5", Path(s.coords_dir) / f"{sid}.h5"):
         if cpath.is_file():
             return cpath
-    raise DomainFMError(f"no coordinates for slide {sid!r} in --coords {s.coords_dir}", path=path,
-                        fix="run `domainfm histo tile` on this slide first, or drop --coords")
+    message = f"no coordinates for slide {sid!r} in --coords {s.coords_dir}"
+    failed = tile_failure(s.coords_dir, sid)
+    if failed:
+        message += f" (`histo tile` failed on it: {failed.rstrip('.')})"
+    fix = "run `domainfm histo tile` on this slide first, or drop --coords"
+    if not slide_has_mpp(path, s.slide_mpp, slide):
+        fix = ("the slide states no µm/px: run `domainfm histo tile --slide-mpp MPP` on it and pass the same "
+               "--slide-mpp MPP to `histo embed`, MPP being the scanner's µm per pixel (0.25 at 40x, 0.5 at 20x)")
+    raise DomainFMError(message, path=path, fix=fix)
+
+
+def tile_failure(out_dir: str | Path, sid: str) -> str | None:
+    """The error ``histo tile --out out_dir`` recorded for slide ``sid`` in its failures.csv, or None."""
+    target = Path(out_dir) / FAILURES_FILE
+    if not target.is_file():
+        return None
+    try:
+        with open(target, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("slide_id") == sid:
+                    return (row.get("error") or "").strip() or None
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return None
+    return None
+
+
+def slide_has_mpp(path: Path, override, slide=None) -> bool:
+    """Whether the slide's µm/px is known: from ``--slide-mpp`` (``override``) or its file. A slide
+    that cannot be opened counts as known (its own error says what is wrong)."""
+    given = override.get(slides_mod.slide_id(path)) if isinstance(override, dict) else override
+    if given is not None:
+        return True
+    own = slide is None
+    try:
+        slide = slides_mod.open_slide(path) if own else slide
+    except DomainFMError:
+        return True
+    try:
+        slides_mod.resolve_slide_mpp(slide, path, None)
+        return True
+    except DomainFMError:
+        return False
+    finally:
+        if own:
+            slide.close()
 
 
 def coords_geometry(cpath: Path, attrs: dict[str, Any], s: EmbedSettings, slide, path: Path) -> slides_mod.TileGeometry:
@@ -190,8 +237,10 @@ def coords_geometry(cpath: Path, attrs: dict[str, Any], s: EmbedSettings, slide,
 def slide_tiles(path: Path, s: EmbedSettings, slide) -> tuple[np.ndarray, slides_mod.TileGeometry]:
     """Coordinates and geometry of a slide: from ``--coords`` when given, else tiled now."""
     if s.coords_dir:
-        cpath = coords_file(s, path)
+        cpath = coords_file(s, path, slide)
         coords, attrs = tiling.read_coords(cpath)
+        # --max-tiles applies to the file's tiles too: the draw `histo tile` makes (same seed, same rule)
+        coords = coords[tiling.sample_tiles(len(coords), s.max_tiles, s.seed)]
         return coords, coords_geometry(cpath, attrs, s, slide, path)
     ts = tiling.tile_slide(path, mpp=s.mpp, tile_size=s.tile_size, min_tissue=s.min_tissue,
                            max_tiles=s.max_tiles, seed=s.seed, slide_mpp=s.slide_mpp, slide=slide)
@@ -287,7 +336,11 @@ def tissue_attrs(path: Path, s: EmbedSettings) -> dict[str, Any]:
     them), else this run's. ``max_tiles`` 0 means every tissue tile; ``slide_mpp_setting`` -1: none."""
     if s.coords_dir:
         _, cattrs = tiling.read_coords(coords_file(s, path))
-        return {k: cattrs[k] for k in ("min_tissue", "max_tiles", "seed", "slide_mpp_setting") if k in cattrs}
+        out = {k: cattrs[k] for k in ("min_tissue", "max_tiles", "seed", "slide_mpp_setting") if k in cattrs}
+        prior = int(out.get("max_tiles") or 0)
+        if s.max_tiles and (not prior or s.max_tiles < prior):  # this run's --max-tiles draw is the last one
+            out.update(max_tiles=int(s.max_tiles), seed=int(s.seed))
+        return out
     return tiling.tissue_settings(s.min_tissue, s.max_tiles, s.seed, s.slide_mpp)
 
 
@@ -373,7 +426,9 @@ def one_line_error(e: BaseException) -> str:
     last line ("ValueError: ...") rather than torch's "Caught ValueError in DataLoader worker"."""
     text = [line for line in str(e).strip().splitlines() if line.strip()]
     if len(text) > 1 and text[0].startswith("Caught ") and "Original Traceback" in str(e):
-        return text[-1].strip()
+        last = text[-1].strip()  # "module.Type: message"; our own error is its message alone
+        prefix = f"{DomainFMError.__module__}.{DomainFMError.__name__}: "
+        return last[len(prefix):] if last.startswith(prefix) else last
     msg = text[0] if text else ""
     return msg if isinstance(e, DomainFMError) else f"{type(e).__name__}: {msg}"
 

@@ -70,7 +70,7 @@ class HeldOutTiles(Dataset):
         path, geom, x, y, labels = self.tiles[index]
         if path not in self._handles:
             self._handles[path] = slides_mod.open_slide(path)
-        tile = slides_mod.read_tile(self._handles[path], x, y, geom)
+        tile = slides_mod.read_tile(self._handles[path], x, y, geom, path)
         image = torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1)))
         image = v2.functional.resize(image, [self.img_size, self.img_size], antialias=True)
         image = v2.functional.normalize(image.float() / 255.0, self.mean, self.std)

@@ -29,13 +29,16 @@ def options() -> list[Any]:
     """The flags ``domainfm predict`` grows for a histo model: how to run, never what the model knows."""
     import click
 
+    from domainfm.config import ACCELERATOR_CHOICES, ACCELERATOR_HELP, PRECISION_CHOICES, PRECISION_HELP
+
     return [
         click.Option(["--batch-size"], type=int, default=64, show_default=True, help="Tiles per forward pass."),
         click.Option(["--num-workers"], type=int, default=None,
                      help="DataLoader processes reading tiles [default: min(4, CPUs available)]."),
-        click.Option(["--precision"], default="32-true", show_default=True,
-                     help="32-true, bf16-mixed (CPU or GPU) or 16-mixed (GPU)."),
-        click.Option(["--accelerator"], default="auto", show_default=True, help="cpu, gpu or auto."),
+        click.Option(["--precision"], type=click.Choice(PRECISION_CHOICES), default="32-true", show_default=True,
+                     help=PRECISION_HELP),
+        click.Option(["--accelerator"], type=click.Choice(ACCELERATOR_CHOICES), default="auto", show_default=True,
+                     help=ACCELERATOR_HELP),
         click.Option(["--slide-mpp"], default=None,
                      help="µm/px of slides whose file states none: a number, or a CSV slide_id,mpp "
                           "[default: the value the model was trained with, if any]."),

@@ -25,8 +25,9 @@ _CM_PER_UNIT = {"centimeter": 1.0, "inch": 2.54}
 # overview). A file value outside is a placeholder, not a measurement: 72 or 300 dpi written by a
 # converter is 353 or 85 µm/px, 1 pixel per unit is 10,000 or 25,400. Such values count as unknown.
 MPP_RANGE = (0.05, 20.0)
-SLIDE_MPP_FIX = ("pass --slide-mpp 0.25 (the slide's µm per pixel) or --slide-mpp CSV with columns "
-                 "slide_id,mpp")
+# not a value to paste: the scanner's µm/px differs from slide to slide (its objective, its camera)
+SLIDE_MPP_FIX = ("pass --slide-mpp with the scanner's µm per pixel (0.25 at 40x, 0.5 at 20x; see the scanner's "
+                 "report), or --slide-mpp CSV with columns slide_id,mpp")
 
 
 def slide_id(path: str | Path) -> str:
@@ -276,9 +277,19 @@ def resize_tile(region, tile_size: int):
     return region.resize((tile_size, tile_size), Image.Resampling.BILINEAR)
 
 
-def read_tile(slide, x: int, y: int, geom: TileGeometry) -> np.ndarray:
-    """RGB uint8 [tile_size, tile_size, 3] of the tile whose top-left level-0 corner is (x, y)."""
-    region = slide.read_region((int(x), int(y)), geom.level, (geom.read_size, geom.read_size))
+def read_tile(slide, x: int, y: int, geom: TileGeometry, path: str | Path | None = None) -> np.ndarray:
+    """RGB uint8 [tile_size, tile_size, 3] of the tile whose top-left level-0 corner is (x, y).
+
+    Raises DomainFMError (naming ``path``) when OpenSlide cannot decode the tile (damaged JPEG data)."""
+    import openslide
+
+    try:
+        region = slide.read_region((int(x), int(y)), geom.level, (geom.read_size, geom.read_size))
+    except openslide.OpenSlideError as e:
+        raise DomainFMError(f"OpenSlide cannot decode the tile at level-0 ({int(x)}, {int(y)}), level {geom.level} "
+                            f"({e})", path=path,
+                            fix="re-export or re-download the slide (its image data is damaged), or leave it "
+                                "out of this run") from None
     # np.array, not np.asarray: Pillow's buffer is read-only and torch wants writable arrays
     if geom.read_size == geom.tile_size and region.mode == "RGBA":
         rgba = np.array(region)
