@@ -151,7 +151,7 @@ def test_dims_projection_saved_reproducible_and_resume_bit_identical(files, tmp_
     assert json.loads((part / "scene_dense.progress.json").read_text())["tile_rows_done"] == 1
     r = _embed(["--dense", "--dims", "4", "--pca-windows", "40"], files, part)
     assert r.exit_code == 0, r.output
-    assert "resuming scene_dense.tif at tile row 1/2" in r.stderr
+    assert "resuming scene_dense.tif after 1 of 2 tile rows" in r.stderr
     for name in ("scene_dense.tif", "scene_dense.pca.npz", "scene_dense.pca.json"):
         assert (part / name).read_bytes() == (full / name).read_bytes(), name
     assert not (part / "scene_dense.progress.json").exists()

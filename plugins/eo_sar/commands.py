@@ -301,7 +301,8 @@ def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windo
 
         with tracking.start_run(experiment="domainfm-eo-sar", run_name="eo-sar embed") as run:
             tracking.log_params({"scenes": ",".join(scenes)[:5000],
-                                 **{k: v for k, v in vars(settings).items() if k != "stop_after_rows"}})
+                                 **{k: v for k, v in vars(settings).items() if k != "stop_after_rows"},
+                                 "stride": settings.step})  # the resolved stride, not None for "the window"
             tracking.set_tags({"domainfm.command": "eo-sar embed", "domainfm.plugin": "eo-sar",
                                "domainfm.model_source": model, **job.record()})
             results = run_embedding(job, log=lambda m: click.echo(f"eo-sar: {m}", err=True))

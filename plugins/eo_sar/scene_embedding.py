@@ -85,6 +85,7 @@ class SceneEmbedSettings:
     devices: int = 1  # processes per machine sharing the tile rows (Lightning's launcher)
     num_nodes: int = 1
     reader_threads: int = 0  # threads preparing windows (0: 1 on CPU, where the model needs the cores; else <= 8)
+    model_version: str | None = None  # NAME/VERSION a models:/ --model resolved to (set by prepare, once)
 
     def reader_threads_for(self, device) -> int:
         """Reader threads to use on ``device`` (a torch.device): ``reader_threads``, or when 0, 1 on
@@ -446,13 +447,35 @@ READ_ORDER = "column-groups-1"
 def _fingerprint(sp: ScenePlan, s: SceneEmbedSettings) -> str:
     st = sp.path.stat()
     model = Path(s.model)
-    model_id = f"{model.resolve()}:{model.stat().st_size}:{model.stat().st_mtime_ns}" if model.is_file() else s.model
+    # a registered model is identified by the version its alias pointed to, never the alias text
+    model_id = (f"{model.resolve()}:{model.stat().st_size}:{model.stat().st_mtime_ns}" if model.is_file()
+                else f"models:/{s.model_version}" if s.model_version else s.model)
     keys = {k: v for k, v in asdict(s).items() if k not in ("out_dir", "progress", "preview", "stop_after_rows",
                                                           "accelerator", "model", "devices", "num_nodes",
-                                                          "reader_threads")}
+                                                          "reader_threads", "model_version")}
     record = {"scene": str(sp.path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns, "model": model_id,
               "modality": sp.modality, "read_order": READ_ORDER, **keys}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _finished_as(tif: Path, fp: str, log: Callable[[str], None]) -> bool:
+    """True when ``tif`` is a finished output of fingerprint ``fp``. A finished output of other
+    inputs or settings (another model version the alias now names, another --window...) is computed
+    again, said in one line; the old file stays until the new one replaces it."""
+    if not tif.is_file():
+        return False
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    try:
+        with rasterio.open(tif) as src:
+            recorded = src.tags().get("RESUME_FINGERPRINT")
+    except RasterioError:
+        recorded = None
+    if recorded == fp:
+        return True
+    log(f"{tif.name} was made with other inputs or settings (model version, scene or options): computing it again")
+    return False
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -535,6 +558,8 @@ def output_tags(sp: ScenePlan, s: SceneEmbedSettings, fp: str) -> dict[str, str]
             "FEATURES": "dense ViT patch tokens" if s.dense else "pooled, one per window",
             "BANDS_READ": ",".join(sp.plan.data_bands), "MODEL_BANDS": ",".join(sp.plan.model_bands),
             "RESUME_FINGERPRINT": fp}
+    if s.model_version:
+        tags["MODEL_VERSION"] = s.model_version
     if s.dims:
         tags["PROJECTION"] = f"first {s.dims} principal components ({Path(sp.path).stem}" \
                              f"{'_dense' if s.dense else '_embedding'}.pca.npz)"
@@ -573,7 +598,7 @@ def _open_partial(paths: dict[str, Path], sp: ScenePlan, s: SceneEmbedSettings, 
                     ok = (src.count, src.height, src.width) == (bands, *sp.grid.out_shape)
                 if ok:
                     done = int(rec["tile_rows_done"])
-                    log(f"resuming {paths['tif'].name} at tile row {done}/{sp.grid.tile_rows}")
+                    log(f"resuming {paths['tif'].name} after {done} of {sp.grid.tile_rows} tile rows")
                     return done
             log(f"{paths['partial'].name} was made with other inputs or settings: starting over")
         except Exception:  # an unreadable leftover of a killed run: start over
@@ -695,13 +720,13 @@ def _embed_scene(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, *
     paths = output_paths(s.out_dir, sp.path, s.dense)
     bands = s.dims or dim_in
     res = SceneResult(str(sp.path), str(paths["tif"]), (bands, *g.out_shape), windows=g.rows * g.cols)
-    if paths["tif"].is_file():
+    fp = _fingerprint(sp, s)
+    if _finished_as(paths["tif"], fp, log):
         log(f"{paths['tif']} exists: skipped (delete it to compute it again)")
         res.complete = res.already_done = True
         res.preview = str(paths["preview"]) if paths["preview"].is_file() else None
         return res
     Path(s.out_dir).mkdir(parents=True, exist_ok=True)
-    fp = _fingerprint(sp, s)
     start = _open_partial(paths, sp, s, bands, fp, log)
     res.resumed_from_row = start
 
@@ -842,7 +867,7 @@ def embed_scene_sharded(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEnc
     res = SceneResult(str(sp.path), str(paths["tif"]), (bands, *g.out_shape), windows=g.rows * g.cols)
     plan = None
     if rank == 0:
-        if paths["tif"].is_file():
+        if _finished_as(paths["tif"], _fingerprint(sp, s), log):
             plan = {"skip": True}
         else:
             Path(s.out_dir).mkdir(parents=True, exist_ok=True)
@@ -1094,7 +1119,11 @@ class EmbedJob:
     messages: list[str] = field(default_factory=list)
 
     def record(self) -> dict[str, str]:
+        from domainfm.predict import MODEL_VERSION_TAG
+
         tags = {"eo_sar.embed.model_source": self.settings.model}
+        if self.settings.model_version:  # `domainfm registry show NAME/VERSION` lists the run by it
+            tags[MODEL_VERSION_TAG] = self.settings.model_version
         if self.scenes:
             tags.update(self.scenes[0].plan.record())
         return tags
@@ -1133,8 +1162,12 @@ def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings, *, backbone=Non
         raise DomainFMError(f"--dims {s.dims} must be at least 1", fix="pass --dims 1 or more, or drop it")
     if not 0.0 <= s.nodata_fraction <= 1.0:
         raise DomainFMError("--nodata-fraction must be within 0..1")
+    if s.model_version is None and s.model.startswith("models:/"):
+        from domainfm.predict import pin_model
+
+        s.model_version = pin_model(s.model)[1]  # the alias resolved once: loaded, fingerprinted, recorded
     if backbone is None:  # benchmarks pass one already built (e.g. fewer blocks)
-        backbone = create_backbone(s.model, img_size=s.window)
+        backbone = create_backbone(f"models:/{s.model_version}" if s.model_version else s.model, img_size=s.window)
     spec = getattr(backbone, "input_spec", None)
     patch = backbone.patch_size if backbone.is_vit else None
     if s.tome_r:
