@@ -1,0 +1,100 @@
+"""A registered model's VERSION, not its alias, is what a command loads, fingerprints and records:
+after ``models:/NAME@ALIAS`` moves to another version, a rerun recomputes (never "already done"
+with the old version's map), and the outputs and the MLflow run name the version used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+
+from tests.conftest import load_make_data
+
+make_data = load_make_data("eo_sar")
+
+W = 28  # window: 2 x 2 patches of 14 px
+
+
+def _register(root: Path, seed: int, name: str = "emb", alias: str = "candidate") -> str:
+    """A random-init 13-band ViT-S/14 (seeded) registered as the next version of ``name``, ``alias``
+    pointed at it; returns ``NAME/VERSION``."""
+    import torch
+
+    from domainfm import jobs, tracking
+    from domainfm.backbones import InputSpec, create_backbone
+    from plugins.eo_sar.bands import S2_L1C_BANDS
+
+    torch.manual_seed(seed)
+    b = create_backbone("vit_small_patch14_dinov2", in_chans=13, img_size=W, init="random")
+    b.input_spec = InputSpec(bands=tuple(S2_L1C_BANDS), mean=tuple(1000.0 for _ in range(13)),
+                             std=tuple(500.0 for _ in range(13)), modality="s2", gsd_m=10.0,
+                             units="reflectance x 10000")
+    with tracking.start_run(experiment="versions", run_name=f"train-{seed}"):
+        tracking.set_tags({"domainfm.plugin": "eo-sar", "domainfm.command": "pretrain"})
+        jobs.export_and_register(b, root / f"v{seed}.safetensors", register=name, alias=alias, plugin="eo-sar")
+    mv = tracking.model_version(f"models:/{name}@{alias}")
+    return f"{mv.name}/{mv.version}"
+
+
+def _embed(scene: Path, model: str, out: Path):
+    from domainfm.cli import main
+
+    return CliRunner().invoke(main, ["eo-sar", "embed", str(scene), "--model", model, "--out", str(out),
+                                     "--window", str(W), "--batch-size", "8"])
+
+
+def _read(tif: Path) -> tuple[np.ndarray, dict]:
+    with rasterio.open(tif) as src:
+        return src.read(), src.tags()
+
+
+@pytest.mark.timeout(600)
+def test_embed_records_the_version_and_recomputes_after_the_alias_moves(mlflow_store, tmp_path):
+    from mlflow import MlflowClient
+
+    from domainfm.cli import main
+
+    scene = make_data.write_scene(tmp_path / "scene.tif")
+    out = tmp_path / "maps"
+    tif = out / "scene_embedding.tif"
+    assert _register(tmp_path, seed=0) == "emb/1"
+
+    r = _embed(scene, "models:/emb@candidate", out)
+    assert r.exit_code == 0, r.output
+    first, tags = _read(tif)
+    assert tags["MODEL_SOURCE"] == "models:/emb@candidate" and tags["MODEL_VERSION"] == "emb/1"
+    client = MlflowClient()
+    run1 = client.get_run(r.stderr.split("MLflow run ")[1].split()[0])
+    assert run1.data.tags["domainfm.model_version"] == "emb/1"
+    assert run1.data.params["model_version"] == "emb/1"
+    assert run1.data.params["stride"] == str(W)  # the resolved stride (the window), not None
+
+    r = _embed(scene, "models:/emb@candidate", out)
+    assert r.exit_code == 0 and "already done" in r.stderr, r.output
+
+    assert _register(tmp_path, seed=1) == "emb/2"  # the alias moves to version 2
+    r = _embed(scene, "models:/emb@candidate", out)
+    assert r.exit_code == 0, r.output
+    assert "already done" not in r.stderr
+    assert "scene_embedding.tif was made with other inputs or settings (model version, scene or options): " \
+           "computing it again" in r.stderr
+    second, tags = _read(tif)
+    assert tags["MODEL_VERSION"] == "emb/2"
+    run2_id = r.stderr.split("MLflow run ")[1].split()[0]
+    assert client.get_run(run2_id).data.tags["domainfm.model_version"] == "emb/2"
+    assert not np.allclose(np.nan_to_num(first), np.nan_to_num(second))
+
+    # the same map as version 2 named directly (an independent run into another folder)
+    r = _embed(scene, "models:/emb/2", tmp_path / "direct")
+    assert r.exit_code == 0, r.output
+    direct, tags = _read(tmp_path / "direct" / "scene_embedding.tif")
+    assert tags["MODEL_VERSION"] == "emb/2"
+    np.testing.assert_array_equal(second, direct)
+
+    # `registry show NAME/VERSION` lists the embed runs of that version
+    shown = CliRunner().invoke(main, ["registry", "show", "emb/2"]).output
+    assert run2_id in shown and run1.info.run_id not in shown
+    assert run1.info.run_id in CliRunner().invoke(main, ["registry", "show", "emb/1"]).output
