@@ -94,6 +94,17 @@ def test_embed_records_the_version_and_recomputes_after_the_alias_moves(mlflow_s
     assert tags["MODEL_VERSION"] == "emb/2"
     np.testing.assert_array_equal(second, direct)
 
+    # the ONNX export of the alias records the version it exported and the input's units, GSD, modality
+    from domainfm.backbones.export import read_metadata
+
+    onnx_path = tmp_path / "emb.onnx"
+    r = CliRunner().invoke(main, ["export", "--model", "models:/emb@candidate", "--format", "onnx",
+                                  "--out", str(onnx_path)])
+    assert r.exit_code == 0, r.output
+    meta = read_metadata(onnx_path)
+    assert (meta["source"], meta["model_version"]) == ("models:/emb@candidate", "emb/2")
+    assert (meta["units"], meta["gsd_m"], meta["modality"]) == ("reflectance x 10000", "10.0", "s2")
+
     # `registry show NAME/VERSION` lists the embed runs of that version
     shown = CliRunner().invoke(main, ["registry", "show", "emb/2"]).output
     assert run2_id in shown and run1.info.run_id not in shown
