@@ -109,3 +109,47 @@ def test_embed_records_the_version_and_recomputes_after_the_alias_moves(mlflow_s
     shown = CliRunner().invoke(main, ["registry", "show", "emb/2"]).output
     assert run2_id in shown and run1.info.run_id not in shown
     assert run1.info.run_id in CliRunner().invoke(main, ["registry", "show", "emb/1"]).output
+
+
+@pytest.mark.timeout(300)
+def test_histo_embed_redoes_slides_of_another_version_after_the_alias_moves(mlflow_store, tmp_path):
+    """A features folder never mixes two versions: slides embedded with version 1 are embedded
+    again once the alias names version 2, and each file records the version it was made with."""
+    import h5py
+    import torch
+
+    from domainfm import jobs, tracking
+    from domainfm.backbones import create_backbone
+    from plugins.histo.commands import embed_command
+
+    slide = load_make_data("histo").make_slides(tmp_path / "slides")["tiff"]
+
+    def register(seed):
+        torch.manual_seed(seed)
+        with tracking.start_run(experiment="histo-versions"):
+            jobs.log_backbone(create_backbone("test_resnet", img_size=32, init="random"), register="enc",
+                              alias="champion")
+
+    def embed():
+        return CliRunner().invoke(embed_command, [str(slide), "--out", str(tmp_path / "out"), "--model",
+                                                  "models:/enc@champion", "--num-workers", "0", "--mpp", "2",
+                                                  "--tile-size", "32", "--batch-size", "8"])
+
+    def read():
+        with h5py.File(tmp_path / "out" / "features" / "generic_20x.h5") as f:
+            return f["features"][:], dict(f.attrs)
+
+    register(0)
+    r = embed()
+    assert r.exit_code == 0, r.output
+    f1, a1 = read()
+    assert a1["model_version"] == "enc/1" and a1["encoder"] == "models:/enc@champion"
+    assert "1 already done" in embed().output  # same version: skipped
+    register(1)
+    r = embed()
+    assert r.exit_code == 0, r.output
+    assert "histo: generic_20x.h5 was made with models:/enc/1, not models:/enc/2 (models:/enc@champion now): " \
+           "embedding it again" in r.output
+    f2, a2 = read()
+    assert a2["model_version"] == "enc/2" and '"uri": "models:/enc/2"' in a2["encoder_record"]
+    assert f1.shape == f2.shape and not np.allclose(f1, f2)
