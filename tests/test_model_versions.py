@@ -153,3 +153,32 @@ def test_histo_embed_redoes_slides_of_another_version_after_the_alias_moves(mlfl
     f2, a2 = read()
     assert a2["model_version"] == "enc/2" and '"uri": "models:/enc/2"' in a2["encoder_record"]
     assert f1.shape == f2.shape and not np.allclose(f1, f2)
+
+
+@pytest.mark.timeout(300)
+def test_dims_beyond_the_valid_windows_counts_them_before_any_run_or_folder(mlflow_store, tmp_path):
+    """Window 28 on the 300 x 260 scene: 11 x 10 = 110 windows (the last row and column reach past
+    the edge: 8 of 28 rows, 20 of 28 columns outside, which count as nodata). Mostly nodata (> 50%):
+    the last column (20/28 = 71%: 11 windows) and, from the nodata corner (rows 0-119, cols 0-99),
+    window rows 0-3 x cols 0-3 (col 3: 16 of 28 columns, 57%: 16 windows); so 110 - 11 - 16 = 83 are
+    valid. --dims 90 is refused naming 83, before an MLflow run or the --out folder exists."""
+    from mlflow import MlflowClient
+
+    from domainfm.backbones import InputSpec, create_backbone, save_backbone
+    from domainfm.cli import main
+    from plugins.eo_sar.bands import S2_L1C_BANDS
+
+    scene = make_data.write_scene(tmp_path / "scene.tif")
+    b = create_backbone("vit_small_patch14_dinov2", in_chans=13, img_size=W, init="random")
+    b.input_spec = InputSpec(bands=tuple(S2_L1C_BANDS), mean=(1000.0,) * 13, std=(500.0,) * 13, modality="s2")
+    model = save_backbone(b, tmp_path / "m.safetensors")
+    out = tmp_path / "maps"
+    r = CliRunner().invoke(main, ["eo-sar", "embed", str(scene), "--model", str(model), "--out", str(out),
+                                  "--window", str(W), "--dims", "90"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == (
+        f"error: {scene}: --dims 90 needs at least 90 samples to fit its principal components, and this scene's "
+        "sample of 110 window(s) has 83 valid window(s) (the others are mostly nodata). "
+        "Fix: pass --dims 83 or less, or a smaller --stride for more windows.")
+    assert not out.exists()
+    assert not [r for e in MlflowClient().search_experiments() for r in MlflowClient().search_runs([e.experiment_id])]

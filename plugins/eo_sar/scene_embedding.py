@@ -500,6 +500,41 @@ def _patch_nodata(masks: np.ndarray, grid: SceneGrid, s: SceneEmbedSettings) -> 
     return frac[:, c:c + k, c:c + k] > s.nodata_fraction
 
 
+def _pca_picks(g: SceneGrid, s: SceneEmbedSettings) -> tuple[np.random.Generator, np.ndarray]:
+    """The seeded sample of window indices (row-major) the --dims PCA is fitted on, and the generator
+    drawn from (it goes on to subsample tokens)."""
+    rng = np.random.default_rng(s.seed)
+    total = g.rows * g.cols
+    return rng, np.sort(rng.choice(total, size=min(s.pca_windows, total), replace=False))
+
+
+def _sample_windows(sp: ScenePlan, s: SceneEmbedSettings, picks: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Windows [n, C, window, window] and nodata masks [n, window, window] of ``picks``, a batch at a time."""
+    g = sp.grid
+    for chunk in np.array_split(picks, max(1, math.ceil(len(picks) / s.batch_size))):
+        wins, masks = [], []
+        for idx in chunk:
+            r, c = divmod(int(idx), g.cols)
+            w, m = sp.read_chunk(r, c, c + 1, s)
+            wins.append(w[0])
+            masks.append(m[0])
+        yield np.stack(wins), np.stack(masks)
+
+
+def pca_sample_size(sp: ScenePlan, s: SceneEmbedSettings) -> tuple[int, int, int]:
+    """``(windows drawn, valid windows among them, samples)`` of the --dims PCA sample: what
+    :func:`fit_projection` will fit on, counted from the nodata masks alone (no model). Samples are
+    the valid windows, or with --dense their valid patch tokens (at most 50 000)."""
+    g = sp.grid
+    _, picks = _pca_picks(g, s)
+    valid = samples = 0
+    for _, masks in _sample_windows(sp, s, picks):
+        keep = _valid_windows(masks, s, g)
+        valid += int(keep.sum())
+        samples += int((~_patch_nodata(masks[keep], g, s)).sum()) if g.patch is not None else int(keep.sum())
+    return len(picks), valid, min(samples, 50_000)
+
+
 def fit_projection(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, dim_in: int) -> dict[str, np.ndarray]:
     """PCA (scikit-learn, full SVD: deterministic, signs fixed by ``svd_flip``) of the features of
     up to ``pca_windows`` windows drawn with ``seed`` (dense: of their valid patch tokens, at most
@@ -510,18 +545,9 @@ def fit_projection(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder,
     if s.dims > dim_in:
         raise DomainFMError(f"--dims {s.dims} is more than the model's {dim_in} features",
                             fix=f"pass --dims {dim_in} or less")
-    rng = np.random.default_rng(s.seed)
-    total = g.rows * g.cols
-    picks = np.sort(rng.choice(total, size=min(s.pca_windows, total), replace=False))
+    rng, picks = _pca_picks(g, s)
     feats = []
-    for chunk in np.array_split(picks, max(1, math.ceil(len(picks) / s.batch_size))):
-        wins, masks = [], []
-        for idx in chunk:
-            r, c = divmod(int(idx), g.cols)
-            w, m = sp.read_chunk(r, c, c + 1, s)
-            wins.append(w[0])
-            masks.append(m[0])
-        wins, masks = np.stack(wins), np.stack(masks)
+    for wins, masks in _sample_windows(sp, s, picks):
         keep = _valid_windows(masks, s, g)
         if not keep.any():
             continue
@@ -534,7 +560,7 @@ def fit_projection(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder,
         x = x[np.sort(rng.choice(len(x), 50_000, replace=False))]
     if len(x) < s.dims:
         raise DomainFMError(f"only {len(x)} valid sample(s) to fit {s.dims} principal components", path=sp.path,
-                            fix="pass a smaller --dims or a larger --pca-windows")
+                            fix=f"pass --dims {len(x)} or less, or a smaller --stride for more windows")
     pca = PCA(n_components=s.dims, svd_solver="full").fit(x.astype(np.float64))
     return {"mean": pca.mean_, "components": pca.components_,
             "explained_variance_ratio": pca.explained_variance_ratio_, "n_samples": np.int64(len(x))}
@@ -1131,20 +1157,21 @@ class EmbedJob:
 
 def _check_dims(s: SceneEmbedSettings, plans: list[ScenePlan], dim_in: int, patch: int | None) -> None:
     """``--dims`` that the PCA could never fit, refused before any output is opened: more than the
-    model's features, or more than the samples a scene can give (windows drawn, x patch tokens each
-    with --dense). Nodata windows can still leave too few; :func:`fit_projection` says so then."""
+    model's features, or more than the valid samples the scene's PCA sample holds
+    (:func:`pca_sample_size`: nodata windows give none)."""
     if s.dims > dim_in:
         raise DomainFMError(f"--dims {s.dims} is more than the model's {dim_in} features",
                             fix=f"pass --dims {dim_in} or less")
-    tokens = (s.window // patch) ** 2 if s.dense and patch else 1
     for sp in plans:
         windows = sp.grid.rows * sp.grid.cols
-        n = min(windows, s.pca_windows) * tokens
+        drawn, valid, n = pca_sample_size(sp, s)  # nodata windows (patches) give no sample
         if n < s.dims:
-            more = "a larger --pca-windows" if s.pca_windows < windows else "a smaller --stride"
+            what = f"{n} valid patch token(s) of {valid} valid window(s)" if sp.grid.patch is not None \
+                else f"{valid} valid window(s)"
+            more = "a larger --pca-windows" if s.pca_windows < windows else "a smaller --stride for more windows"
             raise DomainFMError(f"--dims {s.dims} needs at least {s.dims} samples to fit its principal components, "
-                                f"and this scene gives {n} ({min(windows, s.pca_windows)} window(s))", path=sp.path,
-                                fix=f"pass --dims {n} or less, or {more}")
+                                f"and this scene's sample of {drawn} window(s) has {what}"
+                                + (" (the others are mostly nodata)" if valid < drawn else ""), path=sp.path, fix=f"pass --dims {n} or less, or {more}")
 
 
 def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings, *, backbone=None) -> EmbedJob:
