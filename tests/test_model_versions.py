@@ -74,6 +74,13 @@ def test_embed_records_the_version_and_recomputes_after_the_alias_moves(mlflow_s
 
     r = _embed(scene, "models:/emb@candidate", out)
     assert r.exit_code == 0 and "already done" in r.stderr, r.output
+    # found from headers and fingerprints alone (the function never builds a model): 11 x 10 windows of 28 px
+    from plugins.eo_sar.scene_embedding import SceneEmbedSettings, already_done
+
+    s = SceneEmbedSettings(out_dir=str(out), model="models:/emb@candidate", window=W, batch_size=8)
+    done = already_done([scene], s)
+    assert s.model_version == "emb/1"
+    assert [(d.path, d.shape, d.windows, d.already_done) for d in done] == [(str(tif), (384, 11, 10), 110, True)]
 
     assert _register(tmp_path, seed=1) == "emb/2"  # the alias moves to version 2
     r = _embed(scene, "models:/emb@candidate", out)
@@ -180,5 +187,11 @@ def test_dims_beyond_the_valid_windows_counts_them_before_any_run_or_folder(mlfl
         f"error: {scene}: --dims 90 needs at least 90 samples to fit its principal components, and this scene's "
         "sample of 110 window(s) has 83 valid window(s) (the others are mostly nodata). "
         "Fix: pass --dims 83 or less, or a smaller --stride for more windows.")
+    assert not out.exists()
+    # a dense window between two whole-patch sizes: both neighbours suggested (14-px patches: 56, 70)
+    r = CliRunner().invoke(main, ["eo-sar", "embed", str(scene), "--model", str(model), "--out", str(out),
+                                  "--dense", "--window", "60"])
+    assert r.exit_code == 2 and r.stderr.strip().endswith(
+        "Fix: pass --window 56 --stride 56 or pass --window 70 --stride 70."), r.output
     assert not out.exists()
     assert not [r for e in MlflowClient().search_experiments() for r in MlflowClient().search_runs([e.experiment_id])]

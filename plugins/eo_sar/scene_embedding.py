@@ -174,6 +174,14 @@ class SceneGrid:
         return math.ceil(self.rows / g)
 
 
+def _dense_fix(window: int, stride: int, patch: int) -> str:
+    """The nearest dense geometries below and above: ``--window`` in whole patches (the patch
+    multiples either side of ``window``), ``--stride`` the same (no overlap)."""
+    lo = window // patch * patch
+    sizes = [s for s in dict.fromkeys((lo, lo + patch) if window % patch else (window,)) if s >= patch]
+    return " or ".join(f"pass --window {s} --stride {s}" for s in sizes)
+
+
 def check_geometry(path: Path, height: int, width: int, window: int, stride: int, patch: int | None,
                    dense: bool) -> SceneGrid:
     """The :class:`SceneGrid`, or a one-line DomainFMError naming ``path`` for a window larger than
@@ -193,8 +201,7 @@ def check_geometry(path: Path, height: int, width: int, window: int, stride: int
         if window % patch or stride % patch or (window - stride) % (2 * patch):
             raise DomainFMError(f"--dense needs --window and --stride in whole {patch}-px patches, and an overlap "
                                 f"(window - stride = {window - stride}) of an even number of patches",
-                                fix=f"pass --window {max(patch, window // patch * patch)} --stride "
-                                    f"{max(patch, window // patch * patch)}")
+                                fix=_dense_fix(window, stride, patch))
     return SceneGrid(height, width, window, stride, patch if dense else None)
 
 
@@ -1189,10 +1196,7 @@ def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings, *, backbone=Non
         raise DomainFMError(f"--dims {s.dims} must be at least 1", fix="pass --dims 1 or more, or drop it")
     if not 0.0 <= s.nodata_fraction <= 1.0:
         raise DomainFMError("--nodata-fraction must be within 0..1")
-    if s.model_version is None and s.model.startswith("models:/"):
-        from domainfm.predict import pin_model
-
-        s.model_version = pin_model(s.model)[1]  # the alias resolved once: loaded, fingerprinted, recorded
+    pin_settings_model(s)  # the alias resolved once: loaded, fingerprinted, recorded
     if backbone is None:  # benchmarks pass one already built (e.g. fewer blocks)
         backbone = create_backbone(f"models:/{s.model_version}" if s.model_version else s.model, img_size=s.window)
     spec = getattr(backbone, "input_spec", None)
@@ -1215,6 +1219,54 @@ def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings, *, backbone=Non
         apply_token_merging(backbone, s.tome_r)
     messages = list(plans[0].plan.messages) if plans else []
     return EmbedJob(s, backbone, plans, int(backbone.embed_dim), messages)
+
+
+def pin_settings_model(s: SceneEmbedSettings) -> None:
+    """Resolve a ``models:/NAME@ALIAS`` ``--model`` ONCE to ``NAME/VERSION`` (``s.model_version``):
+    the version then loaded, fingerprinted and recorded, whatever the alias names later."""
+    if s.model_version is None and s.model.startswith("models:/"):
+        from domainfm.predict import pin_model
+
+        s.model_version = pin_model(s.model)[1]
+
+
+def already_done(scenes: Sequence[str | Path], s: SceneEmbedSettings) -> list[SceneResult] | None:
+    """The results of a call whose every scene already has a finished output of these inputs,
+    settings and model (version or file identity), found WITHOUT loading the model: the scenes' and
+    outputs' headers and the model's recorded modality only. None when any scene is left to
+    compute, or anything is not as expected (the full checks of :func:`prepare` then run)."""
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    from domainfm.backbones import input_spec_of
+
+    if not scenes or not Path(s.model).is_file() and not s.model.startswith("models:/"):
+        return None
+    try:
+        pin_settings_model(s)
+        outs = [output_paths(s.out_dir, p, s.dense)["tif"] for p in scenes]
+        if not all(o.is_file() for o in outs):
+            return None
+        spec = input_spec_of(f"models:/{s.model_version}" if s.model_version else s.model)
+        results = []
+        for p, tif in zip(scenes, outs):
+            path = Path(p)
+            modality, header = _scene_modality(path, s.modality, spec)
+            sp = ScenePlan.__new__(ScenePlan)  # what the fingerprint reads: the scene and its modality
+            sp.path, sp.modality = path, modality
+            with rasterio.open(tif) as src:
+                if src.tags().get("RESUME_FINGERPRINT") != _fingerprint(sp, s) or (s.dims and src.count != s.dims):
+                    return None
+                shape = (src.count, src.height, src.width)
+            g = SceneGrid(header[0], header[1], s.window, s.step)
+            paths = output_paths(s.out_dir, path, s.dense)
+            res = SceneResult(str(path), str(tif), shape, windows=g.rows * g.cols, complete=True, already_done=True)
+            res.preview = str(paths["preview"]) if paths["preview"].is_file() else None
+            res.projection = str(paths["pca"]) if s.dims and paths["pca"].is_file() else None
+            results.append(res)
+        return results
+    except (DomainFMError, RasterioError, OSError):
+        return None
 
 
 def finished_scenes(job: EmbedJob) -> list[SceneResult] | None:
