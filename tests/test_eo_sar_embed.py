@@ -221,8 +221,8 @@ def test_bad_inputs_are_one_line_and_leave_nothing(files, tmp_path, mlflow_store
     r = CliRunner().invoke(main, ["eo-sar", "embed", str(files["scene"]), "--model", str(files["model"]),
                                   "--out", str(out), "--window", "252", "--stride", "252", "--dims", "8"])  # windows to the edges: 2 x 2
     _one_line_error(r, f"{files['scene']}: --dims 8 needs at least 8 samples to fit its principal components, "
-                       "and this scene's sample of 4 window(s) has 4 valid window(s).",
-                    "Fix: pass --dims 4 or less, or a smaller --stride for more windows.")
+                       "and this scene's sample of 4 window(s) has 1 valid window(s) (the others are mostly nodata).",
+                    "Fix: pass --dims 1 or less, or a smaller --stride for more windows.")  # 3 reach past the edges
     assert not out.exists()
 
 
