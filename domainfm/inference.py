@@ -168,8 +168,10 @@ def check_token_merging(model, r: int, *, where: str = "the model") -> int:
         depth = len(vit.blocks)
         raise DomainFMError(f"--tome-r {r} is too large for {where}: it has {n} patch tokens, and a block can "
                             f"merge at most half of them ({n // 2})",
-                            fix=f"pass --tome-r {n // 2} or less (up to {n // (depth + 1)}, every one of its {depth} "
-                                f"blocks merges the full r tokens; above that, later blocks merge fewer)")
+                            fix=f"pass --tome-r {n // 2} or less: the largest useful --tome-r for this model's {n} "
+                                f"patch tokens and {depth} blocks is {n // 2}"
+                                + (f" (up to {n // (depth + 1)} every block merges r tokens; above that the later "
+                                   "blocks merge fewer)" if n // (depth + 1) else ""))
     return n
 
 

@@ -154,6 +154,11 @@ def run_plugin_job(cfg: "RunConfig", plugin, fn: Callable[["RunConfig"], dict[st
             tags.update({MODEL_URI_TAG: cfg.model, MODEL_VERSION_TAG: f"{scored.name}/{scored.version}"})
         tracking.set_tags(tags)
         tracking.log_config(cfg)
+        if scored is not None:  # the plugin loads the version the alias named above, not the alias again
+            import copy
+
+            cfg = copy.copy(cfg)
+            cfg.model = f"models:/{scored.name}/{scored.version}"
         metrics = dict(fn(cfg) or {})
         tracking.log_metrics(metrics)
         metrics["mlflow_run_id"] = run.info.run_id

@@ -63,10 +63,28 @@ class ModelRef:
             if self.uri.startswith(("models:/", "runs:/")):
                 from domainfm import tracking
 
-                self._local = tracking.download_model(self.uri)
+                # the version resolved once, not the alias again (it may have moved since)
+                self._local = tracking.download_model(f"models:/{self.version_label}" if self.is_registered
+                                                      else self.uri)
             else:
                 self._local = Path(self.uri)
         return self._local
+
+
+def pin_model(uri: str) -> tuple[str, str | None]:
+    """The one place a registered model's alias is resolved: ``(models:/NAME/VERSION, "NAME/VERSION")``
+    for ``models:/NAME@ALIAS`` (or ``models:/NAME``, its latest version, or ``models:/NAME/VERSION``
+    itself), ``(uri, None)`` for anything else (a file, a ``runs:/`` URI). A command resolves its
+    ``--model`` once with this and then loads, fingerprints and records the VERSION (tag
+    :data:`MODEL_VERSION_TAG`), so that moving the alias later never mixes two versions' outputs.
+    Raises DomainFMError when the registry does not know the URI."""
+    if not str(uri).startswith("models:/"):
+        return str(uri), None
+    from domainfm import tracking
+
+    mv = tracking.model_version(uri)
+    label = f"{mv.name}/{mv.version}"
+    return f"models:/{label}", label
 
 
 def resolve_model(uri: str, plugin: str | None = None) -> ModelRef:

@@ -151,7 +151,7 @@ def test_dims_projection_saved_reproducible_and_resume_bit_identical(files, tmp_
     assert json.loads((part / "scene_dense.progress.json").read_text())["tile_rows_done"] == 1
     r = _embed(["--dense", "--dims", "4", "--pca-windows", "40"], files, part)
     assert r.exit_code == 0, r.output
-    assert "resuming scene_dense.tif at tile row 1/2" in r.stderr
+    assert "resuming scene_dense.tif after 1 of 2 tile rows" in r.stderr
     for name in ("scene_dense.tif", "scene_dense.pca.npz", "scene_dense.pca.json"):
         assert (part / name).read_bytes() == (full / name).read_bytes(), name
     assert not (part / "scene_dense.progress.json").exists()
@@ -221,7 +221,8 @@ def test_bad_inputs_are_one_line_and_leave_nothing(files, tmp_path, mlflow_store
     r = CliRunner().invoke(main, ["eo-sar", "embed", str(files["scene"]), "--model", str(files["model"]),
                                   "--out", str(out), "--window", "252", "--stride", "252", "--dims", "8"])  # windows to the edges: 2 x 2
     _one_line_error(r, f"{files['scene']}: --dims 8 needs at least 8 samples to fit its principal components, "
-                       "and this scene gives 4 (4 window(s))", "Fix: pass --dims 4 or less, or a smaller --stride")
+                       "and this scene's sample of 4 window(s) has 1 valid window(s) (the others are mostly nodata).",
+                    "Fix: pass --dims 1 or less, or a smaller --stride for more windows.")  # 3 reach past the edges
     assert not out.exists()
 
 

@@ -203,8 +203,8 @@ def test_histo_embed_refuses_too_large_r(plain_slide, tmp_path):
     assert res.exit_code == 2, res.output
     assert res.output.strip().splitlines() == [
         "error: --tome-r 3 is too large for the model: it has 4 patch tokens, and a block can merge at most "
-        "half of them (2). Fix: pass --tome-r 2 or less (up to 0, every one of its 12 blocks merges the full r "
-        "tokens; above that, later blocks merge fewer)."]
+        "half of them (2). Fix: pass --tome-r 2 or less: the largest useful --tome-r for this model's 4 patch "
+        "tokens and 12 blocks is 2."]
     assert not (tmp_path / "out" / "features").exists()
 
 

@@ -236,7 +236,10 @@ def export_backbone(model: str, fmt: str, out: str | Path, *, with_normalization
     if out.is_dir():
         raise DomainFMError("--out is a folder", path=out, fix="give a file name, e.g. backbone.onnx")
     spec = str(model)
-    source = resolve_source(spec)  # a models:/ URI is downloaded here, once
+    from domainfm.predict import pin_model
+
+    pinned, version = pin_model(spec)  # an alias resolved once: the version exported is the one recorded
+    source = resolve_source(pinned)  # a models:/ URI is downloaded here, once
     meta = source.meta
     backbone = create_backbone(source).eval()
     inputs = input_description(backbone, meta)
@@ -254,6 +257,13 @@ def export_backbone(model: str, fmt: str, out: str | Path, *, with_normalization
         "normalization_in_graph": "true" if with_normalization else "false",
         "bands": json.dumps(inputs["bands"]), "mean": json.dumps(inputs["mean"]), "std": json.dumps(inputs["std"]),
     }
+    if version:
+        metadata["model_version"] = version  # NAME/VERSION the models:/ source named when exported
+    ispec = getattr(backbone, "input_spec", None)
+    for key, value in (("modality", getattr(ispec, "modality", None)), ("gsd_m", getattr(ispec, "gsd_m", None)),
+                       ("units", getattr(ispec, "units", None))):
+        if value is not None:  # what the mean/std are in, and the ground sampling distance in metres
+            metadata[key] = str(value)
     g = torch.Generator().manual_seed(seed)
     size = (backbone.in_chans, backbone.img_size, backbone.img_size)
     example = torch.rand(2, *size, generator=g)
@@ -281,5 +291,5 @@ def export_backbone(model: str, fmt: str, out: str | Path, *, with_normalization
     if spec.startswith("models:/"):
         from domainfm import tracking
 
-        result.mlflow_run_id = tracking.log_to_model_run(spec, out, artifact_path="export")
+        result.mlflow_run_id = tracking.log_to_model_run(pinned, out, artifact_path="export")
     return result

@@ -274,7 +274,8 @@ def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windo
         from domainfm.distributed import check_launch, is_global_zero
 
         check_launch(num_nodes=num_nodes)  # before any scene is read: a machine alone would wait forever
-        from plugins.eo_sar.scene_embedding import SceneEmbedSettings, finished_scenes, prepare, run_embedding
+        from plugins.eo_sar.scene_embedding import (SceneEmbedSettings, already_done, finished_scenes, prepare,
+                                                    run_embedding)
 
         settings = SceneEmbedSettings(out_dir=out_dir, model=model, window=window, stride=stride, dense=dense,
                                       dims=dims, batch_size=batch_size, tome_r=tome_r, modality=modality,
@@ -282,8 +283,13 @@ def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windo
                                       accelerator=accelerator, nodata_fraction=nodata_fraction, pca_windows=pca_windows,
                                       seed=seed, stop_after_rows=stop_after_rows, devices=devices,
                                       num_nodes=num_nodes, reader_threads=reader_threads)
-        job = prepare(scenes, settings)  # every check before a run opens or a file is written
-        done = finished_scenes(job)  # every rank alike: nothing to compute, nothing to launch
+        # every rank alike: nothing to compute, nothing to launch. Headers and fingerprints only, before
+        # the model loads (the fingerprint names the model's version or file, not its weights)
+        done = already_done(scenes, settings)
+        job = None
+        if done is None:
+            job = prepare(scenes, settings)  # every check before a run opens or a file is written
+            done = finished_scenes(job)
         if done is not None:
             if is_global_zero():
                 which = "the scene is" if len(done) == 1 else f"all {len(done)} scenes are"
@@ -301,7 +307,8 @@ def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windo
 
         with tracking.start_run(experiment="domainfm-eo-sar", run_name="eo-sar embed") as run:
             tracking.log_params({"scenes": ",".join(scenes)[:5000],
-                                 **{k: v for k, v in vars(settings).items() if k != "stop_after_rows"}})
+                                 **{k: v for k, v in vars(settings).items() if k != "stop_after_rows"},
+                                 "stride": settings.step})  # the resolved stride, not None for "the window"
             tracking.set_tags({"domainfm.command": "eo-sar embed", "domainfm.plugin": "eo-sar",
                                "domainfm.model_source": model, **job.record()})
             results = run_embedding(job, log=lambda m: click.echo(f"eo-sar: {m}", err=True))

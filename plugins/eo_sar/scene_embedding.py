@@ -85,6 +85,7 @@ class SceneEmbedSettings:
     devices: int = 1  # processes per machine sharing the tile rows (Lightning's launcher)
     num_nodes: int = 1
     reader_threads: int = 0  # threads preparing windows (0: 1 on CPU, where the model needs the cores; else <= 8)
+    model_version: str | None = None  # NAME/VERSION a models:/ --model resolved to (set by prepare, once)
 
     def reader_threads_for(self, device) -> int:
         """Reader threads to use on ``device`` (a torch.device): ``reader_threads``, or when 0, 1 on
@@ -173,6 +174,14 @@ class SceneGrid:
         return math.ceil(self.rows / g)
 
 
+def _dense_fix(window: int, stride: int, patch: int) -> str:
+    """The nearest dense geometries below and above: ``--window`` in whole patches (the patch
+    multiples either side of ``window``), ``--stride`` the same (no overlap)."""
+    lo = window // patch * patch
+    sizes = [s for s in dict.fromkeys((lo, lo + patch) if window % patch else (window,)) if s >= patch]
+    return " or ".join(f"pass --window {s} --stride {s}" for s in sizes)
+
+
 def check_geometry(path: Path, height: int, width: int, window: int, stride: int, patch: int | None,
                    dense: bool) -> SceneGrid:
     """The :class:`SceneGrid`, or a one-line DomainFMError naming ``path`` for a window larger than
@@ -192,8 +201,7 @@ def check_geometry(path: Path, height: int, width: int, window: int, stride: int
         if window % patch or stride % patch or (window - stride) % (2 * patch):
             raise DomainFMError(f"--dense needs --window and --stride in whole {patch}-px patches, and an overlap "
                                 f"(window - stride = {window - stride}) of an even number of patches",
-                                fix=f"pass --window {max(patch, window // patch * patch)} --stride "
-                                    f"{max(patch, window // patch * patch)}")
+                                fix=_dense_fix(window, stride, patch))
     return SceneGrid(height, width, window, stride, patch if dense else None)
 
 
@@ -446,13 +454,35 @@ READ_ORDER = "column-groups-1"
 def _fingerprint(sp: ScenePlan, s: SceneEmbedSettings) -> str:
     st = sp.path.stat()
     model = Path(s.model)
-    model_id = f"{model.resolve()}:{model.stat().st_size}:{model.stat().st_mtime_ns}" if model.is_file() else s.model
+    # a registered model is identified by the version its alias pointed to, never the alias text
+    model_id = (f"{model.resolve()}:{model.stat().st_size}:{model.stat().st_mtime_ns}" if model.is_file()
+                else f"models:/{s.model_version}" if s.model_version else s.model)
     keys = {k: v for k, v in asdict(s).items() if k not in ("out_dir", "progress", "preview", "stop_after_rows",
                                                           "accelerator", "model", "devices", "num_nodes",
-                                                          "reader_threads")}
+                                                          "reader_threads", "model_version")}
     record = {"scene": str(sp.path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns, "model": model_id,
               "modality": sp.modality, "read_order": READ_ORDER, **keys}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _finished_as(tif: Path, fp: str, log: Callable[[str], None]) -> bool:
+    """True when ``tif`` is a finished output of fingerprint ``fp``. A finished output of other
+    inputs or settings (another model version the alias now names, another --window...) is computed
+    again, said in one line; the old file stays until the new one replaces it."""
+    if not tif.is_file():
+        return False
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    try:
+        with rasterio.open(tif) as src:
+            recorded = src.tags().get("RESUME_FINGERPRINT")
+    except RasterioError:
+        recorded = None
+    if recorded == fp:
+        return True
+    log(f"{tif.name} was made with other inputs or settings (model version, scene or options): computing it again")
+    return False
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -477,6 +507,41 @@ def _patch_nodata(masks: np.ndarray, grid: SceneGrid, s: SceneEmbedSettings) -> 
     return frac[:, c:c + k, c:c + k] > s.nodata_fraction
 
 
+def _pca_picks(g: SceneGrid, s: SceneEmbedSettings) -> tuple[np.random.Generator, np.ndarray]:
+    """The seeded sample of window indices (row-major) the --dims PCA is fitted on, and the generator
+    drawn from (it goes on to subsample tokens)."""
+    rng = np.random.default_rng(s.seed)
+    total = g.rows * g.cols
+    return rng, np.sort(rng.choice(total, size=min(s.pca_windows, total), replace=False))
+
+
+def _sample_windows(sp: ScenePlan, s: SceneEmbedSettings, picks: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Windows [n, C, window, window] and nodata masks [n, window, window] of ``picks``, a batch at a time."""
+    g = sp.grid
+    for chunk in np.array_split(picks, max(1, math.ceil(len(picks) / s.batch_size))):
+        wins, masks = [], []
+        for idx in chunk:
+            r, c = divmod(int(idx), g.cols)
+            w, m = sp.read_chunk(r, c, c + 1, s)
+            wins.append(w[0])
+            masks.append(m[0])
+        yield np.stack(wins), np.stack(masks)
+
+
+def pca_sample_size(sp: ScenePlan, s: SceneEmbedSettings) -> tuple[int, int, int]:
+    """``(windows drawn, valid windows among them, samples)`` of the --dims PCA sample: what
+    :func:`fit_projection` will fit on, counted from the nodata masks alone (no model). Samples are
+    the valid windows, or with --dense their valid patch tokens (at most 50 000)."""
+    g = sp.grid
+    _, picks = _pca_picks(g, s)
+    valid = samples = 0
+    for _, masks in _sample_windows(sp, s, picks):
+        keep = _valid_windows(masks, s, g)
+        valid += int(keep.sum())
+        samples += int((~_patch_nodata(masks[keep], g, s)).sum()) if g.patch is not None else int(keep.sum())
+    return len(picks), valid, min(samples, 50_000)
+
+
 def fit_projection(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, dim_in: int) -> dict[str, np.ndarray]:
     """PCA (scikit-learn, full SVD: deterministic, signs fixed by ``svd_flip``) of the features of
     up to ``pca_windows`` windows drawn with ``seed`` (dense: of their valid patch tokens, at most
@@ -487,18 +552,9 @@ def fit_projection(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder,
     if s.dims > dim_in:
         raise DomainFMError(f"--dims {s.dims} is more than the model's {dim_in} features",
                             fix=f"pass --dims {dim_in} or less")
-    rng = np.random.default_rng(s.seed)
-    total = g.rows * g.cols
-    picks = np.sort(rng.choice(total, size=min(s.pca_windows, total), replace=False))
+    rng, picks = _pca_picks(g, s)
     feats = []
-    for chunk in np.array_split(picks, max(1, math.ceil(len(picks) / s.batch_size))):
-        wins, masks = [], []
-        for idx in chunk:
-            r, c = divmod(int(idx), g.cols)
-            w, m = sp.read_chunk(r, c, c + 1, s)
-            wins.append(w[0])
-            masks.append(m[0])
-        wins, masks = np.stack(wins), np.stack(masks)
+    for wins, masks in _sample_windows(sp, s, picks):
         keep = _valid_windows(masks, s, g)
         if not keep.any():
             continue
@@ -511,7 +567,7 @@ def fit_projection(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder,
         x = x[np.sort(rng.choice(len(x), 50_000, replace=False))]
     if len(x) < s.dims:
         raise DomainFMError(f"only {len(x)} valid sample(s) to fit {s.dims} principal components", path=sp.path,
-                            fix="pass a smaller --dims or a larger --pca-windows")
+                            fix=f"pass --dims {len(x)} or less, or a smaller --stride for more windows")
     pca = PCA(n_components=s.dims, svd_solver="full").fit(x.astype(np.float64))
     return {"mean": pca.mean_, "components": pca.components_,
             "explained_variance_ratio": pca.explained_variance_ratio_, "n_samples": np.int64(len(x))}
@@ -535,6 +591,8 @@ def output_tags(sp: ScenePlan, s: SceneEmbedSettings, fp: str) -> dict[str, str]
             "FEATURES": "dense ViT patch tokens" if s.dense else "pooled, one per window",
             "BANDS_READ": ",".join(sp.plan.data_bands), "MODEL_BANDS": ",".join(sp.plan.model_bands),
             "RESUME_FINGERPRINT": fp}
+    if s.model_version:
+        tags["MODEL_VERSION"] = s.model_version
     if s.dims:
         tags["PROJECTION"] = f"first {s.dims} principal components ({Path(sp.path).stem}" \
                              f"{'_dense' if s.dense else '_embedding'}.pca.npz)"
@@ -573,7 +631,7 @@ def _open_partial(paths: dict[str, Path], sp: ScenePlan, s: SceneEmbedSettings, 
                     ok = (src.count, src.height, src.width) == (bands, *sp.grid.out_shape)
                 if ok:
                     done = int(rec["tile_rows_done"])
-                    log(f"resuming {paths['tif'].name} at tile row {done}/{sp.grid.tile_rows}")
+                    log(f"resuming {paths['tif'].name} after {done} of {sp.grid.tile_rows} tile rows")
                     return done
             log(f"{paths['partial'].name} was made with other inputs or settings: starting over")
         except Exception:  # an unreadable leftover of a killed run: start over
@@ -695,13 +753,13 @@ def _embed_scene(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEncoder, *
     paths = output_paths(s.out_dir, sp.path, s.dense)
     bands = s.dims or dim_in
     res = SceneResult(str(sp.path), str(paths["tif"]), (bands, *g.out_shape), windows=g.rows * g.cols)
-    if paths["tif"].is_file():
+    fp = _fingerprint(sp, s)
+    if _finished_as(paths["tif"], fp, log):
         log(f"{paths['tif']} exists: skipped (delete it to compute it again)")
         res.complete = res.already_done = True
         res.preview = str(paths["preview"]) if paths["preview"].is_file() else None
         return res
     Path(s.out_dir).mkdir(parents=True, exist_ok=True)
-    fp = _fingerprint(sp, s)
     start = _open_partial(paths, sp, s, bands, fp, log)
     res.resumed_from_row = start
 
@@ -842,7 +900,7 @@ def embed_scene_sharded(sp: ScenePlan, s: SceneEmbedSettings, encoder: WindowEnc
     res = SceneResult(str(sp.path), str(paths["tif"]), (bands, *g.out_shape), windows=g.rows * g.cols)
     plan = None
     if rank == 0:
-        if paths["tif"].is_file():
+        if _finished_as(paths["tif"], _fingerprint(sp, s), log):
             plan = {"skip": True}
         else:
             Path(s.out_dir).mkdir(parents=True, exist_ok=True)
@@ -1094,7 +1152,11 @@ class EmbedJob:
     messages: list[str] = field(default_factory=list)
 
     def record(self) -> dict[str, str]:
+        from domainfm.predict import MODEL_VERSION_TAG
+
         tags = {"eo_sar.embed.model_source": self.settings.model}
+        if self.settings.model_version:  # `domainfm registry show NAME/VERSION` lists the run by it
+            tags[MODEL_VERSION_TAG] = self.settings.model_version
         if self.scenes:
             tags.update(self.scenes[0].plan.record())
         return tags
@@ -1102,20 +1164,21 @@ class EmbedJob:
 
 def _check_dims(s: SceneEmbedSettings, plans: list[ScenePlan], dim_in: int, patch: int | None) -> None:
     """``--dims`` that the PCA could never fit, refused before any output is opened: more than the
-    model's features, or more than the samples a scene can give (windows drawn, x patch tokens each
-    with --dense). Nodata windows can still leave too few; :func:`fit_projection` says so then."""
+    model's features, or more than the valid samples the scene's PCA sample holds
+    (:func:`pca_sample_size`: nodata windows give none)."""
     if s.dims > dim_in:
         raise DomainFMError(f"--dims {s.dims} is more than the model's {dim_in} features",
                             fix=f"pass --dims {dim_in} or less")
-    tokens = (s.window // patch) ** 2 if s.dense and patch else 1
     for sp in plans:
         windows = sp.grid.rows * sp.grid.cols
-        n = min(windows, s.pca_windows) * tokens
+        drawn, valid, n = pca_sample_size(sp, s)  # nodata windows (patches) give no sample
         if n < s.dims:
-            more = "a larger --pca-windows" if s.pca_windows < windows else "a smaller --stride"
+            what = f"{n} valid patch token(s) of {valid} valid window(s)" if sp.grid.patch is not None \
+                else f"{valid} valid window(s)"
+            more = "a larger --pca-windows" if s.pca_windows < windows else "a smaller --stride for more windows"
             raise DomainFMError(f"--dims {s.dims} needs at least {s.dims} samples to fit its principal components, "
-                                f"and this scene gives {n} ({min(windows, s.pca_windows)} window(s))", path=sp.path,
-                                fix=f"pass --dims {n} or less, or {more}")
+                                f"and this scene's sample of {drawn} window(s) has {what}"
+                                + (" (the others are mostly nodata)" if valid < drawn else ""), path=sp.path, fix=f"pass --dims {n} or less, or {more}")
 
 
 def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings, *, backbone=None) -> EmbedJob:
@@ -1133,8 +1196,9 @@ def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings, *, backbone=Non
         raise DomainFMError(f"--dims {s.dims} must be at least 1", fix="pass --dims 1 or more, or drop it")
     if not 0.0 <= s.nodata_fraction <= 1.0:
         raise DomainFMError("--nodata-fraction must be within 0..1")
+    pin_settings_model(s)  # the alias resolved once: loaded, fingerprinted, recorded
     if backbone is None:  # benchmarks pass one already built (e.g. fewer blocks)
-        backbone = create_backbone(s.model, img_size=s.window)
+        backbone = create_backbone(f"models:/{s.model_version}" if s.model_version else s.model, img_size=s.window)
     spec = getattr(backbone, "input_spec", None)
     patch = backbone.patch_size if backbone.is_vit else None
     if s.tome_r:
@@ -1155,6 +1219,54 @@ def prepare(scenes: Sequence[str | Path], s: SceneEmbedSettings, *, backbone=Non
         apply_token_merging(backbone, s.tome_r)
     messages = list(plans[0].plan.messages) if plans else []
     return EmbedJob(s, backbone, plans, int(backbone.embed_dim), messages)
+
+
+def pin_settings_model(s: SceneEmbedSettings) -> None:
+    """Resolve a ``models:/NAME@ALIAS`` ``--model`` ONCE to ``NAME/VERSION`` (``s.model_version``):
+    the version then loaded, fingerprinted and recorded, whatever the alias names later."""
+    if s.model_version is None and s.model.startswith("models:/"):
+        from domainfm.predict import pin_model
+
+        s.model_version = pin_model(s.model)[1]
+
+
+def already_done(scenes: Sequence[str | Path], s: SceneEmbedSettings) -> list[SceneResult] | None:
+    """The results of a call whose every scene already has a finished output of these inputs,
+    settings and model (version or file identity), found WITHOUT loading the model: the scenes' and
+    outputs' headers and the model's recorded modality only. None when any scene is left to
+    compute, or anything is not as expected (the full checks of :func:`prepare` then run)."""
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    from domainfm.backbones import input_spec_of
+
+    if not scenes or not Path(s.model).is_file() and not s.model.startswith("models:/"):
+        return None
+    try:
+        pin_settings_model(s)
+        outs = [output_paths(s.out_dir, p, s.dense)["tif"] for p in scenes]
+        if not all(o.is_file() for o in outs):
+            return None
+        spec = input_spec_of(f"models:/{s.model_version}" if s.model_version else s.model)
+        results = []
+        for p, tif in zip(scenes, outs):
+            path = Path(p)
+            modality, header = _scene_modality(path, s.modality, spec)
+            sp = ScenePlan.__new__(ScenePlan)  # what the fingerprint reads: the scene and its modality
+            sp.path, sp.modality = path, modality
+            with rasterio.open(tif) as src:
+                if src.tags().get("RESUME_FINGERPRINT") != _fingerprint(sp, s) or (s.dims and src.count != s.dims):
+                    return None
+                shape = (src.count, src.height, src.width)
+            g = SceneGrid(header[0], header[1], s.window, s.step)
+            paths = output_paths(s.out_dir, path, s.dense)
+            res = SceneResult(str(path), str(tif), shape, windows=g.rows * g.cols, complete=True, already_done=True)
+            res.preview = str(paths["preview"]) if paths["preview"].is_file() else None
+            res.projection = str(paths["pca"]) if s.dims and paths["pca"].is_file() else None
+            results.append(res)
+        return results
+    except (DomainFMError, RasterioError, OSError):
+        return None
 
 
 def finished_scenes(job: EmbedJob) -> list[SceneResult] | None:

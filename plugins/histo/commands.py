@@ -147,6 +147,10 @@ def embed_command(slides, out_dir, coords_dir, backbone, init, weights, mpp, til
             min_tissue=min_tissue, max_tiles=max_tiles, seed=seed, slide_mpp=slides_mod.parse_slide_mpp(slide_mpp),
             coords_dir=coords_dir, batch_size=batch_size, num_workers=num_workers, precision=precision,
             accelerator=accelerator, devices=devices, num_nodes=num_nodes, tome_r=tome_r)
+        if weights:  # an alias resolved once: every slide (and the features' encoder record) uses that version
+            from domainfm.predict import pin_model
+
+            settings.model_version = pin_model(weights)[1]
         if tome_r:  # a wrong --tome-r is one error before any slide is read
             embedding.build_encoder(settings)
         report = embedding.embed_slides(paths, settings)

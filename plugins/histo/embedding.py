@@ -56,6 +56,7 @@ class EmbedSettings:
     # the encoder a slide-level model recorded (domainfm predict): its sha256 must be the rebuilt one's
     expect_sha256: str | None = None
     expect_source: str = ""  # what the expected encoder is called in that error (the model URI)
+    model_version: str | None = None  # NAME/VERSION a models:/ --model resolved to, once (the command sets it)
 
 
 @dataclass
@@ -100,7 +101,9 @@ def encoder_record(s: EmbedSettings, backbone) -> dict[str, Any]:
     rec: dict[str, Any] = {"name": backbone.name, "img_size": int(s.tile_size), "tome_r": int(s.tome_r),
                            "embed_dim": int(backbone.embed_dim), "model_kwargs": dict(s.model_kwargs),
                            "sha256": state_sha256(backbone.model)}
-    if s.weights and str(s.weights).startswith("models:/"):
+    if s.model_version:
+        rec.update(source="registry", uri=f"models:/{s.model_version}")
+    elif s.weights and str(s.weights).startswith("models:/"):
         uri = str(s.weights)
         try:
             from domainfm import tracking
@@ -126,7 +129,8 @@ def build_encoder(s: EmbedSettings):
     # --init random must give the same encoder in every process of a --devices N run
     torch.manual_seed(s.seed)
     # --weights (an export / models:/ URI naming its architecture) beats --backbone and --init
-    backbone = create_backbone(s.weights or s.backbone, img_size=s.tile_size, init=s.init, **s.model_kwargs)
+    weights = f"models:/{s.model_version}" if s.model_version else s.weights  # the version, not the alias again
+    backbone = create_backbone(weights or s.backbone, img_size=s.tile_size, init=s.init, **s.model_kwargs)
     if s.tome_r:
         from domainfm.inference import apply_token_merging
 
@@ -322,6 +326,8 @@ def embed_slide(path: Path, s: EmbedSettings, encoder: "TileEncoder", progress=N
              "slide_mpp": geom.slide_mpp, "encoder": encoder_name(s), "domainfm_version": __version__,
              "slide_path": str(Path(path).resolve()), "patch_level": 0, "patch_size": geom.tile_size_level0,
              "tome_r": s.tome_r, "feature_dim": int(features.shape[1]), **tissue_attrs(path, s)}
+    if s.model_version:
+        attrs["model_version"] = s.model_version  # NAME/VERSION the models:/ --model named
     record = getattr(encoder, "record", None)
     if record is not None:
         import json
@@ -355,13 +361,46 @@ def progress_bar(enabled: bool = True):
                enabled=enabled, transient=False)
 
 
+def _is_done(slide: Path, s: EmbedSettings, *, quiet: bool = False) -> bool:
+    """A slide whose features file exists and was made by the version ``s.weights`` names."""
+    path = features_path(s.out_dir, slides_mod.slide_id(slide))
+    return path.is_file() and not _other_version(path, s, quiet=quiet)
+
+
+def _other_version(path: Path, s: EmbedSettings, *, quiet: bool = False) -> bool:
+    """True when the features file ``path`` was made by another registered version than the one
+    ``s.weights`` (pinned to ``models:/NAME/VERSION`` by the command) names: it is embedded again,
+    so that one folder never mixes two versions' features (the alias may have moved)."""
+    if not s.model_version:
+        return False
+    import json
+
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get("encoder_record")
+        rec = json.loads(raw.decode() if isinstance(raw, bytes) else raw) if raw is not None else {}
+    except (OSError, ValueError):
+        return False
+    if rec.get("source") == "registry" and rec.get("uri") and rec["uri"] != f"models:/{s.model_version}":
+        if quiet:
+            return True
+        import click
+
+        click.echo(f"histo: {path.name} was made with {rec['uri']}, not models:/{s.model_version} ({s.weights} now): "
+                   "embedding it again", err=True)
+        return True
+    return False
+
+
 def embed_shard(paths: list[Path], s: EmbedSettings, *, device=None, label: str = "slides") -> EmbedReport:
     """Embed ``paths`` in this process (one shard of the slides)."""
     report = EmbedReport()
     todo = []
     for p in paths:
         sid = slides_mod.slide_id(p)
-        if features_path(s.out_dir, sid).is_file():
+        if _is_done(p, s):
             report.skipped.append(sid)
         else:
             todo.append(p)
@@ -462,7 +501,7 @@ def _shard_worker(fabric, paths: list[Path], s: EmbedSettings) -> dict[str, Any]
 def _shard_work(fabric, paths: list[Path], s: EmbedSettings) -> dict[str, Any] | None:
     from domainfm.distributed import shard
 
-    todo = [str(p) for p in paths if not features_path(s.out_dir, slides_mod.slide_id(p)).is_file()]
+    todo = [str(p) for p in paths if not _is_done(p, s)]
     todo = fabric.broadcast(todo, src=0)
     mine = [Path(p) for p in shard(todo, fabric.global_rank, fabric.world_size)]
     report = embed_shard(mine, s, device=fabric.device, label=f"slides (rank {fabric.global_rank})")
@@ -490,7 +529,7 @@ def embed_slides(paths: list[Path], s: EmbedSettings) -> EmbedReport | None:
         from domainfm.distributed import is_global_zero
 
         # a bad --weights/--init must be one clear error here, not a traceback from each process
-        if is_global_zero() and any(not features_path(s.out_dir, slides_mod.slide_id(p)).is_file() for p in paths):
+        if is_global_zero() and any(not _is_done(p, s, quiet=True) for p in paths):
             build_encoder(s)
 
         # the one device choice of frozen-feature jobs, as the single-process path makes it
