@@ -15,7 +15,7 @@ import torch
 
 from domainfm.backbones import InputSpec, input_spec_of, torchgeo_weights
 from domainfm.errors import DomainFMError
-from plugins.eo_sar.bands import S1_BANDS, S2_L1C_BANDS, S2_L2A_BANDS
+from plugins.eo_sar.bands import S2_L1C_BANDS, S2_L2A_BANDS
 from plugins.eo_sar.normalization import AlignBands, plan_input
 
 _spec = importlib.util.spec_from_file_location("eo_sar_make_data", Path(__file__).parent / "data" / "eo_sar" / "make_data.py")

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import click
-import numpy as np
 import pytest
 import rasterio
 from click.testing import CliRunner

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from domainfm.errors import DomainFMError
-from domainfm.inference import FrozenEncoder, autocast_dtype, resolve_device  # noqa: F401  (re-exported for callers)
+from domainfm.inference import FrozenEncoder, resolve_device
 
 TILE_ROWS = 16  # GeoTIFF tile height (and the unit of progress)
 NODATA = float("nan")

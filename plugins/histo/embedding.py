@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from domainfm.errors import DomainFMError
-from domainfm.inference import FrozenEncoder, autocast_dtype, resolve_device  # noqa: F401  (re-exported for callers)
+from domainfm.inference import FrozenEncoder, resolve_device
 from plugins.histo import slides as slides_mod
 from plugins.histo import tiling
 
