@@ -195,3 +195,11 @@ def toy_env(request, toy_plugin_site, tmp_path):
     """Environment for a subprocess that sees the toy plugin and an isolated MLflow store."""
     path = os.pathsep.join([str(toy_plugin_site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return {"PYTHONPATH": path, "MLFLOW_TRACKING_URI": _new_store(request, tmp_path)}
+
+
+def run_statuses(tracking_uri: str, experiment: str) -> list[str]:
+    """The status (FINISHED, FAILED, RUNNING...) of every run of ``experiment`` in the store, newest first."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    return [run.info.status for run in client.search_runs([client.get_experiment_by_name(experiment).experiment_id])]

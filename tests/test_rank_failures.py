@@ -23,7 +23,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import load_make_data, run_cli
+from tests.conftest import load_make_data, run_cli, run_statuses
 
 make_data = load_make_data("eo_sar")
 
@@ -73,8 +73,6 @@ def scenes(tmp_path_factory):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("failing_rank", [0, 1])
 def test_one_rank_failing_ends_every_rank_with_one_line(scenes, failing_rank, tmp_path, mlflow_store):
-    import mlflow
-
     scene, out = scenes[failing_rank], tmp_path / "out"
     # returns only once every process has closed its stderr: none is left running
     r = run_cli(["eo-sar", "embed", str(scene), "--model", str(scenes["model"]), *ARGS, "--out", str(out)],
@@ -96,9 +94,7 @@ def test_one_rank_failing_ends_every_rank_with_one_line(scenes, failing_rank, tm
         t = int(name[4:9])
         assert np.load(parts / name).shape == (16 if t < 2 else 8, 6, 384)
     # rank 0 ended through the command, not by a signal: its MLflow run is marked failed
-    client = mlflow.MlflowClient(tracking_uri=mlflow_store)
-    runs = client.search_runs([client.get_experiment_by_name("domainfm-eo-sar").experiment_id])
-    assert [run.info.status for run in runs] == ["FAILED"]
+    assert run_statuses(mlflow_store, "domainfm-eo-sar") == ["FAILED"]
 
 
 @pytest.mark.slow
@@ -110,7 +106,6 @@ def test_a_ddp_pretraining_rank_that_meets_a_broken_patch_ends_the_job(scenes, t
     where the other rank waits in the gradient all-reduce. Both end with the one line."""
     import re
 
-    import mlflow
     import rasterio
 
     train = make_data.write_dataset(tmp_path / "train", n_patches=8, modalities=("s2",))
@@ -129,6 +124,4 @@ def test_a_ddp_pretraining_rank_that_meets_a_broken_patch_ends_the_job(scenes, t
     assert len(errors) == 1 and re.fullmatch(
         rf"error: rank [01] of 2: {re.escape(str(broken))}: {re.escape(MESSAGE)}\. Fix: .*", errors[0]), r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "Connection closed by peer" not in r.stderr, r.stderr[-3000:]
-    client = mlflow.MlflowClient(tracking_uri=mlflow_store)
-    runs = client.search_runs([client.get_experiment_by_name("domainfm-eo-sar").experiment_id])
-    assert [run.info.status for run in runs] == ["FAILED"]
+    assert run_statuses(mlflow_store, "domainfm-eo-sar") == ["FAILED"]

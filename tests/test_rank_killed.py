@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DOMAINFM, load_make_data
+from tests.conftest import DOMAINFM, load_make_data, run_statuses
 
 make_data = load_make_data("eo_sar")
 
@@ -88,8 +88,6 @@ def _wait_gone(pids: list[int], seconds: float) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_worker_killed_outright_ends_the_job_with_a_line_naming_it(job, tmp_path, mlflow_store):
-    import mlflow
-
     proc, worker, err = _start(job, tmp_path, mlflow_store)
     os.kill(worker, signal.SIGKILL)
     rc = proc.wait(timeout=120)
@@ -102,9 +100,7 @@ def test_a_worker_killed_outright_ends_the_job_with_a_line_naming_it(job, tmp_pa
                       "to resume"], text[-3000:]
     assert "Traceback" not in text and "terminated with code" not in text, text[-3000:]
     assert not _alive(worker)
-    client = mlflow.MlflowClient(tracking_uri=mlflow_store)
-    runs = client.search_runs([client.get_experiment_by_name("domainfm-eo-sar").experiment_id])
-    assert [run.info.status for run in runs] == ["FAILED"]
+    assert run_statuses(mlflow_store, "domainfm-eo-sar") == ["FAILED"]
 
 
 @pytest.mark.slow
