@@ -207,7 +207,7 @@ def _choice_options(params):
 
 
 def test_precision_and_accelerator_are_one_choice_everywhere():
-    """pretrain, finetune, evaluate, histo embed, histo/eo-sar predict and eo-sar embed: the same
+    """pretrain, finetune, evaluate, histo embed, histo/eo-sar/sgd-ft/sports-reid predict and eo-sar embed: the same
     click.Choice values, default and help."""
     import click
 
@@ -215,10 +215,14 @@ def test_precision_and_accelerator_are_one_choice_everywhere():
     from plugins.eo_sar import predict_options as eo_predict
     from plugins.eo_sar.commands import embed_command as eo_embed
     from plugins.histo.predict import options as histo_predict
+    from plugins.sgd_ft import plugin as sgd_ft_plugin
+    from plugins.sports_reid.commands import predict_options as reid_predict
 
     sources = {name: _choice_options(config.click_options(name)) for name in ("pretrain", "finetune", "evaluate")}
     sources.update({"histo embed": _choice_options(embed_command.params), "eo-sar embed": _choice_options(eo_embed.params),
-                    "histo predict": _choice_options(histo_predict()), "eo-sar predict": _choice_options(eo_predict())})
+                    "histo predict": _choice_options(histo_predict()), "eo-sar predict": _choice_options(eo_predict()),
+                    "sgd-ft predict": _choice_options(sgd_ft_plugin.options("predict")),
+                    "sports-reid predict": _choice_options(reid_predict())})
     for where, opts in sources.items():
         assert set(opts) == {"precision", "accelerator"}, where
         for name, choices, default in (("precision", ("32-true", "bf16-mixed", "16-mixed"), "32-true"),

@@ -225,13 +225,15 @@ def predict_options() -> list:
     """``domainfm predict`` flags of an eo-sar model (bands, statistics, size and GSD come from the model)."""
     import click
 
+    from domainfm import config
+
     return [
         click.Option(["--batch-size"], type=click.IntRange(min=1), default=16, show_default=True,
                      help="Patches per forward pass."),
-        click.Option(["--accelerator"], type=click.Choice(("auto", "cpu", "gpu")), default="auto", show_default=True,
-                     help="Where the model runs: auto takes a GPU when there is one, else the CPU."),
-        click.Option(["--precision"], type=click.Choice(("32-true", "bf16-mixed", "16-mixed")), default="32-true",
-                     show_default=True, help="bf16-mixed autocasts on CPU or GPU; 16-mixed on GPU only."),
+        click.Option(["--accelerator"], type=click.Choice(config.ACCELERATOR_CHOICES), default="auto",
+                     show_default=True, help=config.ACCELERATOR_HELP),
+        click.Option(["--precision"], type=click.Choice(config.PRECISION_CHOICES), default="32-true",
+                     show_default=True, help=config.PRECISION_HELP),
         click.Option(["--gsd-tolerance"], type=click.FloatRange(0.0, min_open=True), default=0.25, show_default=True,
                      help="A patch whose pixel size differs from the model's GSD by more than this fraction is refused."),
         click.Option(["--s2-harmonize"], type=click.Choice(("auto", "on", "off")), default="auto", show_default=True,

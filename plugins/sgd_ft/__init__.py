@@ -33,16 +33,16 @@ class SGDFinetunePlugin(Plugin):
     def options(self, command: str) -> list:
         import click
 
+        from domainfm import config
+
         if command == "predict":
             return [
                 click.Option(["--batch-size"], type=click.IntRange(min=1), default=16, show_default=True,
                              help="Inputs per forward pass."),
-                click.Option(["--accelerator"], type=click.Choice(("auto", "cpu", "gpu")), default="auto",
-                             show_default=True,
-                             help="Where the model runs: auto takes a GPU when there is one, else the CPU."),
-                click.Option(["--precision"], type=click.Choice(("32-true", "bf16-mixed", "16-mixed")),
-                             default="32-true", show_default=True,
-                             help="bf16-mixed autocasts on CPU or GPU; 16-mixed on GPU only."),
+                click.Option(["--accelerator"], type=click.Choice(config.ACCELERATOR_CHOICES), default="auto",
+                             show_default=True, help=config.ACCELERATOR_HELP),
+                click.Option(["--precision"], type=click.Choice(config.PRECISION_CHOICES),
+                             default="32-true", show_default=True, help=config.PRECISION_HELP),
                 click.Option(["--gsd-tolerance"], type=click.FloatRange(0.0, min_open=True), default=0.25,
                              show_default=True,
                              help="Sentinel-1/2 classifiers: a patch whose pixel size differs from the model's GSD "

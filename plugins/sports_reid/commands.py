@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from domainfm.cli import PathParam
+from domainfm.config import ACCELERATOR_CHOICES, ACCELERATOR_HELP, PRECISION_CHOICES, PRECISION_HELP
 
 
 def predict_options() -> list[click.Option]:
@@ -28,10 +29,10 @@ def predict_options() -> list[click.Option]:
                           "taken by the query's camera do not count."),
         click.Option(["--batch-size"], type=click.IntRange(min=1), default=64, show_default=True,
                      help="Crops per forward pass."),
-        click.Option(["--accelerator"], type=click.Choice(("auto", "cpu", "gpu", "cuda")), default="auto",
-                     show_default=True, help="Device of feature extraction."),
-        click.Option(["--precision"], type=click.Choice(("32-true", "32", "bf16-mixed", "16-mixed")),
-                     default="32-true", show_default=True, help="Autocast of feature extraction."),
+        click.Option(["--accelerator"], type=click.Choice(ACCELERATOR_CHOICES), default="auto",
+                     show_default=True, help=ACCELERATOR_HELP),
+        click.Option(["--precision"], type=click.Choice(PRECISION_CHOICES),
+                     default="32-true", show_default=True, help=PRECISION_HELP),
     ]
 
 
