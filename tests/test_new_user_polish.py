@@ -98,14 +98,14 @@ def test_sample_scene_then_embed_names_bands_tags_and_a_finished_rerun_opens_no_
     assert _sha(out) == before and out.stat().st_mtime_ns == mtime
 
     # only these settings count as done: another --seed (in the resume fingerprint) is not
-    from plugins.eo_sar.scene_embedding import SceneEmbedSettings, finished_scenes, prepare
+    from plugins.eo_sar.scene_embedding import SceneEmbedSettings, already_done
 
     def settings(**kw):
         return SceneEmbedSettings(out_dir=str(tmp_path / "maps"), model=str(model), window=W, dims=3, batch_size=8, **kw)
 
-    assert [r.path for r in finished_scenes(prepare([scene], settings()))] == [str(out)]
-    assert finished_scenes(prepare([scene], settings(seed=5))) is None
-    assert finished_scenes(prepare([scene], settings(stride=16))) is None
+    assert [r.path for r in already_done([scene], settings())] == [str(out)]
+    assert already_done([scene], settings(seed=5)) is None
+    assert already_done([scene], settings(stride=16)) is None
 
 
 def test_band_names_of_pooled_and_projected_maps():

@@ -274,7 +274,7 @@ def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windo
         from domainfm.distributed import check_launch, is_global_zero
 
         check_launch(num_nodes=num_nodes)  # before any scene is read: a machine alone would wait forever
-        from plugins.eo_sar.scene_embedding import (SceneEmbedSettings, already_done, finished_scenes, prepare,
+        from plugins.eo_sar.scene_embedding import (SceneEmbedSettings, already_done, prepare,
                                                     run_embedding)
 
         settings = SceneEmbedSettings(out_dir=out_dir, model=model, window=window, stride=stride, dense=dense,
@@ -286,10 +286,6 @@ def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windo
         # every rank alike: nothing to compute, nothing to launch. Headers and fingerprints only, before
         # the model loads (the fingerprint names the model's version or file, not its weights)
         done = already_done(scenes, settings)
-        job = None
-        if done is None:
-            job = prepare(scenes, settings)  # every check before a run opens or a file is written
-            done = finished_scenes(job)
         if done is not None:
             if is_global_zero():
                 which = "the scene is" if len(done) == 1 else f"all {len(done)} scenes are"
@@ -297,6 +293,7 @@ def embed_command(scenes, model, out_dir, window, stride, dense, dims, pca_windo
                            "output to compute it again)", err=True)
                 _print_results(done)
             return
+        job = prepare(scenes, settings)  # every check before a run opens or a file is written
         if not is_global_zero():  # a worker process of a multi-process run: rank 0 logs and reports
             run_embedding(job, log=lambda m: click.echo(f"eo-sar: {m}", err=True))
             return

@@ -585,7 +585,7 @@ def band_descriptions(bands: int, dims: int | None) -> tuple[str, ...]:
 def output_tags(sp: ScenePlan, s: SceneEmbedSettings, fp: str) -> dict[str, str]:
     """Dataset tags of an embedding GeoTIFF: what made it (model source, window and stride in scene
     pixels, pooled or dense features, the PCA), the scene and the bands read from it, and the resume
-    fingerprint (:func:`finished_scenes` compares it to tell a finished output of these settings)."""
+    fingerprint (:func:`already_done` compares it to tell a finished output of these settings)."""
     tags = {"DOMAINFM_COMMAND": "eo-sar embed", "MODEL_SOURCE": s.model, "SCENE": sp.path.name,
             "MODALITY": sp.modality, "WINDOW": str(s.window), "STRIDE": str(s.step),
             "FEATURES": "dense ViT patch tokens" if s.dense else "pooled, one per window",
@@ -1254,11 +1254,12 @@ def already_done(scenes: Sequence[str | Path], s: SceneEmbedSettings) -> list[Sc
             modality, header = _scene_modality(path, s.modality, spec)
             sp = ScenePlan.__new__(ScenePlan)  # what the fingerprint reads: the scene and its modality
             sp.path, sp.modality = path, modality
+            g = SceneGrid(header[0], header[1], s.window, s.step)
             with rasterio.open(tif) as src:
-                if src.tags().get("RESUME_FINGERPRINT") != _fingerprint(sp, s) or (s.dims and src.count != s.dims):
+                if (src.tags().get("RESUME_FINGERPRINT") != _fingerprint(sp, s) or (s.dims and src.count != s.dims)
+                        or not s.dense and (src.height, src.width) != tuple(g.out_shape)):  # dense: needs the patch
                     return None
                 shape = (src.count, src.height, src.width)
-            g = SceneGrid(header[0], header[1], s.window, s.step)
             paths = output_paths(s.out_dir, path, s.dense)
             res = SceneResult(str(path), str(tif), shape, windows=g.rows * g.cols, complete=True, already_done=True)
             res.preview = str(paths["preview"]) if paths["preview"].is_file() else None
@@ -1267,36 +1268,6 @@ def already_done(scenes: Sequence[str | Path], s: SceneEmbedSettings) -> list[Sc
         return results
     except (DomainFMError, RasterioError, OSError):
         return None
-
-
-def finished_scenes(job: EmbedJob) -> list[SceneResult] | None:
-    """The results of a job whose every scene is already done: each output GeoTIFF exists, has the
-    expected bands and size, and records the resume fingerprint of these inputs and settings
-    (:func:`output_tags`). None when any scene is left to compute (or was made otherwise): the job
-    then runs as usual. Reads headers only."""
-    import rasterio
-    from rasterio.errors import RasterioError
-
-    s, results = job.settings, []
-    for sp in job.scenes:
-        paths = output_paths(s.out_dir, sp.path, s.dense)
-        bands = s.dims or job.dim_in
-        if not paths["tif"].is_file():
-            return None
-        try:
-            with rasterio.open(paths["tif"]) as src:
-                same = ((src.count, src.height, src.width) == (bands, *sp.grid.out_shape)
-                        and src.tags().get("RESUME_FINGERPRINT") == _fingerprint(sp, s))
-        except RasterioError:
-            return None
-        if not same:
-            return None
-        res = SceneResult(str(sp.path), str(paths["tif"]), (bands, *sp.grid.out_shape),
-                          windows=sp.grid.rows * sp.grid.cols, complete=True, already_done=True)
-        res.preview = str(paths["preview"]) if paths["preview"].is_file() else None
-        res.projection = str(paths["pca"]) if s.dims and paths["pca"].is_file() else None
-        results.append(res)
-    return results
 
 
 def run_embedding(job: EmbedJob, log: Callable[[str], None] = lambda m: None) -> list[SceneResult] | None:
